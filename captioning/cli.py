@@ -1,0 +1,18 @@
+"""The captioning stage's commands (see curate.cli for the plumbing).
+
+Run as ``python -m captioning --help`` or ``qcap <command> --help``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from curate.cli import Command, dispatch
+
+COMMANDS: dict[str, Command] = {}
+
+DESCRIPTION = "captioning: write synthetic CoCa captions (DataCompDR) and build DR datasets."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch("python -m captioning", COMMANDS, argv, DESCRIPTION)

@@ -1,0 +1,90 @@
+"""Command-line plumbing shared by every stage, and the curate stage's own commands.
+
+Each stage keeps a ``COMMANDS`` dict (name → :class:`Command`) in its ``cli.py``; the target
+module is imported only when its command runs, so ``--help`` stays instant and never loads
+torch, ray or open_clip. ``qcap`` (package ``qcap``) merges the stages' dicts.
+
+Run as ``python -m curate --help`` or ``qcap <command> --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str  # one line shown in listings
+    target: str  # "package.module:function"; the function takes argv and returns an exit code
+
+
+COMMANDS: dict[str, Command] = {
+    "shards": Command("inspect, verify or finalize (sizes.json) a shard folder", "curate.shardtool:main"),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one clear line, exit status 2."""
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = (level or os.environ.get("QCAP_LOG_LEVEL", "INFO")).upper()
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _listing(prog: str, commands: Mapping[str, Command], description: str) -> str:
+    width = max((len(name) for name in commands), default=0)
+    lines = [f"usage: {prog} <command> [options]", "", description, "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {cmd.help}" for name, cmd in commands.items()]
+    lines += ["", f"Run '{prog} <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def dispatch(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | None, description: str) -> int:
+    """Run ``argv[0]``'s target with the rest of argv; print a listing for -h/--help/nothing."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_listing(prog, commands, description))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown command {name!r}\n", file=sys.stderr)
+        print(_listing(prog, commands, description), file=sys.stderr)
+        return 2
+    module_name, func_name = commands[name].target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return run_guarded(func, rest, f"{prog} {name}")
+
+
+def run_guarded(func, argv: list[str], prog: str) -> int:
+    """Call a command; contract violations become one clear line and exit status 2."""
+    from curate.config import ConfigError
+    from curate.shards import ShardError
+
+    setup_logging()
+    try:
+        code = func(argv, prog=prog)
+    except (ShardError, ConfigError, UsageError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+DESCRIPTION = "curate: build and filter a DataComp-style pool (download, filter, dedup, reshard)."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch("python -m curate", COMMANDS, argv, DESCRIPTION)

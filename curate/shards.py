@@ -1,0 +1,744 @@
+"""The one way qcap reads and writes data: webdataset shards in img2dataset's layout.
+
+A shard folder holds, per shard ``{shard:05d}``:
+
+- ``00000.tar``: one group of members per *successful* sample: ``KEY.jpg`` (or png/webp),
+  ``KEY.txt`` (real caption), ``KEY.json`` (url, caption, key, status, sizes, sha256, uid, …),
+  and optionally ``KEY.syn.json`` (``{"syn_text": [...]}``, Apple's DataCompDR layout),
+  ``KEY.qcap.json`` (qcap's provenance for the synthetic captions), ``KEY.paug.json``,
+  ``KEY.npz`` or any other member, kept as raw bytes;
+- ``00000.parquet``: one row per sample, *failures included* (``status``, ``error_message``);
+- ``00000_stats.json``: counts (img2dataset's keys: ``count``, ``successes``, …);
+- ``00000.done``: our completion marker, written last;
+
+and the folder holds ``sizes.json`` (tar file name → number of samples in it), which
+open_clip's trainer reads too.
+
+Writes are atomic: every file is written under a hidden temporary name and renamed when
+complete, parquet and stats before the tar, the marker last. A visible tar is therefore always
+whole, and a re-run skips shards whose marker exists (:func:`is_complete`).
+
+The uid helpers at the end convert DataComp's 32-hex uids to and from its subset ``.npy``
+files (structured dtype ``[('f0','<u8'),('f1','<u8')]``, sorted).
+
+Usage::
+
+    with ShardWriter(out_dir, shard_id=0) as writer:
+        writer.write(Sample(key="000000000", uid=uid, image=jpeg, text="a cat"))
+    finalize_folder(out_dir)                     # writes sizes.json
+    for sample in iter_samples(expand_shards(f"{out_dir}/{{00000..00000}}.tar")):
+        ...
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import uuid as uuid_lib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHARD_DIGITS = 5
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Members we decode into typed fields; everything else is kept verbatim in Sample.extras.
+_TYPED_EXTS = set(IMAGE_EXTS) | {"txt", "json", "syn.json", "qcap.json"}
+# A member larger than this is refused: no legitimate sample member is this big, and a
+# hostile tar must not make us allocate unbounded memory.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+SIZES_FILE = "sizes.json"
+UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+_SHARD_NAME_RE = re.compile(r"^(\d+)\.tar$")
+# Parquet columns that every shard's table carries, in this order, before the pool columns.
+BASE_COLUMNS = ("key", "uid", "status", "error_message")
+
+
+class ShardError(Exception):
+    """A shard, shard list or uid file that breaks the contract; the message names the file."""
+
+
+@dataclass(slots=True)
+class Sample:
+    """One sample as it lives in a shard.
+
+    The real caption (``text``) and the synthetic captions (``syn_text``) are kept apart, as in
+    Apple's DataCompDR; qcap's own provenance for the synthetic captions lives in
+    ``syn_provenance`` (member ``KEY.qcap.json``) so Apple's keys stay untouched.
+    """
+
+    key: str  # webdataset key, unique within the shard (img2dataset: shard id + index)
+    uid: str | None = None  # DataComp's 32-hex uid; the join key between stages
+    image: bytes | None = None  # encoded image bytes, never decoded by the shard layer
+    image_ext: str = "jpg"  # member extension of the image: jpg, png or webp
+    text: str | None = None  # the real (web) caption, member KEY.txt
+    syn_text: list[str] | None = None  # synthetic captions, member KEY.syn.json
+    syn_provenance: dict[str, Any] | None = None  # qcap's provenance, member KEY.qcap.json
+    meta: dict[str, Any] = field(default_factory=dict)  # KEY.json: url, sizes, sha256, pool columns
+    extras: dict[str, bytes] = field(default_factory=dict)  # other members by extension (npz, paug.json)
+    status: str = "success"  # "success" or a failure reason; failures go to Parquet only
+    error_message: str | None = None  # what went wrong, for failures
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    def parquet_row(self) -> dict[str, Any]:
+        """The sample's row in the shard's Parquet: base columns, then every meta field."""
+        row: dict[str, Any] = {
+            "key": self.key,
+            "uid": self.uid,
+            "status": self.status,
+            "error_message": self.error_message,
+        }
+        for name, value in self.meta.items():
+            if name not in row:
+                row[name] = value
+        if "caption" not in row:
+            row["caption"] = self.text
+        return row
+
+    def members(self) -> dict[str, bytes]:
+        """The tar members of a successful sample, extension → bytes."""
+        if self.image is None:
+            raise ShardError(f"sample {self.key!r} has status success but no image bytes")
+        members: dict[str, bytes] = {self.image_ext: self.image}
+        if self.text is not None:
+            members["txt"] = self.text.encode("utf-8")
+        meta = dict(self.meta)
+        meta.setdefault("key", self.key)
+        if self.uid is not None:
+            meta["uid"] = self.uid
+        meta.setdefault("status", self.status)
+        members["json"] = _dumps(meta)
+        if self.syn_text is not None:
+            members["syn.json"] = _dumps({"syn_text": list(self.syn_text)})
+        if self.syn_provenance is not None:
+            members["qcap.json"] = _dumps(self.syn_provenance)
+        for ext, data in self.extras.items():
+            if ext in members:
+                raise ShardError(f"sample {self.key!r}: extra member .{ext} clashes with a typed field")
+            members[ext] = data
+        return members
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, default=_json_default).encode("utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------------------------
+# Names, markers, atomic files
+
+
+def shard_name(shard_id: int) -> str:
+    if shard_id < 0:
+        raise ValueError(f"shard_id must be >= 0, got {shard_id}")
+    return f"{shard_id:0{SHARD_DIGITS}d}"
+
+
+def shard_id_of(path: str) -> int:
+    """The shard id of ``.../00042.tar`` (42); a ShardError for other names."""
+    match = _SHARD_NAME_RE.match(os.path.basename(path))
+    if match is None:
+        raise ShardError(f"{path}: not a shard name (expected digits followed by .tar)")
+    return int(match.group(1))
+
+
+def sibling(tar_path: str, suffix: str) -> str:
+    """``dir/00007.tar`` → ``dir/00007{suffix}`` (suffix ``.parquet``, ``_stats.json``, ``.done``)."""
+    if not tar_path.endswith(".tar"):
+        raise ShardError(f"{tar_path}: not a .tar path")
+    return tar_path[: -len(".tar")] + suffix
+
+
+def is_complete(folder: str | os.PathLike, shard_id: int) -> bool:
+    """True when shard ``shard_id`` in ``folder`` was finished by a writer (marker present)."""
+    fs, root = _fs(str(folder))
+    return fs.exists(f"{root}/{shard_name(shard_id)}.done")
+
+
+def completed_shards(folder: str | os.PathLike) -> set[int]:
+    """Ids of the shards in ``folder`` whose completion marker exists."""
+    fs, root = _fs(str(folder))
+    if not fs.exists(root):
+        return set()
+    done = set()
+    for path in fs.ls(root, detail=False):
+        name = os.path.basename(path)
+        if name.endswith(".done") and name[: -len(".done")].isdigit():
+            done.add(int(name[: -len(".done")]))
+    return done
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _tmp_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return f"{head}/.{tail}.tmp-{uuid_lib.uuid4().hex[:12]}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    fs, target = _fs(str(path))
+    tmp = _tmp_name(target)
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+        if _is_local(fs):
+            handle.flush()
+            os.fsync(handle.fileno())
+    _commit(fs, tmp, target)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n")
+
+
+def _commit(fs, tmp: str, target: str) -> None:
+    if _is_local(fs):
+        os.replace(tmp, target)
+    else:  # object stores: a copy then delete; the object appears whole at the end of the copy
+        fs.mv(tmp, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """What one shard holds; img2dataset's ``_stats.json`` keys plus our per-status counts."""
+
+    shard: str
+    count: int = 0  # samples seen (rows in the parquet)
+    successes: int = 0  # samples in the tar
+    status_counts: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        failures = self.count - self.successes
+        out = {
+            "shard": self.shard,
+            "count": self.count,
+            "successes": self.successes,
+            "failed": failures,
+            # img2dataset's names, so its tools (and ours) read either kind of folder
+            "failed_to_download": failures,
+            "failed_to_resize": 0,
+            "status_dict": dict(sorted(self.status_counts.items())),
+        }
+        if extra:
+            out.update(extra)
+        return out
+
+
+class ShardWriter:
+    """Write one shard atomically. Use as a context manager; an exception aborts the shard.
+
+    ``columns`` (optional) fixes the Parquet schema; without it the schema is inferred from
+    the rows, with columns that are null everywhere typed as strings.
+    """
+
+    def __init__(self, folder: str | os.PathLike, shard_id: int, *, schema=None) -> None:
+        self.fs, self.root = _fs(str(folder))
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.shard_id = shard_id
+        self.name = shard_name(shard_id)
+        self.tar_path = f"{self.root}/{self.name}.tar"
+        self._remove_stale_temporaries()
+        self._tmp_tar = _tmp_name(self.tar_path)
+        self._handle = self.fs.open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._handle, mode="w|", format=tarfile.PAX_FORMAT)
+        self._rows: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+        self._schema = schema
+        self.stats = ShardStats(shard=f"{self.name}.tar")
+        self._closed = False
+
+    def _remove_stale_temporaries(self) -> None:
+        """A writer killed mid-shard leaves hidden temporaries; the next writer of the shard
+        removes them (a visible file is never touched)."""
+        for path in self.fs.glob(f"{self.root}/.{self.name}[._]*.tmp-*"):
+            self.fs.rm(path)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, sample: Sample) -> None:
+        """Add a sample: a success goes to the tar and the Parquet, a failure to the Parquet."""
+        if self._closed:
+            raise ShardError(f"{self.tar_path}: write after close")
+        if "." in sample.key or "/" in sample.key or not sample.key:
+            raise ShardError(f"{self.tar_path}: sample key {sample.key!r} must be non-empty, without '.' or '/'")
+        if sample.key in self._keys:
+            raise ShardError(f"{self.tar_path}: duplicate sample key {sample.key!r}")
+        self._keys.add(sample.key)
+        if sample.uid is not None:
+            check_uid(sample.uid)
+        if sample.ok:
+            for ext, data in sample.members().items():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0  # deterministic bytes: the same samples give the same tar
+                info.mode = 0o444
+                info.uname = info.gname = "qcap"
+                self._tar.addfile(info, io.BytesIO(data))
+            self.stats.successes += 1
+        self.stats.count += 1
+        self.stats.status_counts[sample.status] = self.stats.status_counts.get(sample.status, 0) + 1
+        self._rows.append(sample.parquet_row())
+
+    def write_all(self, samples: Iterable[Sample]) -> None:
+        for sample in samples:
+            self.write(sample)
+
+    def close(self, extra_stats: dict[str, Any] | None = None) -> ShardStats:
+        """Finish the shard: parquet, stats, tar (renamed into place), then the marker."""
+        if self._closed:
+            return self.stats
+        import pyarrow.parquet as pq
+
+        self._tar.close()
+        if _is_local(self.fs):
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        self._handle.close()
+        table = rows_to_table(self._rows, self._schema)
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        atomic_write_bytes(f"{self.root}/{self.name}.parquet", sink.getvalue())
+        atomic_write_json(f"{self.root}/{self.name}_stats.json", self.stats.as_json(extra_stats))
+        _commit(self.fs, self._tmp_tar, self.tar_path)
+        atomic_write_bytes(f"{self.root}/{self.name}.done", b"")
+        self._closed = True
+        return self.stats
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing becomes visible."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._tar.close()
+        finally:
+            self._handle.close()
+            if self.fs.exists(self._tmp_tar):
+                self.fs.rm(self._tmp_tar)
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema=None):
+    """Rows → a pyarrow Table with the base columns first; all-null columns typed as string."""
+    import pyarrow as pa
+
+    if schema is not None:
+        return pa.Table.from_pylist(rows, schema=schema)
+    names: list[str] = list(BASE_COLUMNS)
+    for row in rows:
+        for name in row:
+            if name not in names:
+                names.append(name)
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across rows: keep them as JSON
+            array = pa.array([None if v is None else json.dumps(v, default=_json_default) for v in values])
+        if pa.types.is_null(array.type):
+            array = array.cast(pa.string())
+        columns[name] = array
+    return pa.table(columns)
+
+
+def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
+    """Write ``sizes.json`` (tar name → successes) for every whole shard in ``folder``.
+
+    Reads each shard's ``_stats.json`` (ours or img2dataset's); a tar without stats is counted
+    from its Parquet. Returns the sizes written.
+    """
+    fs, root = _fs(str(folder))
+    sizes: dict[str, int] = {}
+    for tar in sorted(p for p in fs.ls(root, detail=False) if _SHARD_NAME_RE.match(os.path.basename(p))):
+        sizes[os.path.basename(tar)] = shard_size(fs.unstrip_protocol(tar) if not _is_local(fs) else tar)
+    atomic_write_json(f"{root}/{SIZES_FILE}", sizes)
+    return sizes
+
+
+def shard_size(tar_path: str) -> int:
+    """Number of successful samples in a shard, from its stats or else its Parquet."""
+    fs, path = _fs(tar_path)
+    stats_path = sibling(path, "_stats.json")
+    if fs.exists(stats_path):
+        with fs.open(stats_path, "rb") as handle:
+            stats = json.load(handle)
+        if "successes" in stats:
+            return int(stats["successes"])
+    table = read_table(tar_path, columns=["status"])
+    return int(sum(1 for s in table.column("status").to_pylist() if s == "success"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard list from a brace pattern, glob, folder, ``::``-joined list, or a list of those.
+
+    ``dir/{00000..00009}.tar`` (open_clip's and webdataset's syntax), ``dir/*.tar``, ``dir``
+    (every shard in it, by id), ``a.tar::b.tar``. Local paths or fsspec URLs. Raises
+    :class:`ShardError` when the spec matches nothing, or a braced name does not exist.
+    """
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out: list[str] = []
+    for item in specs:
+        for part in str(item).split("::"):
+            if not part:
+                continue
+            for expanded in braceexpand.braceexpand(part):
+                out.extend(_expand_one(expanded, original=part))
+    if not out:
+        raise ShardError(f"shard list {spec!r} matches no shard (.tar) files")
+    return out
+
+
+def _expand_one(path: str, original: str) -> list[str]:
+    fs, stripped = _fs(path)
+    local = _is_local(fs)
+
+    def name(p: str) -> str:
+        return p if local else fs.unstrip_protocol(p)
+
+    if any(ch in stripped for ch in "*?["):
+        found = sorted(p for p in fs.glob(stripped) if p.endswith(".tar"))
+        return [name(p) for p in found]
+    if fs.isdir(stripped):
+        tars = [p for p in fs.ls(stripped, detail=False) if _SHARD_NAME_RE.match(os.path.basename(p))]
+        if not tars:
+            raise ShardError(f"{path}: folder holds no shard .tar files (from {original!r})")
+        return [name(p) for p in sorted(tars, key=lambda p: (shard_id_of(p), p))]
+    if not fs.exists(stripped):
+        raise ShardError(f"{path}: no such shard (from {original!r})")
+    return [name(stripped)]
+
+
+def shard_folder(spec: str | os.PathLike | Sequence[str]) -> str:
+    """The single folder that a shard spec's shards live in (ShardError if several)."""
+    folders = {os.path.dirname(p) for p in expand_shards(spec)}
+    if len(folders) != 1:
+        raise ShardError(f"shard list {spec!r} spans several folders: {sorted(folders)}")
+    return folders.pop()
+
+
+def read_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """``sizes.json`` of a folder; computed from the shards' stats when the file is missing."""
+    fs, root = _fs(str(folder))
+    path = f"{root}/{SIZES_FILE}"
+    if fs.exists(path):
+        with fs.open(path, "rb") as handle:
+            try:
+                sizes = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise ShardError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(sizes, dict):
+            raise ShardError(f"{path}: expected an object of shard name -> count")
+        return {str(k): int(v) for k, v in sizes.items()}
+    tars = expand_shards(str(folder))
+    return {os.path.basename(t): shard_size(t) for t in tars}
+
+
+def num_samples(spec: str | os.PathLike | Sequence[str]) -> int:
+    """Total successful samples in a shard list, from each folder's ``sizes.json``."""
+    total = 0
+    by_folder: dict[str, dict[str, int]] = {}
+    for tar in expand_shards(spec):
+        folder = os.path.dirname(tar)
+        if folder not in by_folder:
+            by_folder[folder] = read_sizes(folder)
+        sizes = by_folder[folder]
+        base = os.path.basename(tar)
+        if base not in sizes:
+            raise ShardError(f"{folder}/{SIZES_FILE} has no entry for {base}; re-run finalize on that folder")
+        total += sizes[base]
+    return total
+
+
+def iter_members(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, str, bytes]]:
+    """Stream ``(key, extension, bytes)`` for every regular file in a tar, in order.
+
+    Nothing is extracted to disk. Links, devices and directories are skipped; absolute or
+    ``..`` names and members over ``max_member_bytes`` raise ShardError (a hostile tar must
+    not escape its bounds).
+    """
+    import fsspec
+
+    try:
+        with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name = info.name
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
+                if info.size > max_member_bytes:
+                    raise ShardError(
+                        f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit"
+                    )
+                key, ext = split_member_name(name)
+                if key is None:
+                    continue
+                data = tar.extractfile(info).read()
+                yield key, ext, data
+    except tarfile.TarError as err:
+        raise ShardError(f"{tar_path}: not a readable tar ({err})") from err
+    except (EOFError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise ShardError(f"{tar_path}: no such shard") from err
+        raise ShardError(f"{tar_path}: truncated or corrupt tar ({err})") from err
+
+
+def split_member_name(name: str) -> tuple[str | None, str]:
+    """webdataset's rule: the key is the path up to the first dot of the basename."""
+    head, base = os.path.split(name)
+    if base.startswith(".") or "." not in base:
+        return None, ""
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_samples(
+    shards: str | Sequence[str],
+    *,
+    with_image: bool = True,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Iterator[Sample]:
+    """Successful samples of one or more shards, in tar order, as :class:`Sample` records.
+
+    ``with_image=False`` skips the image bytes (cheaper when only captions matter).
+    """
+    paths = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
+    for path in paths:
+        current_key: str | None = None
+        members: dict[str, bytes] = {}
+        for key, ext, data in iter_members(str(path), max_member_bytes=max_member_bytes):
+            if key != current_key:
+                if current_key is not None:
+                    yield _to_sample(str(path), current_key, members, with_image)
+                current_key, members = key, {}
+            if ext in members:
+                raise ShardError(f"{path}: sample {key!r} has two .{ext} members")
+            members[ext] = data
+        if current_key is not None:
+            yield _to_sample(str(path), current_key, members, with_image)
+
+
+def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool) -> Sample:
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        meta = _loads(path, key, "json", members["json"])
+    syn_text = None
+    if "syn.json" in members:
+        syn = _loads(path, key, "syn.json", members["syn.json"])
+        if not isinstance(syn, dict) or not isinstance(syn.get("syn_text"), list):
+            raise ShardError(f"{path}: {key}.syn.json lacks the list 'syn_text'")
+        syn_text = [str(t) for t in syn["syn_text"]]
+    provenance = _loads(path, key, "qcap.json", members["qcap.json"]) if "qcap.json" in members else None
+    text = members["txt"].decode("utf-8", errors="replace") if "txt" in members else None
+    extras = {ext: data for ext, data in members.items() if ext not in _TYPED_EXTS}
+    return Sample(
+        key=key,
+        uid=meta.get("uid"),
+        image=members.get(image_ext) if (with_image and image_ext) else None,
+        image_ext=image_ext or "jpg",
+        text=text,
+        syn_text=syn_text,
+        syn_provenance=provenance,
+        meta=meta,
+        extras=extras,
+        status=str(meta.get("status") or "success"),
+        error_message=meta.get("error_message"),
+    )
+
+
+def _loads(path: str, key: str, ext: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: {key}.{ext} is not valid JSON ({err})") from err
+
+
+def read_table(tar_or_parquet: str, columns: Sequence[str] | None = None, *, require_uid: bool = True):
+    """The Parquet beside a shard (all samples, failures included) as a pyarrow Table.
+
+    Accepts the tar's path or the Parquet's. Raises ShardError when the file is missing or
+    unreadable, or lacks ``uid`` (unless ``require_uid=False``) or a requested column.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = sibling(tar_or_parquet, ".parquet") if tar_or_parquet.endswith(".tar") else tar_or_parquet
+    fs, stripped = _fs(path)
+    if not fs.exists(stripped):
+        raise ShardError(f"{path}: missing (every shard needs its Parquet of all samples)")
+    try:
+        with fs.open(stripped, "rb") as handle:
+            schema = pq.read_schema(handle)
+            names = set(schema.names)
+            wanted = None if columns is None else list(columns)
+            if require_uid and "uid" not in names:
+                raise ShardError(f"{path}: has no 'uid' column (DataComp's 32-hex uid is required)")
+            if wanted is not None:
+                missing = [c for c in wanted if c not in names]
+                if missing:
+                    raise ShardError(f"{path}: missing column(s) {missing}; has {sorted(names)}")
+            handle.seek(0)
+            return pq.read_table(handle, columns=wanted)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+
+
+def read_tables(shards: str | Sequence[str], columns: Sequence[str] | None = None):
+    """The Parquets of every shard in a list, concatenated (schemas unified)."""
+    import pyarrow as pa
+
+    tables = [read_table(p, columns) for p in expand_shards(shards)]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_pool(path: str | os.PathLike, columns: Sequence[str] | None = None):
+    """A DataComp pool Parquet (file or folder of Parquets); checks ``uid``/``url``/``text``."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        dataset = ds.dataset(str(path), format="parquet")
+        names = set(dataset.schema.names)
+    except (pa.ArrowInvalid, OSError, FileNotFoundError) as err:
+        raise ShardError(f"{path}: not a readable Parquet pool ({err})") from err
+    required = {"uid", "url", "text"} | set(columns or ())
+    missing = sorted(required - names)
+    if missing:
+        raise ShardError(f"{path}: pool is missing column(s) {missing} (DataComp schema: uid, url, text, …)")
+    return dataset.to_table(columns=list(columns) if columns else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_image(data: bytes, *, max_pixels: int = 89_478_485, mode: str = "RGB"):
+    """Decode image bytes with PIL, refusing pixel counts over ``max_pixels`` before decoding.
+
+    The bound is checked on the header, so a decompression bomb costs nothing. Raises
+    ValueError (with a reason) for undecodable data or a too-large image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"undecodable image ({err})") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel bound")
+    try:
+        image.load()
+    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(f"undecodable image ({err})") from err
+    return image.convert(mode) if mode and image.mode != mode else image
+
+
+# --------------------------------------------------------------------------------------------
+# uids and DataComp subset files
+
+
+def check_uid(uid: str) -> str:
+    if not isinstance(uid, str) or not _UID_RE.match(uid):
+        raise ShardError(f"uid {uid!r} is not 32 lowercase hex characters (DataComp's uid)")
+    return uid
+
+
+def uids_to_array(uids: Iterable[str]) -> np.ndarray:
+    """32-hex uids → DataComp's sorted, de-duplicated structured array (f0 = high 64 bits)."""
+    pairs = [(int(check_uid(u)[:16], 16), int(u[16:], 16)) for u in uids]
+    array = np.array(pairs, dtype=UID_DTYPE)
+    return np.unique(array)  # np.unique sorts structured arrays field by field, as DataComp sorts
+
+
+def array_to_uids(array: np.ndarray) -> list[str]:
+    """DataComp's structured uid array → 32-hex uids, in array order."""
+    if array.dtype != UID_DTYPE:
+        raise ShardError(f"uid array has dtype {array.dtype}, expected {UID_DTYPE}")
+    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(array["f0"], array["f1"], strict=True)]
+
+
+def save_uids(path: str | os.PathLike, uids: Iterable[str] | np.ndarray) -> int:
+    """Write a DataComp subset file (sorted ``u8,u8`` .npy), atomically; returns its length."""
+    if isinstance(uids, np.ndarray) and uids.dtype == UID_DTYPE:
+        array = np.unique(uids)
+    else:
+        array = uids_to_array(uids)
+    sink = io.BytesIO()
+    np.save(sink, array)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, sink.getvalue())
+    return len(array)
+
+
+def load_uids(path: str | os.PathLike) -> np.ndarray:
+    """Read a DataComp subset file; checks dtype, shape and order, as DataComp's resharder does."""
+    try:
+        array = np.load(str(path), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: not a readable .npy uid file ({err})") from err
+    if array.dtype != UID_DTYPE:
+        raise ShardError(f"{path}: dtype {array.dtype}, expected DataComp's {UID_DTYPE} (two uint64 halves)")
+    if array.ndim != 1:
+        raise ShardError(f"{path}: expected a 1-D array, got shape {array.shape}")
+    if len(array) > 1 and not np.all(_uid_le(array[:-1], array[1:])):
+        raise ShardError(f"{path}: uids are not sorted; DataComp's resharder needs a sorted file")
+    return np.asarray(array)
+
+
+def _uid_le(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a["f0"] < b["f0"]) | ((a["f0"] == b["f0"]) & (a["f1"] <= b["f1"]))
+
+
+def uid_membership(uids: Sequence[str], subset: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``uids`` are in the sorted subset array (vectorised search)."""
+    if len(uids) == 0:
+        return np.zeros(0, dtype=bool)
+    query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
+    if len(subset) == 0:
+        return np.zeros(len(query), dtype=bool)
+    index = np.searchsorted(subset, query)
+    index = np.clip(index, 0, len(subset) - 1)
+    return subset[index] == query

@@ -1,0 +1,18 @@
+"""The finetune stage's commands (see curate.cli for the plumbing).
+
+Run as ``python -m finetune --help`` or ``qcap <command> --help``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from curate.cli import Command, dispatch
+
+COMMANDS: dict[str, Command] = {}
+
+DESCRIPTION = "finetune: dense-prediction transfer (segmentation, depth), classification, attention distance."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch("python -m finetune", COMMANDS, argv, DESCRIPTION)

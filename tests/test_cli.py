@@ -1,0 +1,81 @@
+"""The command line: every entry point answers --help without loading heavy libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "ray", "open_clip", "transformers", "accelerate", "img2dataset")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=ROOT)
+    modules = set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            modules.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return proc, modules
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-m", "qcap", "--help"], ["-m", "curate", "--help"], ["-m", "captioning", "--help"], ["-m", "train", "--help"], ["-m", "finetune", "--help"]],
+)
+def test_help_is_light(args):
+    proc, modules = _imported_modules(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "commands:" in proc.stdout
+    assert not modules & set(HEAVY), f"--help imported {sorted(modules & set(HEAVY))}"
+
+
+def test_every_command_help_is_light():
+    from qcap.cli import all_commands
+
+    for name in all_commands():
+        proc, modules = _imported_modules(["-m", "qcap", name, "--help"])
+        assert proc.returncode == 0, f"qcap {name} --help failed: {proc.stderr[-2000:]}"
+        assert "usage:" in proc.stdout
+        assert not modules & set(HEAVY), f"qcap {name} --help imported {sorted(modules & set(HEAVY))}"
+
+
+def test_console_script_and_unknown_command():
+    qcap = Path(sys.executable).parent / "qcap"
+    proc = subprocess.run([str(qcap), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "shards" in proc.stdout
+    bad = subprocess.run([str(qcap), "no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr
+
+
+def test_stage_imports_flow_one_way():
+    """curate imports no other stage; nothing imports finetune (STYLE.md)."""
+    allowed = {"curate": set(), "captioning": {"curate"}, "train": {"curate"}, "finetune": {"curate", "train"}}
+    for stage, ok in allowed.items():
+        for path in (ROOT / stage).rglob("*.py"):
+            text = path.read_text()
+            for other in set(allowed) - {stage} - ok:
+                assert f"from {other}" not in text and f"import {other}" not in text.replace(f"import {other}_", ""), (
+                    f"{path.relative_to(ROOT)} imports {other}"
+                )
+
+
+def test_shards_command_reports_a_folder(tmp_path):
+    from conftest import make_jpeg, make_uid
+
+    from curate.shards import Sample, ShardWriter
+
+    with ShardWriter(tmp_path, 0) as writer:
+        writer.write(Sample(key="0", uid=make_uid(0), image=make_jpeg(), text="a"))
+        writer.write(Sample(key="1", uid=make_uid(1), status="http_404", error_message="404"))
+    qcap = Path(sys.executable).parent / "qcap"
+    proc = subprocess.run([str(qcap), "shards", "finalize", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = subprocess.run([str(qcap), "shards", "info", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert '"num_rows": 2' in info.stdout and '"http_404": 1' in info.stdout
+    verify = subprocess.run([str(qcap), "shards", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "problems: []" in verify.stdout
+    missing = subprocess.run([str(qcap), "shards", "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,73 @@
+"""The config convention: dataclass → flags, presets, strict parsing, resolved config on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from curate.config import ConfigError, arg, build_parser, from_dict, parse_config, save_config, to_dict
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """A config for tests."""
+
+    out: Path = arg(help="output folder")
+    image_size: int = arg(512, help="side in pixels")
+    lr: float = arg(1e-3, help="learning rate")
+    mode: Literal["fast", "exact"] = arg("exact", help="how")
+    shuffle: bool = arg(True, help="shuffle samples")
+    fractions: tuple[float, ...] = arg((1.0, 0.1), help="subset fractions")
+    seed: int | None = arg(None, help="seed, or none for random")
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size: must be positive, got {self.image_size}")
+
+
+PRESETS = {"tiny": lambda: DemoConfig(out=Path("runs/tiny"), image_size=64, lr=0.01)}
+
+
+def test_flags_types_and_defaults():
+    cfg = parse_config(DemoConfig, ["--out", "x", "--image-size", "128", "--no-shuffle", "--fractions", "1", "0.5", "0.1", "--mode", "fast"])
+    assert cfg == DemoConfig(out=Path("x"), image_size=128, shuffle=False, fractions=(1.0, 0.5, 0.1), mode="fast")
+    assert parse_config(DemoConfig, ["--out", "y"]).seed is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "x", "--image-sise", "1"], "unrecognized arguments: --image-sise"),
+        (["--out", "x", "--image-size", "big"], "invalid int value: 'big'"),
+        (["--out", "x", "--mode", "slow"], "invalid choice: 'slow'"),
+        (["--image-size", "3"], "the following arguments are required: --out"),
+        (["--out", "x", "--image-size", "-3"], "image_size: must be positive"),
+        (["--out", "x", "--image"], "unrecognized arguments"),  # no abbreviations
+    ],
+)
+def test_bad_flags_are_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(DemoConfig, argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_preset_then_overrides():
+    cfg = parse_config(DemoConfig, ["--preset", "tiny", "--lr", "0.5"], presets=PRESETS)
+    assert (cfg.out, cfg.image_size, cfg.lr) == (Path("runs/tiny"), 64, 0.5)
+    help_text = build_parser(DemoConfig, presets=PRESETS).format_help()
+    assert "--preset {tiny}" in help_text and "side in pixels" in help_text
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = DemoConfig(out=Path("o"), fractions=(1.0, 0.01), seed=3)
+    save_config(cfg, tmp_path / "config.json", qcap_version="test")
+    payload = json.loads((tmp_path / "config.json").read_text())
+    assert payload["config"]["out"] == "o" and payload["qcap_version"] == "test"
+    assert from_dict(DemoConfig, payload["config"]) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(DemoConfig, {**to_dict(cfg), "imagesize": 3})

@@ -1,0 +1,1 @@
+"""qcap's train stage."""
