@@ -75,7 +75,7 @@ class Sample:
 
     key: str  # webdataset key, unique within the shard (img2dataset: shard id + index)
     uid: str | None = None  # DataComp's 32-hex uid; the join key between stages
-    image: bytes | None = None  # encoded image bytes, never decoded by the shard layer
+    image: bytes | None = None  # encoded image bytes, never decoded by the shard layer; None in caption-only shards
     image_ext: str = "jpg"  # member extension of the image: jpg, png or webp
     text: str | None = None  # the real (web) caption, member KEY.txt
     syn_text: list[str] | None = None  # synthetic captions, member KEY.syn.json
@@ -105,10 +105,12 @@ class Sample:
         return row
 
     def members(self) -> dict[str, bytes]:
-        """The tar members of a successful sample, extension → bytes."""
-        if self.image is None:
-            raise ShardError(f"sample {self.key!r} has status success but no image bytes")
-        members: dict[str, bytes] = {self.image_ext: self.image}
+        """The tar members of a successful sample, extension → bytes.
+
+        A sample without image bytes is allowed: caption-only shards (the captioning stage's
+        output, Apple's DataCompDR caption shards) carry text members alone.
+        """
+        members: dict[str, bytes] = {self.image_ext: self.image} if self.image is not None else {}
         if self.text is not None:
             members["txt"] = self.text.encode("utf-8")
         meta = dict(self.meta)

@@ -1,0 +1,186 @@
+"""open_clip models for every stage: qcap's tiny configs, safe loading, checkpoint folders.
+
+Models always come from open_clip's registry. qcap's tiny CPU-sized configs
+(``model_configs/*.json``) are registered the way open_clip registers its own, so
+``open_clip.create_model_and_transforms("qcap-tiny-clip")`` works after
+:func:`register_model_configs`.
+
+A *qcap checkpoint folder* is what open_clip calls a ``local-dir:`` model:
+``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``, plus qcap's ``model_name``)
+and ``open_clip_model.safetensors``. Users load it with open_clip alone::
+
+    open_clip.create_model_and_transforms("local-dir:runs/clip/final")
+    open_clip.create_model_and_transforms("qcap-tiny-clip", pretrained="runs/clip/final/open_clip_model.safetensors")
+
+Weights are read with safetensors, or ``torch.load(weights_only=True)``; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+_registered = False
+log = logging.getLogger(__name__)
+
+
+def register_model_configs() -> None:
+    """Add qcap's tiny model configs to open_clip's registry (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    _registered = True
+
+
+def tiny_model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: Any  # the open_clip model (CLIP, CustomTextCLIP or CoCa), in eval mode
+    preprocess_train: Any  # open_clip's training transform
+    preprocess_val: Any  # open_clip's eval transform
+    tokenizer: Any  # open_clip's tokenizer for this model
+    name: str  # model name (registry name, or the folder's recorded name)
+    source: str  # where the weights came from: "random", a pretrained tag, or a file
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    return Path(path, CONFIG_FILE).is_file()
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    pretrained: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> LoadedModel:
+    """Build an open_clip model from one of:
+
+    - ``checkpoint``: a qcap checkpoint folder (``local-dir:``), a ``step-*/`` training
+      checkpoint, or a weights file (``.safetensors``; ``.pt``/``.bin`` load with
+      ``weights_only=True``) — then ``model`` names the architecture;
+    - ``model`` + ``pretrained``: an open_clip pretrained tag (downloads) or a weights file;
+    - ``model`` alone: random initialisation (``hf-hub:`` ids work too).
+
+    Raises ValueError with what to do when the arguments do not fit together.
+    """
+    import open_clip
+
+    register_model_configs()
+    if checkpoint is not None and pretrained is not None:
+        raise ValueError("give --checkpoint or --pretrained, not both")
+    kwargs: dict[str, Any] = {"device": device, "precision": precision, "output_dict": True}
+    name = model
+    source = "random"
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.is_dir():
+            folder = resolve_checkpoint_dir(path)
+            with open(folder / CONFIG_FILE, encoding="utf-8") as handle:
+                recorded = json.load(handle).get("model_name")
+            if model is not None and recorded is not None and model != recorded:
+                raise ValueError(f"{folder}: checkpoint is a {recorded!r}, not the requested {model!r}")
+            name = recorded or model
+            model_id = f"local-dir:{folder}"
+            source = str(folder / WEIGHTS_FILE)
+        elif path.is_file():
+            if model is None:
+                raise ValueError(f"{path}: a bare weights file needs --model to name its architecture")
+            model_id, kwargs["pretrained"] = model, str(path)
+            source = str(path)
+        else:
+            raise ValueError(f"{path}: no such checkpoint file or folder")
+    else:
+        if model is None:
+            raise ValueError("name a model (--model) or a checkpoint (--checkpoint)")
+        model_id = model
+        if pretrained:
+            kwargs["pretrained"] = pretrained
+            source = pretrained
+    try:
+        net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_id, **kwargs)
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+            raise ValueError(f"checkpoint {source} does not fit model {name!r}: {str(err)[:400]}") from err
+        raise
+    tokenizer = open_clip.get_tokenizer(model_id)
+    net.eval()
+    return LoadedModel(net, preprocess_train, preprocess_val, tokenizer, name or model_id, source)
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or the newest ``step-*/`` or ``final/`` folder inside a run."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        return path
+    if is_checkpoint_dir(path / "final"):
+        return path / "final"
+    steps = sorted(p for p in path.glob("step-*") if is_checkpoint_dir(p))
+    if steps:
+        return steps[-1]
+    raise ValueError(f"{path}: not a checkpoint folder (no {CONFIG_FILE}) and holds no step-*/ or final/ checkpoint")
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The registry config of a model name (qcap's tiny ones included)."""
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models())}")
+    return cfg
+
+
+def save_checkpoint_dir(model: Any, model_name: str, folder: str | os.PathLike, **extra: Any) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` folder (config + safetensors), atomically.
+
+    The folder appears under its final name only when complete. ``extra`` goes into the config
+    JSON (e.g. training step, data hash).
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from curate.shards import atomic_write_json
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    visual = getattr(unwrap(model), "visual", None)
+    preprocess = getattr(visual, "preprocess_cfg", None) or {}
+    atomic_write_json(
+        tmp / CONFIG_FILE,
+        {"model_cfg": model_config(model_name), "preprocess_cfg": dict(preprocess), "model_name": model_name, **extra},
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def unwrap(model: Any) -> Any:
+    """The bare model under DDP / Accelerate / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
