@@ -1,0 +1,312 @@
+"""The ViT image tower of an open_clip model (or qcap checkpoint) as a dense-prediction backbone.
+
+A backbone turns images into the last block's patch tokens as a feature map (``B×C×h×w``,
+stride = patch size) plus the model's own pooled image embedding, and exposes what the rest of
+the stage needs: its blocks (attention distance, layer-wise lr decay), patch size and width.
+
+Two kinds of ViT image towers exist in open_clip, each behind one adapter class:
+
+- ``open_clip.transformer.VisionTransformer`` (CLIP, CoCa, DataComp/DFN/MobileCLIP ViTs, qcap's
+  tiny configs) → :class:`OpenClipViT`;
+- ``open_clip.timm_model.TimmModel`` wrapping a timm ``VisionTransformer`` (SigLIP-style
+  configs) → :class:`TimmViT`.
+
+Anything else (ModifiedResNet, ConvNeXt, FastViT, a text-only model) is refused with a
+:class:`BackboneError` that says what would work. Positional embeddings are resampled when the
+finetuning image size differs from the pretraining one (bicubic, timm's resampler).
+
+Usage::
+
+    source = BackboneSource(checkpoint=Path("runs/clip/final"))
+    backbone = load_backbone(source, image_size=64)
+    out = backbone(images)          # out.features: B×C×8×8, out.pooled: B×D
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curate.cli import UsageError
+
+
+class BackboneError(UsageError):
+    """The model cannot serve as a ViT backbone (wrong kind of tower, bad image size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneSource:
+    """Where the backbone's weights come from: exactly one of the three."""
+
+    checkpoint: Path | None = None  # a qcap checkpoint folder / run folder / weights file
+    pretrained: str | None = None  # open_clip "NAME:TAG", e.g. "ViT-B-16:datacomp_xl_s13b_b90k"
+    random: str | None = None  # an open_clip model name, randomly initialised (the baseline)
+    model: str | None = None  # architecture for a bare weights file given as checkpoint
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("checkpoint", "pretrained", "random") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of --checkpoint, --pretrained NAME:TAG or --random MODEL (got {given or 'none'})"
+            )
+        if self.pretrained is not None and ":" not in self.pretrained:
+            raise ValueError(f"pretrained: {self.pretrained!r} is not NAME:TAG (e.g. ViT-B-16:datacomp_xl_s13b_b90k)")
+
+    @classmethod
+    def parse(cls, spec: str) -> BackboneSource:
+        """``random:MODEL``, ``pretrained:NAME:TAG`` or a checkpoint path (for ``--compare``)."""
+        if spec.startswith("random:"):
+            return cls(random=spec.removeprefix("random:"))
+        if spec.startswith("pretrained:"):
+            return cls(pretrained=spec.removeprefix("pretrained:"))
+        return cls(checkpoint=Path(spec))
+
+    def describe(self) -> str:
+        if self.checkpoint is not None:
+            return str(self.checkpoint)
+        if self.pretrained is not None:
+            return f"pretrained:{self.pretrained}"
+        return f"random:{self.random}"
+
+
+@dataclass(slots=True)
+class BackboneOutput:
+    features: torch.Tensor  # B×C×h×w: the last block's patch tokens (stride = patch size)
+    pooled: torch.Tensor  # B×D: the model's own image embedding (what CLIP's encode_image returns)
+
+
+class ViTBackbone(nn.Module):
+    """Common interface of the adapters; ``visual`` keeps open_clip's parameter names."""
+
+    kind: str = ""
+
+    def __init__(self, visual: nn.Module, *, name: str, source: str) -> None:
+        super().__init__()
+        self.visual = visual
+        self.model_name = name
+        self.source = source
+
+    # Filled in by the adapters -------------------------------------------------------------
+    patch_size: tuple[int, int]
+    width: int  # token width (channels of ``features``)
+    embed_dim: int  # width of ``pooled``
+    num_prefix_tokens: int  # class (and register) tokens before the patch tokens
+
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of each block, in order (see finetune.attention)."""
+        raise NotImplementedError
+
+    def layer_id(self, name: str) -> int:
+        """0 for the embeddings, i+1 for block i, num_layers+1 for what follows the blocks."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        raise NotImplementedError
+
+    # Shared ---------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks())
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        height, width = image_size
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise BackboneError(
+                f"image_size: {height}x{width} is not a multiple of the patch size {ph}x{pw} of {self.model_name}"
+            )
+        return height // ph, width // pw
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "source": self.source,
+            "kind": self.kind,
+            "patch_size": list(self.patch_size),
+            "width": self.width,
+            "layers": self.num_layers,
+            "heads": self.num_heads,
+            "num_params": sum(p.numel() for p in self.parameters()),
+        }
+
+    @property
+    def num_heads(self) -> int:
+        attn = self.attention_modules()[0]
+        return int(getattr(attn, "num_heads"))  # noqa: B009 - every supported attention has it
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class OpenClipViT(ViTBackbone):
+    """open_clip's own ``VisionTransformer``."""
+
+    kind = "open_clip"
+
+    def __init__(self, visual: nn.Module, *, name: str, source: str) -> None:
+        super().__init__(visual, name=name, source=source)
+        self.patch_size = _pair(visual.patch_size)
+        self.width = int(visual.conv1.out_channels)
+        self.embed_dim = int(visual.output_dim)
+        self.num_prefix_tokens = 1
+        self.pretrain_grid = tuple(int(g) for g in visual.grid_size)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.visual.transformer.resblocks)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.visual.transformer.resblocks]
+
+    def layer_id(self, name: str) -> int:
+        name = name.removeprefix("visual.")
+        if name.startswith(("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")):
+            return 0
+        if name.startswith("transformer.resblocks."):
+            return int(name.split(".")[2]) + 1
+        return self.num_layers + 1
+
+    def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        pos = self.visual.positional_embedding
+        if grid == self.pretrain_grid:
+            return pos
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(pos.unsqueeze(0), list(grid), list(self.pretrain_grid), num_prefix_tokens=1)[0]
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Class token + patch tokens after the embeddings, before the first block."""
+        visual = self.visual
+        grid = self.grid(tuple(images.shape[-2:]))
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positional_embedding(grid).to(x.dtype)
+        x = visual.patch_dropout(x)
+        return visual.ln_pre(x)
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        grid = self.grid(tuple(images.shape[-2:]))
+        x = self.visual.transformer(self.tokens(images))
+        batch = x.shape[0]
+        features = x[:, 1:].reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return BackboneOutput(features=features, pooled=pooled)
+
+
+class TimmViT(ViTBackbone):
+    """open_clip's ``TimmModel`` around a timm ``VisionTransformer``."""
+
+    kind = "timm"
+
+    def __init__(self, visual: nn.Module, *, name: str, source: str, image_size: tuple[int, int]) -> None:
+        super().__init__(visual, name=name, source=source)
+        trunk = visual.trunk
+        self.patch_size = _pair(trunk.patch_embed.patch_size)
+        if tuple(trunk.patch_embed.img_size) != tuple(image_size):
+            self.grid(image_size)  # a clear error before timm's assertion
+            trunk.set_input_size(img_size=image_size)
+        self.width = int(trunk.embed_dim)
+        with torch.no_grad():
+            self.embed_dim = int(visual.head(trunk.forward_head(torch.zeros(1, 1 + trunk.num_prefix_tokens, self.width))).shape[-1])
+        self.num_prefix_tokens = int(trunk.num_prefix_tokens)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.visual.trunk.blocks)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.visual.trunk.blocks]
+
+    def layer_id(self, name: str) -> int:
+        name = name.removeprefix("visual.").removeprefix("trunk.")
+        if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        self.grid(tuple(images.shape[-2:]))
+        trunk = self.visual.trunk
+        final, intermediates = trunk.forward_intermediates(images, indices=1, output_fmt="NCHW")
+        pooled = self.visual.head(trunk.forward_head(final))
+        return BackboneOutput(features=intermediates[-1], pooled=pooled)
+
+
+def _adapter_for(visual: nn.Module) -> type[ViTBackbone] | None:
+    from open_clip.transformer import VisionTransformer
+
+    registry: dict[type, type[ViTBackbone]] = {VisionTransformer: OpenClipViT}
+    try:
+        from open_clip.timm_model import TimmModel
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+    except ImportError:  # timm is optional in open_clip; without it only native ViTs exist
+        return registry.get(type(visual))
+    if isinstance(visual, TimmModel):
+        return TimmViT if isinstance(visual.trunk, TimmVisionTransformer) else None
+    return registry.get(type(visual))
+
+
+def backbone_from_model(model: nn.Module, *, name: str, source: str, image_size: int | tuple[int, int] | None = None) -> ViTBackbone:
+    """Wrap the image tower of an open_clip model; refuse anything that is not a ViT."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise BackboneError(
+            f"{name} ({source}) has no image tower (model.visual); finetune needs a CLIP/CoCa model with a ViT image encoder"
+        )
+    adapter = _adapter_for(visual)
+    if adapter is None:
+        inner = getattr(visual, "trunk", None)
+        what = type(visual).__name__ + (f" around a timm {type(inner).__name__}" if inner is not None else "")
+        raise BackboneError(
+            f"{name} ({source}) has a {what} image tower, not a ViT; finetune and attention-distance take ViT image "
+            "towers (e.g. ViT-B-16, ViT-L-14, qcap-tiny-clip, qcap-tiny-coca)"
+        )
+    if adapter is TimmViT:
+        size = _pair(image_size or visual.image_size)
+        return TimmViT(visual, name=name, source=source, image_size=size)
+    return adapter(visual, name=name, source=source)
+
+
+def load_backbone(source: BackboneSource, *, image_size: int | None = None, device: str = "cpu") -> tuple[ViTBackbone, Any]:
+    """Load the open_clip model named by ``source`` and keep its image tower.
+
+    Returns the backbone and the model's eval preprocessing (its normalisation constants are
+    the ones the tower was trained with). The text tower is dropped.
+    """
+    from curate.models import load_model
+
+    try:
+        if source.random is not None:
+            loaded = load_model(source.random, device=device)
+        elif source.pretrained is not None:
+            name, tag = source.pretrained.split(":", 1)
+            loaded = load_model(name, pretrained=tag, device=device)
+        else:
+            loaded = load_model(source.model, checkpoint=os.fspath(source.checkpoint), device=device)
+    except ValueError as err:
+        raise BackboneError(str(err)) from err
+    except RuntimeError as err:  # open_clip: unknown model name / pretrained tag
+        raise BackboneError(f"{source.describe()}: {err}") from err
+    backbone = backbone_from_model(loaded.model, name=loaded.name, source=loaded.source, image_size=image_size)
+    backbone.train()
+    return backbone, loaded.preprocess_val
+
+
+def normalisation(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std of an open_clip preprocessing transform (OpenAI's constants if none found)."""
+    for step in getattr(preprocess, "transforms", []):
+        if hasattr(step, "mean") and hasattr(step, "std"):
+            return tuple(float(v) for v in step.mean), tuple(float(v) for v in step.std)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
