@@ -1,0 +1,194 @@
+"""``qcap train``: CLIP or CoCa pretraining on shards, with Hugging Face Accelerate.
+
+Usage::
+
+    qcap train --preset tiny --data 'W/dr/{00000..00009}.tar' --out runs/clip-real
+    qcap train --preset tiny --data W/dr --out runs/clip-syn --caption-source synthetic --eval-data W/eval
+    qcap train --preset tiny-coca --data W/clean --out runs/coca          # the world's captioner
+    qcap train --preset tiny --data W/dr --out runs/clip-real --resume    # continue exactly
+    accelerate launch --num_processes 8 -m train --preset datacomp-large --data 'dr/{00000..12799}.tar' --out runs/L
+
+The run folder gets ``config.json`` (the resolved config), ``metrics.jsonl``, ``logs/`` (the
+tracker), ``step-NNNNNN/`` checkpoints, ``final/`` (an open_clip ``local-dir:`` model:
+``open_clip.create_model_and_transforms("local-dir:RUN/final")``) and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from curate.cli import UsageError
+from curate.config import ConfigError, from_dict, parse_config, save_config
+from train.config import PRESETS, TrainRunConfig, changed_fields
+
+log = logging.getLogger(__name__)
+
+
+def resolve_threads(requested: int, workers: int, local_processes: int) -> int:
+    """Torch threads per training process: the cores left after its loader workers, at least 1."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes) - workers)
+
+
+def check_resume_config(cfg: TrainRunConfig, out: Path) -> None:
+    """A resume must keep every field that shapes the run (model, data, batch, schedule, seed...)."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = from_dict(TrainRunConfig, json.load(handle)["config"])
+    changed = changed_fields(saved, cfg)
+    if changed:
+        details = ", ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}" for name in changed)
+        raise ConfigError(f"{path}: --resume must keep the run's settings; changed {details}")
+
+
+def train(cfg: TrainRunConfig) -> dict:
+    """Run (or resume) one training run; returns a summary dict. Heavy imports happen here."""
+    import torch
+
+    from curate.models import load_model
+    from curate.shards import ShardError
+    from train.captions import parse_caption_source
+    from train.evaluate import EvalConfig, resolve_eval_data
+    from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
+    from train.loop import EVAL_FILE, Trainer, TrainerConfig, latest_checkpoint, make_accelerator, seed_everything
+    from train.tasks import TASKS, is_coca
+
+    if not cfg.data:
+        raise UsageError("--data is required (a shard list such as 'DIR/{00000..00009}.tar')")
+    if cfg.out is None:
+        raise UsageError("--out is required (the run folder)")
+    out = Path(cfg.out)
+    latest = latest_checkpoint(out)
+    if latest is not None and not cfg.resume:
+        raise UsageError(f"{out} already holds {latest.name}; add --resume to continue it, or choose another --out")
+    if cfg.resume:
+        check_resume_config(cfg, out)
+    source = parse_caption_source(cfg.caption_source)
+
+    accelerator = make_accelerator(precision=cfg.precision, tracker=cfg.tracker, out_dir=out)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(resolve_threads(cfg.threads, cfg.workers, local))
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (global) does not split over {world} processes")
+
+    record = None
+    if cfg.record_uids:
+        (out / "seen").mkdir(parents=True, exist_ok=True)
+        record = out / "seen" / f"rank-{rank}.tsv"
+    seed_everything(cfg.seed)  # the same initial weights on every process and every run
+    loaded = load_model(cfg.model, pretrained=cfg.pretrained)
+    encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source)
+    loader_cfg = LoaderConfig(data=cfg.data, batch_size=cfg.batch_size // world, workers=cfg.workers,
+                              shuffle_buffer=cfg.shuffle_buffer, chunk_shards=cfg.chunk_shards,
+                              resampled=cfg.resampled, seed=cfg.seed)
+    stream = ShardStream(loader_cfg, encoder, rank=rank, world_size=world, record_uids=record)
+    if source.needs_synthetic:
+        first = peek_sample(stream.shards)
+        if first is not None and not first.syn_text:
+            raise ShardError(
+                f"{stream.shards[0]}: samples carry no synthetic captions (KEY.syn.json); --caption-source "
+                f"{source.name} needs DR shards (qcap build-dr), or use --caption-source real"
+            )
+    samples_seen = cfg.samples_seen or stream.num_samples
+    total_steps = max(1, math.ceil(samples_seen / cfg.batch_size))
+    checkpoint_every = cfg.checkpoint_every or max(1, math.ceil(total_steps / 5))
+    if cfg.stop_at_step is not None and cfg.stop_at_step > total_steps:
+        raise UsageError(f"--stop-at-step {cfg.stop_at_step} is past the run's {total_steps} steps")
+
+    if cfg.resume and latest is not None and (out / EVAL_FILE).exists():
+        with open(latest / "trainer.json", encoding="utf-8") as handle:
+            if json.load(handle)["step"] >= total_steps:
+                log.info("%s: already complete (%d steps); nothing to do", out, total_steps)
+                with open(out / EVAL_FILE, encoding="utf-8") as eval_handle:
+                    return {"step": total_steps, "already_complete": True, "eval": json.load(eval_handle)}
+
+    model = loaded.model
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    classification, retrieval = resolve_eval_data(cfg.eval_data, cfg.retrieval_data)
+    evaluation = EvalConfig(classification=classification, retrieval=retrieval, batch_size=cfg.eval_batch_size)
+    kind = "coca" if is_coca(cfg.model, model) else "clip"
+    task_kwargs = dict(model=model, model_name=loaded.name, tokenizer=loaded.tokenizer,
+                       preprocess_val=loaded.preprocess_val, source=source, evaluation=evaluation, rank=rank,
+                       world_size=world, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+    if kind == "coca":
+        task_kwargs.update(caption_loss_weight=cfg.coca_caption_loss_weight,
+                           contrastive_loss_weight=cfg.coca_contrastive_loss_weight)
+    try:
+        task = TASKS[kind](**task_kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+    trainer_cfg = TrainerConfig(
+        total_steps=total_steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
+        weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+        grad_clip_norm=cfg.grad_clip_norm, checkpoint_every=checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, eval_every=cfg.eval_every, log_every=cfg.log_every,
+        resume=cfg.resume, stop_at_step=cfg.stop_at_step, seed=cfg.seed,
+    )
+    if accelerator.is_main_process:
+        import accelerate
+        import open_clip
+
+        save_config(cfg, out / "config.json", world_size=world, total_steps=total_steps, samples_seen=samples_seen,
+                    num_shards=len(stream.shards), num_samples=stream.num_samples, task=kind,
+                    loader_workers=stream.num_workers, torch_threads=torch.get_num_threads(),
+                    versions={"torch": torch.__version__, "open_clip": open_clip.__version__,
+                              "accelerate": accelerate.__version__})
+    log.info("training %s (%s) for %d steps of %d samples on %d process(es); %d samples in %d shards",
+             loaded.name, kind, total_steps, cfg.batch_size, world, stream.num_samples, len(stream.shards))
+    trainer = Trainer(task, stream, trainer_cfg, out_dir=out, accelerator=accelerator, run_config=cfg,
+                      tracker_project=out.name or "qcap-train")
+    result = trainer.train()
+    counts = stream.metrics()
+    return {
+        "step": result.step,
+        "total_steps": total_steps,
+        "samples_seen": result.samples_seen,
+        "finished": result.finished,
+        "final_dir": str(result.final_dir) if result.final_dir else None,
+        "eval": result.eval,
+        "last_metrics": result.last_metrics,
+        "data": counts,
+    }
+
+
+def main(argv: list[str], prog: str = "qcap train") -> int:
+    cfg = parse_config(TrainRunConfig, argv, prog=prog, presets=PRESETS)
+    summary = train(cfg)
+    if summary.get("already_complete"):
+        print(f"{cfg.out}: already complete at step {summary['step']}; eval: {json.dumps(summary['eval'])}")
+        return 0
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    data = summary["data"]
+    skipped = {k.removeprefix("data/skipped_"): int(v) for k, v in data.items() if k.startswith("data/skipped_")}
+    trained = int(data.get("data/samples", 0))
+    print(f"{cfg.out}: step {summary['step']}/{summary['total_steps']}, {summary['samples_seen']} samples seen")
+    print(f"  this process: drawn {trained + sum(skipped.values())} = trained {trained} + skipped {skipped}")
+    if summary["final_dir"]:
+        print(f"  final model: {summary['final_dir']} (open_clip local-dir:)")
+    else:
+        print(f"  stopped at step {summary['step']}; continue with --resume")
+    if summary["eval"]:
+        print("  eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["eval"].items())))
+    return 0
+
+
+def preset(name: str, **overrides) -> TrainRunConfig:
+    """A preset with fields overridden (for Python callers: the demo, benchmarks, tests)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name](), **overrides)
