@@ -96,6 +96,7 @@ class ViTBackbone(nn.Module):
     width: int  # token width (channels of ``features``)
     embed_dim: int  # width of ``pooled``
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
+    native_image_size: tuple[int, int]  # the input size the tower was pretrained at
 
     def blocks(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -131,6 +132,7 @@ class ViTBackbone(nn.Module):
             "source": self.source,
             "kind": self.kind,
             "patch_size": list(self.patch_size),
+            "native_image_size": list(self.native_image_size),
             "width": self.width,
             "layers": self.num_layers,
             "heads": self.num_heads,
@@ -159,6 +161,7 @@ class OpenClipViT(ViTBackbone):
         self.embed_dim = int(visual.output_dim)
         self.num_prefix_tokens = 1
         self.pretrain_grid = tuple(int(g) for g in visual.grid_size)
+        self.native_image_size = _pair(visual.image_size)
 
     def blocks(self) -> list[nn.Module]:
         return list(self.visual.transformer.resblocks)
@@ -212,6 +215,7 @@ class TimmViT(ViTBackbone):
         super().__init__(visual, name=name, source=source)
         trunk = visual.trunk
         self.patch_size = _pair(trunk.patch_embed.patch_size)
+        self.native_image_size = _pair(visual.image_size)  # what open_clip's preprocessing produces
         if tuple(trunk.patch_embed.img_size) != tuple(image_size):
             self.grid(image_size)  # a clear error before timm's assertion
             trunk.set_input_size(img_size=image_size)

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 
 from curate.cli import Command, dispatch
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "finetune": Command("finetune a CLIP image tower on segmentation, depth or classification; write metrics", "finetune.run:main"),
+    "attention-distance": Command("mean attention distance per head and block of a ViT (paper 3.4), JSON + plot", "finetune.distance:main"),
+}
 
 DESCRIPTION = "finetune: dense-prediction transfer (segmentation, depth), classification, attention distance."
 

@@ -12,12 +12,14 @@ The embedded world's eval sets and the public datasets share these layouts:
   index, a list or an ``{"index": name}`` object), ``ignore_index`` (label value left out of
   loss and metrics, default 255), ``reduce_zero_label`` (ADE20k's convention: 0 is "other" and
   ignored, labels 1..K become 0..K-1; default false) and optionally ``background`` (index of
-  a background class, recorded in the metrics). With ``reduce_zero_label`` the names list the
-  K classes *after* reduction. Extra keys (palette, description) are allowed.
+  a background class, recorded in the metrics; ``background_index`` too). With
+  ``reduce_zero_label`` the names list the K classes *after* reduction. ``num_classes``, when
+  present, must match. Extra keys (palette, note) are allowed.
 - depth (NYUv2-style)::
 
     DIR/images/{training,validation}/<id>.jpg
     DIR/depth/{training,validation}/<id>.png         uint16, millimetres; 0 = invalid
+    DIR/depth.json                                   optional: {"scale_to_metres": 0.001}
 - classification (ImageFolder)::
 
     DIR/{train,val}/<class_name>/<id>.jpg            optional DIR/classnames.txt (one per line,
@@ -169,6 +171,8 @@ def read_classes(path: Path, *, reduce_zero_label: bool | None = None) -> ClassI
     ignore = int(data.get("ignore_index", 255))
     if 0 <= ignore < len(names):
         raise DatasetError(f"{path}: ignore_index {ignore} is also a class index (0..{len(names) - 1})")
+    if "num_classes" in data and int(data["num_classes"]) != len(names):
+        raise DatasetError(f"{path}: num_classes is {data['num_classes']} but {len(names)} classes are listed")
     background = data.get("background", data.get("background_index"))
     return ClassInfo(names, ignore, reduce, None if background is None else int(background))
 
@@ -296,10 +300,11 @@ class DepthFolder(DenseFolder):
     what = "depth map"
     scale_jitter = False  # zooming changes apparent distance; depth keeps geometry
 
-    def __init__(self, root, split, pre, *, train, limit=None, depth_scale: float = 1000.0) -> None:
-        if depth_scale <= 0:
+    def __init__(self, root, split, pre, *, train, limit=None, depth_scale: float | None = None) -> None:
+        """``depth_scale``: PNG units per metre; None reads ``depth.json`` or assumes millimetres."""
+        self.depth_scale = depth_scale if depth_scale is not None else read_depth_scale(_existing_folder(root))
+        if self.depth_scale <= 0:
             raise ValueError("depth_scale: must be positive")
-        self.depth_scale = depth_scale
         super().__init__(root, split, pre, train=train, limit=limit)
 
     def read_target(self, path: Path) -> np.ndarray:
@@ -310,6 +315,21 @@ class DepthFolder(DenseFolder):
 
     def target_tensor(self, target: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(target)[None]  # 1×H×W
+
+
+def read_depth_scale(root: Path) -> float:
+    """PNG units per metre from ``depth.json`` (``scale_to_metres``), else 1000 (millimetres)."""
+    path = root / "depth.json"
+    if not path.is_file():
+        return 1000.0
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        scale = float(data["scale_to_metres"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DatasetError(f'{path}: expected {{"scale_to_metres": 0.001}} ({err})') from err
+    if scale <= 0:
+        raise DatasetError(f"{path}: scale_to_metres must be positive, got {scale}")
+    return 1.0 / scale
 
 
 # ---------------------------------------------------------------------------------------------

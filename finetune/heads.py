@@ -232,7 +232,31 @@ DENSE_HEADS: dict[str, Callable[[int, int, HeadConfig], DenseHead]] = {
 }
 
 
-class DenseModel(nn.Module):
+class FinetuneModel(nn.Module):
+    """A backbone under a new head; :meth:`freeze_backbone` makes it a probe of fixed features."""
+
+    backbone: nn.Module
+    backbone_frozen = False
+
+    def freeze_backbone(self) -> None:
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # fixed features: no dropout, whatever the mode
+        return self
+
+    def features(self, images: torch.Tensor):
+        if self.backbone_frozen:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+
+class DenseModel(FinetuneModel):
     """Backbone → (simple feature pyramid) → dense head; output at the input resolution."""
 
     def __init__(self, backbone: nn.Module, head_cfg: HeadConfig, num_outputs: int) -> None:
@@ -246,12 +270,12 @@ class DenseModel(nn.Module):
         self.head = factory(in_channels, num_outputs, head_cfg)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images).features
+        features = self.features(images).features
         levels = self.neck(features) if self.neck is not None else [features]
         return _resize(self.head(levels), images.shape[-2:])
 
 
-class LinearClassifier(nn.Module):
+class LinearClassifier(FinetuneModel):
     """Backbone's pooled embedding → LayerNorm-free linear layer (the CLIP linear-probe form)."""
 
     def __init__(self, backbone: nn.Module, head_cfg: HeadConfig, num_outputs: int) -> None:
@@ -263,4 +287,4 @@ class LinearClassifier(nn.Module):
         self.head = nn.Linear(backbone.embed_dim, num_outputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(images).pooled))
+        return self.head(self.dropout(self.features(images).pooled))
