@@ -306,6 +306,12 @@ def test_decode_image_refuses_bombs_before_decoding():
     with pytest.raises(ValueError, match="undecodable"):
         shards.decode_image(b"not an image")
     assert shards.decode_image(make_jpeg(10, 8)).size == (10, 8)
+    # draft: a JPEG decodes at a reduced scale that keeps both sides >= the requested size
+    big = make_jpeg(512, 384)
+    assert shards.decode_image(big, draft=64).size == (128, 96)
+    assert shards.decode_image(big, draft=150).size == (256, 192)
+    assert shards.decode_image(big, draft=200).size == (512, 384)
+    assert shards.decode_image(buffer.getvalue(), max_pixels=20_000_000, draft=64).size == (4000, 4000)  # PNG: full
 
 
 def test_writer_rejects_bad_samples(tmp_path):
