@@ -88,11 +88,13 @@ class ImageTextEncoder:
     (``text``; ``text_syn`` under the ``dual`` source), ``uid`` (list of str).
     """
 
-    def __init__(self, preprocess, tokenizer, source: CaptionSource, *, max_pixels: int = 89_478_485) -> None:
+    def __init__(self, preprocess, tokenizer, source: CaptionSource, *, max_pixels: int = 89_478_485,
+                 draft: int | None = None) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.source = source
         self.max_pixels = max_pixels
+        self.draft = draft  # JPEGs decode at a DCT scale keeping >= this many pixels per side
 
     def encode(self, sample: Sample, seed: int) -> tuple[Any, list[str], list[str], str | None]:
         """(image tensor, texts per slot, kinds, uid); raises :class:`SkipSample`."""
@@ -103,7 +105,7 @@ class ImageTextEncoder:
             raise SkipSample("no_caption")
         texts, kinds = picked
         try:
-            image = decode_image(sample.image, max_pixels=self.max_pixels)
+            image = decode_image(sample.image, max_pixels=self.max_pixels, draft=self.draft)
         except ValueError as err:
             raise SkipSample("too_large" if "exceeds" in str(err) else "undecodable") from err
         torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)  # augmentation: a pure function of the position

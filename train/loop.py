@@ -217,7 +217,12 @@ def make_accelerator(*, precision: str = "fp32", tracker: str = "tensorboard", o
         if not is_wandb_available():
             raise ValueError("tracker: wandb is not installed; pip install wandb, or use --tracker tensorboard")
     project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs"))
-    return Accelerator(mixed_precision=mixed[precision], log_with=trackers[tracker], project_config=project)
+    # Launched as several processes on a machine without accelerators: Accelerate only picks its
+    # multi-CPU (gloo) mode when told cpu=True; otherwise every process would train alone.
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    cpu_only = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision=mixed[precision], log_with=trackers[tracker], project_config=project,
+                       cpu=launched and cpu_only)
 
 
 # --------------------------------------------------------------------------------------------

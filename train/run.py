@@ -37,6 +37,13 @@ def resolve_threads(requested: int, workers: int, local_processes: int) -> int:
     return max(1, cores // max(1, local_processes) - workers)
 
 
+def input_side(model) -> int:
+    """The longer side of a model's input images (open_clip's preprocess config)."""
+    visual = model.visual
+    size = (getattr(visual, "preprocess_cfg", None) or {}).get("size") or getattr(visual, "image_size", 224)
+    return int(max(size)) if isinstance(size, (tuple, list)) else int(size)
+
+
 def check_resume_config(cfg: TrainRunConfig, out: Path) -> None:
     """A resume must keep every field that shapes the run (model, data, batch, schedule, seed...)."""
     path = out / "config.json"
@@ -87,7 +94,9 @@ def train(cfg: TrainRunConfig) -> dict:
         record = out / "seen" / f"rank-{rank}.tsv"
     seed_everything(cfg.seed)  # the same initial weights on every process and every run
     loaded = load_model(cfg.model, pretrained=cfg.pretrained)
-    encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source)
+    # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
+    # for full-size decodes, and the crop still downsamples (no upsampling blur).
+    encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source, draft=2 * input_side(loaded.model))
     loader_cfg = LoaderConfig(data=cfg.data, batch_size=cfg.batch_size // world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, chunk_shards=cfg.chunk_shards,
                               resampled=cfg.resampled, seed=cfg.seed)
@@ -152,6 +161,7 @@ def train(cfg: TrainRunConfig) -> dict:
     result = trainer.train()
     counts = stream.metrics()
     return {
+        "rank": rank,
         "step": result.step,
         "total_steps": total_steps,
         "samples_seen": result.samples_seen,
@@ -169,9 +179,7 @@ def main(argv: list[str], prog: str = "qcap train") -> int:
     if summary.get("already_complete"):
         print(f"{cfg.out}: already complete at step {summary['step']}; eval: {json.dumps(summary['eval'])}")
         return 0
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if summary["rank"] != 0:
         return 0
     data = summary["data"]
     skipped = {k.removeprefix("data/skipped_"): int(v) for k, v in data.items() if k.startswith("data/skipped_")}
