@@ -27,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "shards": Command("inspect, verify or finalize (sizes.json) a shard folder", "curate.shardtool:main"),
     "world": Command("generate the embedded DataComp-style world (pool, truth, clean and eval sets)", "curate.world.cli:world_main"),
     "serve": Command("serve a world's pool over loopback HTTP, planted faults included", "curate.world.cli:serve_main"),
+    "score-captions": Command("score captions against a world's truth (objects, attributes, hallucinations)", "curate.world.cli:score_main"),
 }
 
 
