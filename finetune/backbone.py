@@ -77,7 +77,7 @@ class BackboneSource:
 @dataclass(slots=True)
 class BackboneOutput:
     features: torch.Tensor  # B×C×h×w: the last block's patch tokens (stride = patch size)
-    pooled: torch.Tensor  # B×D: the model's own image embedding (what CLIP's encode_image returns)
+    pooled: torch.Tensor | None  # B×D: the model's own image embedding (CLIP's encode_image); None if not asked
 
 
 class ViTBackbone(nn.Module):
@@ -109,8 +109,14 @@ class ViTBackbone(nn.Module):
         """0 for the embeddings, i+1 for block i, num_layers+1 for what follows the blocks."""
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, *, pooled: bool = True) -> BackboneOutput:
+        """``pooled=False`` skips the pooling head (dense tasks do not use it)."""
         raise NotImplementedError
+
+    def pooling_parameters(self) -> list[nn.Parameter]:
+        """Parameters used only by the pooled embedding (final norm, projection, attention pool)."""
+        top = self.num_layers + 1
+        return [p for name, p in self.named_parameters() if self.layer_id(name) == top]
 
     # Shared ---------------------------------------------------------------------------------
     @property
@@ -195,15 +201,17 @@ class OpenClipViT(ViTBackbone):
         x = visual.patch_dropout(x)
         return visual.ln_pre(x)
 
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, *, pooled: bool = True) -> BackboneOutput:
         grid = self.grid(tuple(images.shape[-2:]))
         x = self.visual.transformer(self.tokens(images))
         batch = x.shape[0]
         features = x[:, 1:].reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-        pooled, _ = self.visual._pool(x)
+        if not pooled:
+            return BackboneOutput(features=features, pooled=None)
+        embedding, _ = self.visual._pool(x)
         if self.visual.proj is not None:
-            pooled = pooled @ self.visual.proj
-        return BackboneOutput(features=features, pooled=pooled)
+            embedding = embedding @ self.visual.proj
+        return BackboneOutput(features=features, pooled=embedding)
 
 
 class TimmViT(ViTBackbone):
@@ -238,12 +246,14 @@ class TimmViT(ViTBackbone):
             return int(name.split(".")[1]) + 1
         return self.num_layers + 1
 
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, *, pooled: bool = True) -> BackboneOutput:
         self.grid(tuple(images.shape[-2:]))
         trunk = self.visual.trunk
+        if not pooled:
+            intermediates = trunk.forward_intermediates(images, indices=1, output_fmt="NCHW", intermediates_only=True)
+            return BackboneOutput(features=intermediates[-1], pooled=None)
         final, intermediates = trunk.forward_intermediates(images, indices=1, output_fmt="NCHW")
-        pooled = self.visual.head(trunk.forward_head(final))
-        return BackboneOutput(features=intermediates[-1], pooled=pooled)
+        return BackboneOutput(features=intermediates[-1], pooled=self.visual.head(trunk.forward_head(final)))
 
 
 def _adapter_for(visual: nn.Module) -> type[ViTBackbone] | None:

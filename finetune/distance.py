@@ -44,13 +44,13 @@ DEFINITION = (
 class AttentionDistanceConfig:
     """Mean attention distance per head and block of a ViT image tower, as JSON and a plot."""
 
-    checkpoint: Path | None = arg(None, help="qcap/open_clip checkpoint folder, run folder or weights file")
-    pretrained: str | None = arg(None, help="open_clip NAME:TAG")
-    random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)")
-    model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint")
-    images: Path = arg(help="folder of images (searched recursively)")
-    out: Path = arg(help="output folder")
-    compare: str | None = arg(None, help="a second model for a side-by-side plot: PATH, random:MODEL or pretrained:NAME:TAG")
+    checkpoint: Path | None = arg(None, help="qcap/open_clip checkpoint folder, run folder or weights file", metavar="PATH")
+    pretrained: str | None = arg(None, help="open_clip NAME:TAG", metavar="NAME:TAG")
+    random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)", metavar="MODEL")
+    model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint", metavar="MODEL")
+    images: Path = arg(help="folder of images (searched recursively)", metavar="DIR")
+    out: Path = arg(help="output folder", metavar="DIR")
+    compare: str | None = arg(None, help="a second model for a side-by-side plot: PATH, random:MODEL or pretrained:NAME:TAG", metavar="SOURCE")
     label: str | None = arg(None, help="panel title of the model (default: its source)")
     compare_label: str | None = arg(None, help="panel title of the --compare model")
     num_images: int = arg(128, help="images to average over (the first N in sorted order)")

@@ -52,7 +52,8 @@ class HeadConfig:
 
 
 def _groups(channels: int) -> int:
-    return math.gcd(32, channels)
+    """Up to 32 groups of at least 2 channels (pyramid pooling's 1×1 cell needs more than one value)."""
+    return math.gcd(32, max(channels // 2, 1))
 
 
 def conv_norm_act(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Sequential:
@@ -249,11 +250,11 @@ class FinetuneModel(nn.Module):
             self.backbone.eval()  # fixed features: no dropout, whatever the mode
         return self
 
-    def features(self, images: torch.Tensor):
+    def features(self, images: torch.Tensor, *, pooled: bool):
         if self.backbone_frozen:
             with torch.no_grad():
-                return self.backbone(images)
-        return self.backbone(images)
+                return self.backbone(images, pooled=pooled)
+        return self.backbone(images, pooled=pooled)
 
 
 class DenseModel(FinetuneModel):
@@ -264,19 +265,23 @@ class DenseModel(FinetuneModel):
         if head_cfg.name not in DENSE_HEADS:
             raise ValueError(f"head: {head_cfg.name!r} is not a dense head; choose from {sorted(DENSE_HEADS)}")
         self.backbone = backbone
+        # The pooled embedding's own parameters (final norm, projection) take no part in a dense
+        # loss: frozen, so DDP does not wait for their gradients and AdamW does not decay them.
+        for param in backbone.pooling_parameters():
+            param.requires_grad_(False)
         factory = DENSE_HEADS[head_cfg.name]
         self.neck = SimpleFeaturePyramid(backbone.width, head_cfg.neck_channels) if factory.uses_pyramid else None
         in_channels = head_cfg.neck_channels if self.neck is not None else backbone.width
         self.head = factory(in_channels, num_outputs, head_cfg)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images).features
+        features = self.features(images, pooled=False).features
         levels = self.neck(features) if self.neck is not None else [features]
         return _resize(self.head(levels), images.shape[-2:])
 
 
 class LinearClassifier(FinetuneModel):
-    """Backbone's pooled embedding → LayerNorm-free linear layer (the CLIP linear-probe form)."""
+    """Backbone's pooled embedding → a linear layer (the CLIP linear-probe form)."""
 
     def __init__(self, backbone: nn.Module, head_cfg: HeadConfig, num_outputs: int) -> None:
         super().__init__()
@@ -287,4 +292,4 @@ class LinearClassifier(FinetuneModel):
         self.head = nn.Linear(backbone.embed_dim, num_outputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(images).pooled))
+        return self.head(self.dropout(self.features(images, pooled=True).pooled))

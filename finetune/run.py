@@ -40,13 +40,13 @@ class FinetuneConfig:
     """Finetune a CLIP image tower on segmentation, depth or classification and measure it."""
 
     task: Literal["seg", "depth", "cls"] = arg(help="seg (ADE20k layout), depth (NYUv2 layout) or cls (ImageFolder)", positional=True)
-    checkpoint: Path | None = arg(None, help="qcap/open_clip checkpoint folder, run folder or weights file")
-    pretrained: str | None = arg(None, help="open_clip NAME:TAG, e.g. ViT-B-16:datacomp_xl_s13b_b90k")
-    random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)")
-    model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint")
-    data: Path | None = arg(None, help="dataset folder (required)")
-    out: Path | None = arg(None, help="output folder (required)")
-    head: str | None = arg(None, help="upernet, fpn, dpt or linear (default: upernet for seg, dpt for depth, linear for cls)")
+    checkpoint: Path | None = arg(None, help="qcap/open_clip checkpoint folder, run folder or weights file", metavar="PATH")
+    pretrained: str | None = arg(None, help="open_clip NAME:TAG, e.g. ViT-B-16:datacomp_xl_s13b_b90k", metavar="NAME:TAG")
+    random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)", metavar="MODEL")
+    model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint", metavar="MODEL")
+    data: Path | None = arg(None, help="dataset folder (required)", metavar="DIR")
+    out: Path | None = arg(None, help="output folder (required)", metavar="DIR")
+    head: Literal["upernet", "fpn", "dpt", "linear"] | None = arg(None, help="default: upernet for seg, dpt for depth, linear for cls")
     freeze_backbone: bool = arg(False, help="train the head only (a linear probe with --head linear)")
     epochs: int = arg(20, help="passes over the training set")
     steps: int | None = arg(None, help="optimizer steps; overrides --epochs")
@@ -105,8 +105,8 @@ class FinetuneConfig:
 
 def tiny_preset() -> FinetuneConfig:
     """The embedded world's 64-px eval sets on a 2-core machine: small head, few epochs."""
-    return FinetuneConfig(task="seg", epochs=4, batch_size=16, lr=1e-3, layer_decay=0.75, neck_channels=64,
-                          head_channels=64, workers=0, tracker="none", num_examples=4)
+    return FinetuneConfig(task="seg", epochs=4, batch_size=16, lr=1e-3, layer_decay=0.75, neck_channels=32,
+                          head_channels=32, workers=0, tracker="none", num_examples=4)
 
 
 def base_preset() -> FinetuneConfig:
@@ -216,7 +216,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           max_depth=cfg.max_depth, title=f"{cfg.task} · {source.describe()} · {head_cfg.name}")
             payload["examples"] = str(cfg.out / EXAMPLES_FILE)
         save_config(cfg, cfg.out / METRICS_FILE, **payload)
-    accelerator.wait_for_everyone()
+    # no barrier here: Trainer.train() ends Accelerate's training (the process group is gone);
+    # the other processes have nothing left to write.
     return payload
 
 

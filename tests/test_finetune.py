@@ -42,7 +42,7 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
     assert "mIoU" in capsys.readouterr().out
     result = json.loads((out / "metrics.json").read_text())
     cfg = result["config"]
-    assert cfg["task"] == "seg" and cfg["checkpoint"] == str(checkpoint) and cfg["neck_channels"] == 64  # resolved
+    assert cfg["task"] == "seg" and cfg["checkpoint"] == str(checkpoint) and cfg["neck_channels"] == 32  # resolved
     assert result["head"]["name"] == "upernet" and result["backbone"]["model"] == "qcap-tiny-clip"
     assert result["training"]["steps"] == 3 and result["data"]["num_train"] == 8
     metrics = result["metrics"]
@@ -59,7 +59,7 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
     from finetune.heads import DenseModel, HeadConfig
 
     backbone, _ = load_backbone(BackboneSource(random="qcap-tiny-clip"))
-    model = _load_final(out, DenseModel(backbone, HeadConfig(neck_channels=64, channels=64), 3))
+    model = _load_final(out, DenseModel(backbone, HeadConfig(neck_channels=32, channels=32), 3))
     pre = Preprocess(64, tuple(result["data"]["mean"]), tuple(result["data"]["std"]))
     preds, labels = [], []
     with torch.no_grad():
@@ -138,7 +138,10 @@ def test_layer_decay_groups(tmp_path):
     assert scale[id(named["backbone.visual.transformer.resblocks.0.mlp.c_fc.weight"])] == (0.5**4, 0.05)
     assert scale[id(named["backbone.visual.positional_embedding"])] == (0.5**5, 0.0)
     assert scale[id(named["backbone.visual.conv1.weight"])] == (0.5**5, 0.05)
-    assert sum(len(g["params"]) for g in groups) == len(named)
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    # the pooled embedding's norm and projection take no part in a dense loss: frozen, left out
+    assert not named["backbone.visual.ln_post.weight"].requires_grad and "backbone.visual.proj" not in trainable
     model.freeze_backbone()
     frozen = param_groups(model, backbone, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     assert all(g["layer_id"] == 5 for g in frozen)
@@ -219,3 +222,17 @@ def test_attention_distance_command_with_a_known_answer_and_a_comparison(tmp_pat
     with Image.open(out / "attention_distance.png") as picture:
         assert picture.width > 1.5 * picture.height  # two panels side by side
     assert "mean distance per block" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn", "dpt", "linear"])
+def test_dense_heads_take_batch_one_and_grids_that_do_not_halve(head):
+    from finetune.backbone import BackboneSource, load_backbone
+    from finetune.heads import DenseModel, HeadConfig
+
+    backbone, _ = load_backbone(BackboneSource(random="qcap-tiny-clip"))
+    model = DenseModel(backbone, HeadConfig(name=head, neck_channels=32, channels=32), 5).train()
+    images = torch.randn(1, 3, 72, 56)  # a 9x7 grid: the 2p level rounds up
+    out = model(images)
+    assert out.shape == (1, 5, 72, 56)
+    out.mean().backward()
+    assert backbone.visual.conv1.weight.grad is not None
