@@ -95,6 +95,7 @@ class ImageTextEncoder:
         self.source = source
         self.max_pixels = max_pixels
         self.draft = draft  # JPEGs decode at a DCT scale keeping >= this many pixels per side
+        self.restore_rng = get_worker_info() is None  # in the training process: leave the model's RNG alone
 
     def encode(self, sample: Sample, seed: int) -> tuple[Any, list[str], list[str], str | None]:
         """(image tensor, texts per slot, kinds, uid); raises :class:`SkipSample`."""
@@ -108,8 +109,17 @@ class ImageTextEncoder:
             image = decode_image(sample.image, max_pixels=self.max_pixels, draft=self.draft)
         except ValueError as err:
             raise SkipSample("too_large" if "exceeds" in str(err) else "undecodable") from err
-        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)  # augmentation: a pure function of the position
-        return self.preprocess(image), texts, kinds, sample.uid
+        # Augmentation is a pure function of the position: seed torch's CPU generator (what
+        # torchvision's random transforms draw from). Not torch.manual_seed: it also queues a
+        # lazy CUDA seeding that formats a stack trace, over a millisecond per sample.
+        generator = torch.default_generator
+        saved = generator.get_state() if self.restore_rng else None
+        generator.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            return self.preprocess(image), texts, kinds, sample.uid
+        finally:
+            if saved is not None:
+                generator.set_state(saved)
 
     def collate(self, items: Sequence[tuple[Any, list[str], list[str], str | None]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"image": torch.stack([item[0] for item in items])}
@@ -202,12 +212,9 @@ class ShardIterable(IterableDataset):
             raise RuntimeError(f"stream planned for {self.plan.num_workers} workers, runs with {num_workers}")
         logical = (worker + self.rotation) % num_workers
         start_chunk, start_drawn = self.starts.get(logical, (0, 0))
-        if get_worker_info() is None:
-            # In the training process: per-sample seeding must not disturb the model's RNG.
-            with torch.random.fork_rng(devices=[]):
-                yield from self._batches(logical, start_chunk, start_drawn)
-        else:
-            yield from self._batches(logical, start_chunk, start_drawn)
+        # In the training process (no workers) per-sample seeding must not disturb the model's RNG.
+        self.encoder.restore_rng = get_worker_info() is None
+        yield from self._batches(logical, start_chunk, start_drawn)
 
     def _batches(self, logical: int, start_chunk: int, start_drawn: int) -> Iterator[dict[str, Any]]:
         rank, seed = self.plan.rank, self.seed

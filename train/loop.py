@@ -460,6 +460,9 @@ class Trainer:
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
                 self.save_checkpoint()
         bar.close()
+        close = getattr(stream, "close", None)
+        if callable(close):  # stop the loader's workers now, not at garbage collection
+            close()
         finished = self.step >= cfg.total_steps
         final_dir = None
         if finished:
