@@ -56,6 +56,7 @@ class AttentionDistanceConfig:
     num_images: int = arg(128, help="images to average over (the first N in sorted order)")
     batch_size: int = arg(16, help="images per forward pass")
     image_size: int | None = arg(None, help="square input side (default: the model's own)")
+    seed: int = arg(0, help="seed of a random:MODEL initialisation")
 
     def __post_init__(self) -> None:
         if self.num_images <= 0 or self.batch_size <= 0:
@@ -130,6 +131,8 @@ def _transform(preprocess, image_size: int | None, mean, std):
 
 
 def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
     from curate.shards import atomic_write_json
     from finetune.attention import patch_distances
     from finetune.backbone import BackboneSource, load_backbone, normalisation
@@ -145,6 +148,7 @@ def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
     paths = list_images(cfg.images, cfg.num_images)
     results = []
     for source, label in sources:
+        set_seed(cfg.seed)
         backbone, preprocess = load_backbone(source, image_size=cfg.image_size)
         mean, std = normalisation(preprocess)
         measured = measure(backbone, _transform(preprocess, cfg.image_size, mean, std), paths, batch_size=cfg.batch_size)

@@ -73,6 +73,7 @@ class FinetuneConfig:
     eval_every: int = arg(0, help="evaluate every N steps (0: at the end only)")
     checkpoint_every: int = arg(0, help="write OUT/step-*/ every N steps (0: at the end only)")
     resume: bool = arg(False, help="continue from the newest OUT/step-*/")
+    stop_at_step: int | None = arg(None, help="stop after this step with a checkpoint, as a job time limit would (then --resume)")
     seed: int = arg(0, help="random seed")
 
     def __post_init__(self) -> None:
@@ -80,7 +81,7 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("steps", "eval_batch_size", "max_train_samples", "max_eval_samples", "image_size"):
+        for name in ("steps", "eval_batch_size", "max_train_samples", "max_eval_samples", "image_size", "stop_at_step"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: must be positive, got {value}")
@@ -129,6 +130,8 @@ def _require(cfg: FinetuneConfig) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run one finetuning job; returns the metrics.json payload (also written to OUT)."""
+    from accelerate.utils import set_seed
+
     from curate.config import to_dict
     from finetune.backbone import BackboneSource, load_backbone, normalisation
     from finetune.data import Preprocess
@@ -144,6 +147,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     except ValueError as err:
         raise UsageError(str(err)) from err
     task_cls = TASKS[cfg.task]
+    set_seed(cfg.seed)  # a --random backbone and every new head start from the same weights for a seed
     backbone, preprocess = load_backbone(source, image_size=cfg.image_size)
     image_size = cfg.image_size or backbone.native_image_size[0]
     backbone.grid((image_size, image_size))  # a clear error for a size the patches do not tile
@@ -178,12 +182,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     steps_per_epoch = len(train_set) // (cfg.batch_size * world)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    trainer_cfg = TrainerConfig(
-        total_steps=total_steps, lr=cfg.lr, warmup=int(cfg.warmup_fraction * total_steps), schedule="cosine",
-        weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip_norm=1.0,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=max(1, min(10, total_steps // 4)),
-        resume=cfg.resume, seed=cfg.seed,
-    )
+    try:
+        trainer_cfg = TrainerConfig(
+            total_steps=total_steps, lr=cfg.lr, warmup=int(cfg.warmup_fraction * total_steps), schedule="cosine",
+            weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip_norm=1.0,
+            checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+            log_every=max(1, min(10, total_steps // 4)), resume=cfg.resume, seed=cfg.seed, stop_at_step=cfg.stop_at_step,
+        )
+    except ValueError as err:  # e.g. --stop-at-step beyond the run's steps
+        raise UsageError(str(err)) from err
     stream = MapStream(train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
                        world_size=world, workers=cfg.workers)
     log.info("finetune %s: %s, head %s, %d train / %d eval items, %d steps (%d per epoch)", cfg.task,
@@ -191,7 +198,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     try:
         trainer = Trainer(task, stream, trainer_cfg, out_dir=cfg.out, accelerator=accelerator, run_config=cfg)
         result = trainer.train()
-    except FileExistsError as err:
+    except (FileExistsError, FloatingPointError) as err:
         raise UsageError(str(err)) from err
     if not result.finished:
         return {}

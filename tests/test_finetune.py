@@ -236,3 +236,27 @@ def test_dense_heads_take_batch_one_and_grids_that_do_not_halve(head):
     assert out.shape == (1, 5, 72, 56)
     out.mean().backward()
     assert backbone.visual.conv1.weight.grad is not None
+
+
+def test_a_stopped_run_resumes_to_the_same_model(tmp_path, capsys):
+    """Stopped at step 2 of 4 (as a job limit would), then --resume: the same weights and metrics
+    as a run that never stopped (augmentation RNG and data position come back exactly)."""
+    from safetensors.torch import load_file
+
+    data = make_seg_folder(tmp_path / "seg", num_train=6, num_val=2)
+    common = ["finetune", "seg", "--random", "qcap-tiny-clip", "--data", str(data), "--head", "linear", "--steps", "4",
+              "--batch-size", "2", "--preset", "tiny", "--num-examples", "0"]
+    assert qcap([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert qcap([*common, "--out", str(tmp_path / "cut"), "--stop-at-step", "2"]) == 0
+    assert "run again with --resume" in capsys.readouterr().out
+    assert not (tmp_path / "cut" / "metrics.json").exists() and (tmp_path / "cut" / "step-000002").is_dir()
+    assert qcap([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["metrics"] for run in ("straight", "cut")]
+    assert metrics[0] == metrics[1]
+    assert qcap([*common, "--out", str(tmp_path / "bad"), "--stop-at-step", "9"]) == 2
+    assert "stop_at_step" in capsys.readouterr().err

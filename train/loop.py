@@ -591,12 +591,16 @@ class MapStream:
                 positions.append((epoch, index))
                 yield indices
 
+        # The loader draws its base seed from this generator, not from torch's global RNG: a resumed
+        # run restores the global RNG, and a new iterator's draw would shift it (augmentations, dropout).
+        position_seed = np.random.SeedSequence([self.seed, self.rank, self.epoch, self.index]).generate_state(1)[0]
         loader = DataLoader(
             self.dataset,
             batch_sampler=_ListSampler(index_source()),
             num_workers=self.workers,
             collate_fn=collate,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(int(position_seed)),
         )
         for batch in loader:
             self.epoch, self.index = positions.pop(0)
