@@ -255,6 +255,13 @@ def test_tiny_clip_trains_evaluates_and_loads_in_open_clip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), step_model.encode_image(images))
     assert not torch.allclose(model.visual.conv1.weight, _random_tiny_clip().visual.conv1.weight)
+    from curate.models import WEIGHTS_FILE, register_model_configs
+
+    register_model_configs()  # the weights file alone, with the architecture named (open_clip's pretrained=)
+    by_file, _, _ = open_clip.create_model_and_transforms("qcap-tiny-clip", pretrained=str(run / "final" / WEIGHTS_FILE))
+    by_file.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_file.encode_image(images), step_model.encode_image(images))
 
     again = run_train("--preset", "tiny", "--data", f"{tmp_path}/d/{{00000..00003}}.tar", "--out", str(run))
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr

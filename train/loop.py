@@ -63,6 +63,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -435,8 +436,9 @@ class Trainer:
             _truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         acc.init_trackers(self.tracker_project, config=_flat_scalars(self.run_config))
         end = cfg.total_steps if cfg.stop_at_step is None else cfg.stop_at_step
+        interactive = sys.stderr.isatty()  # a log file gets a line every 30 s, not one per step
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not acc.is_main_process, unit="step",
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", mininterval=0.5 if interactive else 30.0)
         stream = iter(self.stream)
         window_start, window_samples = time.perf_counter(), 0
         while self.step < end:

@@ -6,7 +6,11 @@ Usage::
     qcap train --preset tiny --data W/dr --out runs/clip-syn --caption-source synthetic --eval-data W/eval
     qcap train --preset tiny-coca --data W/clean --out runs/coca          # the world's captioner
     qcap train --preset tiny --data W/dr --out runs/clip-real --resume    # continue exactly
-    accelerate launch --num_processes 8 -m train --preset datacomp-large --data 'dr/{00000..12799}.tar' --out runs/L
+    accelerate launch --multi_gpu --num_processes 8 -m train --preset datacomp-large --data 'dr/{00000..12799}.tar' --out runs/L
+
+On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2 -m train ...``
+starts two processes and qcap picks Accelerate's multi-CPU mode (gloo); Accelerate's
+``--cpu --num_processes 2`` starts a single process unless MPI is configured.
 
 The run folder gets ``config.json`` (the resolved config), ``metrics.jsonl``, ``logs/`` (the
 tracker), ``step-NNNNNN/`` checkpoints, ``final/`` (an open_clip ``local-dir:`` model:
@@ -92,6 +96,8 @@ def train(cfg: TrainRunConfig) -> dict:
     if cfg.record_uids:
         (out / "seen").mkdir(parents=True, exist_ok=True)
         record = out / "seen" / f"rank-{rank}.tsv"
+        if latest is None and record.exists():  # a run killed before its first checkpoint starts over
+            record.unlink()
     seed_everything(cfg.seed)  # the same initial weights on every process and every run
     loaded = load_model(cfg.model, pretrained=cfg.pretrained)
     # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
