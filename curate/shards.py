@@ -668,6 +668,8 @@ def decode_image(data: bytes, *, max_pixels: int = 89_478_485, mode: str = "RGB"
 
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # PIL's own check at open: past twice its pixel limit
+        raise ValueError(f"image exceeds the pixel bound ({err})") from err
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"undecodable image ({err})") from err
     width, height = image.size

@@ -312,6 +312,11 @@ def test_decode_image_refuses_bombs_before_decoding():
     assert shards.decode_image(big, draft=150).size == (256, 192)
     assert shards.decode_image(big, draft=200).size == (512, 384)
     assert shards.decode_image(buffer.getvalue(), max_pixels=20_000_000, draft=64).size == (4000, 4000)  # PNG: full
+    # a header past twice PIL's own limit makes Image.open raise; it must still be a ValueError
+    from curate.world.generate import _bomb
+
+    with pytest.raises(ValueError, match="exceeds"):
+        shards.decode_image(_bomb(make_uid(0)), max_pixels=10**12)
 
 
 def test_writer_rejects_bad_samples(tmp_path):
