@@ -401,3 +401,23 @@ def test_world_generation_is_quick(tmp_path):
     generate_world(tiny_config(tmp_path / "t", num_samples=100), progress=False)
     assert time.monotonic() - started < 30
     assert os.path.getsize(tmp_path / "t" / "pool.parquet") > 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_generation_then_rerun_gives_the_same_world(tmp_path):
+    args = ["--num-samples", "1500", "--clean-samples", "100", "--eval-samples", "40", "--chunk-size", "100",
+            "--eval-image-size", "48", "--workers", "2"]
+    reference = tmp_path / "ref"
+    assert subprocess.run([QCAP, "world", "--out", str(reference), *args], capture_output=True).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([QCAP, "world", "--out", str(cut), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((cut / ".parts").glob("truth-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers, mid-way
+    proc.wait()
+    assert not (cut / "world.json").exists()
+    rerun = subprocess.run([QCAP, "world", "--out", str(cut), *args], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(cut) == _files(reference)
