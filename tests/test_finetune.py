@@ -86,15 +86,16 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
                  "--steps", "3", "--resume", *FAST]) == 0
 
 
-@pytest.mark.parametrize("head", ["fpn", "linear", "dpt"])
-def test_every_dense_head_trains_on_depth(tmp_path, head):
+@pytest.mark.parametrize(("head", "model"), [("fpn", "qcap-tiny-clip"), ("linear", "qcap-tiny-coca"), ("dpt", "qcap-tiny-clip")])
+def test_every_dense_head_trains_on_depth(tmp_path, head, model):
     data = make_depth_folder(tmp_path / "depth", num_train=4, num_val=2)
     out = tmp_path / f"ft-{head}"
-    assert qcap(["finetune", "depth", "--random", "qcap-tiny-clip", "--data", str(data), "--out", str(out),
+    assert qcap(["finetune", "depth", "--random", model, "--data", str(data), "--out", str(out),
                  "--head", head, "--steps", "2", *FAST]) == 0
     result = json.loads((out / "metrics.json").read_text())
     metrics = result["metrics"]
     assert result["head"]["name"] == head and result["backbone"]["source"] == "random"
+    assert result["backbone"]["model"] == model  # CoCa's image tower is a ViT too
     assert metrics["num_images"] == 2 and 0 < metrics["rmse"] < 10 and 0 <= metrics["delta1"] <= 1
     assert metrics["abs_rel"] > 0 and (out / "examples.png").is_file()
 
@@ -208,12 +209,13 @@ def test_attention_distance_command_with_a_known_answer_and_a_comparison(tmp_pat
     save_file(state, str(uniform / "open_clip_model.safetensors"))
 
     out = tmp_path / "attn"
-    assert qcap(["attention-distance", "--checkpoint", str(uniform), "--compare", str(checkpoint),
+    weights = checkpoint / "open_clip_model.safetensors"  # the --pretrained NAME:TAG path, with a local file as TAG
+    assert qcap(["attention-distance", "--checkpoint", str(uniform), "--compare", f"pretrained:qcap-tiny-clip:{weights}",
                  "--label", "uniform", "--images", str(images), "--out", str(out), "--batch-size", "2"]) == 0
     result = json.loads((out / "attention_distance.json").read_text())
     first, second = result["models"]
     known = _mean_pairwise_distance(8, 8, 8)
-    assert first["label"] == "uniform" and second["source"] == str(checkpoint)
+    assert first["label"] == "uniform" and second["source"] == f"pretrained:qcap-tiny-clip:{weights}"
     assert first["num_images"] == 5 and first["num_failed"] == 1 and "broken.jpg" in next(iter(first["failed"]))
     assert np.asarray(first["distance_px"]).shape == (4, 4)
     np.testing.assert_allclose(first["distance_px"], known, rtol=1e-6)
