@@ -2,8 +2,9 @@
 
 Each run is its own process (``python -m curate world ...``), so timings and peak memory are
 clean; runs alternate multi / single for ``--repeats`` pairs. The table gives wall seconds,
-samples/s, peak resident memory (the parent, and the largest worker) and the speed-up ratio
-(median over pairs). The two outputs must be byte-identical (pool.parquet, truth.parquet,
+images/s, CPU seconds (all processes: equal CPU with a worse wall time means the cores were
+busy with something else), peak resident memory (the parent, and the largest worker) and the
+speed-up ratio (median over pairs). The two outputs must be byte-identical (pool.parquet, truth.parquet,
 world.json, every image): the bench checks it, so the speed is the same work's.
 
 Memory flat in N: one more multi-process run at a quarter of the pool size; its peak memory
@@ -39,9 +40,10 @@ from curate.world.cli import world_main
 t = time.perf_counter()
 code = world_main(sys.argv[1:])
 wall = time.perf_counter() - t
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print("BENCH " + json.dumps({"wall": wall, "self_mb": self_kb / 1024, "child_mb": child_kb / 1024, "code": code}))
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+print("BENCH " + json.dumps({"wall": wall, "cpu": cpu, "self_mb": me.ru_maxrss / 1024, "child_mb": kids.ru_maxrss / 1024,
+                             "code": code}))
 """
 
 
@@ -94,7 +96,9 @@ def main() -> None:
 
     def row(name: str, runs: list[dict], n: int = total) -> str:
         wall = statistics.median(r["wall"] for r in runs)
-        return (f"  {name:<28} {wall:7.1f} s  {n / wall:7.0f} img/s   parent {max(r['self_mb'] for r in runs):5.0f} MB"
+        cpu = statistics.median(r["cpu"] for r in runs)
+        return (f"  {name:<28} {wall:7.1f} s  {n / wall:7.0f} img/s  cpu {cpu:6.1f} s"
+                f"   parent {max(r['self_mb'] for r in runs):5.0f} MB"
                 f"   worker {max(r['child_mb'] for r in runs):5.0f} MB")
 
     print(row(f"qcap world, {args.workers} workers", multi))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary: the closed world every caption is about
@@ -65,7 +65,13 @@ BACKGROUND_MEAN: dict[str, tuple[int, int, int]] = {
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
 )
-NUM_OBJECTS_PROBS = (0.3, 0.3, 0.25, 0.15)  # P(1), P(2), P(3), P(4) objects
+NUM_OBJECTS_PROBS = (0.3, 0.3, 0.25, 0.15)
+# Uneven lighting of the background: a LIGHT_GRID × LIGHT_GRID field of brightness factors in
+# LIGHT_RANGE, bilinearly stretched over the image. Without it every studio or sky picture
+# would share one low-frequency layout, and perceptual hashes would call distinct images
+# near-duplicates.
+LIGHT_GRID = 4
+LIGHT_RANGE = (0.55, 1.0)  # P(1), P(2), P(3), P(4) objects
 MIN_VISIBLE = 0.5  # an object less visible than this (occluded or cut) makes the scene re-drawn
 SEG_BACKGROUND = 0  # class-map index of the background; objects are 1 + CLASSES.index(cls)
 SEG_IGNORE = 255  # class-map value reserved for "ignore" (never drawn by the generator)
@@ -118,6 +124,7 @@ class Scene:
     far_m: float = 8.0  # background depth at the top edge
     tilt: float = 0.0  # sideways slope of the background's inverse depth
     bg_phase: tuple[int, int] = (0, 0)  # offset into the background texture
+    light: tuple[float, ...] = ()  # LIGHT_GRID² brightness factors of the background, smoothly interpolated
     quality: int = 90  # JPEG quality the image is published with
     fmt: str = "jpg"  # jpg | png
 
@@ -201,9 +208,11 @@ def _pick(rng: np.random.Generator, items, probs=None):
 
 
 def _colour_ok(colour: str, background: str) -> bool:
+    """The colour stands out from the background under any of its lighting."""
     a = np.array(COLOURS[colour], dtype=float)
     b = np.array(BACKGROUND_MEAN[background], dtype=float)
-    return float(np.linalg.norm(a - b)) > 90.0
+    lo, hi = LIGHT_RANGE
+    return all(float(np.linalg.norm(a - f * b)) > 80.0 for f in (lo, (lo + hi) / 2, hi))
 
 
 def _group_sizes(rng: np.random.Generator, n: int) -> list[int]:
@@ -290,6 +299,7 @@ def _draw_scene(rng, width, height, *, num_objects, classes, background) -> Scen
     scene = Scene(
         width=int(width), height=int(height), background=bg, objects=objects, near_m=near_m, far_m=far_m,
         tilt=tilt, bg_phase=(int(rng.integers(0, 4096)), int(rng.integers(0, 4096))),
+        light=tuple(round(float(v), 4) for v in rng.uniform(*LIGHT_RANGE, LIGHT_GRID * LIGHT_GRID)),
     )
     short = min(width, height)
     for obj in scene.objects:
@@ -435,9 +445,18 @@ def background_image(scene: Scene) -> Image.Image:
     return image
 
 
+def _lit(image: Image.Image, scene: Scene) -> Image.Image:
+    """The background under the scene's uneven lighting (see LIGHT_GRID)."""
+    if not scene.light:
+        return image
+    grid = np.array(scene.light, dtype=np.float32).reshape(LIGHT_GRID, LIGHT_GRID)
+    field = Image.fromarray(np.round(grid * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    return ImageChops.multiply(image, Image.merge("RGB", (field, field, field)))
+
+
 def background_rgb(scene: Scene) -> np.ndarray:
     """The background as an H×W×3 uint8 array."""
-    return np.asarray(background_image(scene))
+    return np.asarray(_lit(background_image(scene), scene))
 
 
 def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -474,7 +493,7 @@ class Rendered:
 
 def render(scene: Scene, *, with_maps: bool = False) -> Rendered:
     """Paint the scene (far objects first); optionally its exact class map and depth map."""
-    image = background_image(scene)
+    image = _lit(background_image(scene), scene)
     class_map = depth = None
     if with_maps:
         class_map = np.full((scene.height, scene.width), SEG_BACKGROUND, dtype=np.uint8)
