@@ -9,7 +9,10 @@ from collections.abc import Sequence
 
 from curate.cli import Command, dispatch
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "caption": Command("write N synthetic captions per image of a shard folder (CoCa/HF, DataCompDR), on Ray",
+                       "captioning.job:main"),
+}
 
 DESCRIPTION = "captioning: write synthetic CoCa captions (DataCompDR) and build DR datasets."
 

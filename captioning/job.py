@@ -1,0 +1,785 @@
+"""``qcap caption``: synthetic captions for every image of a shard folder, on Ray (DataCompDR).
+
+Usage::
+
+    qcap caption --shards runs/demo/curated --out runs/demo/syn \\
+        --model coca_ViT-L-14 --pretrained mscoco_finetuned_laion2B-s13B-b90k \\
+        --num-captions 5 --decoding top_p --top-p 0.9 --device cuda --num-workers 8
+
+    qcap caption --shards runs/demo/curated --out runs/demo/syn --checkpoint runs/coca/final \\
+        --format parquet --scorer-model ViT-B-32 --scorer-pretrained laion2b_s34b_b79k
+
+The pipeline is one streamed Ray Data job: read the input shards (tasks, a few hundred
+samples at a time) → decode and preprocess the images (tasks) → caption them (actors, one
+model per actor, ``--gpus-per-worker`` GPUs each) → the driver gathers each shard's rows
+and writes output shard ``i`` for input shard ``i`` atomically, with its completion marker.
+A re-run (after a crash or a SIGKILL) skips shards whose marker exists and redoes the rest
+from scratch, so no caption is lost or written twice. Each image's sampling seed is derived
+from ``--seed`` and its uid, so a redone shard gets the captions it would have got.
+
+Output (see ARCHITECTURE.md, "caption"): caption-only shards keyed by uid, Apple's
+``KEY.syn.json`` = ``{"syn_text": [...]}`` and qcap's provenance ``KEY.qcap.json``
+(``--format webdataset``), or one Parquet side table per shard (``--format parquet``);
+``caption_config.json`` (the resolved config, captioner and scorer identity) and
+``caption_summary.json`` (counts that reconcile) beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from captioning.params import DecodeParams
+from curate.cli import UsageError
+from curate.config import arg, parse_config, save_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "caption_config.json"
+SUMMARY_FILE = "caption_summary.json"
+READ_CHUNK = 256  # samples per block out of the reader
+# Settings that change the captions: a folder holds captions made with one of each.
+_FINGERPRINT = ("backend", "model", "pretrained", "checkpoint", "num_captions", "decoding", "top_p", "top_k",
+                "temperature", "num_beams", "num_beam_groups", "repetition_penalty", "seq_len", "min_seq_len",
+                "seed", "first_sentence", "output_format", "scorer_model", "scorer_pretrained", "scorer_checkpoint")
+
+
+@dataclass(kw_only=True)
+class CaptionConfig:
+    """Write N synthetic captions per image of a shard folder (DataCompDR), resumably, on Ray."""
+
+    shards: str = arg(help="input shards: a folder, brace pattern or glob of .tar shards (curated output)")
+    out: Path = arg(help="output folder; shard i of the input becomes shard i here")
+    model: str | None = arg(None, help="open_clip CoCa name (coca_ViT-L-14, qcap-tiny-coca) or, for --backend hf, a hub id or folder")
+    pretrained: str | None = arg(None, help="open_clip pretrained tag or weights file (e.g. mscoco_finetuned_laion2B-s13B-b90k)")
+    checkpoint: str | None = arg(None, help="a checkpoint folder (qcap/open_clip local-dir, a training run, an HF folder) or weights file")
+    backend: Literal["open_clip", "hf"] = arg("open_clip", help="captioner family: open_clip CoCa, or hf image-to-text (BLIP, GIT)")
+    num_captions: int = arg(5, help="captions per image (DataCompDR: 5)")
+    decoding: Literal["greedy", "top_k", "top_p", "beam"] = arg("top_p", help="decoding (DataCompDR: top_p)")
+    top_p: float = arg(0.9, help="top_p: nucleus mass")
+    top_k: int = arg(1, help="top_k: tokens kept")
+    temperature: float = arg(1.0, help="sampling temperature (applied after filtering, as open_clip does)")
+    num_beams: int = arg(6, help="beam: beams per image")
+    num_beam_groups: int = arg(3, help="beam: open_clip's beam groups")
+    repetition_penalty: float = arg(1.0, help="> 1 discourages repeating tokens")
+    seq_len: int = arg(30, help="longest caption in tokens, start and end included")
+    min_seq_len: int = arg(5, help="the end token is banned before this length")
+    seed: int = arg(0, help="sampling seed; each image's seed derives from it and the image's uid")
+    first_sentence: bool = arg(True, help="keep only the first sentence of each caption (DataCompDR)")
+    scorer_model: str | None = arg(None, help="score each caption against its image with this open_clip CLIP (optional)")
+    scorer_pretrained: str | None = arg(None, help="the scorer's pretrained tag or weights file")
+    scorer_checkpoint: str | None = arg(None, help="the scorer's checkpoint folder or weights file")
+    num_workers: int = arg(0, help="captioning actors, one model each (0: one per GPU, or CPUs - 1 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", help="where the captioners run (auto: cuda when the cluster has GPUs)")
+    gpus_per_worker: float = arg(1.0, help="GPUs per captioning actor (cuda)")
+    cpus_per_worker: float = arg(1.0, help="CPUs per captioning actor (also its torch threads on cpu)")
+    batch_size: int = arg(64, help="images per captioning call")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
+    ray_address: str | None = arg(None, help="join this Ray cluster (default: a local one, or the one already running)")
+    output_format: Literal["webdataset", "parquet"] = arg("webdataset", flag="--format",
+                                                          help="caption-only tar shards, or one Parquet side table per shard")
+    max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
+    progress: bool = arg(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.checkpoint is None:
+            raise ValueError("model: give --model (with --pretrained, or alone for random weights) or --checkpoint")
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError("pretrained: give --pretrained or --checkpoint, not both")
+        if self.scorer_pretrained is not None and self.scorer_checkpoint is not None:
+            raise ValueError("scorer_pretrained: give --scorer-pretrained or --scorer-checkpoint, not both")
+        if (self.scorer_pretrained or self.scorer_checkpoint) and self.scorer_model is None and self.scorer_checkpoint is None:
+            raise ValueError("scorer_model: --scorer-pretrained needs --scorer-model")
+        for name in ("batch_size", "num_captions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.decoding == "beam" and self.num_captions != 1:
+            raise ValueError("num_captions: beam search gives one caption per image; add --num-captions 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.gpus_per_worker <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("gpus_per_worker/cpus_per_worker: must be > 0")
+        self.decode_params()  # its own checks, named by field
+
+    def decode_params(self) -> DecodeParams:
+        return DecodeParams(
+            decoding=self.decoding, num_captions=self.num_captions,
+            seq_len=self.seq_len, top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+            num_beams=self.num_beams, num_beam_groups=self.num_beam_groups,
+            repetition_penalty=self.repetition_penalty, min_seq_len=self.min_seq_len,
+        )
+
+    @property
+    def has_scorer(self) -> bool:
+        return self.scorer_model is not None or self.scorer_checkpoint is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobContext:
+    """What every Ray worker needs: picklable, resolved."""
+
+    spec: Any  # CaptionerSpec
+    params: DecodeParams
+    seed: int
+    first_sentence: bool
+    device: str  # "cpu" or "cuda"
+    autocast: str | None  # "bf16", "fp16" or None
+    threads: int
+    scorer: dict[str, Any] | None  # ClipScorer arguments, or None
+    captioner: dict[str, Any]  # the captioner's provenance
+    scorer_identity: dict[str, Any] | None
+    decoding: dict[str, Any]  # the decoding as the backend applies it
+    max_pixels: int
+    pixel_shape: tuple[int, ...]
+    scorer_pixel_shape: tuple[int, ...] | None
+
+
+def main(argv: list[str], prog: str = "qcap caption") -> int:
+    cfg = parse_config(CaptionConfig, argv, prog=prog)
+    summary = run(cfg)
+    print(format_summary(summary))
+    return 0 if summary["reconciled"] and not summary["failed_shards"] else 1
+
+
+def run(cfg: CaptionConfig) -> dict[str, Any]:
+    """Caption every pending shard; returns the summary (also written to the output folder)."""
+    from curate.shards import atomic_write_json, finalize_folder, is_complete
+
+    tars = input_shards(cfg.shards)
+    out = Path(cfg.out)
+    context_parts = resolve_models(cfg)
+    check_resume(out, cfg, context_parts["captioner"])
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
+    failed: dict[int, str] = {}
+    if pending:
+        failed = caption_shards(cfg, pending, context_parts)
+    else:
+        log.info("all %d shards of %s are captioned already", len(tars), out)
+    if cfg.output_format == "webdataset" and any(is_complete(out, shard_id) for shard_id in tars):
+        finalize_folder(out)
+    summary = summarize(out, tars, cfg.output_format, failed)
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def input_shards(spec: str) -> dict[int, str]:
+    """Input shards by id; ShardError for an empty spec or two shards with one id."""
+    from curate.shards import ShardError, expand_shards, shard_id_of
+
+    tars: dict[int, str] = {}
+    for path in expand_shards(spec):
+        shard_id = shard_id_of(path)
+        if shard_id in tars:
+            raise ShardError(f"{path} and {tars[shard_id]} share shard id {shard_id}; caption one folder at a time")
+        tars[shard_id] = path
+    return tars
+
+
+def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> None:
+    """Refuse to add captions made with other settings (or other weights) to a folder that
+    already holds some."""
+    from curate.shards import completed_shards
+
+    path = out / CONFIG_FILE
+    if not path.is_file() or not completed_shards(out):
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    previous = saved.get("config", {})
+    current = _fingerprint(cfg)
+    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items() if previous.get(key) != value]
+    old_sha = (saved.get("captioner") or {}).get("weights_sha256")
+    if old_sha != captioner.get("weights_sha256"):
+        changed.append(f"captioner weights sha256: {old_sha} -> {captioner.get('weights_sha256')}")
+    if changed:
+        raise UsageError(
+            f"{out} holds captions made with other settings ({'; '.join(changed)}); "
+            "use another --out, or the same settings to resume"
+        )
+
+
+def _fingerprint(cfg: CaptionConfig) -> dict[str, Any]:
+    from curate.config import to_dict
+
+    values = to_dict(cfg)
+    return {key: values[key] for key in _FINGERPRINT}
+
+
+def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
+    """Load the captioner (and scorer) once here, on CPU: a wrong checkpoint fails before Ray
+    starts, and the weights are hashed once for the provenance."""
+    from captioning.backends import CaptionerSpec, load_captioner
+
+    spec = CaptionerSpec(backend=cfg.backend, model=cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    params = cfg.decode_params()
+    try:
+        captioner = load_captioner(spec, device="cpu")
+    except ValueError as err:
+        raise UsageError(f"captioner: {err}") from err
+    if params.seq_len > _positions(captioner):
+        raise UsageError(f"seq_len: the captioner holds at most {_positions(captioner)} positions, got {params.seq_len}")
+    from PIL import Image
+
+    probe = Image.new("RGB", (64, 48))
+    parts: dict[str, Any] = {
+        "spec": spec,
+        "params": params,
+        "captioner": captioner.describe(),
+        "decoding": captioner.effective_decoding(params),
+        "transform": captioner.preprocess(),
+        "pixel_shape": tuple(captioner.preprocess()(probe).shape),
+        "scorer": None,
+        "scorer_identity": None,
+        "scorer_transform": None,
+        "scorer_pixel_shape": None,
+    }
+    del captioner
+    if cfg.has_scorer:
+        from captioning.backends import file_sha256
+        from captioning.quality import ClipScorer
+
+        scorer_args = {"model": cfg.scorer_model, "pretrained": cfg.scorer_pretrained, "checkpoint": cfg.scorer_checkpoint}
+        try:
+            scorer = ClipScorer(**scorer_args)
+        except ValueError as err:
+            raise UsageError(f"scorer: {err}") from err
+        source = scorer.source
+        parts.update(
+            scorer=scorer_args,
+            scorer_identity={"model": scorer.name, "source": source,
+                             "weights_sha256": file_sha256(source) if os.path.isfile(source) else None},
+            scorer_transform=scorer.preprocess,
+            scorer_pixel_shape=tuple(scorer.preprocess(probe).shape),
+        )
+        del scorer
+    return parts
+
+
+def _positions(captioner) -> int:
+    from captioning.decode import _max_positions
+
+    model = getattr(captioner, "model", None)
+    if model is not None and hasattr(model, "text_decoder"):
+        return _max_positions(model)
+    return 10**6  # HF models check their own limits
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray pipeline
+
+
+def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: dict[str, Any]) -> dict[int, str]:
+    """Run the Ray pipeline over ``pending`` shards; returns the shards that failed (id → why)."""
+    import ray
+
+    from curate.shards import shard_size
+
+    started = start_ray(cfg.ray_address)
+    try:
+        device = resolve_device(cfg.device)
+        autocast = None
+        if device == "cuda":
+            autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
+        elif cfg.precision in ("bf16", "fp16"):
+            log.warning("--precision %s applies on GPU; running fp32 on CPU", cfg.precision)
+        context = JobContext(
+            spec=parts["spec"], params=parts["params"], seed=cfg.seed, first_sentence=cfg.first_sentence,
+            device=device, autocast=autocast, threads=max(1, int(cfg.cpus_per_worker)), scorer=parts["scorer"],
+            captioner=parts["captioner"], scorer_identity=parts["scorer_identity"], decoding=parts["decoding"],
+            max_pixels=cfg.max_pixels, pixel_shape=parts["pixel_shape"], scorer_pixel_shape=parts["scorer_pixel_shape"],
+        )
+        num_workers = cfg.num_workers or default_workers(device, cfg)
+        save_config(cfg, Path(cfg.out) / CONFIG_FILE, captioner=context.captioner, scorer=context.scorer_identity,
+                    decoding=context.decoding, device=device, autocast=autocast, num_workers=num_workers,
+                    **versions())
+        dataset = build_dataset(pending, context, parts, cfg, num_workers)
+        expected = {shard_id: _expected_size(path, shard_size) for shard_id, path in pending}
+        collector = Collector(Path(cfg.out), cfg.output_format, context, expected, progress=cfg.progress)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            collector.add(batch)
+        return collector.finish()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _expected_size(path: str, shard_size) -> int | None:
+    from curate.shards import ShardError
+
+    try:
+        return shard_size(path)
+    except ShardError:
+        return None  # the reader will say what is wrong with the shard
+
+
+def start_ray(address: str | None) -> bool:
+    """Join ``address``, reuse a running Ray, or start a local one; True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    return True
+
+
+def resolve_device(device: str) -> str:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise UsageError("--device cuda: the Ray cluster has no GPUs")
+    return device
+
+
+def default_workers(device: str, cfg: CaptionConfig) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    if device == "cuda":
+        return max(1, int(resources.get("GPU", 0) // cfg.gpus_per_worker))
+    return max(1, int((resources.get("CPU", 1) - 1) // cfg.cpus_per_worker))
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import ray
+    import torch
+
+    import qcap
+
+    return {"qcap_version": qcap.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "ray": ray.__version__, "python": sys.version.split()[0]}
+
+
+def build_dataset(pending, context: JobContext, parts: dict[str, Any], cfg: CaptionConfig, num_workers: int):
+    import ray.data
+
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # our own bar counts images and captions
+    items = [{"shard_id": shard_id, "path": path} for shard_id, path in pending]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = dataset.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"chunk": READ_CHUNK})
+    dataset = dataset.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        fn_kwargs={"transform": parts["transform"], "scorer_transform": parts["scorer_transform"], "context": context},
+    )
+    resources: dict[str, float] = {"num_cpus": cfg.cpus_per_worker}
+    if context.device == "cuda":
+        resources["num_gpus"] = cfg.gpus_per_worker
+    return dataset.map_batches(
+        CaptionActor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        fn_constructor_kwargs={"context": context},
+        **resources,
+    )
+
+
+# Columns that every stage carries. kind: "sample", "end" (index = the shard's sample count)
+# or "error" (the shard could not be read; error_message says why).
+_ROW_COLUMNS = ("shard_id", "index", "kind", "key", "uid", "sha256", "status", "error_message")
+
+
+def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
+    """Stream one input shard's samples (image bytes included) in blocks of ``chunk``, then
+    its end marker (or an error marker)."""
+    from curate.shards import ShardError, iter_samples
+
+    for shard_id, path in zip(batch["shard_id"].tolist(), batch["path"].tolist(), strict=True):
+        rows: list[dict] = []
+        count = 0
+        try:
+            for sample in iter_samples([str(path)]):
+                status, error = "success", ""
+                if sample.uid is None:
+                    status, error = "missing_uid", "the sample has no uid in its KEY.json"
+                elif sample.image is None:
+                    status, error = "no_image", "the sample has no image member"
+                rows.append({"shard_id": shard_id, "index": count, "kind": "sample", "key": sample.key,
+                             "uid": sample.uid or "", "sha256": str(sample.meta.get("sha256") or ""),
+                             "status": status, "error_message": error, "image": sample.image or b""})
+                count += 1
+                if len(rows) == chunk:
+                    yield _columns(rows)
+                    rows = []
+        except ShardError as err:
+            rows.append(_marker(shard_id, -1, "error", str(err)))
+            yield _columns(rows)
+            continue
+        rows.append(_marker(shard_id, count, "end", ""))
+        yield _columns(rows)
+
+
+def _marker(shard_id: int, index: int, kind: str, error: str) -> dict:
+    return {"shard_id": shard_id, "index": index, "kind": kind, "key": "", "uid": "", "sha256": "",
+            "status": kind, "error_message": error, "image": b""}
+
+
+def _columns(rows: list[dict]) -> dict:
+    import numpy as np
+
+    out = {}
+    for name in (*_ROW_COLUMNS, "image"):
+        values = [row[name] for row in rows]
+        out[name] = np.array(values, dtype=np.int64) if name in ("shard_id", "index") else _objects(values)
+    return out
+
+
+def _objects(values: list) -> Any:
+    import numpy as np
+
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def preprocess_batch(batch: dict, transform, scorer_transform, context: JobContext) -> dict:
+    """Decode each image (pixel bound checked first) and apply the captioner's (and scorer's)
+    preprocessing; an image that does not decode becomes status ``decode_error``."""
+    import numpy as np
+
+    from curate.shards import decode_image
+
+    n = len(batch["kind"])
+    status = batch["status"].copy()
+    error = batch["error_message"].copy()
+    pixels = np.zeros((n, *context.pixel_shape), dtype=np.float32)
+    scorer_pixels = np.zeros((n, *context.scorer_pixel_shape), dtype=np.float32) if scorer_transform else None
+    for i in range(n):
+        if batch["kind"][i] != "sample" or status[i] != "success":
+            continue
+        try:
+            image = decode_image(batch["image"][i], max_pixels=context.max_pixels)
+        except ValueError as err:
+            status[i], error[i] = "decode_error", str(err)
+            continue
+        pixels[i] = np.asarray(transform(image), dtype=np.float32)
+        if scorer_pixels is not None:
+            scorer_pixels[i] = np.asarray(scorer_transform(image), dtype=np.float32)
+    out = {name: batch[name] for name in _ROW_COLUMNS}
+    out.update(status=status, error_message=error, pixels=pixels)
+    if scorer_pixels is not None:
+        out["scorer_pixels"] = scorer_pixels
+    return out
+
+
+class CaptionActor:
+    """One captioner (and scorer) per actor; captions the successful rows of each batch."""
+
+    def __init__(self, context: JobContext) -> None:
+        import torch
+
+        from captioning.backends import load_captioner
+
+        if context.device == "cpu":
+            torch.set_num_threads(context.threads)
+        self.context = context
+        self.captioner = load_captioner(context.spec, device=context.device)
+        self.scorer = None
+        if context.scorer is not None:
+            from captioning.quality import ClipScorer
+
+            self.scorer = ClipScorer(**context.scorer, device=context.device)
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from captioning.backends import image_seed
+        from captioning.quality import process_caption
+
+        context = self.context
+        ok = np.array([kind == "sample" and status == "success" for kind, status in
+                       zip(batch["kind"], batch["status"], strict=True)], dtype=bool)
+        results = [""] * len(ok)
+        index = np.flatnonzero(ok)
+        if len(index):
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
+            seeds = [image_seed(context.seed, uid) for uid in batch["uid"][index]]
+            raw = self.captioner.caption(pixels, context.params, seeds, autocast_dtype=self.autocast)
+            processed = [
+                [process_caption(r.text, num_tokens=r.num_tokens, truncated=r.truncated,
+                                 keep_first_sentence=context.first_sentence) for r in group]
+                for group in raw
+            ]
+            if self.scorer is not None:
+                scorer_pixels = torch.from_numpy(np.ascontiguousarray(batch["scorer_pixels"][index]))
+                scores = self.scorer.score(scorer_pixels, [[c.text for c in group] for group in processed],
+                                           autocast_dtype=self.autocast)
+                for group, group_scores in zip(processed, scores, strict=True):
+                    for caption, score in zip(group, group_scores, strict=True):
+                        caption.score = score
+            for j, i in enumerate(index.tolist()):
+                results[i] = json.dumps({"syn_text": [c.text for c in processed[j]], "image_seed": seeds[j],
+                                         "captions": [c.as_json() for c in processed[j]]})
+        out = {name: batch[name] for name in _ROW_COLUMNS}
+        out["result"] = _objects(results)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The driver side: gather rows per shard, write each shard once
+
+
+@dataclass
+class _Pending:
+    rows: list[dict] = field(default_factory=list)
+    count: int | None = None  # from the end marker
+    error: str | None = None
+
+
+class Collector:
+    """Gathers each shard's rows as they stream in and writes the shard when all have come."""
+
+    def __init__(self, out: Path, output_format: str, context: JobContext, expected: dict[int, int | None],
+                 progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.out = out
+        self.write = WRITERS[output_format]
+        self.context = context
+        self.pending: dict[int, _Pending] = {shard_id: _Pending() for shard_id in expected}
+        self.failed: dict[int, str] = {}
+        self.start = time.monotonic()
+        self.num_images = 0
+        self.num_captions = 0
+        total = sum(v for v in expected.values() if v is not None)
+        self.bar = tqdm(total=total, unit="img", desc="caption", disable=not progress, dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def add(self, batch: dict) -> None:
+        names = list(_ROW_COLUMNS) + ["result"]
+        touched = set()
+        for values in zip(*(batch[name] for name in names), strict=True):
+            row = dict(zip(names, values, strict=True))
+            shard_id = int(row["shard_id"])
+            if shard_id not in self.pending:
+                raise RuntimeError(f"shard {shard_id}: rows arrived after the shard was written")
+            state = self.pending[shard_id]
+            if row["kind"] == "end":
+                state.count = int(row["index"])
+            elif row["kind"] == "error":
+                state.error = str(row["error_message"])
+            else:
+                state.rows.append(row)
+                self.num_images += 1
+                if row["result"]:
+                    self.num_captions += len(json.loads(row["result"])["syn_text"])
+            touched.add(shard_id)
+        self.bar.update(sum(1 for kind in batch["kind"] if kind == "sample"))
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix({"captions/s": f"{self.num_captions / elapsed:.1f}"}, refresh=False)
+        for shard_id in touched:
+            self._maybe_write(shard_id)
+
+    def _maybe_write(self, shard_id: int) -> None:
+        state = self.pending[shard_id]
+        if state.error is not None:
+            log.error("shard %05d not captioned: %s", shard_id, state.error)
+            self.failed[shard_id] = state.error
+            del self.pending[shard_id]
+            return
+        if state.count is None or len(state.rows) < state.count:
+            return
+        if len(state.rows) > state.count:
+            raise RuntimeError(f"shard {shard_id}: {len(state.rows)} rows for {state.count} samples")
+        rows = sorted(state.rows, key=lambda row: int(row["index"]))
+        self.write(self.out, shard_id, rows, self.context)
+        del self.pending[shard_id]
+
+    def finish(self) -> dict[int, str]:
+        self.bar.close()
+        for shard_id, state in list(self.pending.items()):
+            why = state.error or f"only {len(state.rows)} of {state.count} samples came back"
+            log.error("shard %05d not captioned: %s", shard_id, why)
+            self.failed[shard_id] = why
+        return self.failed
+
+
+def provenance(context: JobContext, result: dict[str, Any]) -> dict[str, Any]:
+    """qcap's ``KEY.qcap.json`` for one image."""
+    import qcap
+
+    return {
+        "captioner": context.captioner,
+        "decoding": context.decoding,
+        "seed": context.seed,
+        "image_seed": result["image_seed"],
+        "postprocess": "first_sentence" if context.first_sentence else "clean",
+        "scorer": context.scorer_identity,
+        "captions": result["captions"],
+        "qcap_version": qcap.__version__,
+    }
+
+
+def _shard_stats(rows: list[dict]) -> dict[str, Any]:
+    from collections import Counter
+
+    from captioning.quality import is_degenerate
+
+    flags: Counter[str] = Counter()
+    num_captions = num_degenerate = 0
+    for row in rows:
+        if not row["result"]:
+            continue
+        for caption in json.loads(row["result"])["captions"]:
+            num_captions += 1
+            flags.update(caption["flags"])
+            num_degenerate += is_degenerate(caption["flags"])
+    return {"num_input": len(rows), "num_captions": num_captions, "num_degenerate": num_degenerate,
+            "flag_counts": dict(sorted(flags.items()))}
+
+
+def write_webdataset(out: Path, shard_id: int, rows: list[dict], context: JobContext) -> None:
+    """Caption-only tar shard: KEY.json, KEY.syn.json (Apple's), KEY.qcap.json (ours); failures
+    in the Parquet only."""
+    from curate.shards import Sample, ShardWriter
+
+    with ShardWriter(out, shard_id) as writer:
+        for row in rows:
+            meta = {"sha256": row["sha256"]} if row["sha256"] else {}
+            if row["status"] != "success":
+                writer.write(Sample(key=row["key"], uid=row["uid"] or None, meta=meta, status=row["status"],
+                                    error_message=row["error_message"]))
+                continue
+            result = json.loads(row["result"])
+            meta["num_syn"] = len(result["syn_text"])
+            writer.write(Sample(key=row["key"], uid=row["uid"], syn_text=result["syn_text"],
+                                syn_provenance=provenance(context, result), meta=meta))
+        writer.close(extra_stats=_shard_stats(rows))
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("key", pa.string()), ("uid", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+        ("sha256", pa.string()),
+        ("syn_text", pa.list_(pa.string())),
+        ("syn_flags", pa.list_(pa.list_(pa.string()))),
+        ("syn_scores", pa.list_(pa.float64())),
+        ("qcap", pa.string()),
+    ])
+
+
+def write_parquet(out: Path, shard_id: int, rows: list[dict], context: JobContext) -> None:
+    """One Parquet side table per shard (every sample, failures included), its stats, then its
+    completion marker; each file appears whole (temporary name, then rename)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.shards import ShardStats, atomic_write_bytes, atomic_write_json, shard_name
+
+    name = shard_name(shard_id)
+    for stale in out.glob(f".{name}[._]*.tmp-*"):  # a writer killed mid-file leaves these
+        stale.unlink()
+    records = []
+    stats = ShardStats(shard=f"{name}.parquet")
+    for row in rows:
+        record = {"key": row["key"], "uid": row["uid"] or None, "status": row["status"],
+                  "error_message": row["error_message"] or None, "sha256": row["sha256"] or None,
+                  "syn_text": None, "syn_flags": None, "syn_scores": None, "qcap": None}
+        if row["status"] == "success":
+            result = json.loads(row["result"])
+            record.update(
+                syn_text=result["syn_text"],
+                syn_flags=[c["flags"] for c in result["captions"]],
+                syn_scores=[c["score"] for c in result["captions"]] if context.scorer_identity else None,
+                qcap=json.dumps(provenance(context, result), ensure_ascii=False, sort_keys=True),
+            )
+            stats.successes += 1
+        stats.count += 1
+        stats.status_counts[row["status"]] = stats.status_counts.get(row["status"], 0) + 1
+        records.append(record)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records, schema=parquet_schema()), sink)
+    atomic_write_bytes(out / f"{name}.parquet", sink.getvalue())
+    atomic_write_json(out / f"{name}_stats.json", stats.as_json(_shard_stats(rows)))
+    atomic_write_bytes(out / f"{name}.done", b"")
+
+
+WRITERS = {"webdataset": write_webdataset, "parquet": write_parquet}
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[int, str]) -> dict[str, Any]:
+    """Counts over every finished shard of the folder (this run's and earlier ones'), checked
+    against the input: images in = captioned + failed[status], shard by shard."""
+    from collections import Counter
+
+    from curate.shards import ShardError, is_complete, shard_name, shard_size
+
+    statuses: Counter[str] = Counter()
+    flags: Counter[str] = Counter()
+    totals = Counter()
+    problems = []
+    done = []
+    for shard_id, tar in sorted(tars.items()):
+        if not is_complete(out, shard_id):
+            continue
+        done.append(shard_id)
+        with open(out / f"{shard_name(shard_id)}_stats.json", encoding="utf-8") as handle:
+            stats = json.load(handle)
+        statuses.update(stats["status_dict"])
+        flags.update(stats.get("flag_counts", {}))
+        totals.update({"images_in": stats["num_input"], "captioned": stats["successes"],
+                       "captions": stats["num_captions"], "degenerate": stats["num_degenerate"]})
+        try:
+            in_tar = shard_size(tar)
+        except ShardError:
+            in_tar = None
+        if in_tar is not None and in_tar != stats["num_input"]:
+            problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
+    failures = {status: count for status, count in statuses.items() if status != "success"}
+    reconciled = totals["images_in"] == totals["captioned"] + sum(failures.values()) and not problems
+    return {
+        "out": str(out),
+        "format": output_format,
+        "num_shards": len(tars),
+        "num_shards_done": len(done),
+        "failed_shards": {shard_name(k): v for k, v in sorted(failed.items())},
+        "images_in": totals["images_in"],
+        "images_captioned": totals["captioned"],
+        "images_failed": dict(sorted(failures.items())),
+        "captions": totals["captions"],
+        "captions_degenerate": totals["degenerate"],
+        "caption_flags": dict(sorted(flags.items())),
+        "reconciled": reconciled,
+        "problems": problems,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in summary["images_failed"].items()) or "none"
+    lines = [
+        f"captioned {summary['images_captioned']} of {summary['images_in']} images "
+        f"in {summary['num_shards_done']}/{summary['num_shards']} shards -> {summary['out']} ({summary['format']})",
+        f"  failed images: {failed}",
+        f"  captions: {summary['captions']} ({summary['captions_degenerate']} degenerate; flags {summary['caption_flags']})",
+        f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + '; '.join(summary['problems'])}",
+    ]
+    if summary["failed_shards"]:
+        lines.append(f"  shards not captioned (re-run to retry): {summary['failed_shards']}")
+    return "\n".join(lines)
