@@ -90,10 +90,12 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
 def test_every_dense_head_trains_on_depth(tmp_path, head, model):
     data = make_depth_folder(tmp_path / "depth", num_train=4, num_val=2)
     out = tmp_path / f"ft-{head}"
+    size = 48 if head == "fpn" else 64  # 48 px: a 6x6 grid, position embeddings resampled from 8x8
     assert qcap(["finetune", "depth", "--random", model, "--data", str(data), "--out", str(out),
-                 "--head", head, "--steps", "2", *FAST]) == 0
+                 "--head", head, "--steps", "2", "--image-size", str(size), *FAST]) == 0
     result = json.loads((out / "metrics.json").read_text())
     metrics = result["metrics"]
+    assert result["data"]["image_size"] == size
     assert result["head"]["name"] == head and result["backbone"]["source"] == "random"
     assert result["backbone"]["model"] == model  # CoCa's image tower is a ViT too
     assert metrics["num_images"] == 2 and 0 < metrics["rmse"] < 10 and 0 <= metrics["delta1"] <= 1
