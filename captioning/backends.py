@@ -98,6 +98,10 @@ class Captioner(ABC):
         """The decoding parameters as this backend applies them (recorded in provenance)."""
         return params.as_dict()
 
+    @abstractmethod
+    def max_positions(self) -> int:
+        """The longest ``seq_len`` the model can decode."""
+
 
 class OpenClipCaptioner(Captioner):
     backend = "open_clip"
@@ -127,6 +131,11 @@ class OpenClipCaptioner(Captioner):
 
     def preprocess(self):
         return self.loaded.preprocess_val
+
+    def max_positions(self) -> int:
+        from captioning.decode import max_positions
+
+        return max_positions(self.model)
 
     def caption(self, pixels, params: DecodeParams, seeds: Sequence[int], autocast_dtype=None) -> list[list[RawCaption]]:
         import torch
@@ -206,6 +215,10 @@ class HFCaptioner(Captioner):
 
     def preprocess(self):
         return _HFPreprocess(self.processor.image_processor)
+
+    def max_positions(self) -> int:
+        text = self.model.config.get_text_config()
+        return int(getattr(text, "max_position_embeddings", None) or 10**6)
 
     def effective_decoding(self, params: DecodeParams) -> dict[str, Any]:
         out = params.as_dict()

@@ -131,7 +131,7 @@ def generate_with(
         raise ValueError(f"images: expected a [B, 3, H, W] tensor, got shape {tuple(images.shape)}")
     pad = int(model.pad_id if pad_token_id is None else pad_token_id)
     tokens = _Tokens(sot=int(sot_token_id), eos=int(eos_token_id), pad=pad)
-    max_len = _max_positions(model)
+    max_len = max_positions(model)
     if params.seq_len > max_len:
         raise ValueError(f"seq_len: this model holds at most {max_len} positions, got {params.seq_len}")
     gens = _generators(generator, images.shape[0])
@@ -169,7 +169,7 @@ class _Tokens:
     pad: int
 
 
-def _max_positions(model) -> int:
+def max_positions(model) -> int:
     text_len = getattr(model.text, "num_pos", None) or getattr(model.text, "context_length", None) or 77
     if getattr(model.text, "cls_emb", None) is not None:
         text_len -= 1

@@ -224,8 +224,8 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
         captioner = load_captioner(spec, device="cpu")
     except ValueError as err:
         raise UsageError(f"captioner: {err}") from err
-    if params.seq_len > _positions(captioner):
-        raise UsageError(f"seq_len: the captioner holds at most {_positions(captioner)} positions, got {params.seq_len}")
+    if params.seq_len > captioner.max_positions():
+        raise UsageError(f"seq_len: the captioner holds at most {captioner.max_positions()} positions, got {params.seq_len}")
     from PIL import Image
 
     probe = Image.new("RGB", (64, 48))
@@ -261,15 +261,6 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
         )
         del scorer
     return parts
-
-
-def _positions(captioner) -> int:
-    from captioning.decode import _max_positions
-
-    model = getattr(captioner, "model", None)
-    if model is not None and hasattr(model, "text_decoder"):
-        return _max_positions(model)
-    return 10**6  # HF models check their own limits
 
 
 # --------------------------------------------------------------------------------------------
