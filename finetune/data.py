@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.datasets import ImageFolder
 
 from curate.cli import UsageError
 from curate.shards import decode_image
@@ -220,7 +221,7 @@ def dense_transform(pre: Preprocess, *, train: bool, scale_jitter: bool) -> Call
         ops.append(v2.Resize(size, antialias=True))
     if train:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops) if ops else (lambda image, target: (image, target))
+    return v2.Compose(ops)
 
 
 def image_to_tensor(image, pre: Preprocess, *, resize: bool) -> torch.Tensor:
@@ -351,7 +352,6 @@ class ImageFolderSplit(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str, pre: Preprocess, *, train: bool, limit: int | None = None,
                  classes: Sequence[str] | None = None) -> None:
-        from torchvision.datasets import ImageFolder
         from torchvision.transforms import v2
 
         self.root = _existing_folder(root)
@@ -372,11 +372,7 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             ops = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
 
-        class _Folder(ImageFolder):
-            def find_classes(self, directory):  # the training split's classes, in its order
-                return classes, {name: i for i, name in enumerate(classes)}
-
-        self.folder = _Folder(str(folder), transform=v2.Compose(ops), loader=_load_rgb, allow_empty=True)
+        self.folder = FixedClassesImageFolder(str(folder), classes, transform=v2.Compose(ops))
         if not len(self.folder):
             raise DatasetError(f"{folder}: no images in its class folders")
         self.indices = list(range(len(self.folder)))
@@ -392,6 +388,17 @@ class ImageFolderSplit(torch.utils.data.Dataset):
 
 def _load_rgb(path: str):
     return _read_image(Path(path))
+
+
+class FixedClassesImageFolder(ImageFolder):
+    """torchvision's ImageFolder with the class list given (the training split's), not found."""
+
+    def __init__(self, root: str, classes: Sequence[str], **kwargs: Any) -> None:
+        self.fixed_classes = list(classes)
+        super().__init__(root, loader=_load_rgb, allow_empty=True, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.fixed_classes, {name: i for i, name in enumerate(self.fixed_classes)}
 
 
 def collate_eval(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:

@@ -28,7 +28,6 @@ from typing import Any
 
 from curate.cli import UsageError
 from curate.config import arg, parse_config
-from finetune.data import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 JSON_FILE = "attention_distance.json"
@@ -66,6 +65,8 @@ class AttentionDistanceConfig:
 
 
 def list_images(folder: Path, limit: int) -> list[Path]:
+    from finetune.data import IMAGE_SUFFIXES
+
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such image folder")
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
