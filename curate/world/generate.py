@@ -660,6 +660,8 @@ def _prepare(cfg: WorldConfig, out: Path) -> bool:
     if world_file.exists():
         existing = json.loads(world_file.read_text())
         if {k: existing.get(k) for k in identity} == identity:
+            if (out / PARTS).exists():  # killed after world.json, before the parts were removed
+                shutil.rmtree(out / PARTS)
             return True
         raise ShardError(
             f"{out}: holds a world made with other parameters (see {world_file}); "
