@@ -41,6 +41,25 @@ def resolve_threads(requested: int, workers: int, local_processes: int) -> int:
     return max(1, cores // max(1, local_processes) - workers)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
+
+    Training allocates the same large tensors every step (CoCa's vocabulary logits: hundreds
+    of MB); by default glibc serves each from a fresh mmap and unmaps it when freed, so every
+    step page-faults it in again (measured here: 40% of qcap-tiny-coca's CPU time, 10% of
+    qcap-tiny-clip's). Heap-only allocation with no trimming keeps the peak resident and reused,
+    the effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc. No-op off glibc.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def input_side(model) -> int:
     """The longer side of a model's input images (open_clip's preprocess config)."""
     visual = model.visual
@@ -85,6 +104,7 @@ def train(cfg: TrainRunConfig) -> dict:
         check_resume_config(cfg, out)
     source = parse_caption_source(cfg.caption_source)
 
+    keep_freed_memory()
     accelerator = make_accelerator(precision=cfg.precision, tracker=cfg.tracker, out_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
