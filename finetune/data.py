@@ -209,7 +209,7 @@ class Preprocess:
     std: tuple[float, ...]
 
 
-def dense_transform(pre: Preprocess, *, train: bool, scale_jitter: bool) -> Callable:
+def dense_transform(pre: Preprocess, *, train: bool, scale_jitter: bool) -> Callable | None:
     """torchvision v2 pipeline over (Image, Mask); masks are resampled nearest."""
     from torchvision.transforms import v2
 
@@ -221,7 +221,7 @@ def dense_transform(pre: Preprocess, *, train: bool, scale_jitter: bool) -> Call
         ops.append(v2.Resize(size, antialias=True))
     if train:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops)
+    return v2.Compose(ops) if ops else None  # evaluation: the label keeps its size
 
 
 def image_to_tensor(image, pre: Preprocess, *, resize: bool) -> torch.Tensor:
