@@ -20,6 +20,7 @@ numbers), ``OUT/examples.png`` (a few eval images: input | ground truth | predic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -158,20 +159,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         min_depth=cfg.min_depth, max_depth=cfg.max_depth,
     )
     train_set, eval_set, facts = task_cls.datasets(opts)
-    head_cfg = HeadConfig(name=cfg.resolved_head(), neck_channels=cfg.neck_channels, channels=cfg.head_channels,
-                          dropout=cfg.dropout)
+    # the config as this run resolved it: what metrics.json and every checkpoint record
+    cfg = dataclasses.replace(cfg, head=cfg.resolved_head(), image_size=image_size, **facts["resolved"])
+    head_cfg = HeadConfig(name=cfg.head, neck_channels=cfg.neck_channels, channels=cfg.head_channels, dropout=cfg.dropout)
     model = task_cls.build_model(backbone, head_cfg, facts)
     if cfg.freeze_backbone:
         model.freeze_backbone()
-    extra: dict[str, Any] = {}
-    if cfg.task == "seg":
-        extra["classes"] = facts["classes"]
-    elif cfg.task == "depth":
-        extra.update(min_depth=cfg.min_depth, max_depth=cfg.max_depth)
-    else:
-        extra["class_names"] = facts["class_names"]
-    task = task_cls(model, eval_set, layer_decay=1.0 if cfg.freeze_backbone else cfg.layer_decay,
-                    eval_batch_size=cfg.eval_batch_size or cfg.batch_size, workers=cfg.workers, **extra)
+    task = task_cls(model, eval_set, facts, opts, layer_decay=1.0 if cfg.freeze_backbone else cfg.layer_decay,
+                    eval_batch_size=cfg.eval_batch_size or cfg.batch_size, workers=cfg.workers)
 
     accelerator = make_accelerator(precision=cfg.precision, tracker=cfg.tracker, out_dir=cfg.out)
     world = accelerator.num_processes
@@ -218,8 +213,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         if cfg.num_examples:
             rows = task.examples(trainer.bare_model, cfg.num_examples, accelerator.device)
-            names = list(facts["classes"].names) if cfg.task == "seg" else facts.get("class_names")
-            save_examples(cfg.out / EXAMPLES_FILE, rows, kind=cfg.task, mean=mean, std=std, class_names=names,
+            save_examples(cfg.out / EXAMPLES_FILE, rows, kind=cfg.task, mean=mean, std=std, class_names=task.display_names,
                           max_depth=cfg.max_depth, title=f"{cfg.task} · {source.describe()} · {head_cfg.name}")
             payload["examples"] = str(cfg.out / EXAMPLES_FILE)
         save_config(cfg, cfg.out / METRICS_FILE, **payload)

@@ -60,7 +60,8 @@ class FinetuneTask(Task):
     default_head: ClassVar[str]
     heads: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: FinetuneModel, eval_set, *, layer_decay: float, eval_batch_size: int, workers: int = 0) -> None:
+    def __init__(self, model: FinetuneModel, eval_set, facts: dict[str, Any], opts: DataOptions, *, layer_decay: float,
+                 eval_batch_size: int, workers: int = 0) -> None:
         self.model = model
         self.eval_set = eval_set
         self.layer_decay = layer_decay
@@ -69,9 +70,12 @@ class FinetuneTask(Task):
         self.details: dict[str, Any] = {}  # the last evaluation's per-class numbers
 
     # ---- to fill in ----------------------------------------------------------------------
+    display_names: list[str] | None = None  # class names for pictures (None: not a class task)
+
     @classmethod
     def datasets(cls, opts: DataOptions) -> tuple[Any, Any, dict[str, Any]]:
-        """(train set, eval set, facts: num_outputs and names) for a dataset folder."""
+        """(train set, eval set, facts) for a dataset folder. Facts hold ``num_outputs``, what the
+        task needs (class names) and ``resolved``: the data options as the data decided them."""
         raise NotImplementedError
 
     @classmethod
@@ -146,16 +150,18 @@ class SegmentationTask(FinetuneTask):
     default_head = "upernet"
     heads = tuple(DENSE_HEADS)
 
-    def __init__(self, model, eval_set, *, classes, **kwargs) -> None:
-        super().__init__(model, eval_set, **kwargs)
-        self.classes = classes
+    def __init__(self, model, eval_set, facts, opts, **kwargs) -> None:
+        super().__init__(model, eval_set, facts, opts, **kwargs)
+        self.classes = facts["classes"]
+        self.display_names = list(self.classes.names)
 
     @classmethod
     def datasets(cls, opts: DataOptions):
         kwargs = {"reduce_zero_label": opts.reduce_zero_label}
         train = SegmentationFolder(opts.root, "training", opts.pre, train=True, limit=opts.max_train_samples, **kwargs)
         val = SegmentationFolder(opts.root, "validation", opts.pre, train=False, limit=opts.max_eval_samples, **kwargs)
-        return train, val, {"num_outputs": train.classes.num_classes, "classes": train.classes}
+        return train, val, {"num_outputs": train.classes.num_classes, "classes": train.classes,
+                            "resolved": {"reduce_zero_label": train.classes.reduce_zero_label}}
 
     @classmethod
     def build_model(cls, backbone, head, facts):
@@ -187,16 +193,16 @@ class DepthTask(FinetuneTask):
     default_head = "dpt"
     heads = tuple(DENSE_HEADS)
 
-    def __init__(self, model, eval_set, *, min_depth: float, max_depth: float, **kwargs) -> None:
-        super().__init__(model, eval_set, **kwargs)
-        self.min_depth = min_depth
-        self.max_depth = max_depth
+    def __init__(self, model, eval_set, facts, opts, **kwargs) -> None:
+        super().__init__(model, eval_set, facts, opts, **kwargs)
+        self.min_depth = opts.min_depth
+        self.max_depth = opts.max_depth
 
     @classmethod
     def datasets(cls, opts: DataOptions):
         train = DepthFolder(opts.root, "training", opts.pre, train=True, limit=opts.max_train_samples, depth_scale=opts.depth_scale)
         val = DepthFolder(opts.root, "validation", opts.pre, train=False, limit=opts.max_eval_samples, depth_scale=opts.depth_scale)
-        return train, val, {"num_outputs": 1}
+        return train, val, {"num_outputs": 1, "resolved": {"depth_scale": train.depth_scale}}
 
     @classmethod
     def build_model(cls, backbone, head, facts):
@@ -232,15 +238,16 @@ class ClassificationTask(FinetuneTask):
     default_head = "linear"
     heads = ("linear",)
 
-    def __init__(self, model, eval_set, *, class_names, **kwargs) -> None:
-        super().__init__(model, eval_set, **kwargs)
-        self.class_names = class_names
+    def __init__(self, model, eval_set, facts, opts, **kwargs) -> None:
+        super().__init__(model, eval_set, facts, opts, **kwargs)
+        self.class_names = facts["class_names"]
+        self.display_names = list(self.class_names)
 
     @classmethod
     def datasets(cls, opts: DataOptions):
         train = ImageFolderSplit(opts.root, "train", opts.pre, train=True, limit=opts.max_train_samples)
         val = ImageFolderSplit(opts.root, "val", opts.pre, train=False, limit=opts.max_eval_samples, classes=train.classes)
-        return train, val, {"num_outputs": len(train.classes), "class_names": train.class_names}
+        return train, val, {"num_outputs": len(train.classes), "class_names": train.class_names, "resolved": {}}
 
     @classmethod
     def build_model(cls, backbone, head, facts):

@@ -42,7 +42,8 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
     assert "mIoU" in capsys.readouterr().out
     result = json.loads((out / "metrics.json").read_text())
     cfg = result["config"]
-    assert cfg["task"] == "seg" and cfg["checkpoint"] == str(checkpoint) and cfg["neck_channels"] == 32  # resolved
+    assert cfg["task"] == "seg" and cfg["checkpoint"] == str(checkpoint) and cfg["neck_channels"] == 32  # the preset's
+    assert (cfg["head"], cfg["image_size"], cfg["reduce_zero_label"]) == ("upernet", 64, False)  # resolved defaults
     assert result["head"]["name"] == "upernet" and result["backbone"]["model"] == "qcap-tiny-clip"
     assert result["training"]["steps"] == 3 and result["data"]["num_train"] == 8
     metrics = result["metrics"]
