@@ -1,0 +1,423 @@
+"""The filter base class and the runner every filter shares.
+
+A filter *chooses* samples; it never rewrites images (DataComp's split between choosing and
+resharding). datatrove's ``BaseFilter`` is the model: a filter writes one method,
+``keep(record) -> bool | (bool, reason)``, and the base class does the rest — it reads the
+shards' Parquets (every sample, failures included), counts
+``total = kept + dropped[reason] + failed[status]``, writes the kept uids as a DataComp ``.npy``,
+one decision row per sample (the rejects with their reason, for inspection), a report and
+histograms (:mod:`curate.filters.report`).
+
+Filters that need the whole pool before they can decide (a top-30% score cut, duplicate groups)
+do their global work in :meth:`BaseFilter.prepare` and attach per-shard measurements in
+:meth:`BaseFilter.annotate`; ``keep`` stays a per-record lookup.
+
+Which samples a filter sees: every row of every shard's Parquet. Rows whose ``status`` is not
+``success`` are counted as ``failed[status]`` (there is no image to train on); with ``--subset``,
+successes outside the subset are ``dropped[outside_subset]``; the rest are *candidates* and go
+through ``keep``.
+
+Outputs of ``run_filter(filter, cfg)`` for ``cfg.out = DIR/NAME.npy``: ``DIR/NAME.npy`` (written
+last: its presence means the run finished), ``DIR/NAME.report/{report.json, config.json,
+decisions.parquet, hist_*.png}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from curate.config import save_config
+from curate.filters.config import FilterConfig
+from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram
+from curate.shards import (
+    ShardError,
+    atomic_write_json,
+    check_uid,
+    expand_shards,
+    load_uids,
+    read_table,
+    save_uids,
+    uid_membership,
+)
+
+log = logging.getLogger(__name__)
+
+Keep = bool | tuple[bool, str]
+REPORT_SUFFIX = ".report"
+DECISIONS_FILE = "decisions.parquet"
+REPORT_FILE = "report.json"
+CONFIG_FILE = "config.json"
+OUTSIDE_SUBSET = "outside_subset"
+# Measurements the runner takes of every candidate (decisions.parquet columns, histograms).
+COMMON_VALUES: dict[str, str] = {
+    "caption_words": "int32", "caption_chars": "int32", "image_min_side": "int32", "aspect_ratio": "float32",
+}
+
+
+@dataclass(slots=True)
+class FilterRecord:
+    """One candidate sample as a filter sees it (from the shard's Parquet row)."""
+
+    uid: str  # DataComp's 32-hex uid
+    key: str  # sample key within its shard
+    shard: str  # path of the shard's tar
+    text: str | None  # the caption (pool 'text', else img2dataset's 'caption')
+    width: int | None  # original image width (pool 'original_width'), None when unknown
+    height: int | None  # original image height
+    values: dict[str, Any] = field(default_factory=dict)  # measurements: written to decisions, histogrammed
+    failed: list[str] = field(default_factory=list)  # every reason it fails (filters may fill it; else the first)
+
+
+@dataclass(slots=True)
+class FilterCounts:
+    """``total = kept + sum(dropped) + sum(failed)``, checked before anything is written."""
+
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> samples the filter rejected
+    failed: Counter = field(default_factory=Counter)  # download status -> samples without an image
+
+    def reconciles(self) -> bool:
+        return self.total == self.kept + sum(self.dropped.values()) + sum(self.failed.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total, "kept": self.kept, "dropped": dict(self.dropped.most_common()),
+            "failed": dict(self.failed.most_common()), "num_dropped": sum(self.dropped.values()),
+            "num_failed": sum(self.failed.values()), "num_candidates": self.total - sum(self.failed.values()),
+        }
+
+
+class BaseFilter:
+    """Subclass, set ``name``, write ``keep``; override the hooks a global filter needs."""
+
+    name: ClassVar[str] = "filter"
+    # Extra measurement columns of decisions.parquet: name -> pyarrow type name.
+    value_types: ClassVar[dict[str, str]] = {}
+    # Parquet columns the filter cannot work without (beyond key, uid, status).
+    needs_text: ClassVar[bool] = False
+    needs_size: ClassVar[bool] = False
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
+        """Global work before any decision (score everything, find duplicate groups)."""
+
+    def annotate(self, shard: str, records: list[FilterRecord]) -> None:
+        """Attach this shard's measurements to its candidates (``record.values``)."""
+
+    def keep(self, record: FilterRecord) -> Keep:
+        raise NotImplementedError
+
+    def histograms(self) -> list[Histogram]:
+        """Histograms of this filter's measurements, cut-offs marked (called after prepare)."""
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """Settings and facts for the report (thresholds, how many each check alone fails, ...)."""
+        return {}
+
+
+def report_dir_of(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + REPORT_SUFFIX)
+
+
+def default_histograms() -> list[Histogram]:
+    return [
+        Histogram("caption_words", "caption length (words)", linear_edges(0, 40, 40)),
+        Histogram("image_min_side", "image shorter side (px)", log_edges(16, 4096, 48), log_x=True),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def parquet_columns(tar: str) -> list[str]:
+    """Column names of a shard's Parquet (ShardError when it is missing or unreadable)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.shards import sibling
+
+    path = sibling(tar, ".parquet")
+    try:
+        with fsspec.open(path, "rb") as handle:
+            return list(pq.read_schema(handle).names)
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: missing (every shard needs its Parquet of all samples)") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+
+
+def resolve_text_column(names: Sequence[str], wanted: str | None, where: str) -> str | None:
+    """The caption column: ``wanted``, else the pool's ``text``, else img2dataset's ``caption``."""
+    if wanted is not None:
+        if wanted not in names:
+            raise ShardError(f"{where}: no column {wanted!r} (--text-column); has {sorted(names)}")
+        return wanted
+    for name in ("text", "caption"):
+        if name in names:
+            return name
+    return None
+
+
+@dataclass(slots=True)
+class ShardRows:
+    """A shard's Parquet rows, as plain columns."""
+
+    tar: str
+    keys: list[str]
+    uids: list[str | None]
+    statuses: list[str]
+    texts: list[str | None]
+    widths: list[int | None]
+    heights: list[int | None]
+
+
+def read_shard_rows(
+    tar: str, *, text_column: str | None = None, width_column: str = "original_width",
+    height_column: str = "original_height", need_text: bool = False, need_size: bool = False,
+) -> ShardRows:
+    """Read the columns a filter uses from a shard's Parquet; a required one missing is a ShardError."""
+    names = parquet_columns(tar)
+    where = f"{tar[:-4]}.parquet"
+    for column in ("key", "uid", "status"):
+        if column not in names:
+            raise ShardError(f"{where}: missing column {column!r}; is this an img2dataset/qcap shard folder?")
+    text = resolve_text_column(names, text_column, where)
+    if need_text and text is None:
+        raise ShardError(f"{where}: no caption column ('text' or 'caption'); name one with --text-column")
+    has_size = width_column in names and height_column in names
+    if need_size and not has_size:
+        raise ShardError(
+            f"{where}: missing {width_column!r}/{height_column!r} (the pool's image size); "
+            "name other columns with --width-column/--height-column"
+        )
+    columns = ["key", "uid", "status"] + ([text] if text else []) + ([width_column, height_column] if has_size else [])
+    table = read_table(tar, columns=columns)
+    n = table.num_rows
+    return ShardRows(
+        tar=tar,
+        keys=[str(k) for k in table.column("key").to_pylist()],
+        uids=table.column("uid").to_pylist(),
+        statuses=[str(s) for s in table.column("status").to_pylist()],
+        texts=table.column(text).to_pylist() if text else [None] * n,
+        widths=_ints(table.column(width_column).to_pylist()) if has_size else [None] * n,
+        heights=_ints(table.column(height_column).to_pylist()) if has_size else [None] * n,
+    )
+
+
+def _ints(values: list) -> list[int | None]:
+    out = []
+    for v in values:
+        try:
+            out.append(None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
+        except (TypeError, ValueError):
+            out.append(None)
+    return out
+
+
+def candidate_mask(rows: ShardRows, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(success mask, in-subset mask) of a shard's rows; a success without a valid uid is a ShardError."""
+    success = np.array([s == "success" for s in rows.statuses], dtype=bool)
+    for i in np.flatnonzero(success):
+        uid = rows.uids[i]
+        if uid is None:
+            raise ShardError(f"{rows.tar}: sample {rows.keys[i]!r} succeeded but has no uid")
+        check_uid(uid)
+    inside = np.ones(len(rows.keys), dtype=bool)
+    if subset is not None and success.any():
+        ok_uids = [rows.uids[i] for i in np.flatnonzero(success)]
+        inside[np.flatnonzero(success)] = uid_membership(ok_uids, subset)
+    return success, inside
+
+
+def common_values(text: str | None, width: int | None, height: int | None) -> dict[str, Any]:
+    text = text or ""
+    values: dict[str, Any] = {"caption_words": len(text.split()), "caption_chars": len(text)}
+    if width is not None and height is not None and width > 0 and height > 0:
+        values["image_min_side"] = min(width, height)
+        values["aspect_ratio"] = max(width, height) / min(width, height)
+    else:
+        values["image_min_side"] = None
+        values["aspect_ratio"] = None
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
+    """Run ``filt`` over ``cfg.shards``; write the uid file, decisions, report and histograms.
+
+    Returns the report (also in ``OUT.report/report.json``). The uid file is written last.
+    """
+    from tqdm import tqdm
+
+    started = time.time()
+    tars = expand_shards(cfg.shards)
+    subset = load_uids(cfg.subset) if cfg.subset is not None else None
+    report_dir = report_dir_of(cfg.out)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, report_dir / CONFIG_FILE, filter=filt.name, shards=tars)
+
+    filt.prepare(tars, subset)
+    histograms = {h.name: h for h in filt.histograms()}
+    for hist in default_histograms():
+        histograms.setdefault(hist.name, hist)
+
+    counts = FilterCounts()
+    kept_uids: list[str] = []
+    writer = DecisionWriter(report_dir / DECISIONS_FILE, {**COMMON_VALUES, **filt.value_types})
+    try:
+        for tar in tqdm(tars, desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress):
+            rows = read_shard_rows(
+                tar, text_column=getattr(cfg, "text_column", None),
+                width_column=getattr(cfg, "width_column", "original_width"),
+                height_column=getattr(cfg, "height_column", "original_height"),
+                need_text=filt.needs_text, need_size=filt.needs_size,
+            )
+            _decide_shard(filt, rows, subset, counts, kept_uids, histograms, writer)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if not counts.reconciles():  # a bug in the runner, never the data's fault
+        raise RuntimeError(f"filter {filt.name}: counts do not reconcile: {counts.as_json()}")
+
+    pictures = []
+    if cfg.histograms:
+        for hist in histograms.values():
+            if hist.total:
+                pictures.append(plot_histogram(hist, report_dir / f"hist_{hist.name}.png", filter_name=filt.name).name)
+    num_unique = len(set(kept_uids))
+    report = {
+        "filter": filt.name,
+        "shards": cfg.shards,
+        "num_shards": len(tars),
+        "subset": str(cfg.subset) if cfg.subset is not None else None,
+        "counts": counts.as_json(),
+        "reconciles": True,
+        "kept_fraction_of_candidates": round(counts.kept / max(1, counts.total - sum(counts.failed.values())), 6),
+        "num_uids": num_unique,
+        "num_duplicate_uid_rows": counts.kept - num_unique,
+        "settings": filt.summary(),
+        "histograms": {name: hist.as_json() for name, hist in histograms.items()},
+        "outputs": {
+            "uids": str(cfg.out), "decisions": str(report_dir / DECISIONS_FILE), "config": str(report_dir / CONFIG_FILE),
+            "pictures": [str(report_dir / p) for p in pictures],
+        },
+        "seconds": round(time.time() - started, 3),
+    }
+    atomic_write_json(report_dir / REPORT_FILE, report)
+    save_uids(cfg.out, kept_uids)
+    return report
+
+
+def _decide_shard(
+    filt: BaseFilter, rows: ShardRows, subset: np.ndarray | None, counts: FilterCounts, kept_uids: list[str],
+    histograms: dict[str, Histogram], writer: DecisionWriter,
+) -> None:
+    success, inside = candidate_mask(rows, subset)
+    records: list[FilterRecord] = []
+    decisions: list[dict[str, Any]] = []
+    shard_name = os.path.basename(rows.tar)
+    for i, key in enumerate(rows.keys):
+        counts.total += 1
+        row = {"uid": rows.uids[i], "shard": shard_name, "key": key, "status": rows.statuses[i], "kept": False, "reason": None}
+        if not success[i]:
+            counts.failed[rows.statuses[i]] += 1
+            decisions.append(row)
+            continue
+        if not inside[i]:
+            counts.dropped[OUTSIDE_SUBSET] += 1
+            row["reason"] = OUTSIDE_SUBSET
+            decisions.append(row)
+            continue
+        record = FilterRecord(rows.uids[i], key, rows.tar, rows.texts[i], rows.widths[i], rows.heights[i])
+        record.values.update(common_values(record.text, record.width, record.height))
+        records.append(record)
+        decisions.append(row)
+    filt.annotate(rows.tar, records)
+    verdicts = iter(records)
+    kept_flags: list[bool] = []
+    for row in decisions:
+        if row["status"] != "success" or row["reason"] == OUTSIDE_SUBSET:
+            continue
+        record = next(verdicts)
+        ok, reason = _verdict(filt, record)
+        row["kept"], row["reason"] = ok, None if ok else reason
+        row.update(record.values)
+        kept_flags.append(ok)
+        if ok:
+            counts.kept += 1
+            kept_uids.append(record.uid)
+        else:
+            counts.dropped[reason] += 1
+            if not record.failed:
+                record.failed.append(reason)
+    for name, hist in histograms.items():
+        hist.add([r.values.get(name) for r in records], kept_flags, [r.failed for r in records])
+    writer.write(decisions)
+
+
+def _verdict(filt: BaseFilter, record: FilterRecord) -> tuple[bool, str]:
+    verdict = filt.keep(record)
+    if isinstance(verdict, tuple):
+        ok, reason = verdict
+        return bool(ok), str(reason) if not ok else ""
+    return bool(verdict), "" if verdict else filt.name
+
+
+class DecisionWriter:
+    """Streams decision rows into one Parquet (temporary name, renamed on close)."""
+
+    def __init__(self, path: Path, value_types: dict[str, str]) -> None:
+        import pyarrow as pa
+
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fields = [("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
+                  ("kept", pa.bool_()), ("reason", pa.string())]
+        fields += [(name, pa.type_for_alias(kind)) for name, kind in value_types.items()]
+        self.schema = pa.schema(fields)
+        self._writer = None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(str(self.tmp), self.schema)
+        names = self.schema.names
+        self._writer.write_table(pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=self.schema))
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            pq.write_table(pa.Table.from_pylist([], schema=self.schema), str(self.tmp))
+        else:
+            self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
