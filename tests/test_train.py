@@ -295,6 +295,19 @@ def test_tiny_coca_trains_with_its_caption_loss(tmp_path):
     assert type(loaded.model).__name__ == "CoCa"
 
 
+def test_fresh_coca_decoder_is_initialised():
+    from curate.models import load_model
+    from train.tasks import init_coca_decoder
+
+    model = load_model("qcap-tiny-coca").model
+    with torch.no_grad():
+        model.text_decoder.text_projection.fill_(float("nan"))  # what torch.empty may hold
+    init_coca_decoder(model)
+    projection = model.text_decoder.text_projection
+    assert torch.isfinite(projection).all()
+    assert abs(projection.std().item() - 128**-0.5) < 0.01  # open_clip's std for a width-128 tower
+
+
 def test_resume_gives_the_same_losses(tmp_path):
     from train.config import PRESETS
     from train.run import train
