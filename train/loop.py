@@ -272,7 +272,11 @@ class Trainer:
         groups = task.parameter_groups(config.weight_decay)
         for group in groups:
             group["lr"] = config.lr * group.get("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+        betas = (config.beta1, config.beta2)
+        try:  # one fused kernel per step: several times faster than the per-parameter loop on CPU
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, fused=True)
+        except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
         # The scheduler is stepped by us, once per optimizer step, and not prepared: Accelerate's
         # AcceleratedScheduler would step it num_processes times per step.
         self.scheduler = get_scheduler(
