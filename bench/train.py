@@ -11,7 +11,9 @@ pairs), on the same shards, model, global batch size, loader workers and torch t
 Throughput is steady-state samples/s: each trainer's own progress windows (qcap's
 ``metrics.jsonl`` ``samples_per_s``; open_clip's ``Batch (t)`` window average, which like
 qcap's includes waiting for data), the first two windows dropped (start-up), the median of the
-rest. The loader alone is qcap's ``ShardStream`` iterated without a model, with the same
+rest. Each run's CPU time (user + system, its loader workers included, start-up included) per
+1000 samples is printed too: on a machine shared with other jobs it is steadier than
+samples/s. The loader alone is qcap's ``ShardStream`` iterated without a model, with the same
 workers: the samples/s it delivers versus what training consumes (must stay above 1x).
 
 Run::
@@ -31,6 +33,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -85,6 +88,11 @@ def make_shards(folder: Path, *, num_shards: int, per_shard: int, size: tuple[in
 def steady(values: list[float]) -> float:
     kept = values[2:] if len(values) > 3 else values[1:] or values
     return statistics.median(kept)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_qcap(args, data: str, out: Path) -> float:
@@ -172,22 +180,27 @@ def main() -> int:
         print(f"model {args.model}, batch {args.batch_size}, {args.samples} samples/run, workers {args.workers}, "
               f"threads {args.threads}, {args.precision}, machine: {os.cpu_count()} cores")
         qcap, reference = [], []
+        cpu: dict[str, list[float]] = {"qcap": [], "open_clip": []}
         for repeat in range(args.repeats):
             for name, runner, results in (("qcap", run_qcap, qcap), ("open_clip", run_open_clip, reference)):
                 out = work / f"{name}-{repeat}"
                 shutil.rmtree(out, ignore_errors=True)
+                before = _cpu_seconds()
                 value = runner(args, data, out)
+                cpu[name].append((_cpu_seconds() - before) / args.samples * 1000)
                 results.append(value)
-                print(f"  {name:9s} run {repeat + 1}: {value:8.1f} samples/s")
+                print(f"  {name:9s} run {repeat + 1}: {value:8.1f} samples/s, {cpu[name][-1]:6.2f} CPU s/1000 samples")
         loader = run_loader(args, data)
         q, r = statistics.median(qcap), statistics.median(reference)
         print()
-        print("| trainer | samples/s (median) | ratio |")
-        print("|---|---|---|")
-        print(f"| open_clip_train.main (reference) | {r:.1f} | 1.00x |")
-        print(f"| qcap train | {q:.1f} | {q / r:.2f}x |")
-        print(f"| qcap loader alone ({args.workers} worker(s)) | {loader:.1f} | {loader / q:.2f}x of qcap training |")
-        print(f"\nqcap / open_clip = {q / r:.2f}x (goal >= 1.0x); loader / training = {loader / q:.2f}x (must be > 1)")
+        cq, cr = statistics.median(cpu["qcap"]), statistics.median(cpu["open_clip"])
+        print("| trainer | samples/s (median) | ratio | CPU s / 1000 samples (median) |")
+        print("|---|---|---|---|")
+        print(f"| open_clip_train.main (reference) | {r:.1f} | 1.00x | {cr:.2f} |")
+        print(f"| qcap train | {q:.1f} | {q / r:.2f}x | {cq:.2f} |")
+        print(f"| qcap loader alone ({args.workers} worker(s)) | {loader:.1f} | {loader / q:.2f}x of qcap training | |")
+        print(f"\nqcap / open_clip = {q / r:.2f}x samples/s (goal >= 1.0x); CPU per sample open_clip / qcap = "
+              f"{cr / cq:.2f}x; loader / training = {loader / q:.2f}x (must be > 1)")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
