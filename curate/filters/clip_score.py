@@ -97,16 +97,18 @@ class ScoreIndex:
     def __len__(self) -> int:
         return len(self.uids)
 
-    def lookup(self, uids: Sequence[str]) -> np.ndarray:
-        """Scores of ``uids``; NaN where a uid has no score."""
+    def lookup(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, found) of ``uids``: NaN where there is no score — not scored yet (found False)
+        or scored and undecodable (found True)."""
         out = np.full(len(uids), np.nan, dtype=np.float32)
+        found = np.zeros(len(uids), dtype=bool)
         if not len(uids) or not len(self.uids):
-            return out
+            return out, found
         query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=self.uids.dtype)
         index = np.clip(np.searchsorted(self.uids, query), 0, len(self.uids) - 1)
         found = self.uids[index] == query
         out[found] = self.scores[index[found]]
-        return out
+        return out, found
 
 
 def read_scores(path: Path, identity: dict[str, Any] | None = None):
@@ -124,9 +126,11 @@ def read_scores(path: Path, identity: dict[str, Any] | None = None):
     if identity is not None:
         recorded = json.loads((table.schema.metadata or {}).get(_META_KEY, b"null"))
         if recorded is not None and recorded != identity:
+            differ = {k: (recorded.get(k), identity.get(k)) for k in sorted(set(recorded) | set(identity))
+                      if recorded.get(k) != identity.get(k)}
             raise ShardError(
-                f"{path}: scores were made by {recorded}, not by {identity}; pass --rescore to recompute "
-                "or --scores with another path"
+                f"{path}: scores made with other settings (theirs, now): {json.dumps(differ)}; repeat the flags "
+                "they were made with, pass --rescore to recompute, or give --scores another path"
             )
     return table
 
@@ -332,7 +336,7 @@ class ClipScoreFilter(BaseFilter):
         index = self._load_existing(path, parts)
         todo: dict[str, list[str]] = {}
         for tar, uids, keys in self._candidates(shards, subset):
-            missing = np.isnan(index.lookup(uids))
+            missing = ~index.lookup(uids)[1]
             if missing.any():
                 todo[tar] = [k for k, m in zip(keys, missing, strict=True) if m]
         if todo:
@@ -344,7 +348,7 @@ class ClipScoreFilter(BaseFilter):
             index = self._load_existing(path, parts)
         self.index = index
         # DataComp's get_threshold over this run's scored candidates (the file may hold more)
-        scores = [index.lookup(uids) for _, uids, _ in self._candidates(shards, subset)]
+        scores = [index.lookup(uids)[0] for _, uids, _ in self._candidates(shards, subset)]
         flat = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
         self._scores = flat[~np.isnan(flat)]
         self.num_scored = len(self._scores)
@@ -402,7 +406,9 @@ class ClipScoreFilter(BaseFilter):
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         if self.index is None:
             raise RuntimeError("prepare() must run before annotate()")
-        scores = self.index.lookup([r.uid for r in records])
+        scores, found = self.index.lookup([r.uid for r in records])
+        if not found.all():
+            raise RuntimeError(f"clip-score: {int((~found).sum())} candidates of {shard} have no score")
         for record, score in zip(records, scores, strict=True):
             record.values["clip_score"] = None if np.isnan(score) else float(score)
 

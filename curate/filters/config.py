@@ -116,6 +116,7 @@ class DedupConfig(FilterConfig):
     lsh_tables: int = arg(0, help="LSH: number of tables (0 = enough for --lsh-recall at --max-distance)")
     lsh_recall: float = arg(0.99, help="LSH: wanted chance that a pair at --max-distance shares a bucket somewhere")
     keep: Literal["smallest_uid", "largest_image"] = arg("smallest_uid", help="which member of a duplicate group survives")
+    hashes: Path | None = arg(None, help="folder of per-shard hash parts, reused across runs and settings (default: OUT.hashes)", metavar="DIR")
     num_workers: int = arg(1, help="processes that hash the shards")
     seed: int = arg(0, help="seed of the LSH bit choices")
 

@@ -260,7 +260,7 @@ class DedupFilter(BaseFilter):
 
     # ---- hashing
     def hashes_dir(self) -> Path:
-        return self.cfg.out.with_name(self.cfg.out.stem + ".hashes")
+        return self.cfg.hashes if self.cfg.hashes is not None else self.cfg.out.with_name(self.cfg.out.stem + ".hashes")
 
     def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None) -> list[tuple[str, list[str]]]:
         """Hash every candidate not hashed yet; returns (tar, candidate keys) per shard."""
