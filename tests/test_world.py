@@ -83,7 +83,7 @@ def test_pool_has_datacomp_schema_and_truth_covers_every_uid(world):
     by_split = {s: [r for r in truth if r["split"] == s] for s in info["counts"]["splits"]}
     assert [r["uid"] for r in by_split["pool"]] == [r["uid"] for r in rows]
     assert info["version"] and info["seed"] == 0 and info["config"]["num_samples"] == 160
-    assert set(info["fault_rates"]) == set(FAULTS) and abs(sum(info["text_rates"].values()) - 1) < 1e-6
+    assert set(info["fault_rates"]) == set(FAULTS) and abs(sum(info["text_rates"].values()) - 1) < 1e-5
     for row in truth:
         assert 1 <= row["num_objects"] == len(row["objects"]) <= 4
         assert [o["depth_rank"] for o in row["objects"]] == list(range(row["num_objects"]))

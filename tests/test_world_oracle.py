@@ -139,3 +139,19 @@ def test_preview_png_shows_alt_text_against_truth(world):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 600
         assert len(np.unique(np.asarray(image.convert("RGB").resize((64, 64))).reshape(-1, 3), axis=0)) > 50  # pictures, not a blank page
+
+
+def test_noise_presets_and_overrides_change_the_pool_text(tmp_path):
+    def pool_scores(**kwargs):
+        out = tmp_path / "-".join(f"{k}{v}" for k, v in kwargs.items())
+        generate_world(WorldConfig(out=out, num_samples=48, clean_samples=0, eval_samples=0, plant_each=0, workers=1,
+                                   **kwargs), progress=False)
+        rows = [r for r in pq.read_table(out / "truth.parquet").to_pylist() if r["split"] == "pool"]
+        return rows, statistics.mean(score_caption(r, r["text"])["score"] for r in rows)
+
+    clean_rows, clean_score = pool_scores(noise="clean")
+    assert {r["text_kind"] for r in clean_rows} == {"clean"} and clean_score > 0.7
+    harsh_rows, harsh_score = pool_scores(noise="harsh")
+    assert harsh_score < 0.3 < clean_score
+    empty_rows, empty_score = pool_scores(text_mix="empty=0.5,filename=0.5")
+    assert {r["text_kind"] for r in empty_rows} == {"empty", "filename"} and empty_score < 0.05

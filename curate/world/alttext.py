@@ -22,7 +22,8 @@ clean           a human-quality caption (the ``clean`` noise preset: a pool with
 
 Default rates (preset ``web``) and where they come from. They are chosen to sit inside what
 published analyses of web alt-text report; they are not measured on CommonPool itself, and
-every one of them is a flag (``--text-mix kind=rate,...``):
+every one of them can be set (``--text-mix kind=rate,...``; the kinds not named keep their
+preset proportions of what is left):
 
 - non_english 0.35, and filename + one_word + empty 0.14: LAION-5B (Schuhmann et al., NeurIPS
   2022 Datasets & Benchmarks, arXiv 2210.08402) reports, of its 5.85B CLIP-filtered pairs,
@@ -88,7 +89,11 @@ LANGUAGES: tuple[str, ...] = ("de", "fr", "es", "it", "pt", "nl")
 
 
 def text_rates(noise: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
-    """Probabilities of every text kind for a preset plus overrides (they sum to 1)."""
+    """Probabilities of every text kind for a preset plus overrides (they sum to 1).
+
+    Overridden kinds get exactly the rate given; the preset's other kinds (the remainder kind
+    included) share what is left in their preset proportions.
+    """
     if noise not in NOISE_PRESETS:
         raise ValueError(f"noise: unknown preset {noise!r}; choose from {sorted(NOISE_PRESETS)}")
     overrides = dict(overrides or {})
@@ -97,16 +102,17 @@ def text_rates(noise: str, overrides: dict[str, float] | None = None) -> dict[st
             raise ValueError(f"text_mix: unknown text kind {kind!r}; choose from {list(TEXT_KINDS)}")
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"text_mix: rate of {kind!r} must be in [0, 1], got {rate}")
-    rates = {**NOISE_PRESETS[noise], **overrides}
+    preset = dict(NOISE_PRESETS[noise])
     remainder = REMAINDER_KIND[noise]
-    if remainder in overrides:  # the user set the remainder kind too: everything must add up
-        if abs(sum(rates.values()) - 1.0) > 1e-6:
-            raise ValueError(f"text_mix: rates sum to {sum(rates.values()):.4f}, not 1")
-    else:
-        named = sum(v for k, v in rates.items() if k != remainder)
-        if named > 1.0 + 1e-9:
-            raise ValueError(f"text_mix: rates sum to {named:.4f} > 1; lower some")
-        rates[remainder] = max(0.0, 1.0 - named)
+    preset[remainder] = max(0.0, 1.0 - sum(preset.values()))
+    fixed = sum(overrides.values())
+    if fixed > 1.0 + 1e-9:
+        raise ValueError(f"text_mix: rates sum to {fixed:.4f} > 1; lower some")
+    others = {k: v for k, v in preset.items() if k not in overrides and v > 0}
+    if fixed < 1.0 - 1e-9 and not others:
+        raise ValueError(f"text_mix: rates sum to {fixed:.4f} < 1 and no other kind is left to take the rest")
+    scale = (1.0 - fixed) / sum(others.values()) if others else 0.0
+    rates = {**{k: v * scale for k, v in others.items()}, **overrides}
     return {k: round(float(rates.get(k, 0.0)), 6) for k in TEXT_KINDS}
 
 

@@ -58,7 +58,7 @@ class WorldConfig:
     eval_image_size: int = arg(128, help="side in pixels of the (square) eval images")
     base_url: str = arg(DEFAULT_BASE_URL, help="URL prefix written into pool.parquet; qcap serve listens on its port")
     noise: Literal["web", "harsh", "clean"] = arg("web", help="alt-text preset: web (realistic), harsh (worse), clean (good text)")
-    text_mix: str | None = arg(None, help="override alt-text rates, e.g. 'partial=0.2,seo=0.1' (the rest goes to faithful)")
+    text_mix: str | None = arg(None, help="override alt-text rates, e.g. 'partial=0.2,seo=0.1' (other kinds share the rest in preset proportions)")
     rate_http_404: float = arg(0.04, help="share of pool URLs that answer 404 (link rot)")
     rate_http_500: float = arg(0.01, help="share that always answer 500")
     rate_http_500_transient: float = arg(0.01, help="share that answer 500 for the first --transient-failures requests, then the image")
