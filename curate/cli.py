@@ -28,6 +28,7 @@ COMMANDS: dict[str, Command] = {
     "world": Command("generate the embedded DataComp-style world (pool, truth, clean and eval sets)", "curate.world.cli:world_main"),
     "serve": Command("serve a world's pool over loopback HTTP, planted faults included", "curate.world.cli:serve_main"),
     "score-captions": Command("score captions against a world's truth (objects, attributes, hallucinations)", "curate.world.cli:score_main"),
+    "download": Command("download a pool into raw shards with img2dataset (Ray or processes): retries, resume, URL guard", "curate.download.run:main"),
     "filter": Command("choose samples: DataComp's basic, CLIP-score and dedup filters -> uid file + report", "curate.filters.cli:main"),
     "uids": Command("intersect, union, subtract or inspect DataComp uid files (.npy)", "curate.uidtool:main"),
     "reshard": Command("write the successful samples of a uid file into new shards (sizes.json, resumable)", "curate.reshard:main"),
