@@ -597,6 +597,108 @@ def _loads(path: str, key: str, ext: str, data: bytes) -> Any:
         raise ShardError(f"{path}: {key}.{ext} is not valid JSON ({err})") from err
 
 
+# --------------------------------------------------------------------------------------------
+# Byte spans: random access to one sample of a seekable tar (joins that are not co-sorted)
+
+
+@dataclass(slots=True, frozen=True)
+class SampleSpan:
+    """Where one sample's members lie in a tar: bytes ``[start, start + length)`` hold their
+    headers and data, so :func:`read_sample_span` can read the sample back alone."""
+
+    key: str  # webdataset key
+    meta: dict[str, Any]  # the parsed KEY.json ({} when the sample has none)
+    start: int  # offset of the first member's header (its PAX header, if any)
+    length: int  # bytes up to the end of the last member's padded data
+
+
+def iter_sample_spans(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[SampleSpan]:
+    """Every sample of a tar as a :class:`SampleSpan`, in order, reading only the headers and
+    the ``KEY.json`` members: the other members' data is seeked over (a caption shard with
+    teacher embeddings is indexed without reading them). The same safety rules as
+    :func:`iter_members`; a sample is a run of consecutive members with one key."""
+    import fsspec
+
+    current: dict[str, Any] | None = None
+    try:
+        with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # TarFile keeps every header it read; an index pass needs none of them
+                if not info.isfile():
+                    continue
+                name = info.name
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
+                if info.size > max_member_bytes:
+                    raise ShardError(f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit")
+                key, ext = split_member_name(name)
+                if key is None:
+                    continue
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if current is None or current["key"] != key:
+                    if current is not None:
+                        yield SampleSpan(current["key"], current["meta"], current["start"], current["end"] - current["start"])
+                    current = {"key": key, "meta": {}, "start": info.offset, "end": end}
+                current["end"] = end
+                if ext == "json":
+                    meta = _loads(tar_path, key, ext, tar.extractfile(info).read())
+                    current["meta"] = meta if isinstance(meta, dict) else {}
+    except tarfile.TarError as err:
+        raise ShardError(f"{tar_path}: not a readable tar ({err})") from err
+    except (EOFError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise ShardError(f"{tar_path}: no such shard") from err
+        raise ShardError(f"{tar_path}: truncated or corrupt tar ({err})") from err
+    if current is not None:
+        yield SampleSpan(current["key"], current["meta"], current["start"], current["end"] - current["start"])
+
+
+def read_sample_span(tar_path: str, start: int, length: int, *, handle=None,
+                     max_member_bytes: int = MAX_MEMBER_BYTES) -> Sample:
+    """The sample whose members lie in bytes ``[start, start + length)`` of a tar (a span from
+    :func:`iter_sample_spans`). ``handle``: an open binary file of ``tar_path`` to reuse."""
+    import fsspec
+
+    if length <= 0 or length > 8 * max_member_bytes:
+        raise ShardError(f"{tar_path}: span of {length} bytes at {start} is not a sample span")
+    try:
+        if handle is None:
+            with fsspec.open(tar_path, "rb") as own:
+                own.seek(start)
+                data = own.read(length)
+        else:
+            handle.seek(start)
+            data = handle.read(length)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{tar_path}: cannot read {length} bytes at {start} ({err})") from err
+    if len(data) != length:
+        raise ShardError(f"{tar_path}: span at {start} runs past the end of the file; the shard changed since it was indexed")
+    members: dict[str, bytes] = {}
+    key: str | None = None
+    stream = io.BytesIO(data + b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive blocks
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.name.startswith("/") or ".." in info.name.split("/") or info.size > max_member_bytes:
+                    raise ShardError(f"{tar_path}: member {info.name!r} at {start} is unsafe or too large")
+                member_key, ext = split_member_name(info.name)
+                if member_key is None:
+                    continue
+                if key is not None and member_key != key:
+                    raise ShardError(f"{tar_path}: span at {start} holds two samples ({key!r}, {member_key!r})")
+                key = member_key
+                if ext in members:
+                    raise ShardError(f"{tar_path}: sample {key!r} has two .{ext} members")
+                members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardError(f"{tar_path}: span at {start} is not a tar sample ({err}); the shard changed since it was indexed") from err
+    if key is None:
+        raise ShardError(f"{tar_path}: span at {start} holds no sample")
+    return _to_sample(tar_path, key, members, with_image=True)
+
+
 def read_table(tar_or_parquet: str, columns: Sequence[str] | None = None, *, require_uid: bool = True):
     """The Parquet beside a shard (all samples, failures included) as a pyarrow Table.
 
