@@ -12,6 +12,8 @@ from curate.cli import Command, dispatch
 COMMANDS: dict[str, Command] = {
     "caption": Command("write N synthetic captions per image of a shard folder (CoCa/HF, DataCompDR), on Ray",
                        "captioning.job:main"),
+    "build-dr": Command("join curated images and synthetic captions (qcap's or Apple's DataCompDR) by uid into DR shards",
+                        "captioning.dr:main"),
 }
 
 DESCRIPTION = "captioning: write synthetic CoCa captions (DataCompDR) and build DR datasets."
