@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "filter": Command("choose samples: DataComp's basic, CLIP-score and dedup filters -> uid file + report", "curate.filters.cli:main"),
     "uids": Command("intersect, union, subtract or inspect DataComp uid files (.npy)", "curate.uidtool:main"),
     "reshard": Command("write the successful samples of a uid file into new shards (sizes.json, resumable)", "curate.reshard:main"),
+    "subset": Command("nested seeded subsets of a shard folder (1% < 10% < 100%), DR or real-captions-only, with uid list and card", "curate.subset:main"),
 }
 
 

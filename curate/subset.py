@@ -1,0 +1,461 @@
+"""``qcap subset``: nested, seeded subsets of a shard folder (the data-efficiency ladder).
+
+Usage::
+
+    qcap subset --shards runs/demo/dr --fraction 0.1 --seed 0 --out runs/ladder/dr-10
+    qcap subset --shards runs/demo/dr --fraction 0.1 --seed 0 --captions real --out runs/ladder/datacomp-10
+    qcap subset --shards runs/demo/dr --num-samples 5000 --seed 0 --out runs/ladder/dr-5k
+
+**Nested by construction.** Every sample gets the rank key ``(hash(seed, uid), uid)``; a subset
+of ``N`` samples is the ``N`` smallest keys. With one seed, the ``N`` smallest are among the
+``M`` smallest for every ``M >= N``: the 1% subset ⊂ the 10% subset ⊂ the full set, whatever
+the shard layout. ``N`` is exact: ``round(fraction × total)`` (halves up) or ``--num-samples``.
+The key depends on the uid alone, so the same seed picks the same images from the DR folder,
+from its real-captions-only twin, or from the curated images they came from.
+
+**Caption variants.** ``--captions keep`` (default) copies samples as they are (a DR folder's
+subset keeps its synthetic captions); ``--captions real`` writes the *DataComp* variant of the
+same images: ``KEY.syn.json``, ``KEY.qcap.json`` and Apple's teacher data (``npz``, ``pth.gz``,
+``paug.json``) are left out, so nothing but the real caption can be trained on. (Training the
+DR folder with ``qcap train --caption-source real`` reads the same captions; the separate folder
+makes each rung of the ladder its own dataset, with its own card and uid list, that cannot be
+trained on synthetic captions by mistake.)
+
+**Scale.** The selection reads only the Parquets (uid, status): one pass counts keys in 65,536
+bins of their top 16 bits, a second collects the one bin that holds the ``N``-th key and finds
+the exact threshold; memory stays ``O(bins + N/65536)``. The copy then streams the input shards
+once, packed whole into output shards of about ``--samples-per-shard`` samples (default: the
+largest input shard), resumable per output shard.
+
+``DIR/`` holds the shards with ``sizes.json``, ``uids.npy`` (DataComp's sorted uid file of the
+subset), ``subset.json`` (settings, the threshold, the plan), ``subset_summary.json`` (counts
+that reconcile: selected = N exactly) and the dataset card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from curate.cli import UsageError
+from curate.config import arg, parse_config, to_dict
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "subset.json"
+SUMMARY_FILE = "subset_summary.json"
+UIDS_FILE = "uids.npy"
+BIN_BITS = 16
+# Members that belong to the synthetic captions (and Apple's teacher data); --captions real drops them.
+SYNTHETIC_MEMBERS = ("npz", "pth.gz", "paug.json")
+_MASK = (1 << 64) - 1
+
+
+@dataclass(kw_only=True)
+class SubsetConfig:
+    """Write a nested, seeded subset of a shard folder (DR or curated) as a new shard folder."""
+
+    shards: str = arg(help="input shards: folder, brace pattern or glob (a DR folder, or any shard folder)", metavar="DR")
+    out: Path = arg(help="output shard folder", metavar="DIR")
+    fraction: float | None = arg(None, help="share of the input's samples to keep, in (0, 1]")
+    num_samples: int | None = arg(None, help="number of samples to keep (instead of --fraction)")
+    seed: int = arg(0, help="ranking seed: with one seed, smaller subsets are nested in larger ones")
+    captions: Literal["keep", "real"] = arg("keep", help="keep: copy samples as they are; real: the DataComp variant "
+                                                         "(drop syn.json, qcap.json and Apple's npz/paug.json)")
+    samples_per_shard: int | None = arg(None, help="about this many samples per output shard (default: the largest input shard)")
+    num_workers: int = arg(1, help="processes writing output shards")
+    card: bool = arg(True, help="write the dataset card (README.md, preview.html, card/*.png)")
+    overwrite: bool = arg(False, help="replace an output folder made with other inputs or settings")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.num_samples is None):
+            raise ValueError("fraction: give exactly one of --fraction or --num-samples")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction: must be in (0, 1], got {self.fraction}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
+        if self.samples_per_shard is not None and self.samples_per_shard < 1:
+            raise ValueError("samples_per_shard: must be >= 1")
+        if self.num_workers < 1:
+            raise ValueError("num_workers: must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking
+
+
+def rank_keys(seed: int, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """64-bit rank of each uid under ``seed`` (splitmix64 over seed, high and low halves)."""
+    with np.errstate(over="ignore"):
+        z = np.full(len(hi), np.uint64((0x9E3779B97F4A7C15 + (seed & _MASK)) & _MASK), dtype=np.uint64)
+        for part in (hi, lo):
+            z = z ^ part
+            z = z + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return z
+
+
+def target_size(cfg: SubsetConfig, total: int) -> int:
+    if cfg.num_samples is not None:
+        if cfg.num_samples > total:
+            raise UsageError(f"--num-samples {cfg.num_samples} is more than the {total} samples of {cfg.shards}")
+        return cfg.num_samples
+    n = math.floor(cfg.fraction * total + 0.5 + 1e-9)  # halves up; 1e-9 absorbs 0.1 * 1000 = 100.00000000000001
+    if n < 1:
+        raise UsageError(f"--fraction {cfg.fraction} of {total} samples selects none; use a larger fraction")
+    return min(n, total)
+
+
+@dataclass(slots=True)
+class ShardKeys:
+    """The rank keys of one input shard's successes, in tar order (position = index)."""
+
+    rank: np.ndarray  # u8
+    hi: np.ndarray
+    lo: np.ndarray
+    valid: np.ndarray  # bool: the success has a valid uid (others are never selected)
+
+    @property
+    def missing_uid(self) -> int:
+        return int((~self.valid).sum())
+
+
+def shard_keys(tar: str, seed: int) -> ShardKeys:
+    from curate.shards import _UID_RE, read_table
+
+    table = read_table(tar, columns=["uid", "status"])
+    uids = [u for u, s in zip(table.column("uid").to_pylist(), table.column("status").to_pylist(), strict=True)
+            if s == "success"]
+    valid = [isinstance(u, str) and bool(_UID_RE.match(u)) for u in uids]
+    hi = np.array([int(u[:16], 16) if ok else 0 for u, ok in zip(uids, valid, strict=True)], dtype=np.uint64)
+    lo = np.array([int(u[16:], 16) if ok else 0 for u, ok in zip(uids, valid, strict=True)], dtype=np.uint64)
+    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=np.array(valid, dtype=bool))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The largest selected key ``(rank, hi, lo, shard, position)``; None selects everything."""
+
+    rank: int
+    hi: int
+    lo: int
+    shard: int
+    pos: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"rank": f"{self.rank:016x}", "uid": f"{self.hi:016x}{self.lo:016x}", "shard": self.shard, "pos": self.pos}
+
+
+def selected_mask(keys: ShardKeys, shard: int, threshold: Threshold | None) -> np.ndarray:
+    if threshold is None:
+        return keys.valid.copy()
+    rank, t = keys.rank, threshold
+    below = rank < np.uint64(t.rank)
+    equal = rank == np.uint64(t.rank)
+    hi_lt = keys.hi < np.uint64(t.hi)
+    hi_eq = keys.hi == np.uint64(t.hi)
+    lo_lt = keys.lo < np.uint64(t.lo)
+    lo_eq = keys.lo == np.uint64(t.lo)
+    pos = np.arange(len(rank))
+    tail = (shard < t.shard) | ((shard == t.shard) & (pos <= t.pos))
+    return keys.valid & (below | (equal & (hi_lt | (hi_eq & (lo_lt | (lo_eq & tail))))))
+
+
+def select(tars: list[str], seed: int, n: int, progress: bool) -> tuple[Threshold | None, list[int], dict[str, int]]:
+    """The threshold key selecting exactly ``n`` samples, and the selected count per shard."""
+    from tqdm import tqdm
+
+    shift = np.uint64(64 - BIN_BITS)
+    histogram = np.zeros(1 << BIN_BITS, dtype=np.int64)
+    valid_per_shard = []
+    missing = 0
+    for tar in tqdm(tars, desc="rank", unit="shard", disable=not progress):
+        keys = shard_keys(tar, seed)
+        ok = keys.valid
+        histogram += np.bincount((keys.rank[ok] >> shift).astype(np.int64), minlength=1 << BIN_BITS)
+        valid_per_shard.append(int(ok.sum()))
+        missing += keys.missing_uid
+    total = int(histogram.sum())
+    counts = {"num_input": total + missing, "num_ranked": total, "missing_uid": missing}
+    if n > total:
+        raise UsageError(f"{n} samples asked for, but only {total} input samples have a uid")
+    if n == total:
+        return None, valid_per_shard, counts
+    cumulative = np.cumsum(histogram)
+    target_bin = int(np.searchsorted(cumulative, n, side="left"))
+    below = int(cumulative[target_bin - 1]) if target_bin else 0
+    # second pass: the keys of the bin holding the n-th key, and the counts below it per shard
+    candidates = []
+    per_shard = []
+    for index, tar in enumerate(tqdm(tars, desc="threshold", unit="shard", disable=not progress)):
+        keys = shard_keys(tar, seed)
+        bins = (keys.rank >> shift).astype(np.int64)
+        ok = keys.valid
+        per_shard.append(int((ok & (bins < target_bin)).sum()))
+        where = np.flatnonzero(ok & (bins == target_bin))
+        if len(where):
+            candidates.append(np.rec.fromarrays(
+                [keys.rank[where], keys.hi[where], keys.lo[where], np.full(len(where), index), where],
+                names="rank,hi,lo,shard,pos"))
+    pool = np.concatenate(candidates)
+    pool = pool[np.lexsort((pool["pos"], pool["shard"], pool["lo"], pool["hi"], pool["rank"]))]
+    take = pool[: n - below]
+    last = take[-1]
+    threshold = Threshold(int(last["rank"]), int(last["hi"]), int(last["lo"]), int(last["shard"]), int(last["pos"]))
+    for shard, count in Counter(take["shard"].tolist()).items():
+        per_shard[shard] += count
+    return threshold, per_shard, counts
+
+
+def pack(per_shard: list[int], target: int) -> list[list[int]]:
+    """Input shards, in order, packed whole into output shards of at most ``target`` selected
+    samples (an input shard larger than that gets one of its own): the full set keeps the
+    input's layout, a 10% subset joins about ten input shards into one."""
+    plan: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index, count in enumerate(per_shard):
+        if filled and filled + count > target:
+            plan.append(current)
+            current, filled = [], 0
+        current.append(index)
+        filled += count
+    if current:
+        if filled == 0 and plan:  # trailing shards that contribute nothing
+            plan[-1].extend(current)
+        else:
+            plan.append(current)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def strip_synthetic(sample) -> None:
+    """The DataComp variant of a sample: its real caption only."""
+    sample.syn_text = None
+    sample.syn_provenance = None
+    sample.extras = {ext: data for ext, data in sample.extras.items() if ext not in SYNTHETIC_MEMBERS}
+    sample.meta = {k: v for k, v in sample.meta.items() if k != "num_syn"}
+
+
+def write_shard(task: dict[str, Any]) -> dict[str, Any]:
+    """Output shard ``shard_id``: the selected samples of its input shards, in order."""
+    from curate.card import CaptionStats
+    from curate.shards import ShardError, ShardWriter, iter_samples
+
+    threshold = Threshold(**task["threshold"]) if task["threshold"] else None
+    stats = CaptionStats()
+    written = 0
+    with ShardWriter(task["out"], task["shard_id"]) as writer:
+        for index in task["inputs"]:
+            tar = task["tars"][index]
+            keys = shard_keys(tar, task["seed"])
+            mask = selected_mask(keys, index, threshold)
+            expected = int(mask.sum())
+            got = 0
+            for position, sample in enumerate(iter_samples([tar])):
+                if position >= len(mask):
+                    raise ShardError(f"{tar}: the tar holds more samples than its Parquet lists successes")
+                if not mask[position]:
+                    continue
+                uid = f"{int(keys.hi[position]):016x}{int(keys.lo[position]):016x}"
+                if sample.uid != uid:
+                    raise ShardError(f"{tar}: sample {position} has uid {sample.uid}, its Parquet says {uid}")
+                if task["captions"] == "real":
+                    strip_synthetic(sample)
+                writer.write(sample)
+                stats.add(sample)
+                got += 1
+            if got != expected or got != task["expected"][str(index)]:
+                raise ShardError(f"{tar}: {got} samples selected from the tar, {expected} from its Parquet, "
+                                 f"{task['expected'][str(index)]} planned; the input changed (run with --overwrite)")
+            written += got
+        writer.close(extra_stats={"inputs": [task["tars"][i] for i in task["inputs"]], "caption_stats": stats.as_json()})
+    return {"shard_id": task["shard_id"], "count": written}
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
+    import fsspec
+
+    sizes = []
+    for tar in tars:
+        fs, path = fsspec.core.url_to_fs(tar)
+        sizes.append([os.path.basename(tar), int(fs.size(path))])
+    values = to_dict(cfg)
+    settings = {k: values[k] for k in ("shards", "fraction", "num_samples", "seed", "captions", "samples_per_shard")}
+    return {"settings": settings, "inputs": sizes}
+
+
+def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
+    import shutil
+
+    out = Path(cfg.out)
+    path = out / CONFIG_FILE
+    known = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("identity") == ident
+    if known or not (out.is_dir() and any(out.iterdir())):
+        return
+    if not cfg.overwrite:
+        raise UsageError(f"{out} holds another dataset (other inputs or settings); use another --out or --overwrite")
+    for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.done", "sizes.json", "subset*.json", "*.npy",
+                    "README.md", "preview.html", ".*.tmp-*"):
+        for stale in out.glob(pattern):
+            stale.unlink()
+    if (out / "card").is_dir():
+        shutil.rmtree(out / "card")
+
+
+def subset(cfg: SubsetConfig) -> dict[str, Any]:
+    """Write the subset (or finish writing it); returns the summary (also ``DIR/subset_summary.json``)."""
+    from tqdm import tqdm
+
+    from curate.shards import (
+        atomic_write_json,
+        completed_shards,
+        expand_shards,
+        finalize_folder,
+        is_complete,
+        num_samples,
+        read_table,
+        save_uids,
+        shard_name,
+    )
+
+    started = time.time()
+    tars = expand_shards(cfg.shards)
+    total = num_samples(cfg.shards)
+    n = target_size(cfg, total)
+    ident = _identity(cfg, tars)
+    _check_output(cfg, ident)
+    out = Path(cfg.out)
+    plan_path = out / CONFIG_FILE
+    if plan_path.is_file():  # resuming: the plan is the one already chosen
+        saved = json.loads(plan_path.read_text(encoding="utf-8"))
+        threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
+    else:
+        threshold, per_shard, counts = select(tars, cfg.seed, n, cfg.progress)
+        threshold_json = None if threshold is None else {
+            "rank": threshold.rank, "hi": threshold.hi, "lo": threshold.lo, "shard": threshold.shard, "pos": threshold.pos}
+        target = cfg.samples_per_shard or max(1, max(_read_sizes(tars).values(), default=1))
+        plan = pack(per_shard, target)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan_path, {"config": to_dict(cfg), "config_class": f"{__name__}.SubsetConfig",
+                                      "identity": ident, "num_input": total, "num_selected": n, "counts": counts,
+                                      "threshold": threshold_json, "per_shard": per_shard, "plan": plan,
+                                      "rule": "the N smallest keys (hash(seed, uid), uid, shard, position)"})
+    stale = sorted(completed_shards(out) - set(range(len(plan))))
+    if stale:
+        raise UsageError(f"{out}: holds shards {stale[:5]} beyond the plan's {len(plan)}; use --overwrite")
+    todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": str(out), "seed": cfg.seed, "threshold": threshold_json,
+             "captions": cfg.captions, "expected": {str(i): per_shard[i] for i in inputs}}
+            for j, inputs in enumerate(plan) if not is_complete(out, j)]
+    bar = tqdm(total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",
+               disable=not cfg.progress, dynamic_ncols=True)
+    if cfg.num_workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(cfg.num_workers, len(todo))) as pool:
+            for result in pool.imap_unordered(write_shard, todo):
+                bar.update(result["count"])
+    else:
+        for task in todo:
+            bar.update(write_shard(task)["count"])
+    bar.close()
+    sizes = finalize_folder(out)
+    expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
+    uids = [u for tar in expand_shards(str(out)) for u in read_table(tar, columns=["uid"]).column("uid").to_pylist()]
+    num_unique = save_uids(out / UIDS_FILE, uids)
+    checks = {"selected = N": sum(sizes.values()) == n, "written = planned per shard": sizes == expected,
+              "uids unique": num_unique == len(uids) == n}
+    summary = {
+        "shards": cfg.shards, "out": str(out), "seed": cfg.seed, "fraction": cfg.fraction, "captions": cfg.captions,
+        "num_input": total, "num_selected": n, "num_written": sum(sizes.values()), "num_output_shards": len(plan),
+        "resumed_shards": len(plan) - len(todo), "input_counts": counts, "threshold": threshold_json,
+        "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()),
+        "seconds": round(time.time() - started, 3),
+    }
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    if cfg.card:
+        write_subset_card(cfg, summary)
+    return summary
+
+
+def _read_sizes(tars: list[str]) -> dict[str, int]:
+    from curate.shards import read_sizes
+
+    sizes: dict[str, int] = {}
+    for folder in sorted({os.path.dirname(t) for t in tars}):
+        sizes.update(read_sizes(folder))
+    names = {os.path.basename(t) for t in tars}
+    return {k: v for k, v in sizes.items() if k in names}
+
+
+def write_subset_card(cfg: SubsetConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    from curate.card import read_card, write_card
+    from curate.shards import shard_folder
+
+    source_folder = shard_folder(cfg.shards)
+    source_card = read_card(source_folder) or {}
+    lineage = list(source_card.get("lineage") or [{"step": "source", "title": "input shards", "folder": source_folder}])
+    share = f"{summary['num_selected'] / summary['num_input']:.2%}" if summary["num_input"] else "-"
+    size = f"{100 * cfg.fraction:.4g}%" if cfg.fraction is not None else f"{cfg.num_samples:,} samples"
+    variant = "real captions only (DataComp)" if cfg.captions == "real" else "captions as in the input"
+    lineage.append({
+        "step": "subset", "title": f"{summary['num_selected']:,} of {summary['num_input']:,} samples ({share}), {variant}",
+        "command": f"qcap subset --shards {cfg.shards} "
+                   + (f"--fraction {cfg.fraction}" if cfg.fraction is not None else f"--num-samples {cfg.num_samples}")
+                   + f" --seed {cfg.seed} --captions {cfg.captions} --out {cfg.out}",
+        "rule": "the N smallest (hash(seed, uid), uid): nested across sizes for one seed",
+        "seed": cfg.seed,
+        "captions": ("synthetic captions, qcap provenance and Apple's npz/paug.json removed" if cfg.captions == "real"
+                     else "kept as in the input"),
+        "uid list": f"{UIDS_FILE} ({summary['num_selected']:,} uids, DataComp format)",
+    })
+    kind = "DataComp (real captions)" if cfg.captions == "real" else (
+        "DataCompDR" if source_card.get("title", "").startswith("DataCompDR") else "subset")
+    source_name = Path(source_folder).name
+    usage = ([f"qcap train --data {cfg.out} --caption-source real ..."] if cfg.captions == "real" else
+             [f"qcap train --data {cfg.out} --caption-source dual ...   # real + synthetic",
+              f"qcap train --data {cfg.out} --caption-source real ...   # real only"])
+    return write_card(
+        cfg.out,
+        title=f"{kind}: {size} of {source_name} ({summary['num_selected']:,} of {summary['num_input']:,} samples, seed {cfg.seed})",
+        description=(f"A seeded subset of {source_folder}: {summary['num_selected']:,} of {summary['num_input']:,} samples, "
+                     f"{variant}. The same seed and size give the same uids from any folder of these images."),
+        lineage=lineage,
+        usage=usage,
+        summary_counts={"input samples": summary["num_input"], "selected": summary["num_selected"],
+                        "output shards": summary["num_output_shards"]},
+        progress=cfg.progress,
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return (f"subset: {summary['num_written']} of {summary['num_input']} samples (seed {summary['seed']}, captions "
+            f"{summary['captions']}) in {summary['num_output_shards']} shards -> {summary['out']} "
+            f"({summary['resumed_shards']} already done); uids: {summary['out']}/{summary['uids_file']}; "
+            f"counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + str(summary['checks'])}")
+
+
+def main(argv: list[str], prog: str = "qcap subset") -> int:
+    cfg = parse_config(SubsetConfig, argv, prog=prog)
+    summary = subset(cfg)
+    print(format_summary(summary))
+    return 0 if summary["reconciled"] else 1
