@@ -44,3 +44,22 @@ demo: setup ## the main job on the embedded pool
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs
+
+# The data-efficiency ladder (qcap subset): the same images with real captions only (DataComp)
+# and with real + synthetic captions (DR), at each fraction, one seed, so smaller rungs are
+# nested in larger ones. e.g.  make subsets DR=runs/demo/dr FRACTIONS="1.0 0.1 0.01"
+DR ?= runs/demo/dr
+LADDER ?= $(DR)-ladder
+SEED ?= 0
+FRACTIONS ?= 1.0 0.1
+.PHONY: subsets
+subsets: setup ## ladder of DR: LADDER/datacomp-P and LADDER/dr-P for P in FRACTIONS (vars: DR LADDER SEED FRACTIONS)
+	@test -f "$(DR)/sizes.json" || { echo "DR=$(DR) is not a shard folder: build it with qcap build-dr, or pass DR=..."; exit 2; }
+	@for f in $(FRACTIONS); do \
+	  pct=$$(awk "BEGIN { print $$f * 100 }"); \
+	  for rung in real:datacomp keep:dr; do \
+	    $(BIN)/qcap subset --shards "$(DR)" --fraction $$f --seed $(SEED) --captions $${rung%%:*} \
+	      --out "$(LADDER)/$${rung##*:}-$$pct" || exit 1; \
+	  done; \
+	done
+	@echo "ladder: $(LADDER)/{datacomp,dr}-{$$(for f in $(FRACTIONS); do awk "BEGIN { printf \"%s \", $$f * 100 }"; done | sed 's/ $$//; s/ /,/g')} (seed $(SEED)); each has README.md, uids.npy, sizes.json"

@@ -28,6 +28,7 @@ from dr_data import (
     write_qcap_side_tables,
 )
 
+from captioning.dr import WORK_DIR
 from curate.shards import (
     Sample,
     ShardError,
@@ -271,6 +272,22 @@ def test_bad_inputs_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "not a qcap caption folder" in stderr
 
 
+def kill_when(argv: list[str], log_path: Path, condition) -> None:
+    """Run ``qcap`` with ``argv`` in its own process group; SIGKILL it once ``condition()`` holds."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(QCAP), *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert proc.poll() is None, "finished before the kill: " + log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the moment to kill never came: " + log_path.read_text()[-3000:]
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_build_dr_resumes_after_sigkill(tmp_path, capsys):
     layout = [list(range(i * 3, i * 3 + 3)) for i in range(24)]
     images = write_images(tmp_path / "curated", layout)
@@ -282,19 +299,10 @@ def test_build_dr_resumes_after_sigkill(tmp_path, capsys):
     out = tmp_path / "dr"
     argv = ["build-dr", "--images", str(images), "--captions", str(captions), "--out", str(out), "--no-progress",
             "--no-card", "--partition-rows", "20"]
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(QCAP), *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.done")):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard finished in time: " + log_path.read_text()[-3000:]
-            time.sleep(0.002)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # killed first while indexing, then again once the first output shard is done
+    kill_when(argv, tmp_path / "killed-1.log", lambda: any((out / WORK_DIR / "index" / "images").glob("*.json")))
+    assert not list(out.glob("*.done"))
+    kill_when(argv, tmp_path / "killed-2.log", lambda: any(out.glob("*.done")))
     done_before = sorted(p.stem for p in out.glob("*.done"))
     assert 1 <= len(done_before) < 24, f"the kill came too late to test resuming: {done_before}"
     assert (out / ".build-dr").is_dir() and not (out / "build_dr_summary.json").exists()
