@@ -43,6 +43,8 @@ def test_two_processes_see_disjoint_samples(tmp_path):
     assert {p.name for p in checkpoint.glob("data-*.json")} == {"data-0.json", "data-1.json"}
     assert {p.name for p in checkpoint.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
     assert (run / "final" / "open_clip_model.safetensors").exists()
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    assert last["data/samples"] == 32 and last["samples_seen"] == 32  # counters summed over both processes
 
 
 @pytest.mark.slow

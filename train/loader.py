@@ -360,14 +360,9 @@ class ShardStream:
     # ---- reporting ---------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        """Counters for logging: samples trained, skipped per reason, caption kinds drawn, epoch."""
-        out: dict[str, float] = {f"data/{k}": float(v) for k, v in sorted(self.counts.items())}
-        drawn = sum(v for k, v in self.counts.items() if k.startswith("captions_"))
-        if drawn:
-            out["data/synthetic_fraction"] = self.counts.get("captions_synthetic", 0) / drawn
-        if self.epochs:
-            out["data/epoch"] = float(min(self.epochs.values()))
-        return out
+        """Additive counters for logging (the Trainer sums them over processes): samples trained,
+        ``skipped_<reason>``, ``captions_real``/``captions_synthetic`` drawn."""
+        return {f"data/{k}": float(v) for k, v in sorted(self.counts.items())}
 
 
 def _shard_sizes(shards: Sequence[str]) -> list[int]:

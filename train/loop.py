@@ -21,6 +21,7 @@ The API (stable: ``finetune`` builds on it)::
         def __iter__(self): ...                                   # endless batches (dicts/tuples of tensors)
         def state_dict(self) -> dict: ...                          # JSON-able position after the last batch yielded
         def load_state_dict(self, state: dict) -> None: ...        # called before __iter__ on resume
+        def metrics(self) -> dict[str, float]: ...                  # optional: additive counters, summed
 
     accelerator = make_accelerator(precision="bf16", tracker="tensorboard", out_dir=run_dir)
     trainer = Trainer(MyTask(model), MyStream(...), TrainerConfig(total_steps=1000, lr=1e-3),
@@ -155,6 +156,9 @@ class BatchStream(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    # Optional: ``metrics() -> dict[str, float]`` of additive counters (samples, skips...);
+    # the Trainer sums them over processes and logs them with each training row.
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,8 +529,15 @@ class Trainer:
         row: dict[str, float] = {name: float(value) for name, value in zip(names, averaged.tolist(), strict=True)}
         row["samples_per_s"] = samples_per_s
         extra = getattr(self.stream, "metrics", None)
-        if callable(extra):
-            row.update(extra())
+        if callable(extra):  # the stream's additive counters, summed over processes
+            counters = extra()
+            if self.world_size > 1:
+                from accelerate.utils import gather_object
+
+                gathered = gather_object([counters])
+                names = sorted({name for part in gathered for name in part})
+                counters = {name: sum(float(part.get(name, 0.0)) for part in gathered) for name in names}
+            row.update(counters)
         self._meters.clear()
         self._last_metrics = row
         if acc.is_main_process:

@@ -209,11 +209,11 @@ def main(argv: list[str], prog: str = "qcap train") -> int:
         return 0
     if summary["rank"] != 0:
         return 0
-    data = summary["data"]
+    data = summary["last_metrics"]  # the last logged row: counters summed over every process
     skipped = {k.removeprefix("data/skipped_"): int(v) for k, v in data.items() if k.startswith("data/skipped_")}
     trained = int(data.get("data/samples", 0))
     print(f"{cfg.out}: step {summary['step']}/{summary['total_steps']}, {summary['samples_seen']} samples seen")
-    print(f"  this process: drawn {trained + sum(skipped.values())} = trained {trained} + skipped {skipped}")
+    print(f"  samples drawn {trained + sum(skipped.values())} = trained {trained} + skipped {skipped}")
     if summary["final_dir"]:
         print(f"  final model: {summary['final_dir']} (open_clip local-dir:)")
     else:
