@@ -15,6 +15,7 @@ from test_filter_support import assert_datacomp_uids, shared_world, truth_table
 
 from curate.filters.basic import LanguageDetector
 from curate.shards import array_to_uids
+from qcap.cli import main as qcap
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 # lid.176 (compressed) on the world's text: at most this share of candidates may be misjudged
@@ -102,10 +103,8 @@ def test_basic_report_reconciles_and_draws(basic_run):
 def test_thresholds_are_flags(basic_run, tmp_path):
     world, raw, out = basic_run
     loose = tmp_path / "loose.npy"
-    proc = subprocess.run([QCAP, "filter", "basic", "--shards", str(raw), "--out", str(loose), "--no-progress",
-                           "--no-histograms", "--min-image-side", "0", "--max-aspect-ratio", "100", "--language", ""],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert qcap(["filter", "basic", "--shards", str(raw), "--out", str(loose), "--no-progress", "--no-histograms",
+                 "--min-image-side", "0", "--max-aspect-ratio", "100", "--language", ""]) == 0
     report = json.loads((tmp_path / "loose.report" / "report.json").read_text())
     assert set(report["counts"]["dropped"]) <= {"too_few_words", "too_few_chars"}
     truth = truth_table(world)
@@ -128,7 +127,7 @@ def test_lid176_mistakes_are_named():
     assert detect("x " * 200)[1] == detect(("x " * 200).replace("\n", " "))[1]
 
 
-def test_bad_input_is_a_clear_error(basic_run, tmp_path):
+def test_bad_input_is_a_clear_error(basic_run, tmp_path, capsys):
     _, raw, _ = basic_run
     broken = tmp_path / "raw"
     shutil.copytree(raw, broken)
@@ -136,12 +135,12 @@ def test_bad_input_is_a_clear_error(basic_run, tmp_path):
     proc = subprocess.run([QCAP, "filter", "basic", "--shards", str(broken), "--out", str(tmp_path / "b.npy")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "00001.parquet: missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b.npy").exists()
     # a shard folder without the pool's size columns: say which, and the flag that names others
-    proc = subprocess.run([QCAP, "filter", "basic", "--shards", str(raw), "--out", str(tmp_path / "c.npy"),
-                           "--width-column", "nope"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "'nope'" in proc.stderr and "--width-column" in proc.stderr
-    proc = subprocess.run([QCAP, "filter", "basic", "--shards", str(raw), "--out", str(tmp_path / "c.txt")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "must end in .npy" in proc.stderr
-    proc = subprocess.run([QCAP, "filter", "nope"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown filter 'nope'" in proc.stderr
+    assert qcap(["filter", "basic", "--shards", str(raw), "--out", str(tmp_path / "c.npy"), "--width-column", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "--width-column" in err
+    with pytest.raises(SystemExit) as exc:
+        qcap(["filter", "basic", "--shards", str(raw), "--out", str(tmp_path / "c.txt")])
+    assert exc.value.code == 2 and "must end in .npy" in capsys.readouterr().err
+    assert qcap(["filter", "nope"]) == 2 and "unknown filter 'nope'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from test_filter_support import assert_datacomp_uids
 
 from curate.shards import ShardError, array_to_uids, load_uids, save_uids
 from curate.uidtool import combine
+from qcap.cli import main as qcap
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 
@@ -35,9 +36,7 @@ def test_set_operations_through_the_command(tmp_path):
     }
     for op, (inputs, expected) in cases.items():
         out = tmp_path / f"{op}.npy"
-        proc = subprocess.run([QCAP, "uids", op, *[str(tmp_path / i) for i in inputs], "--out", str(out)],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        assert qcap(["uids", op, *[str(tmp_path / i) for i in inputs], "--out", str(out)]) == 0
         array = assert_datacomp_uids(out)  # plain numpy, DataComp's dtype, sorted
         assert set(array_to_uids(array)) == expected, op
         assert json.loads(Path(f"{out}.json").read_text())["count"] == len(expected)
@@ -57,7 +56,7 @@ def test_uid_order_is_datacomps():
         combine("minus", [array, array, array])
 
 
-def test_bad_files_are_clear_errors(tmp_path):
+def test_bad_files_are_clear_errors(tmp_path, capsys):
     np.save(tmp_path / "ints.npy", np.arange(4))
     np.save(tmp_path / "unsorted.npy", np.array([(5, 1), (1, 1)], dtype="u8,u8"))
     (tmp_path / "text.npy").write_text("not numpy")
@@ -66,14 +65,13 @@ def test_bad_files_are_clear_errors(tmp_path):
                           ("text.npy", "not a readable .npy")):
         with pytest.raises(ShardError, match=message):
             load_uids(tmp_path / name)
-        proc = subprocess.run([QCAP, "uids", "intersect", str(tmp_path / "ok.npy"), str(tmp_path / name), "--out",
-                               str(tmp_path / "o.npy")], capture_output=True, text=True)
-        assert proc.returncode == 2 and name in proc.stderr and message in proc.stderr
-        assert "Traceback" not in proc.stderr
-    proc = subprocess.run([QCAP, "uids", "union", str(tmp_path / "ok.npy"), "--out", str(tmp_path / "o.npy")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "at least 2" in proc.stderr
+        code = qcap(["uids", "intersect", str(tmp_path / "ok.npy"), str(tmp_path / name), "--out", str(tmp_path / "o.npy")])
+        err = capsys.readouterr().err
+        assert code == 2 and name in err and message in err
+    assert qcap(["uids", "union", str(tmp_path / "ok.npy"), "--out", str(tmp_path / "o.npy")]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    # the console script: one clear line, no traceback
     proc = subprocess.run([QCAP, "uids", "union", str(tmp_path / "ok.npy"), str(tmp_path / "ok.npy"), "--out",
                            str(tmp_path / "o.txt")], capture_output=True, text=True)
-    assert proc.returncode == 2 and ".npy" in proc.stderr
+    assert proc.returncode == 2 and ".npy" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.txt").exists()
