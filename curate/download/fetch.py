@@ -245,6 +245,7 @@ def fetch_into(table, folder: str, shard_id: int, settings: FetchSettings, progr
         # a missing URL becomes "", which urllib refuses as an unknown url type (refused_url)
         "url": pc.fill_null(table.column("url").cast(pa.string()), ""),
     }).select(columns)
+    resizer = make_resizer(settings, blur=blur)  # imports cv2/albumentations before the shard's clock starts
     sink = _ShardSink(folder, shard_id, table, settings, progress)
     try:
         with tempfile.TemporaryDirectory(prefix="qcap-i2d-") as scratch:
@@ -253,7 +254,7 @@ def fetch_into(table, folder: str, shard_id: int, settings: FetchSettings, progr
                 writer.write_table(feed)
             downloader = Downloader(
                 sample_writer_class=lambda *_args: sink,  # img2dataset builds its writer; ours is ready
-                resizer=make_resizer(settings, blur=blur),
+                resizer=resizer,
                 thread_count=settings.threads,
                 save_caption=True,
                 extract_exif=settings.extract_exif,

@@ -56,7 +56,7 @@ def build_manifest(out: str, plan: Plan, *, min_success_rate: float, verify_hash
             incomplete.append(shard_id)
             continue
         tar = f"{out}/{shard_name(shard_id)}.tar"
-        table = read_table(tar)
+        table = read_table(tar, columns=["uid", "status", "error_message", "url", "sha256_match"])
         if table.num_rows != plan.shard_rows(shard_id):
             problems.append(f"{tar}: {table.num_rows} rows, the plan has {plan.shard_rows(shard_id)}")
         statuses = table.column("status")
@@ -70,9 +70,8 @@ def build_manifest(out: str, plan: Plan, *, min_success_rate: float, verify_hash
                 message = (row["error_message"] or "")[:300]
                 if len(seen) < EXAMPLES_PER_STATUS and message not in seen:
                     seen.append(message)
-        if "sha256_match" in table.column_names:
-            mismatch = pc.and_(pc.equal(statuses, SUCCESS), pc.equal(table.column("sha256_match"), False))
-            sha_mismatches += int(pc.sum(pc.cast(pc.fill_null(mismatch, False), pa.int64())).as_py() or 0)
+        mismatch = pc.and_(pc.equal(statuses, SUCCESS), pc.equal(table.column("sha256_match"), False))
+        sha_mismatches += int(pc.sum(pc.cast(pc.fill_null(mismatch, False), pa.int64())).as_py() or 0)
         hosts = pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.fill_null(table.column("url"), ""), _HOST_RE), "host"))
         hosts = pc.fill_null(pc.if_else(pc.equal(hosts, ""), None, hosts), "(no host)")
         per_domain = pa.table({"domain": hosts, "failed": pc.cast(failed, pa.int64())}).group_by("domain").aggregate(

@@ -82,19 +82,12 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    try:
-        dataset = ds.dataset(str(pool), format="parquet")
-    except (pa.ArrowInvalid, OSError, FileNotFoundError) as err:
-        raise ShardError(f"{pool}: not a readable Parquet pool ({err})") from err
-    files = sorted(dataset.files)
-    if not files:
-        raise ShardError(f"{pool}: no Parquet files")
-    schema = pq.read_schema(files[0])
+    filesystem, files = pool_files(pool)
+    schema = pq.read_schema(files[0], filesystem=filesystem)
     for path in files[1:]:
-        other = pq.read_schema(path)
+        other = pq.read_schema(path, filesystem=filesystem)
         if not other.equals(schema):
             raise ShardError(f"{path}: schema differs from {files[0]}'s; a pool's files must agree")
     missing = [c for c in ("uid", "url", "text") if c not in schema.names]
@@ -115,7 +108,7 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
     digest = hashlib.sha256()
     chunks = []
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["uid"], batch_size=1 << 16):
+        for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(columns=["uid"], batch_size=1 << 16):
             uids = batch.column(0)
             bad = pc.invert(pc.fill_null(pc.match_substring_regex(uids, _UID_PATTERN), False))
             if pc.any(bad).as_py():
@@ -135,6 +128,23 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
         fingerprint=digest.hexdigest(), pool_columns=list(schema.names),
     )
     return plan, schema
+
+
+def pool_files(pool: str | os.PathLike):
+    """``(filesystem, sorted Parquet files)`` of a pool file or folder (local or fsspec/arrow URL)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    try:
+        dataset = ds.dataset(str(pool), format="parquet")
+    except (pa.ArrowInvalid, OSError, FileNotFoundError) as err:
+        raise ShardError(f"{pool}: not a readable Parquet pool ({err})") from err
+    local = isinstance(dataset.filesystem, pafs.LocalFileSystem)
+    files = sorted(os.path.abspath(f) if local else f for f in dataset.files)  # a resume may start elsewhere
+    if not files:
+        raise ShardError(f"{pool}: no Parquet files")
+    return dataset.filesystem, files
 
 
 def _json_able(tp) -> bool:
@@ -158,10 +168,13 @@ class ShardReader:
         import pyarrow.parquet as pq
 
         self.plan = plan
+        self.filesystem, files = pool_files(plan.pool)
+        if files != plan.files:
+            raise ShardError(f"{plan.pool}: its files changed since the plan was made")
         self._groups: list[tuple[str, int, int, int]] = []  # (file, group, first row, rows)
         start = 0
         for path in plan.files:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(path, filesystem=self.filesystem).metadata
             for group in range(meta.num_row_groups):
                 rows = meta.row_group(group).num_rows
                 self._groups.append((path, group, start, rows))
@@ -174,7 +187,7 @@ class ShardReader:
         import pyarrow.parquet as pq
 
         if self._cache is None or self._cache[0] != (path, group):
-            self._cache = ((path, group), pq.ParquetFile(path).read_row_group(group))
+            self._cache = ((path, group), pq.ParquetFile(path, filesystem=self.filesystem).read_row_group(group))
         return self._cache[1]
 
     def rows(self, start: int, stop: int):

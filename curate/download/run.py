@@ -133,10 +133,16 @@ class _Runner:
     def _backend(self) -> Backend:
         if self.backend is None:
             cfg = self.cfg
-            self.backend = BACKENDS[cfg.distributor](
-                processes=cfg.processes, ray_address=cfg.ray_address, shard_retries=cfg.shard_retries,
-                max_in_flight=cfg.in_flight,
-            )
+            try:
+                self.backend = BACKENDS[cfg.distributor](
+                    processes=cfg.processes, ray_address=cfg.ray_address, shard_retries=cfg.shard_retries,
+                    max_in_flight=cfg.in_flight,
+                )
+            except ConnectionError as err:
+                raise UsageError(
+                    f"cannot attach to the Ray cluster at {cfg.ray_address!r} ({err}); is it running (ray status)? "
+                    "A cluster with token authentication needs RAY_AUTH_MODE=token and its token here"
+                ) from err
         return self.backend
 
     def close(self, *, abort: bool = False) -> None:
