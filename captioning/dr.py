@@ -870,21 +870,38 @@ def _clear(out: Path) -> None:
             shutil.rmtree(folder)
 
 
-def _pool_map(func, tasks: list[dict[str, Any]], workers: int, bar, weight=None):
-    results = []
-    if workers > 1 and len(tasks) > 1:
-        import multiprocessing
+class Workers:
+    """``--num-workers`` processes (spawned once per build, reused by every step), or this process."""
 
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            for result in pool.imap_unordered(func, tasks):
-                results.append(result)
-                bar.update(weight(result) if weight else 1)
-    else:
-        for task in tasks:
-            result = func(task)
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        self.pool = None
+
+    def __enter__(self) -> Workers:
+        if self.num_workers > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            if exc[0] is not None:
+                self.pool.terminate()
+            else:
+                self.pool.close()
+            self.pool.join()
+
+    def map(self, func, tasks: list[dict[str, Any]], bar, weight=None, parallel: bool = True) -> list:
+        results = []
+        if self.pool is not None and parallel and len(tasks) > 1:
+            outputs = self.pool.imap_unordered(func, tasks)
+        else:
+            outputs = (func(task) for task in tasks)
+        for result in outputs:
             results.append(result)
             bar.update(weight(result) if weight else 1)
-    return results
+        return results
 
 
 def build(cfg: BuildDRConfig) -> dict[str, Any]:
@@ -909,22 +926,24 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     pending = [(n, shard_id, path) for n, (shard_id, path) in enumerate(images) if not is_complete(out, shard_id)]
     work = _work(cfg)
     resumed = len(images) - len(pending)
-    if pending:
-        if resumed == 0 and not (work / "join").is_dir():
-            log.info("build-dr: %d image shards, %d %s caption shards -> %s", len(images), len(source.shards),
-                     source.kind, out)
-        join_counts, index_counts = _index_and_join(cfg, images, source, work)
-        num_partitions = len(join_counts)
-        sizes = read_sizes(cfg.images) if os.path.isdir(cfg.images) else {}
-        total = sum(sizes.get(os.path.basename(p), 0) for _, _, p in pending) or None
-        bar = tqdm(total=total, desc="build-dr", unit="img", disable=not cfg.progress, dynamic_ncols=True)
-        tasks = [{"cfg": cfg, "source": source, "n": n, "shard_id": shard_id, "path": path, "work": str(work),
-                  "num_partitions": num_partitions} for n, shard_id, path in pending]
-        _pool_map(write_output_shard, tasks, cfg.num_workers, bar, weight=lambda r: r["count"])
-        bar.close()
+    if pending or not (out / SUMMARY_FILE).is_file():
+        # every step resumes from its markers: a finished index or join is only read back
+        with Workers(cfg.num_workers) as workers:
+            join_counts, index_counts = _index_and_join(cfg, images, source, work, workers)
+            num_partitions = len(join_counts)
+            sizes = read_sizes(cfg.images) if os.path.isdir(cfg.images) else {}
+            total = sum(sizes.get(os.path.basename(p), 0) for _, _, p in pending) or None
+            bar = tqdm(total=total, desc="build-dr", unit="img", disable=not cfg.progress or not pending,
+                       dynamic_ncols=True)
+            tasks = [{"cfg": cfg, "source": source, "n": n, "shard_id": shard_id, "path": path, "work": str(work),
+                      "num_partitions": num_partitions} for n, shard_id, path in pending]
+            workers.map(write_output_shard, tasks, bar, weight=lambda r: r["count"])
+            bar.close()
         _write_uid_lists(out, work, num_partitions)
-        atomic_write_json(work / "join_summary.json", {"join": join_counts, "index": index_counts})
-    join_summary = _join_summary(out, work)
+        join_summary = {"join": _sum_counts(join_counts), "index": index_counts}
+    else:  # finished before: the join's counts are in the summary (the work folder is gone)
+        previous = json.loads((out / SUMMARY_FILE).read_text())
+        join_summary = {"join": previous["join"], "index": previous["index"]}
     finalize_folder(out)
     summary = summarize(cfg, images, source, join_summary, resumed, time.time() - started)
     atomic_write_json(out / SUMMARY_FILE, summary)
@@ -936,7 +955,7 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     return summary
 
 
-def _index_and_join(cfg: BuildDRConfig, images, source: CaptionSource, work: Path):
+def _index_and_join(cfg: BuildDRConfig, images, source: CaptionSource, work: Path, workers: Workers):
     from tqdm import tqdm
 
     from curate.shards import atomic_write_json
@@ -945,8 +964,8 @@ def _index_and_join(cfg: BuildDRConfig, images, source: CaptionSource, work: Pat
     image_tasks = [{"n": n, "path": path, "work": str(work)} for n, (_, path) in enumerate(images)]
     caption_tasks = [{"n": n, "work": str(work), "source": source} for n in range(len(source.shards))]
     bar = tqdm(total=len(image_tasks) + len(caption_tasks), desc="index", unit="shard", disable=not cfg.progress)
-    image_counts = _pool_map(index_image_shard, image_tasks, cfg.num_workers, bar)
-    caption_counts = _pool_map(index_caption_shard, caption_tasks, cfg.num_workers, bar)
+    image_counts = workers.map(index_image_shard, image_tasks, bar)
+    caption_counts = workers.map(index_caption_shard, caption_tasks, bar)
     bar.close()
     index_counts = {"images": _sum_counts(image_counts), "captions": _sum_counts(caption_counts)}
     layout = work / "partitions.json"
@@ -961,7 +980,7 @@ def _index_and_join(cfg: BuildDRConfig, images, source: CaptionSource, work: Pat
               "num_captions": len(source.shards)} for p in range(num_partitions)]
     bar = tqdm(total=num_partitions, desc="join", unit="part", disable=not cfg.progress)
     # partitions run one at a time: each holds N/P rows of both sides, the memory bound
-    join_counts = _pool_map(join_partition, tasks, 1, bar)
+    join_counts = workers.map(join_partition, tasks, bar, parallel=False)
     bar.close()
     return join_counts, index_counts
 
@@ -983,20 +1002,6 @@ def _write_uid_lists(out: Path, work: Path, num_partitions: int) -> None:
     for suffix, name in (("only_images", IMAGES_WITHOUT_CAPTIONS), ("only_captions", CAPTIONS_WITHOUT_IMAGES)):
         parts = [_load_npy(work / "join" / f"{p:05d}.{suffix}.npy", mmap=False) for p in range(num_partitions)]
         save_uids(out / name, np.concatenate(parts) if parts else _uid_array(np.zeros(0, np.uint64), np.zeros(0, np.uint64)))
-
-
-def _join_summary(out: Path, work: Path) -> dict[str, Any]:
-    """The join's counts: from this run's work folder, or kept in the summary of an earlier run."""
-    path = work / "join_summary.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return {"join": _sum_counts(data["join"]), "index": data["index"]}
-    previous = out / SUMMARY_FILE
-    if previous.is_file():
-        data = json.loads(previous.read_text())
-        return {"join": data["join"], "index": data["index"]}
-    raise UsageError(f"{out}: every shard is written but the join's counts are gone ({WORK_DIR} removed before the "
-                     "summary was written); run again with --overwrite")
 
 
 def _write_dr_uids(out: Path) -> None:
@@ -1033,6 +1038,14 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
         totals.update({"images_in": stats["num_input"], "syn_in": stats["syn_in"], "syn_kept": stats["syn_kept"],
                        "syn_unscored_kept": stats["syn_unscored_kept"], "sha256_mismatch": stats["sha256_mismatch"]})
     join, index = join_summary["join"], join_summary["index"]
+    notes = []
+    caption_summary = source.describe().get("caption_summary")
+    if isinstance(caption_summary, dict) and caption_summary.get("num_shards_done") != caption_summary.get("num_shards"):
+        notes.append(f"the caption folder is unfinished ({caption_summary.get('num_shards_done')} of "
+                     f"{caption_summary.get('num_shards')} shards captioned): its images count as no_caption")
+    if join["caption_duplicates"] or join["image_duplicates"]:
+        notes.append(f"duplicate uids: {join['image_duplicates']} image rows, {join['caption_duplicates']} caption rows "
+                     "(the first copy of each was used)")
     kept = statuses.get("success", 0)
     dropped = {k: v for k, v in sorted(statuses.items()) if k != "success"}
     caption_status = index["captions"].get("status_counts", {})
@@ -1072,6 +1085,7 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
                     "min_syn_captions": cfg.min_syn_captions},
         "files": {"images_without_captions": IMAGES_WITHOUT_CAPTIONS, "captions_without_images": CAPTIONS_WITHOUT_IMAGES,
                   "uids": UIDS_FILE},
+        "notes": notes,
         "checks": checks,
         "reconciled": all(checks.values()) and not missing,
         "join": join,
@@ -1093,6 +1107,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  synthetic captions: {summary['synthetic_kept']} of {summary['synthetic_in']} kept; dropped: {syn_dropped}",
         f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + str(summary['checks'])}",
     ]
+    lines += [f"  note: {note}" for note in summary["notes"]]
     if summary["sha256_mismatch"]:
         lines.append(f"  note: {summary['sha256_mismatch']} samples' sha256 differ between the sides (joined by uid)")
     return "\n".join(lines)
