@@ -412,7 +412,8 @@ class Trainer:
         acc.backward(loss)
         if self.config.grad_clip_norm is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        # the schedule's learning rate (groups with an lr_scale train at a multiple of it)
+        lr = self.config.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
