@@ -296,6 +296,7 @@ def run_gpu(args) -> list[dict]:
     import torch
 
     from captioning.decode import generate
+    from captioning.params import DecodeParams
 
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -337,6 +338,10 @@ def run_gpu(args) -> list[dict]:
             totals.append(t_total)
             encodes.append(t_encode)
             flops = count_decoder_flops(model, tokens.cpu(), 49407, model.pad_id, image_tokens)
+            if spec["decoding"] == "beam":
+                # each output row was decoded by one group of beams (a lower bound: beams may run
+                # past the best hypothesis' end)
+                flops *= DecodeParams(decoding="beam").group_size
         total, encode_s = statistics.median(totals), statistics.median(encodes)
         decode_s = max(total - encode_s, 1e-9)
         achieved = flops / decode_s / 1e12

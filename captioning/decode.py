@@ -408,8 +408,9 @@ def _stepper(model, image_embs, rows: _Rows, max_len: int, pad_id: int):
 # Logits processing (open_clip's processors, transformers' semantics)
 
 
-def _process(scores: torch.Tensor, history: torch.Tensor, cur_len: int, params: DecodeParams, eos: int) -> torch.Tensor:
-    """Min-length and repetition penalty, in open_clip's order; ``history`` is ``[rows, cur_len]``."""
+def _process(scores: torch.Tensor, history: torch.Tensor | None, cur_len: int, params: DecodeParams, eos: int):
+    """Min-length and repetition penalty, in open_clip's order; ``history`` (``[rows, cur_len]``,
+    the tokens so far, start token included) is needed only for the penalty."""
     if cur_len < params.min_seq_len:
         scores[:, eos] = -math.inf
     if params.repetition_penalty != 1.0:
@@ -527,7 +528,8 @@ def _sample(model, image_embs: torch.Tensor, params: DecodeParams, tok: _Tokens,
         if cur_len + 1 == params.seq_len:
             chosen = torch.full_like(current, tok.eos)
         else:
-            scores = _process(logits, out[live, :cur_len], cur_len, params, tok.eos)
+            history = out[live, :cur_len] if params.repetition_penalty != 1.0 else None
+            scores = _process(logits, history, cur_len, params, tok.eos)
             if params.decoding == "greedy":
                 chosen = scores.argmax(dim=-1)
             else:
