@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -219,12 +220,13 @@ class ClipScorer:
         self.device = device
         self.loaded = load_model(model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision)
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.ready_at = time.time()  # model loaded: from here on, throughput is the pipeline's, not start-up's
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores = score_batch(self.loaded.model, batch["pixels"], batch["tokens"], device=self.device, dtype=self.dtype)
         scores[np.asarray([bool(e) for e in batch["error"]], dtype=bool)] = np.nan
         return {"shard": batch["shard"], "key": batch["key"], "uid": batch["uid"], "score": scores,
-                "error": batch["error"]}
+                "error": batch["error"], "ready_at": np.full(len(scores), self.ready_at)}
 
 
 def score_batch(model, pixels: np.ndarray, tokens: np.ndarray, *, device: str = "cpu", dtype=None) -> np.ndarray:
@@ -241,10 +243,18 @@ def score_batch(model, pixels: np.ndarray, tokens: np.ndarray, *, device: str = 
         return (image_emb.float() * text_emb.float()).sum(dim=-1).cpu().numpy().astype(np.float32)
 
 
-def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path, identity: dict[str, Any]) -> None:
-    """Score the candidates of the shards in ``todo`` (tar -> keys) on Ray Data, one part per shard."""
+def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path, identity: dict[str, Any]) -> dict[str, float]:
+    """Score the candidates of the shards in ``todo`` (tar -> keys) on Ray Data, one part per shard.
+
+    Returns timings: ``seconds`` (from the driver's model check to the last score, Ray start
+    included), ``startup_seconds`` (until the first actor had its model loaded), and
+    ``steady_images_per_s``: images over the time from then to the last score — the pipeline's
+    throughput once it can run (reading and decoding not hidden behind the model show up here).
+    """
     import ray.data
     from tqdm import tqdm
+
+    started = time.time()
 
     from curate.models import load_model
 
@@ -282,7 +292,9 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
         )
         pending: dict[str, dict[str, list]] = {name: {c: [] for c in SCORE_COLUMNS} for name in expected}
         bar = tqdm(total=sum(expected.values()), desc="clip-score", unit="img", disable=not cfg.progress)
+        ready = float("inf")
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            ready = min(ready, float(batch["ready_at"].min()))
             for shard, key, uid, score in zip(batch["shard"], batch["key"], batch["uid"], batch["score"], strict=True):
                 rows = pending[str(shard)]
                 rows["uid"].append(str(uid))
@@ -293,9 +305,15 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
                     _write_part(parts / f"{Path(str(shard)).stem}.parquet", rows, identity)
             bar.update(len(batch["uid"]))
         bar.close()
+        finished = time.time()
     short = {s: (len(r["uid"]), expected[s]) for s, r in pending.items() if len(r["uid"]) != expected[s]}
     if short:
         raise RuntimeError(f"clip-score: shards scored incompletely (got, expected): {short}")
+    total = sum(expected.values())
+    ready = min(ready, finished)
+    steady = total / (finished - ready) if finished > ready else None
+    return {"images": total, "seconds": round(finished - started, 3), "startup_seconds": round(ready - started, 3),
+            "steady_images_per_s": round(steady, 2) if steady else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +333,7 @@ class ClipScoreFilter(BaseFilter):
         self.num_computed = 0
         self.identity: dict[str, Any] = {}
         self._scores = np.zeros(0, dtype=np.float32)
+        self.timings: dict[str, float] = {}  # of the model pass, when one ran
 
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
         cfg = self.cfg
@@ -342,7 +361,7 @@ class ClipScoreFilter(BaseFilter):
         if todo:
             self.num_computed = sum(len(k) for k in todo.values())
             log.info("clip-score: scoring %d samples of %d shards", self.num_computed, len(todo))
-            compute_scores(cfg, todo, parts, self.identity)
+            self.timings = compute_scores(cfg, todo, parts, self.identity)
         if todo or not path.exists() or parts.exists():
             self._write_scores_file(path, parts)
             index = self._load_existing(path, parts)
@@ -440,6 +459,7 @@ class ClipScoreFilter(BaseFilter):
             "threshold": self.cutoff,
             "num_scored": self.num_scored,
             "num_computed_now": self.num_computed,
+            "scoring": self.timings or None,
             "scores": str(cfg.scores_path()),
         }
 
