@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -239,6 +240,49 @@ def test_rerun_of_a_finished_download_does_nothing(mp_run, tmp_path):
     # a resumed run must keep the output settings
     code = run_cli(["--pool", str(mp_run["pool"]), "--out", str(out), "--allow-private-addresses", *SMALL, "--image-size", "32"])
     assert code == 2
+
+
+def test_without_the_flag_the_world_is_refused_and_the_run_says_so_loudly(world, served, mp_run, tmp_path, capsys, caplog):
+    """The embedded pool lives on loopback: with the guard on, nothing is fetched, every row is
+    counted as refused_url, and the low success rate is announced with what to do."""
+    truth = truth_of(world)
+    hits = {u: served.hits(u) for u in truth}
+    out = tmp_path / "raw"
+    assert run_cli(["--pool", str(mp_run["pool"]), "--out", str(out), *SMALL]) == 0
+    assert {u: served.hits(u) for u in truth} == hits, "the guard let a loopback URL through"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status_counts"] == {"refused_url": len(truth)} and manifest["reconciles"]
+    assert manifest["low_success"] and manifest["success_rate"] == 0.0
+    assert any("--allow-private-addresses" in line for line in manifest["diagnosis"])
+    printed = capsys.readouterr().out
+    assert "LOW SUCCESS RATE" in printed and "refused_url" in printed
+    assert "LOW SUCCESS RATE" in caplog.text  # also logged as a warning when the run ends
+    assert sum(read_sizes(str(out)).values()) == 0
+
+
+def test_verify_hash_fails_a_stale_sha256(world, served, tmp_path):
+    truth = truth_of(world)
+    stale = next(u for u, f in truth.items() if f["fault"] == "sha_mismatch")
+    good = next(u for u, f in truth.items() if f["fault"] == "none")
+    pool_path = tmp_path / "pool.parquet"
+    served.localize_pool(tmp_path / "all.parquet")
+    table = pq.read_table(tmp_path / "all.parquet")
+    pq.write_table(table.filter(pc.is_in(table.column("uid"), value_set=pa.array([stale, good]))), pool_path)
+    from curate.download.config import DownloadConfig
+
+    cfg = DownloadConfig(pool=pool_path, out=str(tmp_path / "raw"), threads=2, timeout=1, retries=0, image_size=32,
+                         samples_per_shard=10, allow_private_addresses=True, verify_hash=True, max_request_seconds=3)
+    plan, _ = make_plan(pool_path, cfg.samples_per_shard)
+    try:
+        [(shard_id, job_table)] = list(iter_job_tables(plan, [0]))
+        fetch_into(job_table, cfg.out, shard_id, FetchSettings.from_config(cfg))
+    finally:
+        uninstall_guard()
+    rows = {r["uid"]: r for r in read_table(str(tmp_path / "raw" / "00000.tar")).to_pylist()}
+    assert rows[stale]["status"] == "hash_mismatch" and rows[stale]["sha256_match"] is False
+    assert rows[stale]["error_message"] == "hash mismatch"  # img2dataset's own message, kept
+    assert rows[good]["status"] == "success" and rows[good]["sha256_match"] is True
+    assert rows[good]["downloaded_sha256"] == rows[good]["sha256"] == truth[good]["served_sha256"]
 
 
 # --------------------------------------------------------------------------------------------

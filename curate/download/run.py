@@ -24,6 +24,11 @@ What happens (each step is safe to interrupt; run the same command again to fini
 
 Exit status: 0 when every shard is complete, 1 when some shard still failed after its
 retries (run again), 2 on bad input.
+
+On a Ray cluster of several nodes, every node needs qcap installed (the tasks import
+``curate.download``) and RAW must be a folder every node sees (a shared filesystem) or an
+object-store URL. A cluster with token authentication needs ``RAY_AUTH_MODE=token`` and its
+token in this process's environment (Ray's own rule for explicit addresses).
 """
 
 from __future__ import annotations
