@@ -249,6 +249,13 @@ def test_apple_datacompdr_layout_joins_with_image_shards(tmp_path, capsys):
     assert summary["captions_without_images"] == 1 and summary["synthetic_dropped"] == {"repeated_word": 1, "too_short": 1}
     assert summary["sha256_mismatch"] == 8  # Apple's sha256 is of the original download; we joined by uid
     assert summary["reconciled"]
+    # its DataComp rung keeps the images and real captions, and none of Apple's caption or teacher data
+    code, _, stderr = run_cli(["subset", "--shards", str(out), "--fraction", "1", "--captions", "real", "--out",
+                               str(tmp_path / "rung"), "--no-progress", "--no-card"], capsys)
+    assert code == 0, stderr
+    for sample in iter_samples(str(tmp_path / "rung")):
+        assert sample.syn_text is None and sample.syn_provenance is None and set(sample.extras) == {"url.txt"}
+        assert sample.image == dr[sample.uid].image and sample.text == dr[sample.uid].text
     # and the DR folder reads in Hugging Face datasets with Apple's columns
     import datasets
 
