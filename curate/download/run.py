@@ -100,8 +100,12 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         runner = _Runner(cfg)
         try:
             fetched = runner.download(plan, todo, out, settings)
-            rounds = runner.retry(plan, out, settings) if cfg.retry_failed and not runner.failed else []
-        except KeyboardInterrupt:
+            rounds = []
+            if cfg.retry_failed and runner.failed:
+                log.warning("--retry-failed skipped: %d shard(s) are not complete yet; run again", len(runner.failed))
+            elif cfg.retry_failed:
+                rounds = runner.retry(plan, out, settings)
+        except BaseException:  # Ctrl-C or a broken contract: stop the workers now, then report
             runner.close(abort=True)
             raise
         runner.close()
