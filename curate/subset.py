@@ -107,6 +107,16 @@ def rank_keys(seed: int, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         return z
 
 
+def uid_array(uids: list[str]) -> np.ndarray:
+    """32-hex uids → DataComp's structured array, in order (unsorted)."""
+    from curate.shards import UID_DTYPE, check_uid
+
+    array = np.empty(len(uids), dtype=UID_DTYPE)
+    array["f0"] = np.array([int(check_uid(u)[:16], 16) for u in uids], dtype=np.uint64)
+    array["f1"] = np.array([int(u[16:], 16) for u in uids], dtype=np.uint64)
+    return array
+
+
 def target_size(cfg: SubsetConfig, total: int) -> int:
     if cfg.num_samples is not None:
         if cfg.num_samples > total:
@@ -380,7 +390,8 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     bar.close()
     sizes = finalize_folder(out)
     expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
-    uids = [u for tar in expand_shards(str(out)) for u in read_table(tar, columns=["uid"]).column("uid").to_pylist()]
+    uids = np.concatenate([uid_array(read_table(tar, columns=["uid"]).column("uid").to_pylist())
+                           for tar in expand_shards(str(out))])  # 16 bytes a sample, not Python strings
     num_unique = save_uids(out / UIDS_FILE, uids)
     checks = {"selected = N": sum(sizes.values()) == n, "written = planned per shard": sizes == expected,
               "uids unique": num_unique == len(uids) == n}
