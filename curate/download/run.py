@@ -85,6 +85,8 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         if cfg.overwrite:
             _clear(fs, root)
         plan, _ = make_plan(cfg.pool, cfg.samples_per_shard)
+        if cfg.verify_hash and "sha256" not in plan.pool_columns:
+            raise UsageError(f"{cfg.pool}: --verify-hash needs a sha256 column in the pool")
         _check_compatible(fs, root, cfg, plan)
         recover(out)
         _save_config(out, cfg, plan)
