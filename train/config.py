@@ -47,7 +47,9 @@ class TrainRunConfig:
     beta2: float = arg(0.98, help="AdamW beta2")
     eps: float = arg(1e-6, help="AdamW epsilon")
     grad_clip_norm: float | None = arg(None, help="clip the gradient norm to this")
-    precision: Literal["fp32", "bf16"] = arg("fp32", help="fp32, or bf16 autocast (GPUs)")
+    precision: Literal["auto", "fp32", "bf16"] = arg(
+        "auto", help="bf16 autocast or fp32; auto: bf16 where the hardware computes it natively (bf16 GPUs, AVX512-BF16/AMX CPUs)"
+    )
     grad_checkpointing: bool = arg(False, help="recompute activations in backward (less memory, more time)")
     local_loss: bool = arg(False, help="contrastive loss against gathered features of the local batch only (open_clip)")
     gather_with_grad: bool = arg(False, help="all-gather features with gradients (open_clip; use with --local-loss)")

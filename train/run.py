@@ -60,6 +60,26 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def resolve_precision(requested: str) -> str:
+    """``auto`` → ``bf16`` on hardware with native bf16 math, else ``fp32``.
+
+    On this project's CPU (AVX512-BF16) bf16 autocast cut a tiny CLIP step by a fifth and a
+    tiny CoCa step by a third; on CPUs without it bf16 is emulated and slower than fp32.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = {flag for line in handle if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:  # not Linux: no cheap way to tell, stay exact
+        return "fp32"
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 def input_side(model) -> int:
     """The longer side of a model's input images (open_clip's preprocess config)."""
     visual = model.visual
@@ -105,7 +125,8 @@ def train(cfg: TrainRunConfig) -> dict:
     source = parse_caption_source(cfg.caption_source)
 
     keep_freed_memory()
-    accelerator = make_accelerator(precision=cfg.precision, tracker=cfg.tracker, out_dir=out)
+    precision = resolve_precision(cfg.precision)
+    accelerator = make_accelerator(precision=precision, tracker=cfg.tracker, out_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(resolve_threads(cfg.threads, cfg.workers, local))
@@ -179,7 +200,7 @@ def train(cfg: TrainRunConfig) -> dict:
 
         save_config(cfg, out / "config.json", world_size=world, total_steps=total_steps, samples_seen=samples_seen,
                     num_shards=len(stream.shards), num_samples=stream.num_samples, task=kind,
-                    loader_workers=stream.num_workers, torch_threads=torch.get_num_threads(),
+                    loader_workers=stream.num_workers, torch_threads=torch.get_num_threads(), precision=precision,
                     versions={"torch": torch.__version__, "open_clip": open_clip.__version__,
                               "accelerate": accelerate.__version__})
     log.info("training %s (%s) for %d steps of %d samples on %d process(es); %d samples in %d shards",
