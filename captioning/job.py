@@ -154,6 +154,8 @@ def run(cfg: CaptionConfig) -> dict[str, Any]:
 
     tars = input_shards(cfg.shards)
     out = Path(cfg.out)
+    if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
+        raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
     context_parts = resolve_models(cfg)
     check_resume(out, cfg, context_parts["captioner"])
     out.mkdir(parents=True, exist_ok=True)

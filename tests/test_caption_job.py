@@ -277,6 +277,8 @@ def test_bad_checkpoints_are_clear_errors_before_any_work(tmp_path, coca_dir, ca
         (["--checkpoint", str(tmp_path / "nowhere")], "no such checkpoint"),
         (["--checkpoint", str(coca_dir), "--seq-len", "40"], "at most 32 positions"),
     ]
+    code, _, stderr = run_cli([*base[:3], "--out", str(shards), "--checkpoint", str(coca_dir)], capsys)
+    assert code == 2 and "is the input folder" in stderr
     for extra, message in cases:
         code, _, stderr = run_cli([*base, *extra], capsys)
         assert code == 2 and message in stderr and "Traceback" not in stderr, (extra, stderr)
