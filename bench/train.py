@@ -20,6 +20,7 @@ Run::
 
     python bench/train.py                       # CPU: qcap-tiny-clip, batch 64, 1 worker, 1 thread
     python bench/train.py --repeats 1 --samples 768         # quick look
+    python bench/train.py --precision bf16      # both in bf16 autocast (qcap's default on bf16 CPUs)
     python bench/train.py --gpu                 # ViT-B-16, bf16, batch 256, 8 workers (one GPU)
 
 GPU mode trains ViT-B-16 at 224 px in bf16 autocast (qcap ``--precision bf16``, open_clip
@@ -156,6 +157,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=None, help="samples per training run (default 1536; 30720 --gpu)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default 1; 8 with --gpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="both trainers: fp32, or bf16 autocast (open_clip's amp_bf16); default fp32, bf16 --gpu")
     parser.add_argument("--repeats", type=int, default=2, help="alternating qcap/open_clip pairs")
     parser.add_argument("--keep", type=Path, default=None, help="keep shards and runs here (default: a temp folder)")
     args = parser.parse_args()
@@ -163,7 +166,7 @@ def main() -> int:
     args.batch_size = args.batch_size or (256 if args.gpu else 64)
     args.samples = args.samples or (30720 if args.gpu else 1536)
     args.workers = args.workers if args.workers is not None else (8 if args.gpu else 1)
-    args.precision = "bf16" if args.gpu else "fp32"
+    args.precision = args.precision or ("bf16" if args.gpu else "fp32")
     args.log_every = 10 if args.gpu else 4
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
