@@ -15,9 +15,9 @@ Two kinds of duplicates, one survivor per group (``--keep smallest_uid``, the de
 
 Why pHash and not embedding cosine: a copy that was only resized and re-encoded is what pHash is
 built to survive, it needs no model (the same answer on any machine, no GPU, no weights to pin)
-and it is 8 bytes an image, cheap to bucket. Embedding cosine (SemDeDup, Abbas et al. 2023; Webster et al. 2023 on LAION-2B)
-also merges *semantic* duplicates — different photos of the same thing — which is a different
-curation decision, and its threshold depends on the model. Why the verification: pHash is a
+and it is 8 bytes an image, cheap to bucket. Embedding cosine (SemDeDup, Abbas et al. 2023;
+Webster et al. 2023 on LAION-2B) also merges *semantic* duplicates — different photos of the
+same thing — which is a different curation decision, and its threshold depends on the model. Why the verification: pHash is a
 global low-frequency signature, so unrelated images that share a plain background (product
 shots on white; the embedded world's studio scenes) collide at small distances — on a 3000-sample
 world pool about one image in ten has an unrelated neighbour within 6 bits. Measured on three
