@@ -390,6 +390,8 @@ class DecisionWriter:
         import pyarrow as pa
 
         self.path = path
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run
+            stale.unlink()
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         fields = [("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
                   ("kept", pa.bool_()), ("reason", pa.string())]

@@ -307,8 +307,9 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
         bar.close()
         finished = time.time()
     short = {s: (len(r["uid"]), expected[s]) for s, r in pending.items() if len(r["uid"]) != expected[s]}
-    if short:
-        raise RuntimeError(f"clip-score: shards scored incompletely (got, expected): {short}")
+    if short:  # the tar lacks samples its Parquet lists as successes: a broken shard, not a bug here
+        raise ShardError(f"clip-score: these shards' tars hold fewer candidates than their Parquets list "
+                         f"(scored, listed): {short}; check them with `qcap shards verify`")
     total = sum(expected.values())
     ready = min(ready, finished)
     steady = total / (finished - ready) if finished > ready else None
