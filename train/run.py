@@ -47,7 +47,8 @@ def keep_freed_memory() -> bool:
     Training allocates the same large tensors every step (CoCa's vocabulary logits: hundreds
     of MB); by default glibc serves each from a fresh mmap and unmaps it when freed, so every
     step page-faults it in again (measured here: 40% of qcap-tiny-coca's CPU time, 10% of
-    qcap-tiny-clip's). Heap-only allocation with no trimming keeps the peak resident and reused,
+    qcap-tiny-clip's). Heap-only allocation with no trimming keeps the peak resident and reused
+    (the process holds its peak memory until it exits),
     the effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc. No-op off glibc.
     """
     import ctypes
@@ -57,7 +58,9 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    # no mmap for large blocks, and no trimming of the heap's top (-1 disables it): a 1 GB
+    # threshold still returned CoCa's per-step peak to the system every step
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 def resolve_precision(requested: str) -> str:
