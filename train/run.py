@@ -127,7 +127,6 @@ def train(cfg: TrainRunConfig) -> dict:
         check_resume_config(cfg, out)
     source = parse_caption_source(cfg.caption_source)
 
-    keep_freed_memory()
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision=precision, tracker=cfg.tracker, out_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -227,6 +226,7 @@ def train(cfg: TrainRunConfig) -> dict:
 
 def main(argv: list[str], prog: str = "qcap train") -> int:
     cfg = parse_config(TrainRunConfig, argv, prog=prog, presets=PRESETS)
+    keep_freed_memory()  # process-wide, so set by the command, not by train() (a library call)
     summary = train(cfg)
     if summary.get("already_complete"):
         print(f"{cfg.out}: already complete at step {summary['step']}; eval: {json.dumps(summary['eval'])}")
