@@ -31,6 +31,12 @@ qcap decodes one group of ``num_beams // num_beam_groups`` beams and reproduces 
 hypothesis bookkeeping of transformers' ``BeamSearchScorer`` (length penalty 1, no early
 stopping), which gives the same sequences. None of transformers' generation code is used.
 
+"Token for token" has one honest limit: open_clip's full-prefix recompute itself moves the last
+bits of a position's values from step to step (SDPA's result for a row depends on how many
+rows the call holds), so no cache is bit-identical to it; qcap's logits agree to a few 1e-6 on
+unit-scale logits, and a greedy token can only differ where two logits tie that closely
+(tests/test_decode.py checks identity over many images and steps, and the logits themselves).
+
 Models whose text tower is not open_clip's causal ``TextTransformer`` (e.g. an HF text tower)
 fall back to a full-prefix step that still encodes each image once and batches the captions.
 
