@@ -411,3 +411,11 @@ def test_classification_folders(tmp_path):
     (cls / "classnames.txt").write_text("only one\n")
     with pytest.raises(ShardError, match="1 class names for 3 class folders"):
         load_classification(cls)
+
+
+def test_runs_with_different_precisions_share_one_process(tmp_path):
+    """Accelerate keeps one process-wide state; qcap's accelerators start clean each run."""
+    from train.loop import make_accelerator
+
+    assert make_accelerator(precision="bf16", tracker="none", out_dir=tmp_path).mixed_precision == "bf16"
+    assert make_accelerator(precision="fp32", tracker="none", out_dir=tmp_path).mixed_precision == "no"

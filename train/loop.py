@@ -226,6 +226,14 @@ def make_accelerator(*, precision: str = "fp32", tracker: str = "tensorboard", o
     # multi-CPU (gloo) mode when told cpu=True; otherwise every process would train alone.
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
     cpu_only = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if not launched:
+        # Accelerate keeps one process-wide state and refuses an Accelerator with another mixed
+        # precision; a second run in one process (tests, notebooks, a Python driver) starts clean.
+        # (_reset_state is what Accelerate's own test utilities call.)
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return Accelerator(mixed_precision=mixed[precision], log_with=trackers[tracker], project_config=project,
                        cpu=launched and cpu_only)
 
