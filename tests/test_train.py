@@ -182,7 +182,10 @@ def test_loader_resume_replays_exactly(tmp_path, tiny_clip):
     make_shards(tmp_path / "d", num_shards=4, per_shard=10)
     encoder = ImageTextEncoder(tiny_clip.preprocess_train, tiny_clip.tokenizer, parse_caption_source("mix:0.5"))
     cfg = LoaderConfig(data=str(tmp_path / "d"), batch_size=3, workers=2, shuffle_buffer=6, chunk_shards=1)
+    before = torch.get_rng_state()
     full = _uids_of(ShardStream(cfg, encoder, record_uids=tmp_path / "a.tsv"), 11)
+    in_process = _uids_of(ShardStream(LoaderConfig(data=cfg.data, batch_size=3, workers=0), encoder), 2)
+    assert len(in_process) == 2 and torch.equal(torch.get_rng_state(), before)  # the model's RNG is left alone
     first = ShardStream(cfg, encoder, record_uids=tmp_path / "b.tsv")
     _uids_of(first, 5)  # stop after an odd number of batches: the workers must be rotated
     state = json.loads(json.dumps(first.state_dict()))

@@ -296,6 +296,9 @@ class ShardStream:
             rotation=self.num_batches % logical_workers,
             starts=dict(self.positions),
         )
+        # The DataLoader's base seed comes from its own generator, not torch's global RNG: a resumed
+        # run restores the global RNG, and a draw here would shift the model's stream (dropout).
+        generator = torch.Generator().manual_seed(mix64(self.config.seed, self.rank, self.num_batches) >> 1)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -303,6 +306,7 @@ class ShardStream:
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False,
+            generator=generator,
         )
         record = open(self.record_uids, "a", encoding="utf-8") if self.record_uids else None
         try:
