@@ -40,7 +40,6 @@ import tarfile
 import uuid as uuid_lib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,8 +201,15 @@ def _tmp_name(path: str) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    """Write ``data`` to ``path`` (local or fsspec URL; its folder is created) so that readers
+    see either nothing or the whole file."""
     fs, target = _fs(str(path))
+    _atomic_write(fs, target, data)
+
+
+def _atomic_write(fs, target: str, data: bytes) -> None:
+    """:func:`atomic_write_bytes` on a path already resolved against ``fs`` (no protocol)."""
+    fs.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     tmp = _tmp_name(target)
     with fs.open(tmp, "wb") as handle:
         handle.write(data)
@@ -213,8 +219,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _commit(fs, tmp, target)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n")
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def _commit(fs, tmp: str, target: str) -> None:
@@ -334,10 +344,10 @@ class ShardWriter:
         table = rows_to_table(self._rows, self._schema)
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        atomic_write_bytes(f"{self.root}/{self.name}.parquet", sink.getvalue())
-        atomic_write_json(f"{self.root}/{self.name}_stats.json", self.stats.as_json(extra_stats))
+        _atomic_write(self.fs, f"{self.root}/{self.name}.parquet", sink.getvalue())
+        _atomic_write(self.fs, f"{self.root}/{self.name}_stats.json", _json_bytes(self.stats.as_json(extra_stats)))
         _commit(self.fs, self._tmp_tar, self.tar_path)
-        atomic_write_bytes(f"{self.root}/{self.name}.done", b"")
+        _atomic_write(self.fs, f"{self.root}/{self.name}.done", b"")
         self._closed = True
         return self.stats
 
@@ -388,7 +398,7 @@ def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for tar in sorted(p for p in fs.ls(root, detail=False) if _SHARD_NAME_RE.match(os.path.basename(p))):
         sizes[os.path.basename(tar)] = shard_size(fs.unstrip_protocol(tar) if not _is_local(fs) else tar)
-    atomic_write_json(f"{root}/{SIZES_FILE}", sizes)
+    _atomic_write(fs, f"{root}/{SIZES_FILE}", _json_bytes(sizes))
     return sizes
 
 
@@ -818,7 +828,6 @@ def save_uids(path: str | os.PathLike, uids: Iterable[str] | np.ndarray) -> int:
         array = uids_to_array(uids)
     sink = io.BytesIO()
     np.save(sink, array)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, sink.getvalue())
     return len(array)
 

@@ -176,6 +176,32 @@ def test_expand_shards_forms(tmp_path):
     assert len(list(shards.iter_samples(f"file://{tmp_path}/00001.tar"))) == 2
 
 
+def test_fsspec_url_folder_round_trip():
+    """A folder that is an fsspec URL (an object store's stand-in: fsspec's in-memory
+    filesystem) is written, finalized, listed and read like a local one."""
+    import fsspec
+
+    root = f"memory://qcap-test-{os.getpid()}/raw"
+    memory = fsspec.filesystem("memory")
+    try:
+        for shard_id in range(2):
+            with ShardWriter(root, shard_id) as writer:
+                writer.write_all(_samples(4, fail_every=4))
+        assert shards.finalize_folder(root) == {"00000.tar": 3, "00001.tar": 3}
+        names = [f"memory:///qcap-test-{os.getpid()}/raw/{i:05d}.tar" for i in range(2)]
+        assert shards.expand_shards(f"{root}/{{00000..00001}}.tar") == names
+        assert shards.expand_shards(root) == shards.expand_shards(f"{root}/*.tar") == names
+        assert shards.completed_shards(root) == {0, 1} and shards.num_samples(root) == 6
+        assert [s.text for s in shards.iter_samples(root)] == [s.text for s in _samples(4, fail_every=4) if s.ok] * 2
+        assert shards.read_tables(root).num_rows == 8
+        assert not [p for p in memory.ls(root, detail=False) if ".tmp-" in p]
+        shards.save_uids(f"{root}/uids.npy", [make_uid(1)])
+        assert memory.cat(f"{root}/uids.npy")[:6] == b"\x93NUMPY"
+        assert not os.path.exists("memory:"), "an fsspec URL must not create a local folder"
+    finally:
+        memory.rm(f"/qcap-test-{os.getpid()}", recursive=True)
+
+
 def test_uid_npy_is_byte_identical_to_datacomps(tmp_path):
     uids = [make_uid(i) for i in range(50)] + ["ffffffffffffffff0000000000000000", "0" * 32]
     # DataComp's own construction (baselines/utils.py, resharder.py)
