@@ -245,12 +245,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
 
 
 def save_config(cfg: Any, path: str | os.PathLike, **extra: Any) -> None:
-    """Write the resolved config (plus ``extra`` facts such as versions) as JSON, atomically."""
+    """Write the resolved config (plus ``extra`` facts such as versions) as JSON, atomically;
+    ``path`` may be an fsspec URL, and its folder is created."""
     from curate.shards import atomic_write_json
 
     payload = {"config": to_dict(cfg), "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}"}
     payload.update(extra)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, payload)
 
 

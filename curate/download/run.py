@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from curate.cli import UsageError
-from curate.config import parse_config, to_dict
+from curate.config import parse_config, save_config
 from curate.download.config import OUTPUT_SHAPING, DownloadConfig
 from curate.download.distribute import BACKENDS, Backend, run_jobs
 from curate.download.fetch import FetchSettings, ShardJob, ShardResult
@@ -190,7 +190,7 @@ class _Runner:
                 break
             count = sum(t.num_rows for t in targets.values())
             wait = self.cfg.retry_backoff * 2 ** (number - 1)
-            log.info("retry round %d: %d retryable failures in %d shards, after %.0f s backoff", number, count, len(targets), wait)
+            log.info("retry round %d: %d retryable failures in %d shards, after %g s backoff", number, count, len(targets), wait)
             time.sleep(wait)
             started = time.time()
             tracker = _Tracker(count, self.cfg, desc=f"retry {number}", judge=False)  # failures by selection
@@ -382,10 +382,4 @@ def _save_config(out: str, cfg: DownloadConfig, plan: Plan) -> None:
     for package in ("img2dataset", "ray", "pyarrow", "webdataset"):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-    payload = {
-        "config": to_dict(cfg),
-        "config_class": f"{DownloadConfig.__module__}.{DownloadConfig.__qualname__}",
-        "plan": plan.to_dict(),
-        "versions": versions,
-    }
-    atomic_write_json(f"{out}/{CONFIG_FILE}", payload)
+    save_config(cfg, f"{out}/{CONFIG_FILE}", plan=plan.to_dict(), versions=versions)
