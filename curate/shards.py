@@ -747,20 +747,30 @@ def read_tables(shards: str | Sequence[str], columns: Sequence[str] | None = Non
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def read_pool(path: str | os.PathLike, columns: Sequence[str] | None = None):
-    """A DataComp pool Parquet (file or folder of Parquets); checks ``uid``/``url``/``text``."""
+def open_pool(path: str | os.PathLike, columns: Sequence[str] = ()):
+    """A DataComp pool (a Parquet file or a folder of Parquets) as a ``pyarrow.dataset``,
+    checked: it exists, reads as Parquet and has ``uid``, ``url``, ``text`` and ``columns``."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     try:
         dataset = ds.dataset(str(path), format="parquet")
         names = set(dataset.schema.names)
-    except (pa.ArrowInvalid, OSError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
+        raise ShardError(f"{path}: no such pool file or folder") from err
+    except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet pool ({err})") from err
-    required = {"uid", "url", "text"} | set(columns or ())
-    missing = sorted(required - names)
+    if not dataset.files:
+        raise ShardError(f"{path}: holds no Parquet files")
+    missing = sorted({"uid", "url", "text", *columns} - names)
     if missing:
         raise ShardError(f"{path}: pool is missing column(s) {missing} (DataComp schema: uid, url, text, …)")
+    return dataset
+
+
+def read_pool(path: str | os.PathLike, columns: Sequence[str] | None = None):
+    """A DataComp pool (file or folder of Parquets) as a Table; see :func:`open_pool`."""
+    dataset = open_pool(path, columns or ())
     return dataset.to_table(columns=list(columns) if columns else None)
 
 

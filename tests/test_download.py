@@ -161,6 +161,7 @@ def test_every_planted_fault_gets_its_status_and_counts_reconcile(world, mp_run)
     assert manifest["sha256"]["success_with_other_sha256"] == sum(1 for t in truth.values() if t["fault"] == "sha_mismatch")
     assert manifest["top_failing_domains"][0]["domain"] == "127.0.0.1"
     assert "[qcap:refused_url]" in " ".join(manifest["error_examples"]["refused_url"])
+    assert any("run the same command with --retry-failed" in line for line in manifest["diagnosis"])
     assert json.loads((out / "config.json").read_text())["config"]["allow_private_addresses"] is True
 
     # sizes.json, stats, tar and Parquet agree; nothing partial or hidden is left
@@ -256,6 +257,9 @@ def test_without_the_flag_the_world_is_refused_and_the_run_says_so_loudly(world,
     assert any("--allow-private-addresses" in line for line in manifest["diagnosis"])
     printed = capsys.readouterr().out
     assert "LOW SUCCESS RATE" in printed and "refused_url" in printed
+    (reason_line,) = [line for line in printed.splitlines() if line.strip().startswith("refused_url ")]
+    meaning = reason_line.split("%", 1)[1].strip()  # the status's meaning: whole, or cut at a word with " …"
+    assert meaning == STATUSES["refused_url"] or (meaning.endswith(" …") and STATUSES["refused_url"].startswith(meaning[:-2]))
     assert "LOW SUCCESS RATE" in caplog.text  # also logged as a warning when the run ends
     assert sum(read_sizes(str(out)).values()) == 0
 
@@ -319,6 +323,8 @@ def test_retry_failed_recovers_a_healed_stall_exactly_once(world, served, mp_run
             assert row[uid]["download_attempts"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["retry_rounds"][0]["recovered"] == 1
+    assert any("still fail after 1 --retry-failed round" in line for line in manifest["diagnosis"])
+    assert not any("run the same command with --retry-failed" in line for line in manifest["diagnosis"])
     assert manifest["reconciles"] and manifest["num_success"] == len(in_tars)
     assert not (out / ".qcap-retry").exists()
     for tar in out.glob("*.tar"):  # the merged tars are whole and agree with their Parquets
@@ -616,6 +622,8 @@ def test_pool_contract_violations_are_clear_errors(tmp_path):
         return path
 
     uid = "0" * 32
+    with pytest.raises(ShardError, match="missing.parquet: no such pool file or folder"):
+        make_plan(tmp_path / "missing.parquet", 10)
     with pytest.raises(ShardError, match="missing column"):
         make_plan(write("a.parquet", uid=[uid], url=["http://x/a.jpg"]), 10)
     with pytest.raises(ShardError, match="repeated uid"):

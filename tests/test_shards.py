@@ -295,6 +295,10 @@ def test_bad_input_errors_name_the_file(tmp_path):
         shards.expand_shards(f"{tmp_path}/{{00099..00099}}.tar")
     with pytest.raises(ShardError, match="pool is missing column"):
         shards.read_pool(no_uid / "00000.parquet")
+    with pytest.raises(ShardError, match="nope.parquet: no such pool file or folder"):
+        shards.read_pool(tmp_path / "nope.parquet")
+    with pytest.raises(ShardError, match="00002.tar: not a readable Parquet pool"):
+        shards.read_pool(garbage)
 
 
 def test_hostile_tar_is_refused(tmp_path):

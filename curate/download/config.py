@@ -14,7 +14,6 @@ from typing import Literal
 
 from curate.config import arg
 
-RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 # Settings that shape what lands in the shards: a resumed or retried run must use the same.
 OUTPUT_SHAPING = (
     "image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",

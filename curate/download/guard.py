@@ -17,7 +17,7 @@ point, :func:`urllib.request.install_opener`) that enforces:
   answer differently), and again at every redirect hop. A rebinding server can only ever make
   us connect to an address that passed the check;
 - **size**: a body over ``max_bytes`` is refused (from ``Content-Length`` before reading, or
-  while reading when the length is unknown); the pixel bound lives in ``fetch.GuardedResizer``;
+  while reading when the length is unknown); the pixel bound lives in the resizer wrapper (``fetch.make_resizer``);
 - **time**: a request (connect to last byte) that runs past ``max_request_seconds`` is cut:
   a per-process watchdog shuts its socket down and the fetch fails as ``timeout``.
 

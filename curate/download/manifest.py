@@ -9,6 +9,7 @@ error examples per status, and says what a low success rate usually means.
 from __future__ import annotations
 
 import logging
+import textwrap
 from typing import Any
 
 from curate.download.plan import Plan
@@ -114,8 +115,8 @@ def build_manifest(out: str, plan: Plan, *, min_success_rate: float, verify_hash
         "min_success_rate": min_success_rate,
         "low_success": bool(num_rows) and success_rate < min_success_rate,
     }
-    manifest["diagnosis"] = diagnose(manifest)
     manifest.update(extra)
+    manifest["diagnosis"] = diagnose(manifest)
     return manifest
 
 
@@ -159,8 +160,12 @@ def diagnose(manifest: dict[str, Any]) -> list[str]:
             f"{top['domain']} accounts for {top['failures'] / manifest['num_failed']:.0%} of all failures "
             f"({top['failure_rate']:.0%} of its {top['samples']} samples fail): is it blocking or rate limiting us?"
         )
-    if manifest["retryable_failures"]:
-        lines.append(f"{manifest['retryable_failures']} failures are retryable: run the same command with --retry-failed")
+    retryable, rounds = manifest["retryable_failures"], manifest.get("retry_rounds") or []
+    if retryable and rounds:
+        lines.append(f"{retryable} retryable failures still fail after {len(rounds)} --retry-failed round(s) of this run; "
+                     "the servers may be down or blocking: try --retry-failed again later")
+    elif retryable:
+        lines.append(f"{retryable} failures are retryable: run the same command with --retry-failed")
     return lines
 
 
@@ -197,7 +202,8 @@ def summary_text(manifest: dict[str, Any]) -> str:
         width = max(len(s) for s in m["failures_by_reason"])
         for status, count in m["failures_by_reason"].items():
             share = count / m["num_samples"] if m["num_samples"] else 0.0
-            lines.append(f"    {status.ljust(width)} {count:>9}  {share:6.1%}  {STATUSES.get(status, '')[:60]}")
+            meaning = textwrap.shorten(STATUSES.get(status, ""), 64, placeholder=" …")
+            lines.append(f"    {status.ljust(width)} {count:>9}  {share:6.1%}  {meaning}")
     if m["top_failing_domains"]:
         lines.append("  top failing domains:")
         for d in m["top_failing_domains"][:5]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from curate.shards import ShardError
+from curate.shards import ShardError, open_pool
 
 # Columns qcap adds to every row; a pool that already has one of them would be overwritten.
 ADDED_COLUMNS = (
@@ -84,15 +84,12 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    filesystem, files = pool_files(pool)
+    filesystem, files = pool_files(pool)  # checks uid, url and text
     schema = pq.read_schema(files[0], filesystem=filesystem)
     for path in files[1:]:
         other = pq.read_schema(path, filesystem=filesystem)
         if not other.equals(schema):
             raise ShardError(f"{path}: schema differs from {files[0]}'s; a pool's files must agree")
-    missing = [c for c in ("uid", "url", "text") if c not in schema.names]
-    if missing:
-        raise ShardError(f"{pool}: pool is missing column(s) {missing} (DataComp schema: uid, url, text, …)")
     clash = [c for c in schema.names if c in ADDED_COLUMNS]
     if clash:
         raise ShardError(f"{pool}: column(s) {clash} clash with what qcap download adds; rename them in the pool")
@@ -131,19 +128,13 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
 
 
 def pool_files(pool: str | os.PathLike):
-    """``(filesystem, sorted Parquet files)`` of a pool file or folder (local or fsspec/arrow URL)."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
+    """``(filesystem, sorted Parquet files)`` of a pool file or folder (local or arrow URL),
+    checked by :func:`curate.shards.open_pool`."""
     import pyarrow.fs as pafs
 
-    try:
-        dataset = ds.dataset(str(pool), format="parquet")
-    except (pa.ArrowInvalid, OSError, FileNotFoundError) as err:
-        raise ShardError(f"{pool}: not a readable Parquet pool ({err})") from err
+    dataset = open_pool(pool)
     local = isinstance(dataset.filesystem, pafs.LocalFileSystem)
     files = sorted(os.path.abspath(f) if local else f for f in dataset.files)  # a resume may start elsewhere
-    if not files:
-        raise ShardError(f"{pool}: no Parquet files")
     return dataset.filesystem, files
 
 
