@@ -55,6 +55,8 @@ SIZES_FILE = "sizes.json"
 UID_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 _SHARD_NAME_RE = re.compile(r"^(\d+)\.tar$")
+_SHARD_FILE_RE = re.compile(r"^(\d+)(?:\.tar|\.parquet|_stats\.json)$")
+_TEMPORARY_RE = re.compile(r"^\.\d+[._].*\.tmp-[0-9a-f]{12}$")  # what _tmp_name gives a shard's files
 # Parquet columns that every shard's table carries, in this order, before the pool columns.
 BASE_COLUMNS = ("key", "uid", "status", "error_message")
 
@@ -232,6 +234,64 @@ def _commit(fs, tmp: str, target: str) -> None:
         os.replace(tmp, target)
     else:  # object stores: a copy then delete; the object appears whole at the end of the copy
         fs.mv(tmp, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Moving and removing whole shards (a stage that rewrites a shard in place stages it elsewhere)
+
+# A shard's files besides its marker, in the order a writer or a move makes them visible.
+SHARD_FILE_SUFFIXES = (".parquet", "_stats.json", ".tar")
+
+
+def move_shard(source: str | os.PathLike, folder: str | os.PathLike, shard_id: int) -> None:
+    """Move complete shard ``shard_id`` of folder ``source`` over the one in ``folder``.
+
+    Journal-style, so a kill at any moment is finished by calling it again: ``folder``'s
+    marker is removed first (the shard there is "in flux" from then on), the Parquet, stats and
+    tar are renamed over its own, each whole (a reader sees the old tar or the new, never a
+    part), ``folder``'s marker is written, and last the source's marker is removed. Both
+    folders must be on one filesystem. Raises ShardError when ``source`` holds no complete
+    shard ``shard_id`` (nothing staged, or already moved).
+    """
+    fs, root = _fs(str(folder))
+    _, staged = _fs(str(source))
+    name = shard_name(shard_id)
+    if not fs.exists(f"{staged}/{name}.done"):
+        raise ShardError(f"{staged}/{name}: no complete shard to move")
+    if fs.exists(f"{root}/{name}.done"):
+        fs.rm(f"{root}/{name}.done")
+    for suffix in SHARD_FILE_SUFFIXES:
+        if fs.exists(f"{staged}/{name}{suffix}"):  # absent: moved before a kill
+            _commit(fs, f"{staged}/{name}{suffix}", f"{root}/{name}{suffix}")
+    _atomic_write(fs, f"{root}/{name}.done", b"")
+    fs.rm(f"{staged}/{name}.done")
+
+
+def remove_shard(folder: str | os.PathLike, shard_id: int) -> None:
+    """Remove shard ``shard_id``'s files from ``folder``, its marker first."""
+    fs, root = _fs(str(folder))
+    name = shard_name(shard_id)
+    for suffix in (".done", *SHARD_FILE_SUFFIXES):
+        if fs.exists(f"{root}/{name}{suffix}"):
+            fs.rm(f"{root}/{name}{suffix}")
+
+
+def remove_unfinished(folder: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in ``folder``: files of shards without a marker, and
+    shards' hidden temporaries; other files are left alone. Only safe while no writer works
+    in ``folder``. Returns the names removed."""
+    fs, root = _fs(str(folder))
+    if not fs.exists(root):
+        return []
+    names = [os.path.basename(p) for p in fs.ls(root, detail=False)]
+    done = {n[: -len(".done")] for n in names if n.endswith(".done")}
+    removed = []
+    for name in names:
+        shard_file, temporary = _SHARD_FILE_RE.match(name), _TEMPORARY_RE.match(name)
+        if temporary or (shard_file and shard_file.group(1) not in done):
+            fs.rm(f"{root}/{name}")
+            removed.append(name)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

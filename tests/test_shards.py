@@ -271,6 +271,44 @@ def test_writer_killed_mid_shard_leaves_nothing_visible_and_rerun_completes(tmp_
     assert again.stdout.strip() == "skipped"
 
 
+def test_move_shard_replaces_a_shard_and_finishes_after_an_interruption(tmp_path):
+    live, staged = tmp_path / "live", tmp_path / "staged"
+    for folder, n in ((live, 3), (staged, 5)):
+        with ShardWriter(folder, 7) as writer:
+            writer.write_all(_samples(n))
+    new = {name: (staged / f"00007{name}").read_bytes() for name in shards.SHARD_FILE_SUFFIXES}
+    # a move killed after the first rename: live's marker gone, Parquet already new, tar old
+    (live / "00007.done").unlink()
+    (staged / "00007.parquet").replace(live / "00007.parquet")
+    assert not shards.is_complete(live, 7)
+    shards.move_shard(staged, live, 7)  # the same call finishes it
+    assert shards.is_complete(live, 7) and not shards.is_complete(staged, 7)
+    assert {name: (live / f"00007{name}").read_bytes() for name in shards.SHARD_FILE_SUFFIXES} == new
+    assert len(list(shards.iter_samples(str(live)))) == 5 and list(staged.iterdir()) == []
+    with pytest.raises(ShardError, match="no complete shard to move"):
+        shards.move_shard(staged, live, 7)
+
+    shards.remove_shard(live, 7)
+    assert list(live.iterdir()) == []
+
+
+def test_remove_unfinished_keeps_complete_shards_and_other_files(tmp_path):
+    with ShardWriter(tmp_path, 0) as writer:
+        writer.write_all(_samples(2))
+    shards.finalize_folder(tmp_path)
+    with ShardWriter(tmp_path, 1) as writer:
+        writer.write_all(_samples(2))
+    (tmp_path / "00001.done").unlink()  # as if killed before its marker
+    killed = ShardWriter(tmp_path, 2)  # a writer killed mid-shard: only its hidden temporary exists
+    killed.write(_samples(1)[0])
+    (tmp_path / "notes.txt").write_text("mine")
+    removed = shards.remove_unfinished(tmp_path)
+    assert sorted(removed) == sorted(["00001.parquet", "00001.tar", "00001_stats.json", os.path.basename(killed._tmp_tar)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.done", "00000.parquet", "00000.tar", "00000_stats.json", "notes.txt", "sizes.json"]
+    killed.abort()
+
+
 def test_bad_input_errors_name_the_file(tmp_path):
     with ShardWriter(tmp_path, 0) as writer:
         writer.write_all(_samples(3))

@@ -24,7 +24,6 @@ S has no ``.done``, which says "in flux" to anyone who looks.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -41,17 +40,19 @@ from curate.shards import (
     Sample,
     ShardError,
     ShardWriter,
-    atomic_write_bytes,
+    completed_shards,
     is_complete,
     iter_samples,
+    move_shard,
     read_table,
+    remove_shard,
+    remove_unfinished,
     shard_name,
 )
 
 log = logging.getLogger(__name__)
 
 RETRY_DIR = ".qcap-retry"
-SHARD_FILES = (".parquet", "_stats.json", ".tar")  # renamed in this order; .done after
 
 
 def patch_dir(out: str) -> str:
@@ -62,12 +63,6 @@ def staged_dir(out: str) -> str:
     return f"{out.rstrip('/')}/{RETRY_DIR}/merged"
 
 
-def _fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
 def retry_shard(job: ShardJob, progress: ProgressFn | None = None) -> ShardResult:
     """Patch, merge and commit one shard (runs in a worker)."""
     out, shard_id = job.out, job.shard_id
@@ -75,22 +70,19 @@ def retry_shard(job: ShardJob, progress: ProgressFn | None = None) -> ShardResul
     start = time.time()
     if not is_complete(patch, shard_id):
         fetch_into(job.table, patch, shard_id, job.settings, progress)
-    patch_table = read_table(f"{patch}/{shard_name(shard_id)}.tar")
-    statuses = patch_table.column("status").to_pylist()
-    counts: dict[str, int] = {}
-    for status in statuses:
-        counts[status] = counts.get(status, 0) + 1
     merged = merge_shard(out, shard_id)
     commit_shard(out, shard_id)
+    counts = merged["patch_status_counts"]
     return ShardResult(
-        shard_id=shard_id, kind="retry", fetched=len(statuses), successes=counts.get(SUCCESS, 0),
+        shard_id=shard_id, kind="retry", fetched=sum(counts.values()), successes=counts.get(SUCCESS, 0),
         status_counts=counts, seconds=time.time() - start,
         shard_rows=merged["count"], shard_successes=merged["successes"],
     )
 
 
-def merge_shard(out: str, shard_id: int) -> dict[str, int]:
-    """Write the merged shard S (original + patch) into the staging folder; returns its counts."""
+def merge_shard(out: str, shard_id: int) -> dict[str, Any]:
+    """Write the merged shard S (original + patch) into the staging folder; returns its counts
+    and the patch's rows per status."""
     name = shard_name(shard_id)
     original_tar = f"{out.rstrip('/')}/{name}.tar"
     patch_tar = f"{patch_dir(out)}/{name}.tar"
@@ -101,7 +93,7 @@ def merge_shard(out: str, shard_id: int) -> dict[str, int]:
     for row in patch.to_pylist():
         previous = status_of.get(row["uid"])
         if previous is None or previous not in RETRYABLE:
-            _discard(patch_dir(out), shard_id)
+            remove_shard(patch_dir(out), shard_id)
             raise ShardError(
                 f"{patch_tar}: uid {row['uid']} is not a retryable failure of {original_tar} "
                 f"(status {previous!r}); the stale patch was removed, run again"
@@ -131,7 +123,11 @@ def merge_shard(out: str, shard_id: int) -> dict[str, int]:
             writer.write(_sample(source, image))
             counts[source["status"]] = counts.get(source["status"], 0) + 1
         stats = writer.close(extra_stats={**img2dataset_counters(counts), "retried": retried, "recovered": recovered})
-    return {"count": stats.count, "successes": stats.successes, "retried": retried, "recovered": recovered}
+    patch_counts: dict[str, int] = {}
+    for row in patched.values():
+        patch_counts[row["status"]] = patch_counts.get(row["status"], 0) + 1
+    return {"count": stats.count, "successes": stats.successes, "retried": retried, "recovered": recovered,
+            "patch_status_counts": patch_counts}
 
 
 def _sample(row: dict[str, Any], image: Sample | None) -> Sample:
@@ -146,69 +142,22 @@ def _sample(row: dict[str, Any], image: Sample | None) -> Sample:
 
 
 def commit_shard(out: str, shard_id: int) -> None:
-    """Move a complete staged shard over RAW's shard S (idempotent; see the module doc)."""
-    fs, root = _fs(out.rstrip("/"))
-    _, staged = _fs(staged_dir(out))
-    name = shard_name(shard_id)
-    if not fs.exists(f"{staged}/{name}.done"):
-        raise ShardError(f"{staged}/{name}: no complete merged shard to commit")
-    if fs.exists(f"{root}/{name}.done"):
-        fs.rm(f"{root}/{name}.done")
-    for suffix in SHARD_FILES:
-        source = f"{staged}/{name}{suffix}"
-        if fs.exists(source):
-            _move(fs, source, f"{root}/{name}{suffix}")
-    atomic_write_bytes(f"{out.rstrip('/')}/{name}.done", b"")
-    fs.rm(f"{staged}/{name}.done")
-    _discard(patch_dir(out), shard_id)
-
-
-def _move(fs, source: str, target: str) -> None:
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.replace(source, target)  # atomic on one filesystem
-    else:
-        fs.mv(source, target)
-
-
-def _discard(folder: str, shard_id: int) -> None:
-    fs, root = _fs(folder)
-    name = shard_name(shard_id)
-    for suffix in (".done", *SHARD_FILES):
-        path = f"{root}/{name}{suffix}"
-        if fs.exists(path):
-            fs.rm(path)
+    """Move a complete staged shard over RAW's shard S, then drop its patch (idempotent; see
+    the module doc and :func:`curate.shards.move_shard`)."""
+    move_shard(staged_dir(out), out, shard_id)
+    remove_shard(patch_dir(out), shard_id)
 
 
 def recover(out: str) -> list[int]:
-    """Finish interrupted commits; drop unfinished merges and patches. Returns shards committed."""
-    fs, _ = _fs(out.rstrip("/"))
-    committed = []
-    _, staged = _fs(staged_dir(out))
-    if fs.exists(staged):
-        names = sorted(os.path.basename(p) for p in fs.ls(staged, detail=False))
-        for name in names:
-            if name.endswith(".done") and name[: -len(".done")].isdigit():
-                shard_id = int(name[: -len(".done")])
-                commit_shard(out, shard_id)
-                committed.append(shard_id)
-        _remove_unfinished(staged)
-    _, patch = _fs(patch_dir(out))
-    if fs.exists(patch):
-        _remove_unfinished(patch)
-    if committed:
-        log.info("finished %d interrupted retry merge(s): shards %s", len(committed), committed[:10])
-    return committed
-
-
-def _remove_unfinished(folder: str) -> None:
-    """Shard files without a .done marker, and hidden temporaries: what killed writers left.
+    """Finish interrupted commits; drop unfinished merges and patches. Returns shards committed.
 
     Only called before any job runs (the driver holds RAW's lock), so no writer is active.
     """
-    fs, root = _fs(folder)
-    names = [os.path.basename(p) for p in fs.ls(root, detail=False)]
-    done = {n[: -len(".done")] for n in names if n.endswith(".done")}
-    for name in names:
-        stem = name.split(".", 1)[0].split("_", 1)[0]
-        if name.startswith(".") or stem not in done:
-            fs.rm(f"{root}/{name}")
+    committed = sorted(completed_shards(staged_dir(out)))
+    for shard_id in committed:
+        commit_shard(out, shard_id)
+    remove_unfinished(staged_dir(out))
+    remove_unfinished(patch_dir(out))
+    if committed:
+        log.info("finished %d interrupted retry merge(s): shards %s", len(committed), committed[:10])
+    return committed
