@@ -148,3 +148,21 @@ def test_config_needs_weights_and_one_rule(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             qcap(["filter", "clip-score", "--shards", str(tmp_path), "--out", str(tmp_path / "o.npy"), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_weights_that_cannot_load_are_one_clear_line(tmp_path_factory, tmp_path, capsys):
+    """A missing checkpoint, a folder without one, an unknown model or pretrained tag: exit 2 with the
+    reason, before any scoring (no Ray is started for these)."""
+    _, raw = shared_world(tmp_path_factory)
+    (tmp_path / "empty").mkdir()
+    for weights, message in [
+        (["--checkpoint", str(tmp_path / "nowhere")], "nowhere: no such file or folder"),
+        (["--checkpoint", str(tmp_path / "empty")], "not a checkpoint folder"),
+        (["--model", "no-such-model", "--pretrained", "x"], "cannot load the scoring model"),
+        (["--model", "qcap-tiny-clip", "--pretrained", "no-such-tag"], "not a known tag"),
+    ]:
+        code = qcap(["filter", "clip-score", "--shards", str(raw), *weights, "--threshold", "0.2",
+                     "--out", str(tmp_path / "o.npy"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (weights, err[-500:])
+        assert not (tmp_path / "o.npy").exists()

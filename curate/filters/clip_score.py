@@ -58,17 +58,31 @@ _META_KEY = b"qcap.clip_score"
 # Identity of the scores: which model, which preprocessing
 
 
-def model_identity(cfg: ClipScoreConfig, model_name: str) -> dict[str, Any]:
-    """What makes two score files comparable: model, weights, caption source and decode size."""
-    weights: str | None = cfg.pretrained
+def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
+    """What makes two score files comparable: model, weights, caption source and decode size.
+
+    A checkpoint that is not there, or a folder that holds none, is a UsageError here, before
+    any shard is read or Ray starts."""
+    from curate.cli import UsageError
+
+    name, weights = cfg.model, cfg.pretrained
     if cfg.checkpoint is not None:
-        from curate.models import WEIGHTS_FILE, resolve_checkpoint_dir
+        from curate.models import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint_dir
 
         path = Path(cfg.checkpoint)
-        path = resolve_checkpoint_dir(path) / WEIGHTS_FILE if path.is_dir() else path
+        if path.is_dir():
+            try:
+                folder = resolve_checkpoint_dir(path)
+            except ValueError as err:
+                raise UsageError(f"--checkpoint {err}") from err
+            name = json.loads((folder / CONFIG_FILE).read_text()).get("model_name") or name
+            path = folder / WEIGHTS_FILE
+        elif not path.is_file():
+            raise UsageError(f"--checkpoint {path}: no such file or folder (a qcap checkpoint folder, a training "
+                             "run or a weights file)")
         weights = f"sha256:{_file_sha256(path)}"
-    return {"model": model_name, "weights": weights, "text_column": cfg.text_column, "decode_size": cfg.decode_size,
-            "precision": cfg.precision}
+    return {"model": name or "unknown", "weights": weights, "text_column": cfg.text_column,
+            "decode_size": cfg.decode_size, "precision": cfg.precision}
 
 
 def _file_sha256(path: Path) -> str:
@@ -263,8 +277,10 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
     # pretrained weights are cached for the actors, and the transform and tokenizer come along.
     try:
         probe = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=checkpoint)
-    except ValueError as err:
-        raise ShardError(str(err)) from err
+    except (ValueError, RuntimeError) as err:  # open_clip: RuntimeError for an unknown model or pretrained tag
+        from curate.cli import UsageError
+
+        raise UsageError(f"cannot load the scoring model: {str(err)[:500]}") from err
     transform, tokenizer = probe.preprocess_val, probe.tokenizer
     from PIL import Image
 
@@ -338,13 +354,7 @@ class ClipScoreFilter(BaseFilter):
 
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
         cfg = self.cfg
-        name = cfg.model
-        if cfg.checkpoint is not None and Path(cfg.checkpoint).is_dir():
-            from curate.models import CONFIG_FILE, resolve_checkpoint_dir
-
-            folder = resolve_checkpoint_dir(cfg.checkpoint)
-            name = json.loads((folder / CONFIG_FILE).read_text()).get("model_name") or name
-        self.identity = model_identity(cfg, name or "unknown")
+        self.identity = model_identity(cfg)
         path = cfg.scores_path()
         parts = path.with_name(path.name + PARTS_SUFFIX)
         if cfg.rescore:
