@@ -146,6 +146,8 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:
     """Refuse to mix runs: an existing output must come from the same inputs (or --overwrite)."""
     plan = cfg.out / PLAN_FILE
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the curated shards")
     if cfg.out.exists() and cfg.overwrite:
         shutil.rmtree(cfg.out)
     if plan.exists():

@@ -108,6 +108,12 @@ def test_bad_uid_files_are_clear_errors(inputs, tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and str(path) in proc.stderr, proc.stderr[-1000:]
         assert "Traceback" not in proc.stderr
+    # an --out that is a file (a typo for a folder): one line, the file untouched
+    (tmp_path / "taken").write_text("not a folder")
+    proc = subprocess.run([QCAP, "reshard", "--shards", str(raw), "--subset", str(inputs[2] / "subset.npy"), "--out",
+                           str(tmp_path / "taken"), "--overwrite"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_sigkill_then_resume_gives_the_same_shards(inputs, tmp_path):
