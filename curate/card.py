@@ -706,8 +706,9 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
     """The steps that made a shard folder (or a filter's uid file), oldest first, followed
     through the configs qcap stages leave beside their outputs: a folder's ``config.json``
     (``config_class`` names the stage) and report (``report.json``, ``manifest.json``), a uid
-    file's ``NAME.report/`` (the filter that wrote it), and from each the inputs it read
-    (``shards``, ``subset``, ``pool``)."""
+    file's ``NAME.report/`` (the filter that wrote it) or ``NAME.npy.json`` (the ``qcap uids``
+    operation that combined other uid files), and from each the inputs it read (``shards``,
+    ``subset``, ``pool``; a uid operation's ``inputs``)."""
     seen = set() if seen is None else seen
     path = Path(path)
     key = str(path.resolve())
@@ -719,6 +720,10 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
     else:
         config_dir, report_name = path, None
     config = _read_json(config_dir / "config.json")
+    if config is None and path.suffix == ".npy":
+        operation = _read_json(Path(f"{path}.json"))
+        if operation is not None and isinstance(operation.get("inputs"), list):
+            return _uid_operation_steps(path, operation, seen, depth)
     if config is None or not isinstance(config.get("config"), dict):
         return [{"step": "input", "title": "made outside qcap (no config.json beside it)", "path": str(path)}] if depth else []
     settings = config["config"]
@@ -738,4 +743,20 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
         if data:
             step[report] = _scalars(data.get("counts") if isinstance(data.get("counts"), dict) else data)
             break
+    return [*upstream, step]
+
+
+def _uid_operation_steps(path: Path, operation: dict[str, Any], seen: set[str], depth: int) -> list[dict[str, Any]]:
+    """A uid file that ``qcap uids intersect|union|minus`` wrote (``NAME.npy.json``), after the
+    steps that made each of its inputs (usually the filters)."""
+    upstream: list[dict[str, Any]] = []
+    counts: dict[str, Any] = {}
+    for item in operation["inputs"]:
+        reference = item.get("path") if isinstance(item, dict) else None
+        counts[str(reference)] = item.get("count") if isinstance(item, dict) else None
+        target = _resolve(reference, path)
+        if target is not None:
+            upstream += trace_lineage(target, seen=seen, depth=depth + 1)
+    step = {"step": f"uids {operation.get('operation', 'combine')}", "title": str(path), "inputs (uids)": counts,
+            "uids": operation.get("count")}
     return [*upstream, step]

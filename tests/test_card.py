@@ -128,26 +128,37 @@ def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path):
     from curate.config import save_config
     from curate.reshard import ReshardConfig
     from curate.shards import save_uids
+    from qcap.cli import main
 
     images = write_images(tmp_path / "curated", [[0, 1, 2]])
     (tmp_path / "raw").mkdir()
-    (tmp_path / "filters").mkdir()
-    save_config(ReshardConfig(shards=str(tmp_path / "raw"), subset=tmp_path / "filters" / "basic.npy", out=images),
+    filters = tmp_path / "filters"
+    filters.mkdir()
+    save_config(ReshardConfig(shards=str(tmp_path / "raw"), subset=filters / "final.npy", out=images),
                 images / "config.json")
     (images / "report.json").write_text(json.dumps({"num_written": 3, "found_success": 3}))
-    report_dir = tmp_path / "filters" / "basic.report"
-    report_dir.mkdir()
-    (report_dir / "config.json").write_text(json.dumps({"config": {"min_words": 3, "shards": str(tmp_path / "raw")},
-                                                        "config_class": "curate.filters.config.BasicConfig",
-                                                        "filter": "basic"}))
-    save_uids(tmp_path / "filters" / "basic.npy", [make_uid(n) for n in range(3)])
-    (report_dir / "report.json").write_text(json.dumps({"counts": {"kept": 3, "dropped": {"too_few_words": 2}}}))
+    for name, settings, counts in (("basic", {"min_words": 3}, {"kept": 3, "dropped": {"too_few_words": 2}}),
+                                   ("dedup", {"max_distance": 10, "subset": str(filters / "basic.npy")},
+                                    {"kept": 3, "dropped": {"near_duplicate": 1}})):
+        report_dir = filters / f"{name}.report"
+        report_dir.mkdir()
+        (report_dir / "config.json").write_text(json.dumps({
+            "config": {**settings, "shards": str(tmp_path / "raw")},
+            "config_class": f"curate.filters.config.{name.title()}Config", "filter": name}))
+        save_uids(filters / f"{name}.npy", [make_uid(n) for n in range(3 + (name == "basic"))])
+        (report_dir / "report.json").write_text(json.dumps({"counts": counts}))
+    # the final list is the intersection, made by the real command (it records its inputs beside it)
+    assert main(["uids", "intersect", str(filters / "basic.npy"), str(filters / "dedup.npy"), "--out",
+                 str(filters / "final.npy")]) == 0
     card = write_card(images, title="curated", description="three images", usage=["qcap train --data curated"],
                       lineage=trace_lineage(images))
     steps = [step["step"] for step in card["lineage"]]
-    assert steps == ["input", "filter basic", "reshard"]
+    assert steps == ["input", "filter basic", "filter dedup", "uids intersect", "reshard"]
     assert card["lineage"][1]["settings"] == {"min_words": 3, "shards": str(tmp_path / "raw")}
     assert card["lineage"][1]["report.json"] == {"kept": 3, "dropped": {"too_few_words": 2}}
+    assert card["lineage"][3]["uids"] == 3
+    assert card["lineage"][3]["inputs (uids)"] == {str(filters / "basic.npy"): 4, str(filters / "dedup.npy"): 3}
     readme = (images / "README.md").read_text()
     assert "### filter basic" in readme and "dropped={too_few_words: 2}" in readme
+    assert "### filter dedup" in readme and "### uids intersect" in readme
     assert card["captions"]["synthetic"]["num_captions"] == 0 and "quality.png" not in card["figures"]
