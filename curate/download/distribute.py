@@ -145,8 +145,7 @@ def _watch_driver(driver_pid: int, pidfd: int | None) -> None:
 
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        while not poller.poll(60_000):  # readable when the driver exits
-            pass
+        poller.poll()  # blocks until the pidfd is readable: the driver has exited
     else:
         while _alive(driver_pid):
             time.sleep(0.2)

@@ -40,11 +40,13 @@ From the shell: ``qcap serve runs/world [--port 8765]``.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import json
 import logging
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +85,6 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         # A client that gives up (its timeout on a stall, a dropped connection) is normal here.
-        import sys
-
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             log.debug("client %s went away", client_address)
             return
@@ -157,13 +157,11 @@ class WorldServer:
         self._thread = None
 
     def serve_forever(self) -> None:
-        """Serve until interrupted (Ctrl-C), then stop cleanly."""
+        """Serve until interrupted (Ctrl-C, SIGINT) or :meth:`stop`, then stop cleanly."""
         self.start()
         try:
-            while not self._stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+            with contextlib.suppress(KeyboardInterrupt):
+                self._stop.wait()
         finally:
             self.stop()
 
