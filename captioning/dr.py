@@ -842,6 +842,8 @@ def identity(cfg: BuildDRConfig, images: list[tuple[int, str]], source: CaptionS
 
 def _check_output(cfg: BuildDRConfig, ident: dict[str, Any]) -> None:
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the DR shards")
     path = out / CONFIG_FILE
     if not path.is_file():
         if out.is_dir() and any(out.glob("*.tar")):
@@ -1046,6 +1048,9 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
     if join["caption_duplicates"] or join["image_duplicates"]:
         notes.append(f"duplicate uids: {join['image_duplicates']} image rows, {join['caption_duplicates']} caption rows "
                      "(the first copy of each was used)")
+    if join["matched"] and not totals["syn_in"]:
+        notes.append(f"none of the {join['matched']} matched caption samples holds synthetic captions (KEY.syn.json): "
+                     "is --captions the output of qcap caption?")
     kept = statuses.get("success", 0)
     dropped = {k: v for k, v in sorted(statuses.items()) if k != "success"}
     caption_status = index["captions"].get("status_counts", {})

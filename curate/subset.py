@@ -318,6 +318,8 @@ def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
     import shutil
 
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the subset's shards")
     path = out / CONFIG_FILE
     known = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("identity") == ident
     if known or not (out.is_dir() and any(out.iterdir())):

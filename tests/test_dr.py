@@ -277,6 +277,16 @@ def test_bad_inputs_are_one_clear_line(tmp_path, capsys):
     code, _, stderr = run_cli(["build-dr", "--images", str(images), "--captions", str(empty), "--out",
                                str(tmp_path / "dr")], capsys)
     assert code == 2 and "not a qcap caption folder" in stderr
+    # the image folder passed as captions by mistake: every image matches, none has a synthetic caption
+    code, stdout, _ = run_cli(["build-dr", "--images", str(images), "--captions", str(images), "--out",
+                               str(tmp_path / "mistake"), "--no-progress", "--no-card"], capsys)
+    assert "images dropped: too_few_captions 2" in stdout and "is --captions the output of qcap caption?" in stdout
+    (tmp_path / "taken").write_text("not a folder")
+    write_qcap_captions(tmp_path / "syn", [[0, 1]])
+    code, _, stderr = run_cli(["build-dr", "--images", str(images), "--captions", str(tmp_path / "syn"), "--out",
+                               str(tmp_path / "taken"), "--no-progress"], capsys)
+    assert code == 2 and "is a file, not a folder" in stderr and "Traceback" not in stderr
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def kill_when(argv: list[str], log_path: Path, condition) -> None:

@@ -129,6 +129,10 @@ def test_bad_subset_requests_are_clear(tmp_path, dr, capsys):
         run_cli(["subset", "--shards", str(dr), "--out", str(tmp_path / "c"), "--fraction", "0.1", "--num-samples", "3"],
                 capsys)
     assert exit_info.value.code == 2 and "exactly one of --fraction or --num-samples" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("not a folder")
+    code, _, stderr = run_cli(["subset", "--shards", str(dr), "--out", str(tmp_path / "taken"), "--fraction", "0.1",
+                               "--overwrite"], capsys)
+    assert code == 2 and "is a file, not a folder" in stderr and (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_pack_keeps_whole_input_shards_together():
