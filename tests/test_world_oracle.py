@@ -114,6 +114,8 @@ def test_score_captions_command_on_the_pool_and_on_clean_shards(world, tmp_path)
                             "--field", "captions", "--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     assert "verdict: good" in clean.stdout
+    config = json.loads((tmp_path / "clean" / "config.json").read_text())["config"]
+    assert (config["captions"], config["field"], config["out"]) == (str(world / "clean"), "captions", str(tmp_path / "clean"))
     web = json.loads((tmp_path / "pool" / "summary.json").read_text())["overall"]
     good = json.loads((tmp_path / "clean" / "summary.json").read_text())["overall"]
     assert web["num_captions"] == 240 and good["num_captions"] == 200

@@ -358,12 +358,13 @@ def _object_rows(scene: Scene) -> list[dict]:
     ]
 
 
-def _truth_row(uid, split, index, path, scene: Scene, width, height, **extra) -> dict:
+def _truth_row(uid, split, index, path, scene: Scene, width, height, *, description: str | None = None, **extra) -> dict:
+    """A truth.parquet row; ``description`` when the caller already has ``describe(scene)``."""
     row = {
         "uid": uid, "split": split, "index": index, "path": path, "width": int(width), "height": int(height),
         "background": scene.background, "objects": _object_rows(scene),
         "relations": [{"front": a, "back": b} for a, b in scene.relations], "num_objects": len(scene.objects),
-        "description": describe(scene), "text": None, "text_kind": None, "lang": "en", "fault": "none",
+        "description": describe(scene) if description is None else description, "text": None, "text_kind": None, "lang": "en", "fault": "none",
         "dup_of": None, "is_exact_dup": False, "is_near_dup": False,
         "is_tiny": min(width, height) < 200, "is_wide": max(width, height) > 3 * min(width, height),
         "image_format": "jpg", "served_sha256": None,
@@ -550,6 +551,7 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 scene = _square_scene(cfg.seed, split, i, size)
             rendered = render(scene, with_maps=task in ("seg", "depth"))
             jpeg = encode(rendered.image, "jpg", 95)
+            description = describe(scene)
             name = f"{task}_{i:06d}"
             if task in ("seg", "depth"):
                 sub = "validation" if val else "training"
@@ -565,13 +567,12 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 _write(out / rel, jpeg)
             else:
                 rel = f"eval/retrieval/{chunk:05d}.tar#{i:09d}"
-                description = describe(scene)
                 writer.write(Sample(
                     key=f"{i:09d}", uid=uid, image=jpeg, text=description,
                     meta={"captions": [description], "width": size, "height": size, "split": split, "sha256": sha256(jpeg)},
                 ))
             rows.append(_truth_row(
-                uid, split, i, rel, scene, size, size, text=describe(scene), text_kind="description",
+                uid, split, i, rel, scene, size, size, description=description, text=description, text_kind="description",
                 served_sha256=sha256(jpeg),
             ))
         if writer is not None:
@@ -728,16 +729,11 @@ def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: b
 def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
     """Stream the parts into pool.parquet and truth.parquet, write the eval metadata and
     world.json (last), and remove the parts."""
-    import pyarrow.parquet as pq
-
     parts = out / PARTS
     counts: dict[str, Counter] = {"splits": Counter(), "faults": Counter(), "text_kinds": Counter(), "pool_flags": Counter()}
-    _stream(out / POOL_FILE, pool_schema(), [parts / f"pool-{j.chunk:05d}.parquet" for j in jobs if j.kind == "pool"])
-    truth_parts = [parts / f"{j.part}.parquet" for j in jobs]
-    _stream(out / TRUTH_FILE, truth_schema(), truth_parts)
-    for path in truth_parts:
-        table = pq.read_table(path, columns=["split", "fault", "text_kind", "is_exact_dup", "is_near_dup", "is_tiny", "is_wide"])
-        data = table.to_pydict()
+
+    def count(table) -> None:
+        data = table.select(["split", "fault", "text_kind", "is_exact_dup", "is_near_dup", "is_tiny", "is_wide"]).to_pydict()
         counts["splits"].update(data["split"])
         for k, split in enumerate(data["split"]):
             if split != "pool":
@@ -746,6 +742,9 @@ def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
             counts["text_kinds"][data["text_kind"][k]] += 1
             for flag in ("is_exact_dup", "is_near_dup", "is_tiny", "is_wide"):
                 counts["pool_flags"][flag] += int(data[flag][k])
+
+    _stream(out / POOL_FILE, pool_schema(), [parts / f"pool-{j.chunk:05d}.parquet" for j in jobs if j.kind == "pool"])
+    _stream(out / TRUTH_FILE, truth_schema(), [parts / f"{j.part}.parquet" for j in jobs], each=count)
     if cfg.clean_samples:
         finalize_folder(out / "clean")
     if cfg.eval_samples:
@@ -780,14 +779,17 @@ def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
     return info
 
 
-def _stream(target: Path, schema, sources: list[Path]) -> None:
-    """Concatenate Parquet parts into one file, one row group per part, atomically."""
+def _stream(target: Path, schema, sources: list[Path], each=None) -> None:
+    """Concatenate Parquet parts into one file, one row group per part, atomically;
+    ``each(table)`` sees every part as it passes (counts without a second read)."""
     import pyarrow.parquet as pq
 
     tmp = target.with_name(f".{target.name}.tmp")
     with pq.ParquetWriter(tmp, schema) as writer:
         for source in sources:
             table = pq.read_table(source, schema=schema)
+            if each is not None:
+                each(table)
             if table.num_rows:
                 writer.write_table(table)
     os.replace(tmp, target)

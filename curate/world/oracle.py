@@ -489,6 +489,11 @@ def _expand(uid, name, value):
                 yield uid, name, index, str(caption)
 
 
+def default_out(captions: str | Path) -> Path:
+    """Where scores go without ``--out``: ``<captions>.scores`` beside the captions."""
+    return Path(str(captions).rstrip("/") + ".scores")
+
+
 def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | None = None, out: str | Path | None = None,
                limit: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Score every caption of a file or shard folder; writes summary.json and
@@ -500,7 +505,7 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
     from curate.shards import atomic_write_json
 
     truth = load_truth(world)
-    out = Path(out) if out is not None else Path(str(captions).rstrip("/") + ".scores")
+    out = Path(out) if out is not None else default_out(captions)
     out.mkdir(parents=True, exist_ok=True)
     overall = Aggregate()
     by_field: dict[str, Aggregate] = defaultdict(Aggregate)
@@ -583,11 +588,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run_scoring(cfg) -> dict[str, Any]:
-    """The ``qcap score-captions`` command body (``cfg``: config.ScoreConfig)."""
+    """The ``qcap score-captions`` command body (``cfg``: config.ScoreConfig); the resolved
+    config goes to ``config.json`` beside the scores."""
+    from curate.config import save_config
+
     fields = [f.strip() for f in cfg.field.split(",") if f.strip()] if cfg.field else None
-    summary = score_file(cfg.world, cfg.captions, fields=fields, out=cfg.out, limit=cfg.limit)
+    out = cfg.out or default_out(cfg.captions)
+    summary = score_file(cfg.world, cfg.captions, fields=fields, out=out, limit=cfg.limit)
+    save_config(cfg, out / "config.json")
     print(format_summary(summary))
-    out = cfg.out or Path(str(cfg.captions).rstrip("/") + ".scores")
-    print(f"  wrote {out}/summary.json and {out}/per_caption.parquet")
+    print(f"  wrote {out}/summary.json, {out}/per_caption.parquet and {out}/config.json")
     log.debug("summary: %s", json.dumps(summary["overall"]))
     return summary

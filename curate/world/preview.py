@@ -38,6 +38,8 @@ def write_preview(world: str | Path, *, num: int = 12, out: str | Path | None = 
     """Write the grid to ``out`` (default ``W/preview.png``) and return its path."""
     import matplotlib
 
+    from curate.shards import atomic_write_bytes
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
@@ -71,8 +73,5 @@ def write_preview(world: str | Path, *, num: int = 12, out: str | Path | None = 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72, metadata={"Software": None})
     plt.close(fig)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(out)
+    atomic_write_bytes(out, buffer.getvalue())
     return out
