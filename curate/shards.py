@@ -870,10 +870,27 @@ def decode_image(data: bytes, *, max_pixels: int = 89_478_485, mode: str = "RGB"
 # uids and DataComp subset files
 
 
+def is_uid(value: Any) -> bool:
+    """True for DataComp's uid: a string of 32 lowercase hex characters."""
+    return isinstance(value, str) and bool(_UID_RE.match(value))
+
+
 def check_uid(uid: str) -> str:
-    if not isinstance(uid, str) or not _UID_RE.match(uid):
+    if not is_uid(uid):
         raise ShardError(f"uid {uid!r} is not 32 lowercase hex characters (DataComp's uid)")
     return uid
+
+
+def uid_halves(uids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(valid mask, high 64 bits, low 64 bits) of ``uids``, for vectorised work on many uids.
+
+    ``hi``/``lo`` hold the valid ones only, in order (``len(hi) == valid.sum()``); None or a
+    malformed uid is marked invalid, never an error — callers decide what that means."""
+    valid = np.array([is_uid(u) for u in uids], dtype=bool)
+    good = [u for u, ok in zip(uids, valid, strict=True) if ok]
+    hi = np.array([int(u[:16], 16) for u in good], dtype=np.uint64)
+    lo = np.array([int(u[16:], 16) for u in good], dtype=np.uint64)
+    return valid, hi, lo
 
 
 def uids_to_array(uids: Iterable[str]) -> np.ndarray:

@@ -401,3 +401,14 @@ def test_writer_rejects_bad_samples(tmp_path):
         raise RuntimeError("boom")
     assert not (tmp_path / "00001.tar").exists() and not shards.is_complete(tmp_path, 1)
     assert not any(p.name.startswith(".00001") for p in tmp_path.iterdir())
+
+
+def test_uid_halves_mark_invalid_uids_and_split_the_rest():
+    uids = [make_uid(3), None, "not-a-uid", make_uid(1).upper(), "ffffffffffffffff0000000000000001"]
+    valid, hi, lo = shards.uid_halves(uids)
+    assert valid.tolist() == [True, False, False, False, True]
+    assert hi.dtype == lo.dtype == np.uint64 and len(hi) == len(lo) == 2
+    assert [f"{int(a):016x}{int(b):016x}" for a, b in zip(hi, lo, strict=True)] == [uids[0], uids[4]]
+    assert shards.is_uid(make_uid(0)) and not shards.is_uid(make_uid(0)[:31]) and not shards.is_uid(7)
+    empty = shards.uid_halves([])
+    assert [len(a) for a in empty] == [0, 0, 0]
