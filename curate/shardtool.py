@@ -13,6 +13,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 from curate.cli import UsageError
 from curate.config import arg, parse_config
@@ -30,13 +31,12 @@ from curate.shards import (
 class ShardsConfig:
     """Inspect, verify or finalize a shard folder."""
 
-    action: str = arg(help="info, verify or finalize", positional=True)
+    action: Literal["info", "verify", "finalize"] = arg(
+        help="info: counts and columns; verify: read every member, tar/Parquet/stats agree; finalize: write sizes.json",
+        positional=True,
+    )
     shards: str = arg(help="shard folder, brace pattern or glob", positional=True)
     json_out: bool = arg(False, help="print the result as JSON", flag="--json")
-
-    def __post_init__(self) -> None:
-        if self.action not in ("info", "verify", "finalize"):
-            raise ValueError(f"action: must be info, verify or finalize, not {self.action!r}")
 
 
 def info(spec: str) -> dict:
@@ -62,12 +62,17 @@ def info(spec: str) -> dict:
 
 
 def verify(spec: str) -> dict:
-    """Read every sample; check the tar, the Parquet's successes and the stats agree."""
+    """Read every sample; check the tar, the Parquet's successes and the stats agree. Every
+    shard is checked, so one run lists every broken shard."""
     problems = []
     checked = 0
     for tar in expand_shards(spec):
-        in_tar = [s.key for s in iter_samples([tar], with_image=True)]
-        table = read_table(tar, columns=["key", "status"])
+        try:
+            in_tar = [s.key for s in iter_samples([tar], with_image=True)]
+            table = read_table(tar, columns=["key", "status"])
+        except ShardError as err:
+            problems.append(str(err))
+            continue
         ok_keys = [k for k, s in zip(table.column("key").to_pylist(), table.column("status").to_pylist(), strict=True) if s == "success"]
         if sorted(in_tar) != sorted(ok_keys):
             problems.append(f"{tar}: tar holds {len(in_tar)} samples, parquet lists {len(ok_keys)} successes")
@@ -92,7 +97,7 @@ def main(argv: list[str], prog: str = "qcap shards") -> int:
     else:
         for key, value in result.items():
             if isinstance(value, dict) and len(value) > 12:
-                value = f"{len(value)} entries (use --json-out)"
+                value = f"{len(value)} entries (use --json)"
             print(f"{key}: {value}")
     if cfg.action == "verify" and result["problems"]:
         raise ShardError("; ".join(result["problems"]))

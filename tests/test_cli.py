@@ -79,3 +79,9 @@ def test_shards_command_reports_a_folder(tmp_path):
     assert verify.returncode == 0 and "problems: []" in verify.stdout
     missing = subprocess.run([str(qcap), "shards", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    for shard_id in (1, 2):  # two broken shards: verify names both
+        (tmp_path / f"{shard_id:05d}.tar").write_bytes((tmp_path / "00000.tar").read_bytes()[:700])
+        (tmp_path / f"{shard_id:05d}.parquet").write_bytes((tmp_path / "00000.parquet").read_bytes())
+    broken = subprocess.run([str(qcap), "shards", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert broken.returncode == 2 and "00001.tar" in broken.stderr and "00002.tar" in broken.stderr
+    assert "Traceback" not in broken.stderr
