@@ -893,11 +893,16 @@ def uid_halves(uids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return valid, hi, lo
 
 
-def uids_to_array(uids: Iterable[str]) -> np.ndarray:
-    """32-hex uids → DataComp's sorted, de-duplicated structured array (f0 = high 64 bits)."""
-    pairs = [(int(check_uid(u)[:16], 16), int(u[16:], 16)) for u in uids]
-    array = np.array(pairs, dtype=UID_DTYPE)
-    return np.unique(array)  # np.unique sorts structured arrays field by field, as DataComp sorts
+def uids_to_array(uids: Iterable[str], *, sort: bool = True) -> np.ndarray:
+    """32-hex uids → DataComp's structured array (f0 = high 64 bits): sorted and de-duplicated,
+    or with ``sort=False`` in the given order, repeats kept. A malformed uid is a ShardError."""
+    uids = list(uids)
+    valid, hi, lo = uid_halves(uids)
+    if not valid.all():
+        check_uid(uids[int(np.flatnonzero(~valid)[0])])  # raises, naming the uid
+    array = np.empty(len(uids), dtype=UID_DTYPE)
+    array["f0"], array["f1"] = hi, lo
+    return np.unique(array) if sort else array  # np.unique sorts structured arrays field by field, as DataComp sorts
 
 
 def array_to_uids(array: np.ndarray) -> list[str]:
@@ -942,7 +947,7 @@ def uid_membership(uids: Sequence[str], subset: np.ndarray) -> np.ndarray:
     """Boolean mask: which of ``uids`` are in the sorted subset array (vectorised search)."""
     if len(uids) == 0:
         return np.zeros(0, dtype=bool)
-    query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
+    query = uids_to_array(uids, sort=False)
     if len(subset) == 0:
         return np.zeros(len(query), dtype=bool)
     index = np.searchsorted(subset, query)

@@ -412,3 +412,9 @@ def test_uid_halves_mark_invalid_uids_and_split_the_rest():
     assert shards.is_uid(make_uid(0)) and not shards.is_uid(make_uid(0)[:31]) and not shards.is_uid(7)
     empty = shards.uid_halves([])
     assert [len(a) for a in empty] == [0, 0, 0]
+    # in order, repeats kept; sorted and unique by default; a bad uid named in the error
+    ordered = shards.uids_to_array([uids[4], uids[0], uids[4]], sort=False)
+    assert shards.array_to_uids(ordered) == [uids[4], uids[0], uids[4]]
+    assert shards.array_to_uids(shards.uids_to_array([uids[4], uids[0], uids[4]])) == [uids[0], uids[4]]
+    with pytest.raises(shards.ShardError, match="not-a-uid"):
+        shards.uids_to_array([uids[0], "not-a-uid"], sort=False)
