@@ -15,6 +15,7 @@ background words) is the one vocabulary both the writers here and the oracle's p
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,30 +100,42 @@ class Group:
     members: list[int]  # object indices, nearest first
 
 
-def groups_of(scene: Scene) -> list[Group]:
-    """The scene's groups, in the order of their nearest member (front to back)."""
-    groups: dict[tuple[str, str], Group] = {}
-    for i, obj in enumerate(scene.objects):
-        key = (obj.cls, obj.colour)
-        if key not in groups:
-            groups[key] = Group(obj.cls, obj.colour, obj.size, obj.texture, 0, [], [])
-        g = groups[key]
+def group_objects(
+    objects: Sequence[tuple[str, str, str, str, str]], relations: Iterable[tuple[int, int]] = ()
+) -> tuple[list[Group], list[tuple[int, int]]]:
+    """Groups of objects given as ``(cls, colour, size, texture, position)``, nearest first, in
+    the order of their nearest member; and the (front group, back group) pairs of the
+    overlapping objects ``relations`` (object indices) that lie in different groups,
+    deduplicated. The one grouping rule behind descriptions, captions and the oracle."""
+    groups: list[Group] = []
+    index: dict[tuple[str, str], int] = {}
+    owner: list[int] = []  # object index -> group index
+    for i, (cls, colour, size, texture, position) in enumerate(objects):
+        k = index.setdefault((cls, colour), len(groups))
+        if k == len(groups):
+            groups.append(Group(cls, colour, size, texture, 0, [], []))
+        g = groups[k]
         g.count += 1
         g.members.append(i)
-        if obj.position not in g.positions:
-            g.positions.append(obj.position)
-    return list(groups.values())
-
-
-def group_relations(scene: Scene, groups: list[Group]) -> list[tuple[int, int]]:
-    """(front group, back group) pairs of overlapping objects of different groups, deduplicated."""
-    owner = {m: gi for gi, g in enumerate(groups) for m in g.members}
-    out: list[tuple[int, int]] = []
-    for a, b in scene.relations:
+        if position not in g.positions:
+            g.positions.append(position)
+        owner.append(k)
+    pairs: list[tuple[int, int]] = []
+    for a, b in relations:
         pair = (owner[a], owner[b])
-        if pair[0] != pair[1] and pair not in out and (pair[1], pair[0]) not in out:
-            out.append(pair)
-    return out
+        if pair[0] != pair[1] and pair not in pairs and (pair[1], pair[0]) not in pairs:
+            pairs.append(pair)
+    return groups, pairs
+
+
+def scene_groups(scene: Scene) -> tuple[list[Group], list[tuple[int, int]]]:
+    """:func:`group_objects` of a scene: its groups and their overlaps."""
+    return group_objects([(o.cls, o.colour, o.size, o.texture, o.position) for o in scene.objects], scene.relations)
+
+
+def groups_of(scene: Scene) -> list[Group]:
+    """The scene's groups, in the order of their nearest member (front to back)."""
+    return scene_groups(scene)[0]
 
 
 def article(word: str) -> str:
@@ -160,11 +173,11 @@ def _positions(g: Group) -> str:
 
 def describe(scene: Scene) -> str:
     """The true description: every group with all its attributes, the overlaps, the background."""
-    groups = groups_of(scene)
+    groups, relations = scene_groups(scene)
     parts = [f"{_np(g)} {_positions(g)}" for g in groups]
     text = _join(parts)
     text = text[0].upper() + text[1:] + f", {BACKGROUND_PHRASE[scene.background]}."
-    for a, b in group_relations(scene, groups):
+    for a, b in relations:
         ga, gb = groups[a], groups[b]
         text += f" The {ga.colour} {ga.cls} is in front of the {gb.colour} {gb.cls}."
     return text
@@ -197,8 +210,7 @@ def clean_captions(scene: Scene, rng: np.random.Generator, num: int = 5) -> list
     colour, most give counts and positions; sizes, textures, the background and the overlaps
     are mentioned by some styles and not others, as human annotators do.
     """
-    groups = groups_of(scene)
-    relations = group_relations(scene, groups)
+    groups, relations = scene_groups(scene)
     styles = [_style_full, _style_there_are, _style_positions, _style_short, _style_depth, _style_picture]
     order = list(rng.permutation(len(styles)))
     out: list[str] = []

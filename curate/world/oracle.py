@@ -49,6 +49,8 @@ from curate.world.describe import (
     SCENE_NOUNS,
     SIZE_WORDS,
     TEXTURE_WORDS,
+    Group,
+    group_objects,
 )
 
 log = logging.getLogger(__name__)
@@ -217,41 +219,13 @@ def _merge(mentions: list[Mention], new: Mention, *, definite: bool) -> int:
 # Truth side
 
 
-@dataclass(slots=True)
-class TruthGroup:
-    cls: str
-    colour: str
-    size: str
-    texture: str
-    count: int
-    positions: list[str]
-    ranks: list[int]
-
-
-def truth_groups(row: dict) -> tuple[list[TruthGroup], list[tuple[int, int]]]:
+def truth_groups(row: dict) -> tuple[list[Group], list[tuple[int, int]]]:
     """Groups (class + colour) of a truth row and the overlapping (front, back) group pairs."""
-    groups: dict[tuple[str, str], TruthGroup] = {}
-    owner: dict[int, tuple[str, str]] = {}
-    for index, obj in enumerate(row["objects"]):
-        key = (obj["cls"], obj["colour"])
-        owner[index] = key
-        if key not in groups:
-            groups[key] = TruthGroup(obj["cls"], obj["colour"], obj["size"], obj["texture"], 0, [], [])
-        g = groups[key]
-        g.count += 1
-        g.ranks.append(int(obj["depth_rank"]))
-        if obj["position"] not in g.positions:
-            g.positions.append(obj["position"])
-    keys = list(groups)
-    pairs: list[tuple[int, int]] = []
-    for rel in row.get("relations") or []:
-        a, b = keys.index(owner[rel["front"]]), keys.index(owner[rel["back"]])
-        if a != b and (a, b) not in pairs and (b, a) not in pairs:
-            pairs.append((a, b))
-    return list(groups.values()), pairs
+    objects = [(o["cls"], o["colour"], o["size"], o["texture"], o["position"]) for o in row["objects"]]
+    return group_objects(objects, [(r["front"], r["back"]) for r in row.get("relations") or []])
 
 
-def _assign(mentions: list[Mention], groups: list[TruthGroup]) -> list[int | None]:
+def _assign(mentions: list[Mention], groups: list[Group]) -> list[int | None]:
     """The truth group each mention is about (None: the class is not in the image)."""
     out: list[int | None] = []
     used: set[int] = set()
@@ -273,6 +247,9 @@ def score_caption(truth_row: dict, caption: str) -> dict[str, Any]:
     ``background``, as in truth.parquet). See the module doc for the fields."""
     parsed = parse_caption(caption)
     groups, group_pairs = truth_groups(truth_row)
+
+    def ranks(k: int) -> list[int]:  # depth ranks of group k's objects
+        return [int(truth_row["objects"][m]["depth_rank"]) for m in groups[k].members]
     assignment = _assign(parsed.mentions, groups)
 
     stated: Counter[str] = Counter()
@@ -322,7 +299,7 @@ def score_caption(truth_row: dict, caption: str) -> dict[str, Any]:
             judge("position", ok, ("position", k, exact) if exact else None)
     for front, back in parsed.relations:
         ka, kb = assignment[front], assignment[back]
-        ok = ka is not None and kb is not None and ka != kb and min(groups[ka].ranks) < max(groups[kb].ranks)
+        ok = ka is not None and kb is not None and ka != kb and min(ranks(ka)) < max(ranks(kb))
         judge("relation", ok, ("relation", ka, kb) if ok else None)
     if parsed.background is not None:
         judge("background", parsed.background == truth_row["background"], ("background",))
