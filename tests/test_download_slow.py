@@ -1,4 +1,4 @@
-"""qcap download, the long end-to-end checks: a real Ray cluster, and SIGKILL at any moment.
+"""qcap download, the long end-to-end checks: a real Ray cluster, SIGKILL at any moment, a dead worker.
 
 - Ray: the test starts its own head node on loopback (``ray start --head --block`` in a
   subprocess of its own session), runs ``qcap download --distributor ray --ray-address
@@ -8,6 +8,8 @@
 - Resume: ``qcap download`` in a real subprocess, SIGKILLed several times at different
   moments; each time every visible tar must be whole and nothing may keep writing; the
   finished folder must hold the same uids, shard by shard, as an uninterrupted run.
+- Shard retry: one worker of the process pool SIGKILLed mid-download; the pool is renewed and
+  its shards run again.
 """
 
 from __future__ import annotations
@@ -153,3 +155,47 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_shards(tmp_path):
     assert len(uids) == len(set(uids))
     assert sorted(read_tables(str(out)).column("uid").to_pylist()) == sorted(truth_of(world))
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended while we looked
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(tmp_path, caplog):
+    """SIGKILL one worker of the process pool while shards run: the pool is renewed, the
+    shards it held run again, and the download completes with every uid exactly once."""
+    import json
+    import threading
+
+    world = make_world(tmp_path / "w")
+    with WorldServer(world, stall_seconds=30) as srv:
+        pool = stale_pool(srv, tmp_path / "pool.parquet")
+        out = tmp_path / "raw"
+        result = {}
+        runner = threading.Thread(target=lambda: result.setdefault("code", run_cli(
+            ["--pool", str(pool), "--out", str(out), "--allow-private-addresses", *SMALL, "--threads", "2"])))
+        runner.start()
+        killed = None
+        deadline = time.monotonic() + 120
+        while killed is None and runner.is_alive() and time.monotonic() < deadline:
+            workers = [w for server in _children(os.getpid()) for w in _children(server)]  # driver -> fork server -> workers
+            if workers and not list(out.glob("*.done")):
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        runner.join(300)
+    assert killed is not None, "no worker was running to kill"
+    assert result["code"] == 0
+    assert "a worker process died; starting a fresh pool" in caplog.text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["reconciles"] and manifest["this_run"]["failed_shards"] == {}
+    assert sorted(read_tables(str(out)).column("uid").to_pylist()) == sorted(truth_of(world))
+    _check_visible_tars_whole(out)
