@@ -46,8 +46,27 @@ from typing import Any, Literal
 
 import numpy as np
 
+from curate.card import CaptionStats, read_card, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
+from curate.shards import (
+    ShardError,
+    ShardWriter,
+    atomic_write_json,
+    completed_shards,
+    expand_shards,
+    finalize_folder,
+    is_complete,
+    iter_samples,
+    num_samples,
+    read_sizes,
+    read_table,
+    save_uids,
+    shard_folder,
+    shard_name,
+    uid_halves,
+    uids_to_array,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +126,6 @@ def rank_keys(seed: int, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         return z
 
 
-def uid_array(uids: list[str]) -> np.ndarray:
-    """32-hex uids → DataComp's structured array, in order (unsorted)."""
-    from curate.shards import UID_DTYPE, check_uid
-
-    array = np.empty(len(uids), dtype=UID_DTYPE)
-    array["f0"] = np.array([int(check_uid(u)[:16], 16) for u in uids], dtype=np.uint64)
-    array["f1"] = np.array([int(u[16:], 16) for u in uids], dtype=np.uint64)
-    return array
-
-
 def target_size(cfg: SubsetConfig, total: int) -> int:
     if cfg.num_samples is not None:
         if cfg.num_samples > total:
@@ -143,15 +152,14 @@ class ShardKeys:
 
 
 def shard_keys(tar: str, seed: int) -> ShardKeys:
-    from curate.shards import _UID_RE, read_table
-
     table = read_table(tar, columns=["uid", "status"])
     uids = [u for u, s in zip(table.column("uid").to_pylist(), table.column("status").to_pylist(), strict=True)
             if s == "success"]
-    valid = [isinstance(u, str) and bool(_UID_RE.match(u)) for u in uids]
-    hi = np.array([int(u[:16], 16) if ok else 0 for u, ok in zip(uids, valid, strict=True)], dtype=np.uint64)
-    lo = np.array([int(u[16:], 16) if ok else 0 for u, ok in zip(uids, valid, strict=True)], dtype=np.uint64)
-    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=np.array(valid, dtype=bool))
+    valid, valid_hi, valid_lo = uid_halves(uids)
+    hi = np.zeros(len(uids), dtype=np.uint64)  # 0 where the uid is missing: never selected (valid is False)
+    lo = np.zeros(len(uids), dtype=np.uint64)
+    hi[valid], lo[valid] = valid_hi, valid_lo
+    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=valid)
 
 
 @dataclass(frozen=True)
@@ -264,9 +272,6 @@ def strip_synthetic(sample) -> None:
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Output shard ``shard_id``: the selected samples of its input shards, in order."""
-    from curate.card import CaptionStats
-    from curate.shards import ShardError, ShardWriter, iter_samples
-
     threshold = Threshold(**task["threshold"]) if task["threshold"] else None
     stats = CaptionStats()
     written = 0
@@ -338,18 +343,6 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     """Write the subset (or finish writing it); returns the summary (also ``DIR/subset_summary.json``)."""
     from tqdm import tqdm
 
-    from curate.shards import (
-        atomic_write_json,
-        completed_shards,
-        expand_shards,
-        finalize_folder,
-        is_complete,
-        num_samples,
-        read_table,
-        save_uids,
-        shard_name,
-    )
-
     started = time.time()
     tars = expand_shards(cfg.shards)
     total = num_samples(cfg.shards)
@@ -392,7 +385,7 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     bar.close()
     sizes = finalize_folder(out)
     expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
-    uids = np.concatenate([uid_array(read_table(tar, columns=["uid"]).column("uid").to_pylist())
+    uids = np.concatenate([uids_to_array(read_table(tar, columns=["uid"]).column("uid").to_pylist(), sort=False)
                            for tar in expand_shards(str(out))])  # 16 bytes a sample, not Python strings
     num_unique = save_uids(out / UIDS_FILE, uids)
     checks = {"selected = N": sum(sizes.values()) == n, "written = planned per shard": sizes == expected,
@@ -411,8 +404,6 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
 
 
 def _read_sizes(tars: list[str]) -> dict[str, int]:
-    from curate.shards import read_sizes
-
     sizes: dict[str, int] = {}
     for folder in sorted({os.path.dirname(t) for t in tars}):
         sizes.update(read_sizes(folder))
@@ -421,9 +412,6 @@ def _read_sizes(tars: list[str]) -> dict[str, int]:
 
 
 def write_subset_card(cfg: SubsetConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    from curate.card import read_card, write_card
-    from curate.shards import shard_folder
-
     source_folder = shard_folder(cfg.shards)
     source_card = read_card(source_folder) or {}
     lineage = list(source_card.get("lineage") or [{"step": "source", "title": "input shards", "folder": source_folder}])

@@ -24,6 +24,7 @@ decisions.parquet, hist_*.png}``.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import time
@@ -97,27 +98,32 @@ class FilterCounts:
         }
 
 
-class BaseFilter:
+class BaseFilter(abc.ABC):
     """Subclass, set ``name``, write ``keep``; override the hooks a global filter needs."""
 
     name: ClassVar[str] = "filter"
     # Extra measurement columns of decisions.parquet: name -> pyarrow type name.
     value_types: ClassVar[dict[str, str]] = {}
-    # Parquet columns the filter cannot work without (beyond key, uid, status).
-    needs_text: ClassVar[bool] = False
-    needs_size: ClassVar[bool] = False
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
 
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
         """Global work before any decision (score everything, find duplicate groups)."""
+        return None  # a per-record filter has no global work
 
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         """Attach this shard's measurements to its candidates (``record.values``)."""
+        return None  # a filter that measures nothing beyond the common values
 
+    def read_rows(self, tar: str) -> ShardRows:
+        """The shard's Parquet rows this filter decides on; override to name the caption and size
+        columns, or to require them (a missing required column is a ShardError)."""
+        return read_shard_rows(tar)
+
+    @abc.abstractmethod
     def keep(self, record: FilterRecord) -> Keep:
-        raise NotImplementedError
+        """True to keep ``record``; ``(False, reason)`` to drop it (a bare False drops it as ``name``)."""
 
     def histograms(self) -> list[Histogram]:
         """Histograms of this filter's measurements, cut-offs marked (called after prepare)."""
@@ -285,13 +291,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     writer = DecisionWriter(report_dir / DECISIONS_FILE, {**COMMON_VALUES, **filt.value_types})
     try:
         for tar in tqdm(tars, desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress):
-            rows = read_shard_rows(
-                tar, text_column=getattr(cfg, "text_column", None),
-                width_column=getattr(cfg, "width_column", "original_width"),
-                height_column=getattr(cfg, "height_column", "original_height"),
-                need_text=filt.needs_text, need_size=filt.needs_size,
-            )
-            _decide_shard(filt, rows, subset, counts, kept_uids, histograms, writer)
+            _decide_shard(filt, filt.read_rows(tar), subset, counts, kept_uids, histograms, writer)
         writer.close()
     except BaseException:
         writer.abort()

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, ClassVar
 
-from curate.filters.base import BaseFilter, FilterRecord, Keep, run_filter
+from curate.filters.base import BaseFilter, FilterRecord, Keep, ShardRows, read_shard_rows, run_filter
 from curate.filters.config import BasicConfig
 from curate.filters.report import Histogram, linear_edges, log_edges
 
@@ -56,8 +56,6 @@ class LanguageDetector:
 class BasicFilter(BaseFilter):
     name = "basic"
     value_types: ClassVar[dict[str, str]] = {"language": "string", "language_score": "float32"}
-    needs_text = True
-    needs_size = True
 
     def __init__(self, cfg: BasicConfig) -> None:
         super().__init__(cfg)
@@ -69,6 +67,11 @@ class BasicFilter(BaseFilter):
             "language": "not_english" if cfg.language == "en" else f"not_{cfg.language or 'any'}", "words": "too_few_words", "chars": "too_few_chars",
             "image_side": "image_too_small", "aspect_ratio": "aspect_ratio_too_large",
         }
+
+    def read_rows(self, tar: str) -> ShardRows:
+        cfg = self.cfg
+        return read_shard_rows(tar, text_column=cfg.text_column, width_column=cfg.width_column,
+                               height_column=cfg.height_column, need_text=True, need_size=True)
 
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         if not self.cfg.language:

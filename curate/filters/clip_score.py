@@ -43,7 +43,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, read_shard_rows, run_filter
+from curate.filters.base import (
+    BaseFilter,
+    FilterRecord,
+    Keep,
+    ShardRows,
+    candidate_mask,
+    read_shard_rows,
+    run_filter,
+)
 from curate.filters.config import ClipScoreConfig
 from curate.filters.report import Histogram, score_edges
 from curate.shards import ShardError, atomic_write_bytes, decode_image, iter_samples, uids_to_array
@@ -101,13 +109,9 @@ class ScoreIndex:
     """uid -> score lookups over sorted DataComp uid arrays (compact: 20 bytes a sample)."""
 
     def __init__(self, uids: Sequence[str], scores: Sequence[float]) -> None:
-        array = uids_to_array([])
-        values = np.zeros(0, dtype=np.float32)
-        if len(uids):
-            pairs = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=array.dtype)
-            order = np.argsort(pairs, kind="stable")
-            array, values = pairs[order], np.asarray(scores, dtype=np.float32)[order]
-        self.uids, self.scores = array, values
+        pairs = uids_to_array(uids, sort=False)
+        order = np.argsort(pairs, kind="stable")
+        self.uids, self.scores = pairs[order], np.asarray(scores, dtype=np.float32)[order]
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -119,7 +123,7 @@ class ScoreIndex:
         found = np.zeros(len(uids), dtype=bool)
         if not len(uids) or not len(self.uids):
             return out, found
-        query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=self.uids.dtype)
+        query = uids_to_array(uids, sort=False)
         index = np.clip(np.searchsorted(self.uids, query), 0, len(self.uids) - 1)
         found = self.uids[index] == query
         out[found] = self.scores[index[found]]
@@ -432,6 +436,9 @@ class ClipScoreFilter(BaseFilter):
         import shutil
 
         shutil.rmtree(parts, ignore_errors=True)  # everything they held is in the file now
+
+    def read_rows(self, tar: str) -> ShardRows:
+        return read_shard_rows(tar, text_column=self.cfg.text_column)
 
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         if self.index is None:

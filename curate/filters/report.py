@@ -108,7 +108,7 @@ def plot_histogram(hist: Histogram, path: str | os.PathLike, *, filter_name: str
 
     from curate.shards import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
     left, widths = hist.edges[:-1], np.diff(hist.edges)
     ax.bar(left, hist.kept, width=widths, align="edge", color="#2b8a3e", label=f"kept ({int(hist.kept.sum())})")
     if hist.reason is not None:
@@ -127,7 +127,7 @@ def plot_histogram(hist: Histogram, path: str | os.PathLike, *, filter_name: str
     ax.set_ylabel("samples")
     missing = f", {hist.num_missing} without a value" if hist.num_missing else ""
     ax.set_title(f"{filter_name}: {hist.title} ({hist.total} samples{missing})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: never over a bar
     fig.tight_layout()
     import io
 
