@@ -30,6 +30,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -539,8 +540,9 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
     split = f"eval-{task}"
     size = cfg.eval_image_size
     rows = []
-    writer = ShardWriter(out / "eval" / "retrieval", chunk) if task == "retrieval" else None
-    try:
+    # the retrieval task writes shards (closed whole, or aborted on an error); the others write files
+    shard = ShardWriter(out / "eval" / "retrieval", chunk) if task == "retrieval" else contextlib.nullcontext()
+    with shard as writer:
         for i in range(start, stop):
             uid = sample_uid(cfg.seed, split, i)
             val = _eval_split(cfg, i)
@@ -575,12 +577,6 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 uid, split, i, rel, scene, size, size, description=description, text=description, text_kind="description",
                 served_sha256=sha256(jpeg),
             ))
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     _write_truth_part(out, f"truth-{split}-{chunk:05d}", rows)
 
 
