@@ -65,13 +65,13 @@ BACKGROUND_MEAN: dict[str, tuple[int, int, int]] = {
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
 )
-NUM_OBJECTS_PROBS = (0.3, 0.3, 0.25, 0.15)
+NUM_OBJECTS_PROBS = (0.3, 0.3, 0.25, 0.15)  # P(1), P(2), P(3), P(4) objects
 # Uneven lighting of the background: a LIGHT_GRID × LIGHT_GRID field of brightness factors in
 # LIGHT_RANGE, bilinearly stretched over the image. Without it every studio or sky picture
 # would share one low-frequency layout, and perceptual hashes would call distinct images
 # near-duplicates.
 LIGHT_GRID = 4
-LIGHT_RANGE = (0.55, 1.0)  # P(1), P(2), P(3), P(4) objects
+LIGHT_RANGE = (0.55, 1.0)
 MIN_VISIBLE = 0.5  # an object less visible than this (occluded or cut) makes the scene re-drawn
 SEG_BACKGROUND = 0  # class-map index of the background; objects are 1 + CLASSES.index(cls)
 SEG_IGNORE = 255  # class-map value reserved for "ignore" (never drawn by the generator)
