@@ -91,7 +91,7 @@ def run_guarded(func, argv: list[str], prog: str) -> int:
     return int(code or 0)
 
 
-DESCRIPTION = "curate: build and filter a DataComp-style pool (download, filter, dedup, reshard)."
+DESCRIPTION = "curate: make, download, filter, dedup, reshard and subset a DataComp-style pool (and inspect shards)."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
