@@ -90,6 +90,20 @@ def _scalar_parser(tp: Any, name: str) -> tuple[Callable[[str], Any], list[Any] 
     raise TypeError(f"field {name!r}: type {tp!r} has no command-line form; use int, float, str, Path, bool, Literal")
 
 
+def _checked_choice(convert: Callable[[str], Any], choices: list[Any]) -> Callable[[str], Any]:
+    """A converter that checks ``choices`` itself and lets argparse's SUPPRESS through: an
+    optional positional's default is passed through ``type`` when the positional is absent."""
+    def parse(text: str) -> Any:
+        if text == argparse.SUPPRESS:
+            return text
+        value = convert(text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(repr, choices))})")
+        return value
+
+    return parse
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
@@ -139,6 +153,8 @@ def build_parser(
             kwargs.setdefault("metavar", field.name.upper())
             if not required:
                 kwargs.update(nargs="?", default=argparse.SUPPRESS)
+                if choices is not None:  # argparse (< 3.12) checks an absent '?' positional's default against choices
+                    convert, choices = _checked_choice(convert, choices), None
             parser.add_argument(field.name, type=convert, choices=choices, **kwargs)
             continue
         if tp is bool:
@@ -179,7 +195,7 @@ def config_from_namespace(
         if base is not None:
             return dataclasses.replace(base, **given)
         missing = [
-            flag_name(f)
+            (f.metadata.get("metavar") or f.name.upper()) if f.metadata.get("positional") else flag_name(f)
             for f in dataclasses.fields(cls)
             if f.init and f.default is _REQUIRED and f.default_factory is _REQUIRED and f.name not in given
         ]

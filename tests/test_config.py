@@ -71,3 +71,23 @@ def test_resolved_config_round_trips(tmp_path):
     assert from_dict(DemoConfig, payload["config"]) == cfg
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(DemoConfig, {**to_dict(cfg), "imagesize": 3})
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """A positional Literal that a preset may leave out (qcap finetune's task)."""
+
+    task: Literal["seg", "depth"] = arg(help="which task", positional=True)
+    steps: int = arg(10, help="steps")
+
+
+def test_optional_positional_choice_is_checked_and_may_be_absent(capsys):
+    presets = {"tiny": lambda: TaskConfig(task="seg", steps=2)}
+    assert parse_config(TaskConfig, ["depth", "--preset", "tiny"], presets=presets) == TaskConfig(task="depth", steps=2)
+    assert parse_config(TaskConfig, ["--preset", "tiny"], presets=presets) == TaskConfig(task="seg", steps=2)
+    with pytest.raises(SystemExit):
+        parse_config(TaskConfig, ["--preset", "tiny", "sег"], presets=presets)
+    assert "invalid choice: 'sег'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no preset, no task: the missing field is named
+        parse_config(TaskConfig, [], presets=presets)
+    assert "missing required flag(s): TASK" in capsys.readouterr().err
