@@ -140,3 +140,31 @@ def test_pack_keeps_whole_input_shards_together():
     assert pack([1, 1, 1, 1, 1], 2) == [[0, 1], [2, 3], [4]]
     assert pack([5, 0, 0, 30, 2, 0], 10) == [[0, 1, 2], [3], [4, 5]]
     assert pack([0, 0, 3, 0], 10) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.slow
+def test_make_subsets_builds_both_rungs_of_the_ladder(tmp_path, dr):
+    """`make subsets` (the documented entry point): one real-captions and one DR folder per fraction,
+    the same uids in both, nested across fractions. Slow: four qcap processes (the fast tests run
+    ``qcap subset`` itself in process)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    ladder = tmp_path / "ladder"
+    # -o: never (re)install the venv from inside a test; the target runs the qcap it finds there
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "subsets", f"DR={dr}", f"LADDER={ladder}",
+                           "FRACTIONS=0.1 0.01", "SEED=3"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in ladder.iterdir()) == ["datacomp-1", "datacomp-10", "dr-1", "dr-10"]
+    for pct, n in (("10", 40), ("1", 4)):
+        real, dual = ladder / f"datacomp-{pct}", ladder / f"dr-{pct}"
+        assert uids_of(real) == uids_of(dual) and len(uids_of(real)) == n
+        assert all(s.syn_text is None for s in iter_samples(str(real)))
+        assert all(s.syn_text for s in iter_samples(str(dual)))
+        assert (real / "README.md").is_file() and (dual / "preview.html").is_file()
+    assert uids_of(ladder / "dr-1") < uids_of(ladder / "dr-10")
+    assert f"ladder: {ladder}/{{datacomp,dr}}-{{10,1}} (seed 3)" in proc.stdout
+    # no DR folder: one clear line, exit status 2
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "subsets", f"DR={tmp_path / 'none'}"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "is not a shard folder" in proc.stdout + proc.stderr
