@@ -504,11 +504,13 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _thumbnail(sample: Sample, size: int = 224) -> str | None:
-    if not sample.image:
+def thumbnail_b64(data: bytes | None, size: int = 224) -> str | None:
+    """A JPEG thumbnail (longer side ``size``) of encoded image bytes, base64 for an inline
+    ``data:`` URI; None when there is no image or it does not decode."""
+    if not data:
         return None
     try:
-        image = decode_image(sample.image)
+        image = decode_image(data)
     except ValueError:
         return None
     image.thumbnail((size, size))
@@ -560,7 +562,7 @@ def render_html(card: dict[str, Any], samples: list[Sample]) -> str:
             parts.append(f"<p><img src='{CARD_DIR}/{name}' alt='{esc(alt)}' style='max-width:100%'></p>")
     parts.append(f"<h2>Samples ({len(samples)})</h2><div class='grid'>")
     for sample in samples:
-        thumb = _thumbnail(sample)
+        thumb = thumbnail_b64(sample.image)
         parts.append("<div class='cell'>")
         if thumb:
             parts.append(f"<img src='data:image/jpeg;base64,{thumb}' alt='{esc(sample.uid or sample.key)}'>")

@@ -98,20 +98,32 @@ def test_basic_report_reconciles_and_draws(basic_run):
     assert sum(hist["kept"][i] for i in below) == 0 and sum(hist["dropped_here"][i] for i in below) > 0
     config = json.loads((report_dir / "config.json").read_text())
     assert config["config"]["shards"] == str(raw) and config["filter"] == "basic"
+    # preview.html: the histograms, then the first 8 samples of each outcome with image, caption, measurements
+    page = (report_dir / "preview.html").read_text()
+    outcomes = {"kept": counts["kept"], **counts["dropped"]}
+    for outcome, n in outcomes.items():
+        title = "kept" if outcome == "kept" else f"dropped: {outcome}"
+        assert f">{title} ({n:,}; the first {min(8, n)})</h2>" in page, outcome
+    assert page.count("<div class='cell'>") == page.count("data:image/jpeg;base64,") == sum(min(8, n) for n in outcomes.values())
+    assert page.count("<img src='hist_") == len(report["outputs"]["pictures"])
+    decisions = pq.read_table(report_dir / "decisions.parquet").to_pandas()
+    first_dropped = decisions[decisions.reason == "not_english"].iloc[0]
+    assert f"{first_dropped.shard} {first_dropped.key} · uid {first_dropped.uid}" in page
+    assert f"language {first_dropped.language}" in page
 
 
 def test_thresholds_are_flags(basic_run, tmp_path):
     world, raw, out = basic_run
     loose = tmp_path / "loose.npy"
     assert qcap(["filter", "basic", "--shards", str(raw), "--out", str(loose), "--no-progress", "--no-histograms",
-                 "--min-image-side", "0", "--max-aspect-ratio", "100", "--language", ""]) == 0
+                 "--no-preview", "--min-image-side", "0", "--max-aspect-ratio", "100", "--language", ""]) == 0
     report = json.loads((tmp_path / "loose.report" / "report.json").read_text())
     assert set(report["counts"]["dropped"]) <= {"too_few_words", "too_few_chars"}
     truth = truth_table(world)
     kept = set(array_to_uids(np.load(loose)))
     assert kept > set(array_to_uids(np.load(out)))
     assert kept & set(truth.index[truth.is_tiny]) and kept & set(truth.index[truth.text_kind == "non_english"])
-    assert not list(tmp_path.glob("loose.report/*.png"))
+    assert not list(tmp_path.glob("loose.report/*.png")) and not (tmp_path / "loose.report" / "preview.html").exists()
 
 
 def test_lid176_mistakes_are_named():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_scores_match_a_direct_computation_and_top_fraction_keeps_30_percent(cli
     assert min(scores.score[list(kept)]) > max(scores.score.drop(list(kept)).dropna())
     assert (out.with_name("clip.report") / "hist_clip_score.png").exists()
     assert report["histograms"]["clip_score"]["cutoffs"] == [cutoff]
+    page = (out.with_name("clip.report") / "preview.html").read_text()
+    assert ">dropped: undecodable_image (1; the first 1)</h2>" in page and page.count("(no decodable image)") == 1
+    assert f">kept ({counts['kept']}; the first 8)</h2>" in page and re.search(r"clip_score -?\d+\.\d{3}</div>", page)
 
 
 def test_second_threshold_and_subset_reuse_the_scores(clip_run, tmp_path):

@@ -68,6 +68,11 @@ def test_every_planted_duplicate_found_and_one_kept(dedup_run):
     assert report["settings"]["candidates_by"] == "all pairs"
     for name in ("nearest_phash_distance", "block_difference", "caption_words", "image_min_side"):
         assert (out.with_name("dedup.report") / f"hist_{name}.png").exists(), name
+    page = (out.with_name("dedup.report") / "preview.html").read_text()
+    for reason in ("exact_duplicate", "near_duplicate"):
+        n = c["dropped"][reason]
+        assert f">dropped: {reason} ({n:,}; the first {min(8, n)})</h2>" in page
+    assert "duplicate_of " in page and "nearest_phash_distance " in page  # each sample's measurements
 
 
 def test_rerun_reuses_hashes_and_lsh_finds_what_brute_force_finds(dedup_run, tmp_path):

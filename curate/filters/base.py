@@ -19,7 +19,7 @@ through ``keep``.
 
 Outputs of ``run_filter(filter, cfg)`` for ``cfg.out = DIR/NAME.npy``: ``DIR/NAME.npy`` (written
 last: its presence means the run finished), ``DIR/NAME.report/{report.json, config.json,
-decisions.parquet, hist_*.png}``.
+decisions.parquet, hist_*.png, preview.html}``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from curate.config import save_config
 from curate.filters.config import FilterConfig
-from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram
+from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
 from curate.shards import (
     ShardError,
     atomic_write_json,
@@ -57,6 +57,7 @@ REPORT_SUFFIX = ".report"
 DECISIONS_FILE = "decisions.parquet"
 REPORT_FILE = "report.json"
 CONFIG_FILE = "config.json"
+PREVIEW_FILE = "preview.html"
 OUTSIDE_SUBSET = "outside_subset"
 # Measurements the runner takes of every candidate (decisions.parquet columns, histograms).
 COMMON_VALUES: dict[str, str] = {
@@ -304,6 +305,9 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
         for hist in histograms.values():
             if hist.total:
                 pictures.append(plot_histogram(hist, report_dir / f"hist_{hist.name}.png", filter_name=filt.name).name)
+    if cfg.preview:
+        write_preview(report_dir / PREVIEW_FILE, report_dir / DECISIONS_FILE, tars, filter_name=filt.name,
+                      counts=counts.as_json(), pictures=pictures)
     num_unique = len(set(kept_uids))
     report = {
         "filter": filt.name,
@@ -320,6 +324,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
         "outputs": {
             "uids": str(cfg.out), "decisions": str(report_dir / DECISIONS_FILE), "config": str(report_dir / CONFIG_FILE),
             "pictures": [str(report_dir / p) for p in pictures],
+            "preview": str(report_dir / PREVIEW_FILE) if cfg.preview else None,
         },
         "seconds": round(time.time() - started, 3),
     }

@@ -22,6 +22,7 @@ class FilterConfig:
     out: Path = arg(help="output uid file (DataComp .npy); the report is written beside it", metavar="UIDS.npy")
     subset: Path | None = arg(None, help="start from this uid file: samples outside it are dropped as outside_subset (chains filters)", metavar="UIDS.npy")
     histograms: bool = arg(True, help="write the report's PNG histograms (matplotlib)")
+    preview: bool = arg(True, help="write the report's preview.html: the histograms and sample images kept and dropped by each reason")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:

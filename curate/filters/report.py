@@ -11,6 +11,12 @@ Files a filter writes beside ``OUT.npy`` (see :mod:`curate.filters.base`)::
     OUT.report/config.json        the resolved config
     OUT.report/decisions.parquet  one row per sample: uid, shard, key, status, kept, reason, measurements
     OUT.report/hist_<name>.png    one histogram per measurement (caption length, image size, score, ...)
+    OUT.report/preview.html       the histograms, and sample images kept and dropped by each reason
+
+The preview shows what the numbers mean: for every outcome (kept, and each drop reason) the
+first 8 samples in shard order, with image, caption and the filter's
+measurements. It reads ``decisions.parquet`` in batches until every outcome is filled and then
+only the tars that hold the chosen samples, so it costs about one shard whatever the pool size.
 """
 
 from __future__ import annotations
@@ -136,3 +142,99 @@ def plot_histogram(hist: Histogram, path: str | os.PathLike, *, filter_name: str
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+# Decision columns that say where a sample is and what happened to it (the rest are measurements).
+_WHERE = ("uid", "shard", "key", "status", "kept", "reason")
+
+
+def pick_preview_rows(decisions: str | os.PathLike, wanted: dict[str, int], per_outcome: int) -> dict[str, list[dict]]:
+    """The first ``per_outcome`` decision rows of each outcome in ``wanted`` (outcome → how many
+    the filter has: ``kept`` or a drop reason), reading ``decisions.parquet`` only as far as needed."""
+    import pyarrow.parquet as pq
+
+    goal = {outcome: min(per_outcome, n) for outcome, n in wanted.items() if n > 0}
+    picks: dict[str, list[dict]] = {outcome: [] for outcome in goal}
+    for batch in pq.ParquetFile(decisions).iter_batches(batch_size=8192):
+        room = {outcome: goal[outcome] - len(picks[outcome]) for outcome in goal}
+        chosen: list[tuple[str, int]] = []
+        kept, reasons = batch.column("kept").to_pylist(), batch.column("reason").to_pylist()
+        for i, (ok, reason) in enumerate(zip(kept, reasons, strict=True)):
+            outcome = "kept" if ok else reason
+            if room.get(outcome, 0) > 0:
+                room[outcome] -= 1
+                chosen.append((outcome, i))
+        if chosen:
+            rows = batch.take([i for _, i in chosen]).to_pylist()
+            for (outcome, _), row in zip(chosen, rows, strict=True):
+                picks[outcome].append(row)
+        if not any(room.values()):
+            break
+    return picks
+
+
+def write_preview(path: Path, decisions: Path, tars: Sequence[str], *, filter_name: str, counts: dict,
+                  pictures: Sequence[str], per_outcome: int = 8) -> Path:
+    """``preview.html`` at ``path``: the histograms (``pictures``, beside it), then sample images
+    per outcome of ``decisions`` with their measurements."""
+    import html
+
+    from curate.card import thumbnail_b64
+    from curate.shards import atomic_write_bytes, iter_samples
+
+    wanted = {"kept": counts["kept"], **counts["dropped"]}
+    wanted.pop("outside_subset", None)  # not this filter's decision
+    picks = pick_preview_rows(decisions, wanted, per_outcome)
+    by_tar: dict[str, set[str]] = {}
+    names = {os.path.basename(t): t for t in tars}
+    for rows in picks.values():
+        for row in rows:
+            by_tar.setdefault(names[row["shard"]], set()).add(row["key"])
+    samples = {}
+    for tar, keys in by_tar.items():
+        for sample in iter_samples([tar]):  # stops at the last wanted sample: the tar is not read to its end
+            if sample.key in keys:
+                samples[(os.path.basename(tar), sample.key)] = sample
+                keys.discard(sample.key)
+                if not keys:
+                    break
+    esc = html.escape
+    total = counts["total"] - sum(counts["failed"].values())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{esc(filter_name)} filter: preview</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}"
+        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:12px}"
+        ".cell{border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px}"
+        ".cell img{max-width:100%;display:block;margin:0 auto 4px}.m{color:#666;font-size:11px}"
+        "h2.kept{color:#2b8a3e}h2.dropped{color:#c92a2a}</style></head><body>",
+        f"<h1>{esc(filter_name)} filter</h1>",
+        f"<p>{counts['kept']:,} of {total:,} downloaded samples kept; dropped: "
+        + (", ".join(f"{esc(k)} {v:,}" for k, v in counts["dropped"].items()) or "none")
+        + f"; failed downloads: {sum(counts['failed'].values()):,}. Counts and settings: report.json; one row per "
+        "sample: decisions.parquet.</p>",
+    ]
+    parts += [f"<p><img src='{esc(name)}' alt='{esc(name)}' style='max-width:100%'></p>" for name in pictures]
+    for outcome, rows in picks.items():
+        kind = "kept" if outcome == "kept" else "dropped"
+        title = "kept" if outcome == "kept" else f"dropped: {outcome}"
+        parts.append(f"<h2 class='{kind}'>{esc(title)} ({wanted[outcome]:,}; the first {len(rows)})</h2><div class='grid'>")
+        for row in rows:
+            sample = samples.get((row["shard"], row["key"]))
+            thumb = thumbnail_b64(sample.image if sample else None, 200)
+            parts.append("<div class='cell'>")
+            parts.append(f"<img src='data:image/jpeg;base64,{thumb}' alt='{esc(row['uid'] or '')}'>" if thumb
+                         else "<p class='m'>(no decodable image)</p>")
+            caption = sample.text if sample else None
+            parts.append(f"<div>{esc(caption) if caption else '<i>(no caption)</i>'}</div>")
+            measured = [f"{esc(k)} {_short(v)}" for k, v in row.items() if k not in _WHERE and v is not None]
+            parts.append(f"<div class='m'>{' · '.join(measured)}</div>")
+            parts.append(f"<div class='m'>{esc(row['shard'])} {esc(row['key'])} · uid {esc(row['uid'] or '-')}</div></div>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path
+
+
+def _short(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
