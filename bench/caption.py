@@ -23,12 +23,12 @@ the library versions do not touch its side. Without that environment (no network
 ``--reference-env none`` shims open_clip's import with transformers 5's processors
 (:func:`patch_open_clip_generate`), enough for greedy and sampling; beam search is skipped.
 
-Models are randomly initialised, except that open_clip never initialises the decoder's
-``text_projection`` (``torch.empty``): :func:`random_coca` draws it from N(0, (s/width)^2),
-``s = --logit-scale``. The default s = 6 gives next-token distributions as peaked as a trained
-captioner's (top-p 0.9 nuclei of a few to a few tens of tokens; the bench prints their
-size); with s = 1 every nucleus holds most of the 49,408-token vocabulary, which no trained
-model does.
+Models are randomly initialised; open_clip never initialises the decoder's ``text_projection``
+(``torch.empty``), so ``curate.models.init_coca_decoder`` draws it from N(0, (s/sqrt(width))^2),
+``s = --logit-scale`` (:func:`random_coca`). The default s = 6 gives next-token distributions
+as peaked as a trained captioner's (top-p 0.9 nuclei of a few to a few tens of tokens; the
+bench prints their size); with s = 1 every nucleus holds most of the 49,408-token vocabulary,
+which no trained model does.
 
 GPU mode (``--device cuda``) reports images/s for qcap (and open_clip on one batch, unless
 ``--no-reference``), and the fraction of the GPU's dense bf16 peak that the decoder reaches:
@@ -101,18 +101,17 @@ def patch_open_clip_generate() -> str:
 
 
 def random_coca(name: str, *, seed: int = 0, logit_scale: float = 6.0, device: str = "cpu"):
-    """An open_clip CoCa with random weights (``curate.models.load_model``), its decoder's
-    vocabulary projection drawn from N(0, (logit_scale / width)^2) — open_clip leaves it
-    uninitialised, which gives all-zero logits."""
+    """An open_clip CoCa with random weights (``curate.models.load_model``), its decoder
+    initialised by ``curate.models.init_coca_decoder`` with the vocabulary projection drawn
+    from N(0, (logit_scale / sqrt(width))^2)."""
     import torch
 
-    from curate.models import load_model
+    from curate.models import init_coca_decoder, load_model
 
     torch.manual_seed(seed)
     loaded = load_model(name, device=device)
-    projection = loaded.model.text_decoder.text_projection
-    with torch.no_grad():
-        projection.normal_(0.0, logit_scale / projection.shape[0] ** 0.5)
+    if logit_scale != 1.0:  # load_model drew the decoder at scale 1
+        init_coca_decoder(loaded.model, logit_scale=logit_scale)
     return loaded
 
 

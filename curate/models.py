@@ -74,7 +74,10 @@ def load_model(
       checkpoint, or a weights file (``.safetensors``; ``.pt``/``.bin`` load with
       ``weights_only=True``) — then ``model`` names the architecture;
     - ``model`` + ``pretrained``: an open_clip pretrained tag (downloads) or a weights file;
-    - ``model`` alone: random initialisation (``hf-hub:`` ids work too).
+    - ``model`` alone: random initialisation (``hf-hub:`` ids work too, and load their weights).
+
+    A randomly initialised CoCa gets its multimodal decoder initialised by
+    :func:`init_coca_decoder` (open_clip leaves part of it as ``torch.empty``).
 
     Raises ValueError with what to do when the arguments do not fit together.
     """
@@ -111,15 +114,52 @@ def load_model(
         if pretrained:
             kwargs["pretrained"] = pretrained
             source = pretrained
+        elif model.startswith(("hf-hub:", "local-dir:")):  # open_clip loads these ids' weights itself
+            source = model
     try:
         net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_id, **kwargs)
     except RuntimeError as err:
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise ValueError(f"checkpoint {source} does not fit model {name!r}: {str(err)[:400]}") from err
         raise
+    if source == "random":
+        init_coca_decoder(net)
     tokenizer = open_clip.get_tokenizer(model_id)
     net.eval()
     return LoadedModel(net, preprocess_train, preprocess_val, tokenizer, name or model_id, source)
+
+
+def init_coca_decoder(model: Any, *, logit_scale: float = 1.0) -> None:
+    """Initialise a fresh CoCa's multimodal decoder as open_clip means to; no-op for other models.
+
+    open_clip 3.3 never calls ``MultimodalTransformer.init_parameters`` (which would fail: it
+    reads ``self.transformer``, an attribute the class lacks), so the decoder keeps PyTorch's
+    default layer inits and its ``text_projection`` (width x vocabulary) stays ``torch.empty``:
+    uninitialised memory, zeros only when the allocator happens to hand out fresh pages, NaN
+    losses and noise captions when it reuses freed memory. This applies that method's stds
+    (those of open_clip's text tower). :func:`load_model` calls it for every randomly
+    initialised model; never call it on trained weights.
+
+    ``logit_scale`` multiplies the vocabulary projection's std (``logit_scale / sqrt(width)``):
+    1 is open_clip's init (unit-scale logits); tests and benchmarks use about 6 for next-token
+    distributions as peaked as a trained captioner's.
+    """
+    import torch
+
+    decoder = getattr(unwrap(model), "text_decoder", None)
+    if decoder is None or getattr(decoder, "text_projection", None) is None:
+        return
+    width, layers = decoder.width, decoder.layers
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    attn_std = width**-0.5
+    fc_std = (2 * width) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        torch.nn.init.normal_(decoder.text_projection, std=logit_scale * width**-0.5)
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:

@@ -54,14 +54,13 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def coca_dir(tmp_path_factory) -> Path:
-    """A tiny CoCa checkpoint folder; its vocabulary projection (left empty by open_clip) drawn
-    so that captions vary from image to image."""
-    from curate.models import load_model, save_checkpoint_dir
+    """A tiny CoCa checkpoint folder; its decoder drawn with peaked next-token distributions
+    (logit scale 6), so that captions vary from image to image."""
+    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
 
     torch.manual_seed(0)
     model = load_model("qcap-tiny-coca").model
-    with torch.no_grad():
-        model.text_decoder.text_projection.normal_(0, 6 / 128**0.5)
+    init_coca_decoder(model, logit_scale=6.0)
     return save_checkpoint_dir(model, "qcap-tiny-coca", tmp_path_factory.mktemp("models") / "coca")
 
 

@@ -298,17 +298,37 @@ def test_tiny_coca_trains_with_its_caption_loss(tmp_path):
     assert type(loaded.model).__name__ == "CoCa"
 
 
-def test_fresh_coca_decoder_is_initialised():
-    from curate.models import load_model
-    from train.tasks import init_coca_decoder
+def test_fresh_coca_decoder_is_initialised_and_trained_weights_are_kept(tmp_path):
+    """open_clip leaves a fresh CoCa's vocabulary projection as torch.empty: every model that
+    load_model creates without weights (train, caption, filters, finetune) gets it drawn, and a
+    model loaded from a checkpoint keeps its weights."""
+    import open_clip
+
+    from curate.models import init_coca_decoder, load_model, register_model_configs, save_checkpoint_dir
+
+    register_model_configs()
+    bare = open_clip.create_model("qcap-tiny-coca")
+    with torch.no_grad():
+        bare.text_decoder.text_projection.fill_(float("nan"))  # what torch.empty may hold
+    init_coca_decoder(bare)
+    assert torch.isfinite(bare.text_decoder.text_projection).all()
 
     model = load_model("qcap-tiny-coca").model
-    with torch.no_grad():
-        model.text_decoder.text_projection.fill_(float("nan"))  # what torch.empty may hold
-    init_coca_decoder(model)
     projection = model.text_decoder.text_projection
     assert torch.isfinite(projection).all()
     assert abs(projection.std().item() - 128**-0.5) < 0.01  # open_clip's std for a width-128 tower
+    block = model.text_decoder.resblocks[0]
+    assert abs(block.mlp.c_fc.weight.std().item() - 256**-0.5) < 0.01  # fc_std = (2 * width)^-0.5
+    init_coca_decoder(model, logit_scale=6.0)
+    assert abs(model.text_decoder.text_projection.std().item() - 6 * 128**-0.5) < 0.05
+
+    folder = save_checkpoint_dir(model, "qcap-tiny-coca", tmp_path / "coca")
+    again = load_model(checkpoint=folder).model
+    assert torch.equal(again.text_decoder.text_projection, model.text_decoder.text_projection)
+    clip = load_model("qcap-tiny-clip").model
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    init_coca_decoder(clip)  # no decoder: nothing changes
+    assert all(torch.equal(v, before[k]) for k, v in clip.state_dict().items())
 
 
 def test_resume_gives_the_same_losses(tmp_path):

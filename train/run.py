@@ -113,7 +113,7 @@ def train(cfg: TrainRunConfig) -> dict:
     from train.evaluate import EvalConfig, resolve_eval_data
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
     from train.loop import EVAL_FILE, Trainer, TrainerConfig, latest_checkpoint, make_accelerator, seed_everything
-    from train.tasks import TASKS, init_coca_decoder, is_coca
+    from train.tasks import TASKS, is_coca
 
     if not cfg.data:
         raise UsageError("--data is required (a shard list such as 'DIR/{00000..00009}.tar')")
@@ -142,7 +142,7 @@ def train(cfg: TrainRunConfig) -> dict:
         if latest is None and record.exists():  # a run killed before its first checkpoint starts over
             record.unlink()
     seed_everything(cfg.seed)  # the same initial weights on every process and every run
-    loaded = load_model(cfg.model, pretrained=cfg.pretrained)
+    loaded = load_model(cfg.model, pretrained=cfg.pretrained)  # a fresh CoCa's decoder initialised there
     # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
     # for full-size decodes, and the crop still downsamples (no upsampling blur).
     encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source, draft=2 * input_side(loaded.model))
@@ -176,8 +176,6 @@ def train(cfg: TrainRunConfig) -> dict:
     classification, retrieval = resolve_eval_data(cfg.eval_data, cfg.retrieval_data)
     evaluation = EvalConfig(classification=classification, retrieval=retrieval, batch_size=cfg.eval_batch_size)
     kind = "coca" if is_coca(cfg.model, model) else "clip"
-    if kind == "coca" and cfg.pretrained is None:
-        init_coca_decoder(model)
     task_kwargs = dict(model=model, model_name=loaded.name, tokenizer=loaded.tokenizer,
                        preprocess_val=loaded.preprocess_val, source=source, evaluation=evaluation, rank=rank,
                        world_size=world, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)

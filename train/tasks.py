@@ -102,32 +102,6 @@ class CoCaTask(ClipTask):
         return sum(parts.values()), {**parts, "logit_scale": out["logit_scale"]}
 
 
-def init_coca_decoder(model) -> None:
-    """Initialise a fresh CoCa's multimodal decoder as open_clip means to.
-
-    open_clip 3.3 never calls ``MultimodalTransformer.init_parameters`` (which would fail: it
-    reads ``self.transformer``, an attribute the class lacks), so the decoder keeps PyTorch's
-    default layer inits and its ``text_projection`` (width x vocabulary) stays ``torch.empty``:
-    uninitialised memory, zeros only when the allocator happens to hand out fresh pages, NaN
-    losses when it reuses freed memory. This applies that method's stds (those of open_clip's
-    text tower). Call it on randomly initialised models only.
-    """
-    decoder = getattr(model, "text_decoder", None)
-    if decoder is None or getattr(decoder, "text_projection", None) is None:
-        return
-    width, layers = decoder.width, decoder.layers
-    proj_std = width**-0.5 * (2 * layers) ** -0.5
-    attn_std = width**-0.5
-    fc_std = (2 * width) ** -0.5
-    with torch.no_grad():
-        for block in [*decoder.resblocks, *decoder.cross_attn]:
-            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
-
-
 def is_coca(model_name: str, model) -> bool:
     """CoCa models have a text decoder (open_clip's ``CoCa`` class)."""
     from open_clip import CoCa
