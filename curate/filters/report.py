@@ -151,24 +151,20 @@ _WHERE = ("uid", "shard", "key", "status", "kept", "reason")
 def pick_preview_rows(decisions: str | os.PathLike, wanted: dict[str, int], per_outcome: int) -> dict[str, list[dict]]:
     """The first ``per_outcome`` decision rows of each outcome in ``wanted`` (outcome → how many
     the filter has: ``kept`` or a drop reason), reading ``decisions.parquet`` only as far as needed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     goal = {outcome: min(per_outcome, n) for outcome, n in wanted.items() if n > 0}
     picks: dict[str, list[dict]] = {outcome: [] for outcome in goal}
-    for batch in pq.ParquetFile(decisions).iter_batches(batch_size=8192):
-        room = {outcome: goal[outcome] - len(picks[outcome]) for outcome in goal}
-        chosen: list[tuple[str, int]] = []
-        kept, reasons = batch.column("kept").to_pylist(), batch.column("reason").to_pylist()
-        for i, (ok, reason) in enumerate(zip(kept, reasons, strict=True)):
-            outcome = "kept" if ok else reason
-            if room.get(outcome, 0) > 0:
-                room[outcome] -= 1
-                chosen.append((outcome, i))
-        if chosen:
-            rows = batch.take([i for _, i in chosen]).to_pylist()
-            for (outcome, _), row in zip(chosen, rows, strict=True):
-                picks[outcome].append(row)
-        if not any(room.values()):
+    for batch in pq.ParquetFile(decisions).iter_batches(batch_size=65536):
+        outcome = pc.if_else(batch.column("kept"), pa.scalar("kept"), batch.column("reason"))
+        for name, rows in picks.items():
+            room = goal[name] - len(rows)
+            if room > 0:
+                hits = np.flatnonzero(pc.fill_null(pc.equal(outcome, name), False).to_numpy(zero_copy_only=False))
+                rows += batch.take(hits[:room]).to_pylist()
+        if all(len(picks[name]) >= goal[name] for name in goal):
             break
     return picks
 
