@@ -1,6 +1,7 @@
 """train: real tiny open_clip models trained on shards made here, with the real loader and CLI.
 
-The two-process ``accelerate launch`` test is in ``test_train_distributed.py`` (slow).
+The two-process ``accelerate launch`` test and the SIGKILL-then-resume test are in
+``test_train_slow.py`` (slow).
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def read_metrics(run: Path) -> list[dict]:
 
 def losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run) if "loss" in row}
+
+
+def mark_metrics(run: Path) -> None:
+    """Tag every metrics.jsonl row written so far (before a resume); a line cut by a kill is kept
+    as it is (the resume drops it)."""
+    lines = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            lines.append(json.dumps(dict(json.loads(line), before_resume=True)))
+        except json.JSONDecodeError:
+            lines.append(line)
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def assert_resumed_from(run: Path, step: int) -> None:
+    """The rows up to ``step`` are the first run's and every later one is new: the run went on
+    from that checkpoint (a restart from scratch would give the same losses, and rewrite them all)."""
+    rows = [row for row in read_metrics(run) if "loss" in row]
+    assert [row["step"] for row in rows if row.get("before_resume")] == list(range(1, step + 1))
+    assert all(not row.get("before_resume") for row in rows if row["step"] > step)
 
 
 @pytest.fixture(scope="module")
@@ -340,23 +361,28 @@ def test_resume_gives_the_same_losses(tmp_path):
     def config(out, **overrides):
         cfg = PRESETS["tiny"]()
         cfg.data, cfg.out, cfg.batch_size, cfg.samples_seen, cfg.log_every = str(tmp_path / "d"), out, 8, 96, 1
-        cfg.workers, cfg.tracker, cfg.caption_source, cfg.checkpoint_every, cfg.threads = 2, "none", "dual", 4, 1
+        cfg.workers, cfg.tracker, cfg.caption_source, cfg.checkpoint_every, cfg.threads = 2, "none", "dual", 3, 1
         for key, value in overrides.items():
             setattr(cfg, key, value)
         return cfg
 
     train(config(tmp_path / "a"))
-    interrupted = train(config(tmp_path / "b", stop_at_step=5))  # checkpoint at 4, then at 5 (the stop)
+    # checkpoints at 3 (an odd batch count: the loader workers rotate; worker 1 stops mid-chunk)
+    # and at 5 (the stop)
+    interrupted = train(config(tmp_path / "b", stop_at_step=5))
     assert not interrupted["finished"] and interrupted["final_dir"] is None
     with pytest.raises(Exception, match="already holds step-000005"):
         train(config(tmp_path / "b"))
     import shutil
 
     shutil.rmtree(tmp_path / "b" / "step-000005")  # as if killed after step 5, before its checkpoint
+    assert (tmp_path / "b" / "step-000003").is_dir()
+    mark_metrics(tmp_path / "b")
     with pytest.raises(Exception, match="changed batch_size"):
         train(config(tmp_path / "b", resume=True, batch_size=4))
     resumed = train(config(tmp_path / "b", resume=True))
     assert resumed["finished"]
+    assert_resumed_from(tmp_path / "b", 3)
     want, got = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(want) == sorted(got) == list(range(1, 13))
     for step in want:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import QCAP, losses, make_shards
+from test_train import QCAP, assert_resumed_from, losses, make_shards, mark_metrics
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
@@ -67,11 +67,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # the training process only; its loader workers notice and exit
     proc.wait()
     assert not (run / "final").exists()
+    latest = max(int(p.name.removeprefix("step-")) for p in run.glob("step-*") if (p / "trainer.json").exists())
+    assert 12 <= latest < 30
+    mark_metrics(run)
     resumed = subprocess.run([QCAP, *args, "--out", str(run), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = losses(tmp_path / "a"), losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 31))
     for step in want:
         assert abs(got[step] - want[step]) < 1e-5, (step, want[step], got[step])
+    assert_resumed_from(run, latest)
     # the audit of trained samples is the same too: lines after the checkpoint were dropped
     assert (tmp_path / "a" / "seen" / "rank-0.tsv").read_text() == (run / "seen" / "rank-0.tsv").read_text()
