@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ class BackboneOutput:
     pooled: torch.Tensor | None  # B×D: the model's own image embedding (CLIP's encode_image); None if not asked
 
 
-class ViTBackbone(nn.Module):
+class ViTBackbone(nn.Module, abc.ABC):
     """Common interface of the adapters; ``visual`` keeps open_clip's parameter names."""
 
     kind: str = ""
@@ -98,20 +99,21 @@ class ViTBackbone(nn.Module):
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
     native_image_size: tuple[int, int]  # the input size the tower was pretrained at
 
+    @abc.abstractmethod
     def blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
 
+    @abc.abstractmethod
     def attention_modules(self) -> list[nn.Module]:
         """The self-attention module of each block, in order (see finetune.attention)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, i+1 for block i, num_layers+1 for what follows the blocks."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, images: torch.Tensor, *, pooled: bool = True) -> BackboneOutput:
         """``pooled=False`` skips the pooling head (dense tasks do not use it)."""
-        raise NotImplementedError
 
     def pooling_parameters(self) -> list[nn.Parameter]:
         """Parameters used only by the pooled embedding (final norm, projection, attention pool)."""

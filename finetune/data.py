@@ -35,6 +35,7 @@ training items resize and augment image and label together (torchvision ``transf
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -234,7 +235,7 @@ def image_to_tensor(image, pre: Preprocess, *, resize: bool) -> torch.Tensor:
     return v2.Compose(ops)(image)
 
 
-class DenseFolder(torch.utils.data.Dataset):
+class DenseFolder(torch.utils.data.Dataset, abc.ABC):
     """Image + per-pixel target pairs; subclasses read the target."""
 
     target_dir = ""
@@ -258,11 +259,13 @@ class DenseFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @abc.abstractmethod
     def read_target(self, path: Path) -> np.ndarray:
-        raise NotImplementedError
+        """The target map of one file, checked (labels in range, depth in metres)."""
 
+    @abc.abstractmethod
     def target_tensor(self, target: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError
+        """The target map as the tensor a batch holds."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision import tv_tensors

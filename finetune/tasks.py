@@ -17,6 +17,7 @@ summed with ``accelerator.reduce``, so every process returns the same numbers.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,23 +74,27 @@ class FinetuneTask(Task):
     display_names: list[str] | None = None  # class names for pictures (None: not a class task)
 
     @classmethod
+    @abc.abstractmethod
     def datasets(cls, opts: DataOptions) -> tuple[Any, Any, dict[str, Any]]:
         """(train set, eval set, facts) for a dataset folder. Facts hold ``num_outputs``, what the
         task needs (class names) and ``resolved``: the data options as the data decided them."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def build_model(cls, backbone, head: HeadConfig, facts: dict[str, Any]) -> FinetuneModel:
-        raise NotImplementedError
+        """Backbone + this task's head, with ``facts["num_outputs"]`` outputs."""
 
+    @abc.abstractmethod
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss of :meth:`predict`'s output against a batch's targets."""
 
+    @abc.abstractmethod
     def new_metrics(self):
-        raise NotImplementedError
+        """An empty metric accumulator (:mod:`finetune.metrics`)."""
 
+    @abc.abstractmethod
     def update_metrics(self, metrics, output: torch.Tensor, target: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Add one eval item's prediction to the accumulator."""
 
     def summary(self, result: dict[str, Any]) -> dict[str, float]:
         """The scalars to log from a metrics result (the rest goes to :attr:`details`)."""
@@ -98,12 +103,13 @@ class FinetuneTask(Task):
     # ---- train.loop.Task -------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         images, target = batch
-        return self.compute_loss(model(images), target), {}
+        return self.compute_loss(self.predict(model, images), target), {}
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return param_groups(self.model, self.model.backbone, lr=1.0, weight_decay=weight_decay, layer_decay=self.layer_decay)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The model's output as the loss and the metrics take it (depth: metres)."""
         return model(images)
 
     def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
@@ -134,8 +140,9 @@ class FinetuneTask(Task):
             rows.append((image, target, self.to_prediction(output, target)))
         return rows
 
+    @abc.abstractmethod
     def to_prediction(self, output: torch.Tensor, target: Any) -> Any:
-        raise NotImplementedError
+        """One item's output as the picture shows it (class map, depth map, class index)."""
 
 
 def _resize_to(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -210,10 +217,6 @@ class DepthTask(FinetuneTask):
 
     def predict(self, model, images):
         return self.max_depth * torch.sigmoid(model(images).float())
-
-    def loss(self, model, batch):
-        images, target = batch
-        return self.compute_loss(self.predict(model, images), target), {}
 
     def compute_loss(self, output, target):
         pred = _resize_to(output, target)

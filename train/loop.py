@@ -58,6 +58,7 @@ parts, lr, samples_per_s; evaluation rows carry ``eval/...`` keys), Accelerate's
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -91,18 +92,18 @@ SCHEDULER_FILE = "scheduler.pt"
 # What the trainer runs
 
 
-class Task:
+class Task(abc.ABC):
     """What is trained. Subclasses set ``self.model`` and implement :meth:`loss`."""
 
     model: torch.nn.Module  # the bare model; the Trainer prepares (wraps) it with Accelerate
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The scalar loss to backpropagate and the parts to log (tensors or floats).
 
         ``model`` is the prepared model (DDP-wrapped when distributed): call it, not
         ``self.model``, so gradients are synchronised. Runs under Accelerate's autocast.
         """
-        raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, accelerator) -> dict[str, float]:
         """Metrics of the current model (bare, in eval mode, under no_grad and autocast).
@@ -124,8 +125,8 @@ class Task:
                 decay.append(param)
         return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
-    def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        """Hook after each optimizer step (CLIP clamps its logit scale here)."""
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:  # noqa: B027 - an optional hook
+        """Hook after each optimizer step (CLIP clamps its logit scale here); default: nothing."""
 
     def save_model(self, model: torch.nn.Module, folder: Path, **meta: Any) -> None:
         """Create ``folder`` holding the model's weights (safetensors); the Trainer adds its files."""
