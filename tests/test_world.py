@@ -97,6 +97,7 @@ def test_every_planted_kind_is_present_and_flags_match_the_bytes(world):
     assert set(FAULTS) <= faults
     assert any(r["is_exact_dup"] for r in truth) and any(r["is_near_dup"] for r in truth)
     assert any(r["is_tiny"] for r in truth) and any(r["is_wide"] for r in truth)
+    assert any(max(r["width"], r["height"]) >= 1024 for r in truth), "web sizes reach past 1000 px"
     by_uid = {r["uid"]: r for r in truth}
     for row in truth:
         meta = pool[row["uid"]]
