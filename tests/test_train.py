@@ -145,6 +145,18 @@ def test_caption_sources_draw_what_they_should():
             parse_caption_source(bad)
 
 
+def test_a_stream_with_nothing_to_train_on_stops_with_a_clear_error(tmp_path, tiny_clip):
+    """Every image of one worker's shards broken: an error naming the skips, not an endless loop."""
+    from train.captions import parse_caption_source
+    from train.loader import ImageTextEncoder, LoaderConfig, ShardStream
+
+    make_shards(tmp_path / "d", num_shards=2, per_shard=4, bad=tuple(range(4)))  # shard 0 all broken
+    encoder = ImageTextEncoder(tiny_clip.preprocess_train, tiny_clip.tokenizer, parse_caption_source("real"))
+    stream = ShardStream(LoaderConfig(data=str(tmp_path / "d"), batch_size=2, workers=2, chunk_shards=1), encoder)
+    with pytest.raises(ShardError, match=r"9 samples in a row could not be trained on \({'undecodable': 9}\)"):
+        list(islice(stream, 20))
+
+
 def test_stream_counts_caption_kinds_and_skips_undecodable(tmp_path, tiny_clip):
     from train.captions import parse_caption_source
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream
@@ -402,6 +414,9 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     make_shards(tmp_path / "real", num_shards=1, per_shard=4, synthetic=False)
     proc = run_train("--data", str(tmp_path / "real"), "--out", str(tmp_path / "r"), "--caption-source", "synthetic")
     assert proc.returncode == 2 and "no synthetic captions" in proc.stderr and "Traceback" not in proc.stderr
+    with ShardWriter(tmp_path / "syn", 0) as writer:  # caption-only shards, as qcap caption writes them
+        writer.write(Sample(key="000000000", uid=make_uid(0), syn_text=["a caption"]))
+    finalize_folder(tmp_path / "syn")
 
     def run(*argv):  # the entry point the qcap command dispatches to, in-process
         try:
@@ -412,6 +427,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
     code, err = run("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert code == 2 and "nowhere" in err
+    code, err = run("--data", str(tmp_path / "syn"), "--out", str(tmp_path / "r"), "--caption-source", "synthetic")
+    assert code == 2 and "samples carry no image (a caption-only folder" in err
     code, err = run("--out", str(tmp_path / "r"))
     assert code == 2 and "--data is required" in err
     code, err = run("--data", str(tmp_path / "real"), "--out", str(tmp_path / "r"), "--caption-source", "best")

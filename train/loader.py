@@ -18,7 +18,9 @@ How a stream is laid out (per process ``rank`` of ``world_size``, per DataLoader
   checked first) and open_clip's train transform, captions drawn by the caption source
   (:mod:`train.captions`) and tokenized per batch. An undecodable image, or a sample without
   image or caption, is skipped and counted (``data/skipped_<reason>``); the batch is filled
-  from the next samples. Augmentation and caption draws are seeded per sample.
+  from the next samples. Augmentation and caption draws are seeded per sample. A stream that
+  skips more samples in a row than the whole dataset holds stops with a ``ShardError``: its
+  shards hold nothing to train on, and it would otherwise spin forever.
 - **Position.** Every batch carries its worker's position (chunk, samples drawn from the
   chunk's buffer); the main process keeps the last consumed position of each worker. A resume
   replays at most one chunk per worker through the buffer without decoding, so it is exact and
@@ -221,6 +223,10 @@ class ShardIterable(IterableDataset):
         items: list[Any] = []
         skipped: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
+        # More skips in a row than the whole dataset holds: this stream's shards hold nothing to
+        # train on (every image broken or missing), and it would spin forever.
+        skip_limit = int(self.plan.sizes.sum())
+        in_a_row = 0
         chunk = start_chunk
         while True:
             shards = self.plan.chunk(logical, chunk)
@@ -234,7 +240,14 @@ class ShardIterable(IterableDataset):
                     item = self.encoder.encode(sample, mix64(seed, rank, logical, chunk, drawn))
                 except SkipSample as skip:
                     skipped[skip.reason] += 1
+                    in_a_row += 1
+                    if in_a_row > skip_limit:
+                        yield {"_error": f"{in_a_row} samples in a row could not be trained on ({dict(skipped)}), "
+                                         f"more than the {skip_limit} the shards hold; last shards read: "
+                                         f"{', '.join(shards)}"}
+                        return
                     continue
+                in_a_row = 0
                 kinds.update(item[2])
                 items.append(item)
                 if len(items) == self.batch_size:
@@ -311,6 +324,8 @@ class ShardStream:
         record = open(self.record_uids, "a", encoding="utf-8") if self.record_uids else None
         try:
             for batch in loader:
+                if "_error" in batch:
+                    raise ShardError(batch["_error"])
                 logical, chunk, drawn, epoch = (int(v) for v in batch.pop("_position"))
                 self.positions[logical] = (chunk, drawn)
                 self.epochs[logical] = epoch
@@ -385,8 +400,8 @@ def _shard_sizes(shards: Sequence[str]) -> list[int]:
 
 
 def peek_sample(shards: Sequence[str]) -> Sample | None:
-    """The first sample of the first non-empty shard (for up-front contract checks)."""
+    """The first sample of the first non-empty shard, image included (for up-front contract checks)."""
     for tar in shards:
-        for sample in iter_samples([tar], with_image=False):
+        for sample in iter_samples([tar]):
             return sample
     return None

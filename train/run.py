@@ -150,13 +150,17 @@ def train(cfg: TrainRunConfig) -> dict:
                               shuffle_buffer=cfg.shuffle_buffer, chunk_shards=cfg.chunk_shards,
                               resampled=cfg.resampled, seed=cfg.seed)
     stream = ShardStream(loader_cfg, encoder, rank=rank, world_size=world, record_uids=record)
-    if source.needs_synthetic:
-        first = peek_sample(stream.shards)
-        if first is not None and not first.syn_text:
-            raise ShardError(
-                f"{stream.shards[0]}: samples carry no synthetic captions (KEY.syn.json); --caption-source "
-                f"{source.name} needs DR shards (qcap build-dr), or use --caption-source real"
-            )
+    first = peek_sample(stream.shards)
+    if first is not None and first.image is None:
+        raise ShardError(
+            f"{stream.shards[0]}: samples carry no image (a caption-only folder, such as qcap caption's output?); "
+            "train on image shards: curated shards, or DR shards from qcap build-dr"
+        )
+    if source.needs_synthetic and first is not None and not first.syn_text:
+        raise ShardError(
+            f"{stream.shards[0]}: samples carry no synthetic captions (KEY.syn.json); --caption-source "
+            f"{source.name} needs DR shards (qcap build-dr), or use --caption-source real"
+        )
     samples_seen = cfg.samples_seen or stream.num_samples
     total_steps = max(1, math.ceil(samples_seen / cfg.batch_size))
     checkpoint_every = cfg.checkpoint_every or max(1, math.ceil(total_steps / 5))
