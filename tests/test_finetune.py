@@ -87,6 +87,38 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
                  "--steps", "3", "--resume", *FAST]) == 0
 
 
+def test_every_task_runs_on_the_embedded_worlds_eval_sets(tmp_path, checkpoint):
+    """The world's W/eval/{seg,depth,cls} are read as the public layouts are: a few steps of each
+    task, with the metrics taken over the world's own classes, depth scale and validation split."""
+    from curate.world.config import WorldConfig
+    from curate.world.generate import generate_world
+
+    world = tmp_path / "w"
+    generate_world(WorldConfig(out=world, num_samples=40, clean_samples=4, eval_samples=12, eval_image_size=48,
+                               clean_image_size=48, plant_each=0, workers=1), progress=False)
+    results = {}
+    for task in ("seg", "depth", "cls"):
+        out = tmp_path / task
+        assert qcap(["finetune", task, "--checkpoint", str(checkpoint), "--data", str(world / "eval" / task),
+                     "--out", str(out), "--steps", "2", *FAST]) == 0
+        results[task] = json.loads((out / "metrics.json").read_text())
+        assert results[task]["data"]["num_train"] == 9 and results[task]["data"]["num_eval"] == 3
+        assert (out / "examples.png").is_file()
+    classes = json.loads((world / "eval" / "seg" / "classes.json").read_text())["classes"]
+    seg = results["seg"]
+    assert set(seg["details"]["per_class_iou"]) == set(classes) and len(classes) == 11
+    labelled = sum(int((np.asarray(Image.open(p)) != 255).sum())
+                   for p in (world / "eval" / "seg" / "annotations" / "validation").glob("*.png"))
+    assert seg["metrics"]["num_pixels"] == labelled == 3 * 48 * 48  # the world never draws the ignore label
+    assert 0 <= seg["metrics"]["mIoU"] <= 1 and "mIoU_foreground" in seg["metrics"]
+    depth = results["depth"]
+    assert depth["config"]["depth_scale"] == 1000.0  # from the world's depth.json (millimetres)
+    assert depth["metrics"]["num_images"] == 3 and depth["metrics"]["rmse"] > 0
+    cls = results["cls"]
+    names = (world / "eval" / "cls" / "classnames.txt").read_text().split()
+    assert cls["metrics"]["num_samples"] == 3 and len(names) == 10 and 0 <= cls["metrics"]["top5"] <= 1
+
+
 @pytest.mark.parametrize(("head", "model"), [("fpn", "qcap-tiny-clip"), ("linear", "qcap-tiny-coca"), ("dpt", "qcap-tiny-clip")])
 def test_every_dense_head_trains_on_depth(tmp_path, head, model):
     data = make_depth_folder(tmp_path / "depth", num_train=4, num_val=2)
