@@ -245,7 +245,7 @@ def main(argv: list[str], prog: str = "qcap train") -> int:
     else:
         print(f"  stopped at step {summary['step']}; continue with --resume")
     if summary["eval"]:
-        print("  eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["eval"].items())))
+        print("  eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary["eval"].items())))
     return 0
 
 
