@@ -39,9 +39,6 @@ lint: setup ## ruff
 bench: setup ## speed benchmarks against their references (prints ratios; see BENCHMARKS.md)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-demo: setup ## the main job on the embedded pool
-	@bash demo.sh
-
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs
 
@@ -63,3 +60,142 @@ subsets: setup ## ladder of DR: LADDER/datacomp-P and LADDER/dr-P for P in FRACT
 	  done; \
 	done
 	@echo "ladder: $(LADDER)/{datacomp,dr}-{$$(for f in $(FRACTIONS); do awk "BEGIN { printf \"%s \", $$f * 100 }"; done | sed 's/ $$//; s/ /,/g')} (seed $(SEED)); each has README.md, uids.npy, sizes.json"
+
+# ---------------------------------------------------------------------------------------------
+# make demo: the caption-quality ablation end to end on the embedded pool (README, "The demo").
+# Every line is the qcap command a user runs on a real pool. Each target is the file its command
+# writes last, so an interrupted demo (Ctrl-C, or a kill of the whole process group) continues
+# where it stopped when run again, and each command resumes its own unfinished work (shards with
+# a .done marker, --resume checkpoints). tools/timed.sh logs every command's wall time and the
+# machine's load to $(DEMO)/timings.tsv; the report turns it into the per-stage timing table.
+# Vars: DEMO (output folder), SCALE (multiplies data and training; 1 = the 15-minute demo),
+# SEEDS (pretraining and finetuning repeated with seeds 0..SEEDS-1), PORT (the world's server),
+# JOBS (commands at once) and THREADS (torch threads per command): on 2 cores two one-thread
+# commands side by side beat one two-thread command, which slows 5-10x once anything else runs.
+DEMO ?= runs/demo
+SCALE ?= 1
+SEEDS ?= 1
+PORT ?= 8765
+JOBS ?= 2
+THREADS ?= 1
+# scaled(BASE,MIN): BASE x SCALE rounded, at least MIN
+scaled = $(shell awk 'BEGIN { v = int($(1) * $(SCALE) + 0.5); print (v < $(2) ? $(2) : v) }')
+POOL_SAMPLES := $(call scaled,6000,300)
+CLEAN_SAMPLES := $(call scaled,1000,128)
+EVAL_SAMPLES := $(call scaled,400,64)
+CAPTIONER_SAMPLES := $(call scaled,9600,256)
+CLIP_SAMPLES := $(call scaled,19200,256)
+FINETUNE_STEPS := $(call scaled,100,8)
+CLIP_TOP_FRACTION ?= 0.5
+SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
+RUNGS := datacomp-100 datacomp-10 dr-100 dr-10
+DR_FIELDS := text,syn_text
+
+QCAP := $(BIN)/qcap
+W := $(DEMO)/world
+RAW := $(DEMO)/raw
+FILTERS := $(DEMO)/filters
+CAPTIONER := $(DEMO)/captioner
+CURATED := $(DEMO)/curated
+SYN := $(DEMO)/syn
+DR_DEMO := $(DEMO)/dr
+LADDER_DEMO := $(DEMO)/dr-ladder
+CLIP := $(DEMO)/clip
+FT := $(DEMO)/finetune
+SCORES := $(DEMO)/scores
+# run one command as a named stage: print and log its wall time and the load
+TIMED = tools/timed.sh $(DEMO)/timings.tsv
+export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
+
+LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
+CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(RUNGS),$(CLIP)/$(r)-s$(s)/eval.json))
+FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,random $(RUNGS),$(foreach t,seg depth,$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
+SCORE_SUMMARIES := $(foreach r,$(RUNGS),$(SCORES)/$(r)/summary.json)
+ATTENTION := $(DEMO)/attention/attention_distance.json
+
+.DELETE_ON_ERROR:
+.SECONDARY:
+
+demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/report.md (vars: SCALE SEEDS JOBS DEMO PORT)
+	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) $(DEMO)/report.md
+	@echo "demo: $(DEMO)/report.md (figures in $(DEMO)/report/, every number's source in $(DEMO)/report.json)"
+
+# 1. the world: a DataComp-style pool served over loopback, a clean-caption split, eval sets
+$(W)/world.json: | $(STAMP)
+	@$(TIMED) world $(QCAP) world --out $(W) --num-samples $(POOL_SAMPLES) --clean-samples $(CLEAN_SAMPLES) \
+	  --eval-samples $(EVAL_SAMPLES) --base-url http://127.0.0.1:$(PORT)
+
+# 2. download it with img2dataset on Ray (the server runs only while the download does), basic filter
+$(RAW)/manifest.json: $(W)/world.json
+	@$(QCAP) serve $(W) --port $(PORT) > $(DEMO)/serve.log 2>&1 & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+	for i in $$(seq 300); do grep -q ' serving ' $(DEMO)/serve.log && break; kill -0 $$server 2>/dev/null || break; sleep 0.1; done; \
+	grep -q ' serving ' $(DEMO)/serve.log || { cat $(DEMO)/serve.log; echo "qcap serve did not start (port $(PORT) in use? make demo PORT=...)"; exit 1; }; \
+	$(TIMED) download $(QCAP) download --pool $(W)/pool.parquet --out $(RAW) --distributor ray --processes 2 \
+	  --threads 32 --samples-per-shard 1000 --image-size 256 --timeout 5 --retries 1 --allow-private-addresses
+
+$(FILTERS)/basic.npy: $(RAW)/manifest.json
+	@$(TIMED) filter-basic $(QCAP) filter basic --shards $(RAW) --out $@
+
+# 3. the captioner: a CoCa trained on the clean split; its contrastive towers are the CLIP-score filter (DFN-style)
+$(CAPTIONER)/eval.json: $(W)/world.json
+	@$(TIMED) captioner $(QCAP) train --preset tiny-coca --data $(W)/clean --out $(CAPTIONER) \
+	  --samples-seen $(CAPTIONER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
+
+# 4. CLIP-score and dedup filters on the basic survivors, their intersection, reshard
+$(FILTERS)/clip.npy: $(FILTERS)/basic.npy $(CAPTIONER)/eval.json
+	@$(TIMED) filter-clip-score $(QCAP) filter clip-score --shards $(RAW) --subset $(FILTERS)/basic.npy \
+	  --checkpoint $(CAPTIONER) --top-fraction $(CLIP_TOP_FRACTION) --out $@ --num-cpus 2
+
+$(FILTERS)/dedup.npy: $(FILTERS)/basic.npy
+	@$(TIMED) filter-dedup $(QCAP) filter dedup --shards $(RAW) --subset $(FILTERS)/basic.npy --out $@
+
+$(FILTERS)/curated.npy: $(FILTERS)/clip.npy $(FILTERS)/dedup.npy
+	@$(TIMED) uids $(QCAP) uids intersect $^ --out $@
+
+$(CURATED)/report.json: $(FILTERS)/curated.npy
+	@$(TIMED) reshard $(QCAP) reshard --shards $(RAW) --subset $< --out $(CURATED) --samples-per-shard 250
+
+# 5. five synthetic captions per image (top-p 0.9, DataCompDR's recipe), joined by uid into DR shards
+$(SYN)/caption_summary.json: $(CURATED)/report.json $(CAPTIONER)/eval.json
+	@$(TIMED) caption $(QCAP) caption --shards $(CURATED) --out $(SYN) --checkpoint $(CAPTIONER) \
+	  --num-captions 5 --decoding top_p --top-p 0.9
+
+$(DR_DEMO)/build_dr_summary.json: $(SYN)/caption_summary.json
+	@$(TIMED) build-dr $(QCAP) build-dr --images $(CURATED) --captions $(SYN) --out $(DR_DEMO)
+
+# 6. the ladder: real captions (DataComp) and DR at 100% and 10%, nested
+$(LADDER_SUMMARIES) &: $(DR_DEMO)/build_dr_summary.json
+	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="1.0 0.1" SEED=0
+
+# 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image)
+$(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
+	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
+	  --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
+	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
+
+# 8. dense-task transfer of every backbone and of a random-init one; caption quality; attention distance
+FINETUNE_ARGS = --preset tiny --steps $(FINETUNE_STEPS) --resume
+$(FT)/random-s%/seg/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-clip --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
+$(FT)/random-s%/depth/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-clip --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
+$(FT)/%/seg/metrics.json: $(CLIP)/%/eval.json
+	@$(TIMED) finetune $(QCAP) finetune seg --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
+	  --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
+$(FT)/%/depth/metrics.json: $(CLIP)/%/eval.json
+	@$(TIMED) finetune $(QCAP) finetune depth --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
+	  --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
+
+$(SCORES)/%/summary.json: $(LADDER_SUMMARIES)
+	@$(TIMED) score-captions $(QCAP) score-captions --world $(W) --captions $(LADDER_DEMO)/$* \
+	  --field $(if $(filter dr-%,$*),$(DR_FIELDS),text) --out $(@D)
+
+$(ATTENTION): $(CLIP)/dr-100-s0/eval.json $(CLIP)/datacomp-100-s0/eval.json
+	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/dr-100-s0 --label "DR 100%" \
+	  --compare $(CLIP)/datacomp-100-s0 --compare-label "real captions 100%" --images $(W)/eval/seg/images/validation \
+	  --out $(@D)
+
+# 9. the report: table, verdicts against the paper, figures, per-stage timings
+$(DEMO)/report.md: $(CLIP_EVALS) $(FT_METRICS) $(SCORE_SUMMARIES) $(ATTENTION)
+	@$(TIMED) report $(QCAP) report $(DEMO) --world $(W)
