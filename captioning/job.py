@@ -674,19 +674,10 @@ def parquet_schema():
 
 def write_parquet(out: Path, shard_id: int, rows: list[dict], context: JobContext) -> None:
     """One Parquet side table per shard (every sample, failures included), its stats, then its
-    completion marker; each file appears whole (temporary name, then rename)."""
-    import io
+    completion marker: a Parquet-only shard (:func:`curate.shards.write_parquet_shard`)."""
+    from curate.shards import write_parquet_shard
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from curate.shards import ShardStats, atomic_write_bytes, atomic_write_json, shard_name
-
-    name = shard_name(shard_id)
-    for stale in out.glob(f".{name}[._]*.tmp-*"):  # a writer killed mid-file leaves these
-        stale.unlink()
     records = []
-    stats = ShardStats(shard=f"{name}.parquet")
     for row in rows:
         record = {"key": row["key"], "uid": row["uid"] or None, "status": row["status"],
                   "error_message": row["error_message"] or None, "sha256": row["sha256"] or None,
@@ -699,15 +690,8 @@ def write_parquet(out: Path, shard_id: int, rows: list[dict], context: JobContex
                 syn_scores=[c["score"] for c in result["captions"]] if context.scorer_identity else None,
                 qcap=json.dumps(provenance(context, result), ensure_ascii=False, sort_keys=True),
             )
-            stats.successes += 1
-        stats.count += 1
-        stats.status_counts[row["status"]] = stats.status_counts.get(row["status"], 0) + 1
         records.append(record)
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records, schema=parquet_schema()), sink)
-    atomic_write_bytes(out / f"{name}.parquet", sink.getvalue())
-    atomic_write_json(out / f"{name}_stats.json", stats.as_json(_shard_stats(rows)))
-    atomic_write_bytes(out / f"{name}.done", b"")
+    write_parquet_shard(out, shard_id, records, schema=parquet_schema(), extra_stats=_shard_stats(rows))
 
 
 WRITERS = {"webdataset": write_webdataset, "parquet": write_parquet}

@@ -12,7 +12,8 @@ A shard folder holds, per shard ``{shard:05d}``:
 - ``00000.done``: our completion marker, written last;
 
 and the folder holds ``sizes.json`` (tar file name → number of samples in it), which
-open_clip's trainer reads too.
+open_clip's trainer reads too. A *Parquet-only* shard (a side table, :func:`write_parquet_shard`)
+has the same files but the tar.
 
 Writes are atomic: every file is written under a hidden temporary name and renamed when
 complete, parquet and stats before the tar, the marker last. A visible tar is therefore always
@@ -307,6 +308,12 @@ class ShardStats:
     successes: int = 0  # samples in the tar
     status_counts: dict[str, int] = field(default_factory=dict)
 
+    def add(self, status: str) -> None:
+        """Count one sample of ``status`` ("success" or a failure reason)."""
+        self.count += 1
+        self.successes += int(status == "success")
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
     def as_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         failures = self.count - self.successes
         out = {
@@ -324,6 +331,34 @@ class ShardStats:
         return out
 
 
+def _check_key_and_uid(where: str, key: Any, uid: Any, seen: set[str]) -> None:
+    """A sample key is non-empty, free of '.' and '/', unique in its shard; a uid is None or DataComp's."""
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ShardError(f"{where}: sample key {key!r} must be non-empty, without '.' or '/'")
+    if key in seen:
+        raise ShardError(f"{where}: duplicate sample key {key!r}")
+    seen.add(key)
+    if uid is not None:
+        check_uid(uid)
+
+
+def _remove_stale_temporaries(fs, root: str, name: str) -> None:
+    """A writer killed mid-shard leaves hidden temporaries; the next writer of the shard
+    removes them (a visible file is never touched)."""
+    for path in fs.glob(f"{root}/.{name}[._]*.tmp-*"):
+        fs.rm(path)
+
+
+def _write_table_and_stats(fs, root: str, name: str, table, stats: dict[str, Any]) -> None:
+    """A shard's Parquet, then its stats, each written whole under a temporary name and renamed."""
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    _atomic_write(fs, f"{root}/{name}.parquet", sink.getvalue())
+    _atomic_write(fs, f"{root}/{name}_stats.json", _json_bytes(stats))
+
+
 class ShardWriter:
     """Write one shard atomically. Use as a context manager; an exception aborts the shard.
 
@@ -337,7 +372,7 @@ class ShardWriter:
         self.shard_id = shard_id
         self.name = shard_name(shard_id)
         self.tar_path = f"{self.root}/{self.name}.tar"
-        self._remove_stale_temporaries()
+        _remove_stale_temporaries(self.fs, self.root, self.name)
         self._tmp_tar = _tmp_name(self.tar_path)
         self._handle = self.fs.open(self._tmp_tar, "wb")
         self._tar = tarfile.open(fileobj=self._handle, mode="w|", format=tarfile.PAX_FORMAT)
@@ -346,12 +381,6 @@ class ShardWriter:
         self._schema = schema
         self.stats = ShardStats(shard=f"{self.name}.tar")
         self._closed = False
-
-    def _remove_stale_temporaries(self) -> None:
-        """A writer killed mid-shard leaves hidden temporaries; the next writer of the shard
-        removes them (a visible file is never touched)."""
-        for path in self.fs.glob(f"{self.root}/.{self.name}[._]*.tmp-*"):
-            self.fs.rm(path)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -366,13 +395,7 @@ class ShardWriter:
         """Add a sample: a success goes to the tar and the Parquet, a failure to the Parquet."""
         if self._closed:
             raise ShardError(f"{self.tar_path}: write after close")
-        if "." in sample.key or "/" in sample.key or not sample.key:
-            raise ShardError(f"{self.tar_path}: sample key {sample.key!r} must be non-empty, without '.' or '/'")
-        if sample.key in self._keys:
-            raise ShardError(f"{self.tar_path}: duplicate sample key {sample.key!r}")
-        self._keys.add(sample.key)
-        if sample.uid is not None:
-            check_uid(sample.uid)
+        _check_key_and_uid(self.tar_path, sample.key, sample.uid, self._keys)
         if sample.ok:
             for ext, data in sample.members().items():
                 info = tarfile.TarInfo(f"{sample.key}.{ext}")
@@ -381,9 +404,7 @@ class ShardWriter:
                 info.mode = 0o444
                 info.uname = info.gname = "qcap"
                 self._tar.addfile(info, io.BytesIO(data))
-            self.stats.successes += 1
-        self.stats.count += 1
-        self.stats.status_counts[sample.status] = self.stats.status_counts.get(sample.status, 0) + 1
+        self.stats.add(sample.status)
         self._rows.append(sample.parquet_row())
 
     def write_all(self, samples: Iterable[Sample]) -> None:
@@ -394,18 +415,13 @@ class ShardWriter:
         """Finish the shard: parquet, stats, tar (renamed into place), then the marker."""
         if self._closed:
             return self.stats
-        import pyarrow.parquet as pq
-
         self._tar.close()
         if _is_local(self.fs):
             self._handle.flush()
             os.fsync(self._handle.fileno())
         self._handle.close()
-        table = rows_to_table(self._rows, self._schema)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        _atomic_write(self.fs, f"{self.root}/{self.name}.parquet", sink.getvalue())
-        _atomic_write(self.fs, f"{self.root}/{self.name}_stats.json", _json_bytes(self.stats.as_json(extra_stats)))
+        _write_table_and_stats(self.fs, self.root, self.name, rows_to_table(self._rows, self._schema),
+                               self.stats.as_json(extra_stats))
         _commit(self.fs, self._tmp_tar, self.tar_path)
         _atomic_write(self.fs, f"{self.root}/{self.name}.done", b"")
         self._closed = True
@@ -422,6 +438,36 @@ class ShardWriter:
             self._handle.close()
             if self.fs.exists(self._tmp_tar):
                 self.fs.rm(self._tmp_tar)
+
+
+def write_parquet_shard(folder: str | os.PathLike, shard_id: int, rows: Sequence[dict[str, Any]], *, schema=None,
+                        extra_stats: dict[str, Any] | None = None) -> ShardStats:
+    """Write a Parquet-only shard: one row per sample, failures included, and no tar (a side
+    table, e.g. ``qcap caption --format parquet``).
+
+    The same rules as :class:`ShardWriter`: every row has a ``key`` (unique, without '.' or
+    '/'), a ``status`` and a DataComp ``uid`` or None; a killed writer's temporaries are removed
+    first; the Parquet and ``_stats.json`` (``shard`` names the Parquet) each appear whole, and
+    the ``.done`` marker last, so :func:`is_complete` and :func:`remove_unfinished` treat it like
+    any shard. ``schema`` (optional) fixes the Parquet's schema (see :func:`rows_to_table`).
+    Nothing is written when a row breaks the rules (ShardError).
+    """
+    fs, root = _fs(str(folder))
+    name = shard_name(shard_id)
+    where = f"{root}/{name}.parquet"
+    stats = ShardStats(shard=f"{name}.parquet")
+    keys: set[str] = set()
+    for row in rows:
+        _check_key_and_uid(where, row.get("key"), row.get("uid"), keys)
+        status = row.get("status")
+        if not isinstance(status, str) or not status:
+            raise ShardError(f"{where}: sample {row.get('key')!r} has no status (\"success\" or a failure reason)")
+        stats.add(status)
+    fs.makedirs(root, exist_ok=True)
+    _remove_stale_temporaries(fs, root, name)
+    _write_table_and_stats(fs, root, name, rows_to_table(list(rows), schema), stats.as_json(extra_stats))
+    _atomic_write(fs, f"{root}/{name}.done", b"")
+    return stats
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema=None):

@@ -403,6 +403,38 @@ def test_writer_rejects_bad_samples(tmp_path):
     assert not any(p.name.startswith(".00001") for p in tmp_path.iterdir())
 
 
+def test_parquet_only_shard_is_written_like_a_shard(tmp_path):
+    """A side table (qcap caption --format parquet): Parquet, stats and marker, no tar; the
+    writer's key and uid rules; a killed writer's temporaries cleared; nothing visible on bad rows."""
+    import pyarrow as pa
+
+    schema = pa.schema([("key", pa.string()), ("uid", pa.string()), ("status", pa.string()),
+                        ("error_message", pa.string()), ("score", pa.float64())])
+    rows = [{"key": f"{i:09d}", "uid": make_uid(i), "status": "success" if i % 3 else "decode_error",
+             "error_message": None if i % 3 else "bad jpeg", "score": 0.5 * i if i % 3 else None} for i in range(6)]
+    (tmp_path / ".00002.parquet.tmp-0123456789ab").write_bytes(b"half a file")  # left by a killed writer
+    stats = shards.write_parquet_shard(tmp_path, 2, rows, schema=schema, extra_stats={"num_input": 6})
+    assert (stats.count, stats.successes, stats.status_counts) == (6, 4, {"decode_error": 2, "success": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00002.done", "00002.parquet", "00002_stats.json"]
+    assert shards.is_complete(tmp_path, 2) and shards.remove_unfinished(tmp_path) == []
+    table = shards.read_table(str(tmp_path / "00002.parquet"))
+    assert table.schema == schema and table.to_pylist() == rows
+    assert json.loads((tmp_path / "00002_stats.json").read_text()) == {
+        "shard": "00002.parquet", "count": 6, "successes": 4, "failed": 2, "failed_to_download": 2,
+        "failed_to_resize": 0, "status_dict": {"decode_error": 2, "success": 4}, "num_input": 6}
+    # without a schema the columns are inferred, as ShardWriter's are
+    shards.write_parquet_shard(tmp_path / "inferred", 0, rows[:1])
+    assert shards.read_table(str(tmp_path / "inferred/00000.parquet")).schema.names == [*shards.BASE_COLUMNS, "score"]
+
+    for bad, message in (({**rows[0], "key": "a.b"}, "without '.'"), ({**rows[0], "uid": "nope"}, "not 32 lowercase hex"),
+                         ({**rows[0], "status": None}, "has no status")):
+        with pytest.raises(ShardError, match=message):
+            shards.write_parquet_shard(tmp_path, 3, [bad], schema=schema)
+    with pytest.raises(ShardError, match="00003.parquet: duplicate sample key"):
+        shards.write_parquet_shard(tmp_path, 3, [rows[0], rows[1], rows[0]], schema=schema)
+    assert not shards.is_complete(tmp_path, 3) and not list(tmp_path.glob("*00003*"))
+
+
 def test_uid_halves_mark_invalid_uids_and_split_the_rest():
     uids = [make_uid(3), None, "not-a-uid", make_uid(1).upper(), "ffffffffffffffff0000000000000001"]
     valid, hi, lo = shards.uid_halves(uids)
