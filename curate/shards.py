@@ -13,7 +13,7 @@ A shard folder holds, per shard ``{shard:05d}``:
 
 and the folder holds ``sizes.json`` (tar file name → number of samples in it), which
 open_clip's trainer reads too. A *Parquet-only* shard (a side table, :func:`write_parquet_shard`)
-has the same files but the tar.
+has the same files but the tar; :func:`shard_columns` takes a shard's tar or Parquet path.
 
 Writes are atomic: every file is written under a hidden temporary name and renamed when
 complete, parquet and stats before the tar, the marker last. A visible tar is therefore always
@@ -813,6 +813,34 @@ def read_sample_span(tar_path: str, start: int, length: int, *, handle=None,
     if key is None:
         raise ShardError(f"{tar_path}: span at {start} holds no sample")
     return _to_sample(tar_path, key, members, with_image=True)
+
+
+def _shard_file(tar_or_parquet: str | os.PathLike, suffix: str) -> str:
+    """``dir/00007.tar`` or ``dir/00007.parquet`` → ``dir/00007{suffix}``."""
+    path = str(tar_or_parquet)
+    for own in (".tar", ".parquet"):
+        if path.endswith(own):
+            return path[: -len(own)] + suffix
+    raise ShardError(f"{path}: not a shard's .tar or .parquet path")
+
+
+def shard_columns(tar_or_parquet: str | os.PathLike) -> list[str]:
+    """Column names of a shard's Parquet, from its footer alone (no rows are read).
+
+    Accepts the tar's path or the Parquet's; ShardError when the file is missing or unreadable.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _shard_file(tar_or_parquet, ".parquet")
+    fs, stripped = _fs(path)
+    if not fs.exists(stripped):
+        raise ShardError(f"{path}: missing (every shard needs its Parquet of all samples)")
+    try:
+        with fs.open(stripped, "rb") as handle:
+            return list(pq.read_schema(handle).names)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
 
 
 def read_table(tar_or_parquet: str, columns: Sequence[str] | None = None, *, require_uid: bool = True):

@@ -435,6 +435,21 @@ def test_parquet_only_shard_is_written_like_a_shard(tmp_path):
     assert not shards.is_complete(tmp_path, 3) and not list(tmp_path.glob("*00003*"))
 
 
+def test_shard_columns_reads_the_footer_and_names_a_bad_file(tmp_path):
+    with ShardWriter(tmp_path, 0) as writer:
+        writer.write_all(_samples(3, fail_every=3))
+    want = shards.read_table(str(tmp_path / "00000.tar")).schema.names
+    assert shards.shard_columns(str(tmp_path / "00000.tar")) == shards.shard_columns(tmp_path / "00000.parquet") == want
+    assert want[:4] == list(shards.BASE_COLUMNS) and "url" in want
+    with pytest.raises(ShardError, match="00001.parquet: missing"):
+        shards.shard_columns(str(tmp_path / "00001.tar"))
+    (tmp_path / "00002.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(ShardError, match="00002.parquet: not a readable Parquet"):
+        shards.shard_columns(str(tmp_path / "00002.tar"))
+    with pytest.raises(ShardError, match="not a shard's .tar or .parquet"):
+        shards.shard_columns(str(tmp_path / "sizes.json"))
+
+
 def test_uid_halves_mark_invalid_uids_and_split_the_rest():
     uids = [make_uid(3), None, "not-a-uid", make_uid(1).upper(), "ffffffffffffffff0000000000000001"]
     valid, hi, lo = shards.uid_halves(uids)

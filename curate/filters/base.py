@@ -47,6 +47,7 @@ from curate.shards import (
     load_uids,
     read_table,
     save_uids,
+    shard_columns,
     uid_membership,
 )
 
@@ -151,24 +152,6 @@ def default_histograms() -> list[Histogram]:
 # Reading shards
 
 
-def parquet_columns(tar: str) -> list[str]:
-    """Column names of a shard's Parquet (ShardError when it is missing or unreadable)."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from curate.shards import sibling
-
-    path = sibling(tar, ".parquet")
-    try:
-        with fsspec.open(path, "rb") as handle:
-            return list(pq.read_schema(handle).names)
-    except FileNotFoundError as err:
-        raise ShardError(f"{path}: missing (every shard needs its Parquet of all samples)") from err
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
-
-
 def resolve_text_column(names: Sequence[str], wanted: str | None, where: str) -> str | None:
     """The caption column: ``wanted``, else the pool's ``text``, else img2dataset's ``caption``."""
     if wanted is not None:
@@ -199,7 +182,7 @@ def read_shard_rows(
     height_column: str = "original_height", need_text: bool = False, need_size: bool = False,
 ) -> ShardRows:
     """Read the columns a filter uses from a shard's Parquet; a required one missing is a ShardError."""
-    names = parquet_columns(tar)
+    names = shard_columns(tar)
     where = f"{tar[:-4]}.parquet"
     for column in ("key", "uid", "status"):
         if column not in names:
