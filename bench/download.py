@@ -31,7 +31,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -117,8 +116,10 @@ def run_reference(pool: Path, out: Path, args: argparse.Namespace) -> dict:
 
 
 def shard_figures(out: Path) -> dict:
-    """Successes, and the median per-shard speed (rows / duration), from the _stats.json files."""
-    stats = [json.loads(Path(p).read_text()) for p in glob.glob(f"{out}/*_stats.json")]
+    """Successes, and the median per-shard speed (rows / duration), from the shards' _stats.json."""
+    from curate.shards import expand_shards, read_shard_stats
+
+    stats = [read_shard_stats(tar) for tar in expand_shards(str(out))]
     speeds = sorted(s["count"] / s["duration"] for s in stats if s.get("duration"))
     return {"successes": sum(s["successes"] for s in stats), "shard_speed": speeds[len(speeds) // 2] if speeds else 0.0}
 

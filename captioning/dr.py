@@ -79,6 +79,7 @@ from curate.shards import (
     is_complete,
     is_uid,
     iter_samples,
+    read_shard_stats,
     read_sizes,
     read_table,
     save_uids,
@@ -448,7 +449,7 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
         if not is_complete(cfg.out, shard_id):
             missing.append(shard_name(shard_id))
             continue
-        stats = json.loads((Path(cfg.out) / f"{shard_name(shard_id)}_stats.json").read_text())
+        stats = read_shard_stats(f"{cfg.out}/{shard_name(shard_id)}.tar")
         statuses.update(stats["status_dict"])
         syn_dropped.update(stats["syn_dropped"])
         totals.update({"images_in": stats["num_input"], "syn_in": stats["syn_in"], "syn_kept": stats["syn_kept"],

@@ -706,7 +706,7 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
     against the input: images in = captioned + failed[status], shard by shard."""
     from collections import Counter
 
-    from curate.shards import ShardError, is_complete, shard_name, shard_size
+    from curate.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
 
     statuses: Counter[str] = Counter()
     flags: Counter[str] = Counter()
@@ -717,8 +717,7 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
         if not is_complete(out, shard_id):
             continue
         done.append(shard_id)
-        with open(out / f"{shard_name(shard_id)}_stats.json", encoding="utf-8") as handle:
-            stats = json.load(handle)
+        stats = read_shard_stats(out / f"{shard_name(shard_id)}.parquet")  # both formats write the Parquet
         statuses.update(stats["status_dict"])
         flags.update(stats.get("flag_counts", {}))
         totals.update({"images_in": stats["num_input"], "captioned": stats["successes"],

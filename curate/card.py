@@ -43,9 +43,9 @@ from curate.shards import (
     decode_image,
     expand_shards,
     iter_samples,
+    read_shard_stats,
     read_sizes,
     read_table,
-    sibling,
 )
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,14 @@ def collect(folder: str | os.PathLike, *, progress: bool = False) -> dict[str, A
 
 
 def _shard_caption_stats(tar: str) -> CaptionStats | None:
-    path = sibling(tar, "_stats.json")
+    """The caption statistics kept in a shard's stats; None when the stage that wrote the shard
+    kept none, or its stats cannot be read (logged), so that the caller recounts."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+        data = read_shard_stats(tar, missing_ok=True)
+    except ShardError as err:
+        log.warning("%s; recounting that shard's captions from its samples", err)
         return None
-    if STATS_KEY not in data:
+    if data is None or STATS_KEY not in data:
         return None
     return CaptionStats.from_json(data[STATS_KEY])
 

@@ -13,7 +13,8 @@ A shard folder holds, per shard ``{shard:05d}``:
 
 and the folder holds ``sizes.json`` (tar file name → number of samples in it), which
 open_clip's trainer reads too. A *Parquet-only* shard (a side table, :func:`write_parquet_shard`)
-has the same files but the tar; :func:`shard_columns` takes a shard's tar or Parquet path.
+has the same files but the tar; :func:`read_shard_stats` and :func:`shard_columns` take a
+shard's tar or Parquet path.
 
 Writes are atomic: every file is written under a hidden temporary name and renamed when
 complete, parquet and stats before the tar, the marker last. A visible tar is therefore always
@@ -510,13 +511,9 @@ def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
 
 def shard_size(tar_path: str) -> int:
     """Number of successful samples in a shard, from its stats or else its Parquet."""
-    fs, path = _fs(tar_path)
-    stats_path = sibling(path, "_stats.json")
-    if fs.exists(stats_path):
-        with fs.open(stats_path, "rb") as handle:
-            stats = json.load(handle)
-        if "successes" in stats:
-            return int(stats["successes"])
+    stats = read_shard_stats(tar_path, missing_ok=True)
+    if stats is not None and "successes" in stats:
+        return int(stats["successes"])
     table = read_table(tar_path, columns=["status"])
     return int(sum(1 for s in table.column("status").to_pylist() if s == "success"))
 
@@ -822,6 +819,32 @@ def _shard_file(tar_or_parquet: str | os.PathLike, suffix: str) -> str:
         if path.endswith(own):
             return path[: -len(own)] + suffix
     raise ShardError(f"{path}: not a shard's .tar or .parquet path")
+
+
+def read_shard_stats(tar_or_parquet: str | os.PathLike, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """A shard's ``_stats.json`` (ours or img2dataset's: ``count``, ``successes``,
+    ``status_dict``, and any keys the stage that wrote it added), as a dict.
+
+    Accepts the tar's path or the Parquet's (a Parquet-only shard has no tar). A missing file is
+    a ShardError, or None with ``missing_ok``; a file that is not a JSON object is a ShardError
+    naming it.
+    """
+    path = _shard_file(tar_or_parquet, "_stats.json")
+    fs, stripped = _fs(path)
+    try:
+        with fs.open(stripped, "rb") as handle:
+            data = json.load(handle)
+    except FileNotFoundError as err:
+        if missing_ok:
+            return None
+        raise ShardError(f"{path}: missing (a finished shard has its stats; re-run the stage that wrote it)") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise ShardError(f"{path}: unreadable ({err})") from err
+    if not isinstance(data, dict):
+        raise ShardError(f"{path}: expected a JSON object of counts, got {type(data).__name__}")
+    return data
 
 
 def shard_columns(tar_or_parquet: str | os.PathLike) -> list[str]:

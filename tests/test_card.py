@@ -5,6 +5,7 @@ recounted; the lineage follows the configs beside the inputs."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -44,7 +45,7 @@ def check_lengths(described: dict, texts: list[str]) -> None:
     assert (described["words"]["min"], described["words"]["max"]) == (min(words), max(words))
 
 
-def test_card_numbers_equal_a_recount(tmp_path, capsys):
+def test_card_numbers_equal_a_recount(tmp_path, capsys, caplog):
     from qcap.cli import main
 
     images = write_images(tmp_path / "curated", [list(range(0, 9)), list(range(9, 16))])
@@ -104,6 +105,12 @@ def test_card_numbers_equal_a_recount(tmp_path, capsys):
     recounted = collect(out)
     assert recounted["recounted_shards"] == ["00000.tar", "00001.tar"]
     assert recounted["captions"] == caps and recounted["caption_histograms"] == card["caption_histograms"]
+    # a shard whose stats cannot be read is recounted too, and the log says why
+    (out / "00001_stats.json").write_text("{cut short")
+    with caplog.at_level(logging.WARNING, logger="curate.card"):
+        again = collect(out)
+    assert again["recounted_shards"] == ["00000.tar", "00001.tar"] and again["captions"] == caps
+    assert "00001_stats.json: not valid JSON" in caplog.text and "recounting" in caplog.text
 
 
 def test_caption_stats_merge_equals_one_pass():

@@ -157,6 +157,8 @@ def test_reads_a_shard_written_by_real_img2dataset(tmp_path, http_dir):
     table = shards.read_table(tars[0])
     statuses = dict(zip(table.column("uid").to_pylist(), table.column("status").to_pylist(), strict=True))
     assert statuses[make_uid(99)] == "failed_to_download"
+    stats = shards.read_shard_stats(tars[0])  # img2dataset's own _stats.json
+    assert (stats["count"], stats["successes"]) == (6, 5)
     assert shards.finalize_folder(out) == {"00000.tar": 5}
     assert shards.num_samples(f"{out}/{{00000..00000}}.tar") == 5
 
@@ -448,6 +450,27 @@ def test_shard_columns_reads_the_footer_and_names_a_bad_file(tmp_path):
         shards.shard_columns(str(tmp_path / "00002.tar"))
     with pytest.raises(ShardError, match="not a shard's .tar or .parquet"):
         shards.shard_columns(str(tmp_path / "sizes.json"))
+
+
+def test_read_shard_stats_takes_the_tar_or_parquet_and_names_a_bad_file(tmp_path):
+    with ShardWriter(tmp_path, 0) as writer:
+        writer.write_all(_samples(4, fail_every=4))
+        writer.close(extra_stats={"num_input": 4})
+    want = json.loads((tmp_path / "00000_stats.json").read_text())
+    assert shards.read_shard_stats(str(tmp_path / "00000.tar")) == shards.read_shard_stats(tmp_path / "00000.parquet") == want
+    assert (want["count"], want["successes"], want["num_input"]) == (4, 3, 4)
+    with pytest.raises(ShardError, match="00001_stats.json: missing"):
+        shards.read_shard_stats(str(tmp_path / "00001.tar"))
+    assert shards.read_shard_stats(str(tmp_path / "00001.tar"), missing_ok=True) is None
+    (tmp_path / "00002_stats.json").write_text("{cut short")
+    (tmp_path / "00003_stats.json").write_text("[1, 2]")
+    for name, message in (("00002", "not valid JSON"), ("00003", "expected a JSON object")):
+        with pytest.raises(ShardError, match=f"{name}_stats.json: {message}"):
+            shards.read_shard_stats(str(tmp_path / f"{name}.tar"), missing_ok=True)
+    # shard_size reads the stats, and counts the Parquet's successes when there are none
+    assert shards.shard_size(str(tmp_path / "00000.tar")) == 3
+    (tmp_path / "00000_stats.json").unlink()
+    assert shards.shard_size(str(tmp_path / "00000.tar")) == 3
 
 
 def test_uid_halves_mark_invalid_uids_and_split_the_rest():
