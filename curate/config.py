@@ -4,9 +4,9 @@ Every component owns a small keyword-only dataclass whose fields are declared wi
 :func:`arg` (a default and a one-line help). :func:`build_parser` turns it into an argparse
 parser: ``field_name`` becomes ``--field-name``, typed from the annotation (``int``,
 ``float``, ``str``, ``Path``, ``bool`` → ``--x/--no-x``, ``Literal[...]`` → choices,
-``X | None``, ``list[X]``/``tuple[X, ...]`` → several values). An unknown flag or a wrong
-type is an error; nothing falls back silently. Presets are plain functions returning a
-config; ``--preset NAME`` starts from one and the flags given override it.
+``X | None``, ``list[X]``/``tuple[X, ...]`` → several values, positionals included). An unknown
+flag or a wrong type is an error; nothing falls back silently. Presets are plain functions
+returning a config; ``--preset NAME`` starts from one and the flags given override it.
 
 Usage::
 
@@ -147,12 +147,15 @@ def build_parser(
             kwargs["metavar"] = field.metadata["metavar"]
         flag = flag_name(field)
         if field.metadata.get("positional"):
-            convert, choices = _scalar_parser(tp, field.name)
+            several = get_origin(tp) in (list, tuple, Sequence)  # list[X]: one or more values (none if optional)
+            convert, choices = _scalar_parser(get_args(tp)[0] if several else tp, field.name)
             kwargs.pop("dest")
             kwargs.pop("default")
             kwargs.setdefault("metavar", field.name.upper())
+            if several:
+                kwargs["nargs"] = "+" if required else "*"
             if not required:
-                kwargs.update(nargs="?", default=argparse.SUPPRESS)
+                kwargs.update(nargs=kwargs.get("nargs", "?"), default=argparse.SUPPRESS)
                 if choices is not None:  # argparse (< 3.12) checks an absent '?' positional's default against choices
                     convert, choices = _checked_choice(convert, choices), None
             parser.add_argument(field.name, type=convert, choices=choices, **kwargs)
@@ -250,10 +253,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     values = {}
     for key, value in data.items():
         tp, _ = _unwrap_optional(hints[key])
+        origin = get_origin(tp)
         if tp is Path and value is not None:
             value = Path(value)
-        elif get_origin(tp) is tuple and value is not None:
-            value = tuple(value)
+        elif origin in (list, tuple) and value is not None:
+            if get_args(tp)[:1] == (Path,):  # list[Path], tuple[Path, ...]
+                value = [None if v is None else Path(v) for v in value]
+            value = tuple(value) if origin is tuple else list(value)
         elif dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             value = from_dict(tp, value)
         values[key] = value

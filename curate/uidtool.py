@@ -9,42 +9,86 @@ Usage::
 
 Every file is read with :func:`curate.shards.load_uids` (dtype, shape and order checked, as
 DataComp's resharder does) and written with :func:`curate.shards.save_uids` (sorted, unique,
-atomic). Beside an output ``C.npy`` goes ``C.npy.json``: the operation, its inputs and counts.
+atomic). Beside an output ``C.npy`` goes ``C.npy.json``: the resolved :class:`CombineConfig`
+(:func:`curate.config.save_config`) with the operation, its inputs and counts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from curate.cli import UsageError
-from curate.shards import UID_DTYPE, array_to_uids, atomic_write_json, load_uids, save_uids
+from curate.config import arg, parse_config, save_config
+from curate.shards import UID_DTYPE, array_to_uids, load_uids, save_uids
 
-# name -> (help, minimum number of inputs, exact number or None, numpy set operation)
-OPERATIONS: dict[str, tuple[str, int, int | None, Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
-    "intersect": ("uids in every input file", 2, None, lambda a, b: np.intersect1d(a, b, assume_unique=True)),
-    "union": ("uids in any input file", 2, None, np.union1d),
-    "minus": ("uids of the first file that are not in the second", 2, 2,
-              lambda a, b: np.setdiff1d(a, b, assume_unique=True)),
+
+@dataclass(frozen=True)
+class Operation:
+    help: str  # one line for the listing
+    least: int  # fewest input files
+    exact: int | None  # the exact number of input files, when there is one
+    func: Callable[[np.ndarray, np.ndarray], np.ndarray]  # numpy set operation on two sorted unique arrays
+
+    def check_count(self, name: str, num_inputs: int) -> None:
+        if num_inputs < self.least or (self.exact is not None and num_inputs != self.exact):
+            wanted = f"exactly {self.exact}" if self.exact is not None else f"at least {self.least}"
+            raise ValueError(f"{name} takes {wanted} uid files, got {num_inputs}")
+
+
+OPERATIONS: dict[str, Operation] = {
+    "intersect": Operation("uids in every input file", 2, None, lambda a, b: np.intersect1d(a, b, assume_unique=True)),
+    "union": Operation("uids in any input file", 2, None, np.union1d),
+    "minus": Operation("uids of the first file that are not in the second", 2, 2,
+                       lambda a, b: np.setdiff1d(a, b, assume_unique=True)),
 }
+
+
+@dataclass(kw_only=True)
+class CombineConfig:
+    """Combine DataComp uid files with a set operation into a new uid file (sorted, unique)."""
+
+    operation: Literal["intersect", "union", "minus"] = arg(
+        help="intersect: in every file; union: in any file; minus: in the first file, not the second",
+        positional=True,
+    )
+    inputs: list[Path] = arg(help="uid files (.npy): two or more; minus takes exactly two", positional=True,
+                             metavar="UIDS.npy")
+    out: Path = arg(help="output uid file (.npy); OUT.npy.json beside it records this config, inputs and counts",
+                    metavar="OUT.npy")
+
+    def __post_init__(self) -> None:
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"operation: unknown {self.operation!r}; choose from {', '.join(OPERATIONS)}")
+        OPERATIONS[self.operation].check_count(f"inputs: {self.operation}", len(self.inputs))
+        if Path(self.out).suffix != ".npy":
+            raise ValueError(f"out: {self.out} must end in .npy (DataComp's uid file format)")
+
+
+@dataclass(kw_only=True)
+class InfoConfig:
+    """What a uid file holds (count, dtype, order); with --shards, how much of it a shard folder holds."""
+
+    path: Path = arg(help="uid file (.npy)", positional=True, metavar="UIDS.npy")
+    shards: str | None = arg(None, help="also count how many are successes, failures or absent in these shards",
+                             metavar="RAW")
+    json_out: bool = arg(False, help="print the result as JSON", flag="--json")
 
 
 def combine(operation: str, arrays: list[np.ndarray]) -> np.ndarray:
     """Apply a set operation to DataComp uid arrays; the result is sorted and unique."""
     if operation not in OPERATIONS:
         raise ValueError(f"unknown operation {operation!r}; choose from {sorted(OPERATIONS)}")
-    _, least, exact, func = OPERATIONS[operation]
-    if len(arrays) < least or (exact is not None and len(arrays) != exact):
-        wanted = f"exactly {exact}" if exact is not None else f"at least {least}"
-        raise ValueError(f"{operation} takes {wanted} uid files, got {len(arrays)}")
-    result = reduce(func, [np.unique(np.asarray(a, dtype=UID_DTYPE)) for a in arrays])
+    entry = OPERATIONS[operation]
+    entry.check_count(operation, len(arrays))
+    result = reduce(entry.func, [np.unique(np.asarray(a, dtype=UID_DTYPE)) for a in arrays])
     return np.asarray(result, dtype=UID_DTYPE)
 
 
@@ -65,44 +109,50 @@ def info(path: str | os.PathLike, shards: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Combine and inspect DataComp uid files (.npy).",
-                                     allow_abbrev=False)
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{intersect,union,minus,info}")
-    for name, (help_text, _least, exact, _) in OPERATIONS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        p.add_argument("inputs", nargs=exact if exact is not None else "+", type=Path, metavar="UIDS.npy",
-                       help=f"{'two' if exact == 2 else 'two or more'} uid files")
-        p.add_argument("--out", required=True, type=Path, metavar="OUT.npy", help="output uid file")
-    p = sub.add_parser("info", help="count, dtype, order; with --shards, what a shard folder holds of them",
-                       allow_abbrev=False)
-    p.add_argument("path", type=Path, metavar="UIDS.npy", help="uid file")
-    p.add_argument("--shards", default=None, metavar="RAW", help="also count how many are successes in these shards")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    return parser
+def run_combine(cfg: CombineConfig) -> dict[str, Any]:
+    """Combine the input files into ``cfg.out``; write ``OUT.npy.json`` beside it; return that record."""
+    arrays = [load_uids(p) for p in cfg.inputs]
+    try:
+        result = combine(cfg.operation, arrays)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    count = save_uids(cfg.out, result)
+    record = {"operation": cfg.operation,
+              "inputs": [{"path": str(p), "count": int(len(a))} for p, a in zip(cfg.inputs, arrays, strict=True)],
+              "out": str(cfg.out), "count": count}
+    save_config(cfg, f"{cfg.out}.json", **record)
+    return record
+
+
+def _listing(prog: str) -> str:
+    names = [*OPERATIONS, "info"]
+    width = max(len(name) for name in names)
+    lines = [f"usage: {prog} {{{','.join(names)}}} ...", "", "Combine and inspect DataComp uid files (.npy).", "",
+             "operations:"]
+    lines += [f"  {name.ljust(width)}  {entry.help}: {prog} {name} A.npy B.npy{'' if entry.exact else ' [...]'} --out C.npy"
+              for name, entry in OPERATIONS.items()]
+    lines += [f"  {'info'.ljust(width)}  count, dtype, order; with --shards, what a shard folder holds of them",
+              "", f"Run '{prog} <operation> --help' for its options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str], prog: str = "qcap uids") -> int:
-    args = _parser(prog).parse_args(argv)
-    if args.action == "info":
-        result = info(args.path, args.shards)
-        if args.json:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_listing(prog))
+        return 0 if argv else 2
+    if argv[0] == "info":
+        cfg = parse_config(InfoConfig, argv[1:], prog=f"{prog} info")
+        result = info(cfg.path, cfg.shards)
+        if cfg.json_out:
             print(json.dumps(result, indent=2))
         else:
             for key, value in result.items():
                 print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
         return 0
-    if args.out.suffix != ".npy":
-        raise UsageError(f"--out {args.out}: must end in .npy (DataComp's uid file format)")
-    arrays = [load_uids(p) for p in args.inputs]
-    try:
-        result = combine(args.action, arrays)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    count = save_uids(args.out, result)
-    atomic_write_json(f"{args.out}.json", {
-        "operation": args.action, "inputs": [{"path": str(p), "count": int(len(a))} for p, a in zip(args.inputs, arrays, strict=True)],
-        "out": str(args.out), "count": count,
-    })
-    print(f"{args.action}: {' '.join(f'{p} ({len(a)})' for p, a in zip(args.inputs, arrays, strict=True))} -> {args.out} ({count})")
+    if argv[0] not in OPERATIONS:
+        raise UsageError(f"unknown operation {argv[0]!r}; choose from {', '.join([*OPERATIONS, 'info'])}")
+    combined = parse_config(CombineConfig, argv, prog=prog)  # the operation is the first positional
+    record = run_combine(combined)
+    inputs = " ".join(f"{item['path']} ({item['count']})" for item in record["inputs"])
+    print(f"{combined.operation}: {inputs} -> {combined.out} ({record['count']})")
     return 0

@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from curate.config import ConfigError, arg, build_parser, from_dict, parse_config, save_config, to_dict
+from curate.config import ConfigError, arg, build_parser, from_dict, load_config, parse_config, save_config, to_dict
 
 
 @dataclass(kw_only=True)
@@ -91,3 +91,32 @@ def test_optional_positional_choice_is_checked_and_may_be_absent(capsys):
     with pytest.raises(SystemExit):  # no preset, no task: the missing field is named
         parse_config(TaskConfig, [], presets=presets)
     assert "missing required flag(s): TASK" in capsys.readouterr().err
+
+
+@dataclass(kw_only=True)
+class FilesConfig:
+    """A positional list (qcap uids' input files)."""
+
+    files: list[Path] = arg(help="input files", positional=True, metavar="FILE")
+    out: Path = arg(help="output file")
+
+
+def test_positional_list_takes_one_or_more_values(capsys):
+    cfg = parse_config(FilesConfig, ["a.npy", "b.npy", "--out", "c.npy"])
+    assert cfg == FilesConfig(files=[Path("a.npy"), Path("b.npy")], out=Path("c.npy"))
+    assert parse_config(FilesConfig, ["--out", "c.npy", "a.npy"]).files == [Path("a.npy")]
+    with pytest.raises(SystemExit):
+        parse_config(FilesConfig, ["--out", "c.npy"])
+    assert "the following arguments are required: FILE" in capsys.readouterr().err
+    assert "FILE [FILE ...]" in build_parser(FilesConfig).format_usage()
+    # under a preset the list may be left out (the preset's stands) or given (it replaces the preset's)
+    presets = {"two": lambda: FilesConfig(files=[Path("x"), Path("y")], out=Path("o"))}
+    assert parse_config(FilesConfig, ["--preset", "two"], presets=presets).files == [Path("x"), Path("y")]
+    assert parse_config(FilesConfig, ["--preset", "two", "z"], presets=presets).files == [Path("z")]
+
+
+def test_lists_of_paths_round_trip(tmp_path):
+    cfg = FilesConfig(files=[Path("a.npy"), Path("b.npy")], out=Path("c.npy"))
+    save_config(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["files"] == ["a.npy", "b.npy"]
+    assert load_config(FilesConfig, tmp_path / "config.json") == cfg

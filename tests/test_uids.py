@@ -12,8 +12,9 @@ import pytest
 from conftest import make_uid
 from test_filter_support import assert_datacomp_uids
 
+from curate.config import load_config
 from curate.shards import ShardError, array_to_uids, load_uids, save_uids
-from curate.uidtool import combine
+from curate.uidtool import CombineConfig, combine
 from qcap.cli import main as qcap
 
 QCAP = str(Path(sys.executable).parent / "qcap")
@@ -39,7 +40,13 @@ def test_set_operations_through_the_command(tmp_path):
         assert qcap(["uids", op, *[str(tmp_path / i) for i in inputs], "--out", str(out)]) == 0
         array = assert_datacomp_uids(out)  # plain numpy, DataComp's dtype, sorted
         assert set(array_to_uids(array)) == expected, op
-        assert json.loads(Path(f"{out}.json").read_text())["count"] == len(expected)
+        record = json.loads(Path(f"{out}.json").read_text())
+        assert record["count"] == len(expected) and record["operation"] == op
+        assert record["inputs"] == [{"path": str(tmp_path / i), "count": len(u)} for i, u in zip(inputs, (a, b, c), strict=False)]
+        # the resolved config beside the output, loadable as the command's config
+        assert record["config_class"] == "curate.uidtool.CombineConfig"
+        assert load_config(CombineConfig, f"{out}.json") == CombineConfig(
+            operation=op, inputs=[tmp_path / i for i in inputs], out=out)
     info = subprocess.run([QCAP, "uids", "info", str(tmp_path / "a.npy"), "--json"], capture_output=True, text=True)
     data = json.loads(info.stdout)
     assert data["count"] == 60 and data["sorted"] and data["unique"] and data["first_uid"] == min(a)
@@ -68,8 +75,17 @@ def test_bad_files_are_clear_errors(tmp_path, capsys):
         code = qcap(["uids", "intersect", str(tmp_path / "ok.npy"), str(tmp_path / name), "--out", str(tmp_path / "o.npy")])
         err = capsys.readouterr().err
         assert code == 2 and name in err and message in err
-    assert qcap(["uids", "union", str(tmp_path / "ok.npy"), "--out", str(tmp_path / "o.npy")]) == 2
-    assert "at least 2" in capsys.readouterr().err
+    for argv, message in ((["union", "ok.npy"], "inputs: union takes at least 2 uid files, got 1"),
+                          (["minus", "ok.npy", "ok.npy", "ok.npy"], "inputs: minus takes exactly 2 uid files, got 3"),
+                          (["intersect", "ok.npy", "ok.npy", "--out", "o.npy", "--shards", "x"], "unrecognized arguments"),
+                          (["info", "ok.npy", "--out", "o.npy"], "unrecognized arguments")):
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "o.npy")]
+        with pytest.raises(SystemExit) as exc:
+            qcap(["uids", *[str(tmp_path / a) if a.endswith(".npy") else a for a in argv], *out])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    assert qcap(["uids", "xor", str(tmp_path / "ok.npy")]) == 2
+    assert "unknown operation 'xor'" in capsys.readouterr().err
+    assert qcap(["uids"]) == 2 and "intersect" in capsys.readouterr().out
     # the console script: one clear line, no traceback
     proc = subprocess.run([QCAP, "uids", "union", str(tmp_path / "ok.npy"), str(tmp_path / "ok.npy"), "--out",
                            str(tmp_path / "o.txt")], capture_output=True, text=True)
