@@ -11,8 +11,9 @@ Usage::
 
 Writes ``OUT/attention_distance.json`` (per model: the distance in pixels for every block ×
 head, the per-block mean, the images used, and ``uniform_attention_px``, the distance a head
-that attends uniformly would have — where a random-init model sits) and ``OUT/attention_distance.png`` (one point per
-head, blocks on the x axis; side by side when ``--compare`` is given). The definition is in
+that attends uniformly would have — where a random-init model sits), ``OUT/attention_distance.png`` (one point per
+head, blocks on the x axis; side by side when ``--compare`` is given) and ``OUT/config.json``
+(the resolved config). The definition is in
 :mod:`finetune.attention`: attention-weighted mean distance between query and key patch
 centres, class token excluded, averaged over query patches and images. Images are prepared by
 the model's own eval preprocessing (resize, centre crop, normalise) at its native size unless
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from curate.cli import UsageError
-from curate.config import arg, parse_config
+from curate.config import arg, parse_config, save_config
 
 log = logging.getLogger(__name__)
 JSON_FILE = "attention_distance.json"
 PLOT_FILE = "attention_distance.png"
+CONFIG_FILE = "config.json"
 DEFINITION = (
     "attention-weighted mean Euclidean distance in pixels between the centre of each query patch and the centres of "
     "the key patches (class/prefix tokens excluded, each query's patch weights renormalised), averaged over query "
@@ -164,6 +166,7 @@ def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     payload = {"definition": DEFINITION, "images_folder": str(cfg.images), "models": results}
     atomic_write_json(cfg.out / JSON_FILE, payload)
+    save_config(cfg, cfg.out / CONFIG_FILE)
     patch = results[0]["patch_size"][0]
     plot_attention_distance(cfg.out / PLOT_FILE, [(r["label"], r["distance_px"], r["uniform_attention_px"]) for r in results],
                             patch_size=patch)
@@ -176,5 +179,5 @@ def main(argv: list[str], prog: str = "qcap attention-distance") -> int:
     for model in payload["models"]:
         per_layer = ", ".join(f"{d:.1f}" for d in model["mean_per_layer"])
         print(f"{model['label']}: {model['num_images']} images, mean distance per block (px): {per_layer}")
-    print(f"→ {cfg.out / JSON_FILE}, {cfg.out / PLOT_FILE}")
+    print(f"→ {cfg.out / JSON_FILE}, {cfg.out / PLOT_FILE}, {cfg.out / CONFIG_FILE}")
     return 0

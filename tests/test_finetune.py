@@ -259,6 +259,13 @@ def test_attention_distance_command_with_a_known_answer_and_a_comparison(tmp_pat
     with Image.open(out / "attention_distance.png") as picture:
         assert picture.width > 1.5 * picture.height  # two panels side by side
     assert "mean distance per block" in capsys.readouterr().out
+    # the resolved config beside the results: what ran, loadable as the command's config
+    from curate.config import load_config
+    from finetune.distance import AttentionDistanceConfig
+
+    saved = load_config(AttentionDistanceConfig, out / "config.json")
+    assert saved == AttentionDistanceConfig(checkpoint=uniform, compare=f"pretrained:qcap-tiny-clip:{weights}",
+                                            label="uniform", images=images, out=out, batch_size=2)
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn", "dpt", "linear"])
