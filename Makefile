@@ -114,7 +114,6 @@ SCORE_SUMMARIES := $(foreach r,$(RUNGS),$(SCORES)/$(r)/summary.json)
 ATTENTION := $(DEMO)/attention/attention_distance.json
 
 .DELETE_ON_ERROR:
-.SECONDARY:
 
 demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/report.md (vars: SCALE SEEDS JOBS DEMO PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) $(DEMO)/report.md
