@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from captioning.params import DecodeParams
+from curate.models import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ def image_seed(seed: int, uid: str) -> int:
     """The sampling seed of one image: a function of the run's seed and the image's uid only."""
     digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 class Captioner(ABC):
@@ -124,7 +117,7 @@ class OpenClipCaptioner(Captioner):
 
     def describe(self, *, with_hash: bool = True) -> dict[str, Any]:
         source = self.loaded.source
-        sha = file_sha256(source) if with_hash and os.path.isfile(source) else None
+        sha = weights_sha256(source) if with_hash and os.path.isfile(source) else None
         if with_hash and sha is None and source not in ("random",):
             sha = _pretrained_file_sha(self.loaded.name, source)
         return {"backend": self.backend, "model": self.loaded.name, "source": source, "weights_sha256": sha}
@@ -181,7 +174,7 @@ def _pretrained_file_sha(model: str, tag: str) -> str | None:
     if not cfg:
         return None
     path = open_clip.download_pretrained(cfg)
-    return file_sha256(path) if path and os.path.isfile(path) else None
+    return weights_sha256(path) if path and os.path.isfile(path) else None
 
 
 class HFCaptioner(Captioner):
@@ -209,7 +202,7 @@ class HFCaptioner(Captioner):
 
     def describe(self, *, with_hash: bool = True) -> dict[str, Any]:
         weights = Path(self.source) / "model.safetensors"
-        sha = file_sha256(weights) if with_hash and weights.is_file() else None
+        sha = weights_sha256(weights) if with_hash and weights.is_file() else None
         return {"backend": self.backend, "model": self.model.config.model_type, "source": self.source,
                 "weights_sha256": sha}
 

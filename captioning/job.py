@@ -245,8 +245,8 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
     }
     del captioner
     if cfg.has_scorer:
-        from captioning.backends import file_sha256
         from captioning.quality import ClipScorer
+        from curate.models import weights_sha256
 
         scorer_args = {"model": cfg.scorer_model, "pretrained": cfg.scorer_pretrained, "checkpoint": cfg.scorer_checkpoint}
         try:
@@ -257,7 +257,7 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
         parts.update(
             scorer=scorer_args,
             scorer_identity={"model": scorer.name, "source": source,
-                             "weights_sha256": file_sha256(source) if os.path.isfile(source) else None},
+                             "weights_sha256": weights_sha256(source) if os.path.isfile(source) else None},
             scorer_transform=scorer.preprocess,
             scorer_pixel_shape=tuple(scorer.preprocess(probe).shape),
         )

@@ -13,6 +13,7 @@ and ``open_clip_model.safetensors``. Users load it with open_clip alone::
     open_clip.create_model_and_transforms("qcap-tiny-clip", pretrained="runs/clip/final/open_clip_model.safetensors")
 
 Weights are read with safetensors, or ``torch.load(weights_only=True)``; never pickle.
+:func:`weights_sha256` identifies a weights file in provenance records.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 _registered = False
 log = logging.getLogger(__name__)
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a weights file, read in 4 MiB blocks: the identity that provenance and
+    score files record for the exact weights a model was loaded from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def register_model_configs() -> None:

@@ -40,3 +40,18 @@ def test_wrong_architecture_and_bad_arguments_are_clear(tmp_path):
         load_model("qcap-tiny-clip", checkpoint=tmp_path / "missing")
     with pytest.raises(ValueError, match="not both"):
         load_model("qcap-tiny-clip", checkpoint=folder, pretrained="laion2b_s34b_b79k")
+
+
+def test_weights_sha256_is_the_sha256_of_the_whole_file(tmp_path):
+    import hashlib
+    import os
+
+    from curate.models import weights_sha256
+
+    for size in (0, 1 << 22, (1 << 22) * 2 + 12345):  # empty, one whole 4 MiB block, several blocks and a tail
+        data = os.urandom(size)
+        path = tmp_path / f"{size}.safetensors"
+        path.write_bytes(data)
+        assert weights_sha256(path) == weights_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        weights_sha256(tmp_path / "missing.safetensors")

@@ -32,7 +32,6 @@ Drop reasons: ``low_clip_score``, ``undecodable_image`` (bytes in the tar that d
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -75,7 +74,7 @@ def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
 
     name, weights = cfg.model, cfg.pretrained
     if cfg.checkpoint is not None:
-        from curate.models import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint_dir
+        from curate.models import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint_dir, weights_sha256
 
         path = Path(cfg.checkpoint)
         if path.is_dir():
@@ -88,17 +87,9 @@ def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
         elif not path.is_file():
             raise UsageError(f"--checkpoint {path}: no such file or folder (a qcap checkpoint folder, a training "
                              "run or a weights file)")
-        weights = f"sha256:{_file_sha256(path)}"
+        weights = f"sha256:{weights_sha256(path)}"
     return {"model": name or "unknown", "weights": weights, "text_column": cfg.text_column,
             "decode_size": cfg.decode_size, "precision": cfg.precision}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
