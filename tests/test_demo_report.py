@@ -183,3 +183,15 @@ def test_timings_file_round_trip(tmp_path):
     rows = read_timings(path)
     assert [r["exit"] for r in rows] == [0, 130, 0, 0, 0]
     assert [s["stage"] for s in stage_timings(rows)] == ["world", "download", "pretrain"]
+
+
+def test_a_match_with_a_backbone_no_better_than_random_is_vacuous(tmp_path):
+    demo = make_demo(tmp_path / "demo")
+    for seed, miou in enumerate([0.30, 0.12, 0.08]):  # real 100% no longer clearly beats random init on seg
+        write_json(demo / f"finetune/datacomp-100-s{seed}/seg/metrics.json", {"task": "seg", "metrics": {"mIoU": miou}})
+    assert run_report([str(demo)]) == 0
+    claims = {c["claim"]: c["verdict"] for c in json.loads((demo / "report.json").read_text())["claims"]}
+    assert claims["DR at 10% matches real captions at 100% on segmentation (mIoU)"] == (
+        "vacuous (real 100% does not clearly beat random init on segmentation (mIoU): "
+        "inconclusive (within the seed spread))")
+    assert claims["DR at 10% matches real captions at 100% on depth (RMSE)"].startswith("reproduced")
