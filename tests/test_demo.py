@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,8 +105,16 @@ def test_demo_interrupted_resumes_and_reports_the_files_numbers(tmp_path):
     assert funnel["pool rows"] == manifest["num_samples"] and funnel["downloaded"] == manifest["num_success"]
     assert funnel["captioned images"] == funnel["resharded (CLIP-score ∩ dedup)"]
 
-    # 4. a third run has nothing left to do
+    # 4. a third run has nothing left to do; a lost result is remade alone, then the report
     again = subprocess.run(demo_command(demo, port), cwd=ROOT, env=dict(env, QCAP_RUN="third"),
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "third" not in (demo / "timings.tsv").read_text()
+    shutil.rmtree(demo / "finetune" / "dr-10-s0" / "depth")
+    again = subprocess.run(demo_command(demo, port), cwd=ROOT, env=dict(env, QCAP_RUN="fourth"),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    fourth = [line.split("\t") for line in (demo / "timings.tsv").read_text().splitlines() if line.startswith("fourth")]
+    assert [(row[1], row[4]) for row in fourth] == [("finetune", "0"), ("report", "0")], fourth
+    assert "finetune/dr-10-s0/depth" in fourth[0][7]
+    assert (demo / "finetune" / "dr-10-s0" / "depth" / "metrics.json").is_file()
