@@ -169,12 +169,17 @@ def _pretrained_file_sha(model: str, tag: str) -> str | None:
 
     try:
         cfg = open_clip.get_pretrained_cfg(model, tag)
-    except (KeyError, RuntimeError):
-        return None
-    if not cfg:
-        return None
-    path = open_clip.download_pretrained(cfg)
-    return weights_sha256(path) if path and os.path.isfile(path) else None
+    except (KeyError, RuntimeError) as err:
+        cfg, why = None, f"open_clip has no pretrained entry for it ({err})"
+    else:
+        why = "" if cfg else "open_clip has no pretrained entry for it"
+    path = open_clip.download_pretrained(cfg) if cfg else None
+    if path and os.path.isfile(path):
+        return weights_sha256(path)
+    # the provenance then names the weights by their tag alone: a resume cannot tell other weights behind it
+    log.warning("captioner %s, weights %r: no file to hash (%s); the provenance records weights_sha256 null",
+                model, tag, why or f"open_clip gave no file: {path!r}")
+    return None
 
 
 class HFCaptioner(Captioner):

@@ -713,6 +713,7 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
     totals = Counter()
     problems = []
     done = []
+    uncounted: dict[str, str] = {}  # input shard → why its samples could not be counted
     for shard_id, tar in sorted(tars.items()):
         if not is_complete(out, shard_id):
             continue
@@ -724,10 +725,15 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
                        "captions": stats["num_captions"], "degenerate": stats["num_degenerate"]})
         try:
             in_tar = shard_size(tar)
-        except ShardError:
-            in_tar = None
-        if in_tar is not None and in_tar != stats["num_input"]:
+        except ShardError as err:  # e.g. a tar-only input: no stats or Parquet to count it by
+            uncounted[shard_name(shard_id)] = str(err)
+            continue
+        if in_tar != stats["num_input"]:
             problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
+    if uncounted:
+        name, why = next(iter(uncounted.items()))
+        log.warning("%d input shard(s) could not be counted, so their captions are not checked against the "
+                    "input's size (shard %s: %s)", len(uncounted), name, why)
     failures = {status: count for status, count in statuses.items() if status != "success"}
     reconciled = totals["images_in"] == totals["captioned"] + sum(failures.values()) and not problems
     return {

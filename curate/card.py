@@ -658,11 +658,19 @@ _STEP_NAMES = {"ReshardConfig": "reshard", "DownloadConfig": "download", "Captio
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object that a stage left beside its output; None when there is none. One that is
+    there but unreadable is logged, since the lineage then goes without that step's facts."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (or the output is a file, not a folder)
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        log.warning("%s: unreadable (%s); the card's lineage goes without it", path, err)
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s: not a JSON object; the card's lineage goes without it", path)
+        return None
+    return data
 
 
 def _scalars(data: dict[str, Any], limit: int = 14) -> dict[str, Any]:

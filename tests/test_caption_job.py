@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -212,6 +213,42 @@ def test_caption_job_resumes_after_sigkill_without_losing_or_duplicating(tmp_pat
 
 
 @pytest.mark.slow
+def test_provenance_without_a_weights_file_to_hash_is_logged(coca_dir, caplog):
+    """A model id whose weights open_clip finds itself (local-dir:, hf-hub:) leaves no file to
+    hash: the provenance's weights_sha256 is null, and the log says so."""
+    captioner = load_captioner(CaptionerSpec(model=f"local-dir:{coca_dir}"))
+    with caplog.at_level(logging.WARNING, logger="captioning.backends"):
+        facts = captioner.describe()
+    assert facts["source"] == f"local-dir:{coca_dir}" and facts["weights_sha256"] is None
+    assert "no file to hash" in caplog.text
+    assert load_captioner(CaptionerSpec(checkpoint=str(coca_dir))).describe()["weights_sha256"] == hashlib.sha256(
+        (coca_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_summary_checks_shards_against_the_input_and_logs_what_it_cannot_count(tmp_path, caplog):
+    """No Ray: the summary over Parquet-only output shards; a size mismatch is a problem, and an
+    input shard with nothing to count it by (no stats, no Parquet) is logged, not passed in silence."""
+    from curate.shards import write_parquet_shard
+
+    inputs = write_shards(tmp_path / "curated", [2, 3])
+    out = tmp_path / "syn"
+    for shard_id, size in enumerate([2, 2]):  # shard 1 came back one image short
+        rows = [{"key": f"{shard_id:05d}{i:04d}", "uid": make_uid(10 * shard_id + i), "status": "success"}
+                for i in range(size)]
+        write_parquet_shard(out, shard_id, rows, extra_stats={"num_input": size, "num_captions": 3 * size,
+                                                              "num_degenerate": 0, "flag_counts": {}})
+    tars = job.input_shards(str(inputs))
+    summary = job.summarize(out, tars, "parquet", {})
+    assert (summary["images_in"], summary["images_captioned"], summary["captions"]) == (4, 4, 12)
+    assert summary["problems"] == ["00001: input holds 3 samples, output 2"] and not summary["reconciled"]
+    for suffix in (".parquet", "_stats.json"):
+        (inputs / f"00001{suffix}").unlink()
+    with caplog.at_level(logging.WARNING, logger="captioning.job"):
+        summary = job.summarize(out, tars, "parquet", {})
+    assert summary["reconciled"] and not summary["problems"]
+    assert "1 input shard(s) could not be counted" in caplog.text and "shard 00001" in caplog.text
+
+
 def test_parquet_side_table_with_scores_and_greedy_decoding(tmp_path, ray_address, coca_dir, capsys):
     from curate.models import load_model, save_checkpoint_dir
 

@@ -131,12 +131,13 @@ def test_caption_stats_merge_equals_one_pass():
     assert whole.summary()["real"]["words"]["count"] == 28  # i % 5 == 0 or i % 7 == 0: no text
 
 
-def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path):
+def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path, caplog):
     from curate.config import save_config
     from curate.reshard import ReshardConfig
     from curate.shards import save_uids
     from qcap.cli import main
 
+    caplog.set_level(logging.WARNING, logger="curate.card")
     images = write_images(tmp_path / "curated", [[0, 1, 2]])
     (tmp_path / "raw").mkdir()
     filters = tmp_path / "filters"
@@ -169,3 +170,10 @@ def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path):
     assert "### filter basic" in readme and "dropped={too_few_words: 2}" in readme
     assert "### filter dedup" in readme and "### uids intersect" in readme
     assert card["captions"]["synthetic"]["num_captions"] == 0 and "quality.png" not in card["figures"]
+    assert "unreadable" not in caplog.text  # missing files (raw/ has no config) are no news
+
+    # a report that is there but unreadable: the lineage goes on without its facts, and the log says so
+    (filters / "dedup.report" / "report.json").write_text("{cut short")
+    steps = trace_lineage(images)
+    assert [step["step"] for step in steps] == ["input", "filter basic", "filter dedup", "uids intersect", "reshard"]
+    assert "report.json" not in steps[2] and "dedup.report/report.json: unreadable" in caplog.text
