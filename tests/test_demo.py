@@ -47,12 +47,16 @@ def test_demo_interrupted_resumes_and_reports_the_files_numbers(tmp_path):
     demo = tmp_path / "demo"
     port = free_port()
     env = dict(os.environ, QCAP_RUN="first")
-    # 1. start the demo, interrupt the whole process group once the pool is downloaded (the captioner,
+    # 1. start the demo, interrupt the whole process group once the download has finished (the captioner,
     #    the filters or the CLIP-score pass are running then)
     proc = subprocess.Popen(demo_command(demo, port), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 900
-    while not (demo / "raw" / "manifest.json").exists():
+    def downloaded() -> bool:  # the download command has ended (its timing row is written after it exits)
+        timings = demo / "timings.tsv"
+        return timings.exists() and any(line.split("\t")[1] == "download" for line in timings.read_text().splitlines())
+
+    while not downloaded():
         assert proc.poll() is None, f"demo ended before the download did:\n{proc.stdout.read()[-4000:]}"
         assert time.monotonic() < deadline, "the download did not finish within 15 minutes"
         time.sleep(0.5)
