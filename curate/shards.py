@@ -605,6 +605,20 @@ def num_samples(spec: str | os.PathLike | Sequence[str]) -> int:
     return total
 
 
+def _checked_member(tar_path: str, info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str | None, str]:
+    """``(key, extension)`` of a regular tar member, nothing for anything to skip (links,
+    devices, directories, names without a key: ``(None, "")``); an absolute or ``..`` name, or a member over
+    ``max_member_bytes``, raises ShardError — a hostile tar must not escape its bounds."""
+    if not info.isfile():
+        return None, ""
+    name = info.name
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
+    if info.size > max_member_bytes:
+        raise ShardError(f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit")
+    return split_member_name(name)
+
+
 def iter_members(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, str, bytes]]:
     """Stream ``(key, extension, bytes)`` for every regular file in a tar, in order.
 
@@ -617,16 +631,7 @@ def iter_members(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> 
     try:
         with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
-                name = info.name
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
-                if info.size > max_member_bytes:
-                    raise ShardError(
-                        f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit"
-                    )
-                key, ext = split_member_name(name)
+                key, ext = _checked_member(tar_path, info, max_member_bytes)
                 if key is None:
                     continue
                 data = tar.extractfile(info).read()
@@ -737,14 +742,7 @@ def iter_sample_spans(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES
         with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             while (info := tar.next()) is not None:
                 tar.members.clear()  # TarFile keeps every header it read; an index pass needs none of them
-                if not info.isfile():
-                    continue
-                name = info.name
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
-                if info.size > max_member_bytes:
-                    raise ShardError(f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit")
-                key, ext = split_member_name(name)
+                key, ext = _checked_member(tar_path, info, max_member_bytes)
                 if key is None:
                     continue
                 end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
