@@ -199,3 +199,25 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_retried(tmp_path, c
     assert manifest["complete"] and manifest["reconciles"] and manifest["this_run"]["failed_shards"] == {}
     assert sorted(read_tables(str(out)).column("uid").to_pylist()) == sorted(truth_of(world))
     _check_visible_tars_whole(out)
+
+
+def test_a_dead_progress_actor_is_replaced_not_fatal(caplog):
+    """The flake seen once on a fresh cluster ('the actor never ran - it was cancelled'): a dead
+    progress actor only costs progress-bar events; the run goes on with a new actor."""
+    import ray
+
+    from curate.download.distribute import RayBackend
+
+    backend = RayBackend(processes=1, ray_address=None, shard_retries=0, max_in_flight=1)
+    try:
+        old = backend.actor
+        ray.kill(old, no_restart=True)
+        with caplog.at_level("WARNING", logger="curate.download.distribute"):
+            assert backend.progress_events() == []
+        assert "progress actor died" in caplog.text
+        assert backend.actor is not old
+        ray.get(backend.actor.add.remote("event"))
+        assert backend.progress_events() == ["event"]
+    finally:
+        backend.close()
+    assert not ray.is_initialized()

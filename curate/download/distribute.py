@@ -314,7 +314,17 @@ class RayBackend:
         return out
 
     def progress_events(self) -> list[ProgressEvent]:
-        return self.ray.get(self.actor.take.remote())
+        """Progress events since the last call. The actor only feeds the progress bar (every count
+        that matters comes back in the shard results), so a dead one — a lost node, or an actor
+        Ray cancelled before it started — is replaced with a warning instead of ending the run;
+        events sent to the old one are lost to the bar alone."""
+        try:
+            return self.ray.get(self.actor.take.remote())
+        except self.ray.exceptions.RayActorError as err:
+            log.warning("Ray: the progress actor died (%s); starting a new one — the progress bar "
+                        "undercounts the shards already running, the manifest does not", type(err).__name__)
+            self.actor = self.ray.remote(num_cpus=0)(_ProgressActor).remote()
+            return []
 
     def close(self, *, abort: bool = False) -> None:
         if self.owned:  # shutting down (or disconnecting) Ray ends this job's tasks
