@@ -33,6 +33,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +43,7 @@ from typing import Any
 
 from curate.cli import UsageError
 from curate.config import arg, parse_config
+from curate.shards import atomic_write_bytes, atomic_write_json, iter_samples, read_sizes
 
 REPORT_FILE = "report.md"
 JSON_FILE = "report.json"
@@ -179,15 +181,12 @@ class Cell:
 
     @property
     def mean(self) -> float | None:
-        return sum(self.values) / len(self.values) if self.values else None
+        return statistics.fmean(self.values) if self.values else None
 
     @property
     def sd(self) -> float | None:
         """Sample standard deviation over seeds (None for fewer than two)."""
-        if len(self.values) < 2:
-            return None
-        mean = self.mean
-        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1))
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
     def as_json(self) -> dict[str, Any]:
         return {"mean": self.mean, "sd": self.sd, "n": self.n, "values": self.values, "sources": self.sources}
@@ -424,8 +423,6 @@ def _pyplot():
 def _save(fig, path: Path) -> None:
     import io
 
-    from curate.shards import atomic_write_bytes
-
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # a synthetic caption's emoji is drawn as a box, as it should be
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
@@ -476,8 +473,6 @@ def _wrap(text: str, width: int = 58, lines: int = 3) -> str:
 def caption_grid_samples(shards: Path, scores: Path | None, num: int) -> list[dict[str, Any]]:
     """The first ``num`` samples (in shard order) of a DR folder with their real and synthetic
     captions and, when ``scores`` (a score-captions per_caption.parquet) exists, each caption's F1."""
-    from curate.shards import iter_samples
-
     by_caption: dict[tuple[str, str, int], float] = {}
     if scores is not None and scores.is_file():
         import pyarrow.parquet as pq
@@ -568,9 +563,8 @@ def funnel(reader: Reader) -> list[dict[str, Any]]:
             out.append({"label": label, "file": rel, "key": key, "value": reader.value(rel, key)})
     for row in ROWS[1:]:
         rel = f"dr-ladder/{row.key}/sizes.json"
-        path = reader.root / rel
-        if path.is_file():
-            sizes = json.loads(path.read_text(encoding="utf-8"))
+        if (reader.root / rel).is_file():
+            sizes = read_sizes(reader.root / "dr-ladder" / row.key)
             out.append({"label": f"rung {row.label} ({row.key})", "file": rel, "key": "sum of shard sizes",
                         "value": float(sum(sizes.values()))})
     return out
@@ -593,8 +587,6 @@ def training_facts(reader: Reader, seeds: Sequence[int]) -> list[dict[str, Any]]
 
 
 def build(cfg: ReportConfig) -> dict[str, Any]:
-    from curate.shards import atomic_write_bytes, atomic_write_json
-
     demo = cfg.demo
     if not demo.is_dir():
         raise UsageError(f"{demo}: not a folder; run `make demo` (or pass the folder it wrote)")
