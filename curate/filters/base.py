@@ -13,9 +13,16 @@ do their global work in :meth:`BaseFilter.prepare` and attach per-shard measurem
 :meth:`BaseFilter.annotate`; ``keep`` stays a per-record lookup.
 
 Which samples a filter sees: every row of every shard's Parquet. Rows whose ``status`` is not
-``success`` are counted as ``failed[status]`` (there is no image to train on); with ``--subset``,
-successes outside the subset are ``dropped[outside_subset]``; the rest are *candidates* and go
-through ``keep``.
+``success`` are counted as ``failed[status]`` (there is no image to train on); a success whose
+uid is missing or not DataComp's 32 hex is ``dropped[bad_uid]`` (it could not go into a uid
+file); with ``--subset``, successes outside the subset are ``dropped[outside_subset]``; the rest
+are *candidates* and go through ``keep``.
+
+Rows, not uids: a uid can be in a folder twice (two overlapping downloads of one pool row), so
+every decision, score and duplicate group is per *row* — (shard, position in its Parquet) —
+and the uid file lists a uid when at least one of its rows is kept. A filter that finds a row
+unusable (no image, undecodable bytes, a broken member) drops it with its own reason and puts
+the detail in ``record.error`` (decisions' ``error_message``); the run goes on.
 
 Outputs of ``run_filter(filter, cfg)`` for ``cfg.out = DIR/NAME.npy``: ``DIR/NAME.npy`` (written
 last: its presence means the run finished), ``DIR/NAME.report/{report.json, config.json,
@@ -38,12 +45,13 @@ import numpy as np
 
 from curate.config import save_config
 from curate.filters.config import FilterConfig
+from curate.filters.members import SampleProblem, check_caption, shard_labels
 from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
 from curate.shards import (
     ShardError,
     atomic_write_json,
-    check_uid,
     expand_shards,
+    is_uid,
     load_uids,
     read_table,
     save_uids,
@@ -60,6 +68,7 @@ REPORT_FILE = "report.json"
 CONFIG_FILE = "config.json"
 PREVIEW_FILE = "preview.html"
 OUTSIDE_SUBSET = "outside_subset"
+BAD_UID = "bad_uid"
 # Measurements the runner takes of every candidate (decisions.parquet columns, histograms).
 COMMON_VALUES: dict[str, str] = {
     "caption_words": "int32", "caption_chars": "int32", "image_min_side": "int32", "aspect_ratio": "float32",
@@ -78,6 +87,9 @@ class FilterRecord:
     height: int | None  # original image height
     values: dict[str, Any] = field(default_factory=dict)  # measurements: written to decisions, histogrammed
     failed: list[str] = field(default_factory=list)  # every reason it fails (filters may fill it; else the first)
+    row: int = 0  # position in its shard's Parquet: with the shard, the row's identity (uids can repeat)
+    caption_problem: SampleProblem | None = None  # the Parquet caption is missing, blank or broken (text is then "")
+    error: str | None = None  # why the filter could not use it (decisions' error_message), when it could not
 
 
 @dataclass(slots=True)
@@ -117,6 +129,10 @@ class BaseFilter(abc.ABC):
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         """Attach this shard's measurements to its candidates (``record.values``)."""
         return None  # a filter that measures nothing beyond the common values
+
+    def output_paths(self) -> list[Path]:
+        """Files or folders the filter writes besides the uid file and report (checked up front)."""
+        return []
 
     def read_rows(self, tar: str) -> ShardRows:
         """The shard's Parquet rows this filter decides on; override to name the caption and size
@@ -175,6 +191,8 @@ class ShardRows:
     texts: list[str | None]
     widths: list[int | None]
     heights: list[int | None]
+    error_messages: list[str | None] = field(default_factory=list)  # the shard's own, for failed downloads
+    label: str = ""  # the shard's name in decisions and score files (see members.shard_labels)
 
 
 def read_shard_rows(
@@ -196,8 +214,9 @@ def read_shard_rows(
             f"{where}: missing {width_column!r}/{height_column!r} (the pool's image size); "
             "name other columns with --width-column/--height-column"
         )
+    has_errors = "error_message" in names
     columns = ["key", "uid", "status"] + ([text] if text else []) + ([width_column, height_column] if has_size else [])
-    table = read_table(tar, columns=columns)
+    table = read_table(tar, columns=columns + (["error_message"] if has_errors else []))
     n = table.num_rows
     return ShardRows(
         tar=tar,
@@ -207,6 +226,9 @@ def read_shard_rows(
         texts=table.column(text).to_pylist() if text else [None] * n,
         widths=_ints(table.column(width_column).to_pylist()) if has_size else [None] * n,
         heights=_ints(table.column(height_column).to_pylist()) if has_size else [None] * n,
+        error_messages=[None if e is None else str(e) for e in table.column("error_message").to_pylist()]
+        if has_errors else [None] * n,
+        label=os.path.basename(tar),
     )
 
 
@@ -215,24 +237,81 @@ def _ints(values: list) -> list[int | None]:
     for v in values:
         try:
             out.append(None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a text, an infinity: no size
             out.append(None)
     return out
 
 
 def candidate_mask(rows: ShardRows, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(success mask, in-subset mask) of a shard's rows; a success without a valid uid is a ShardError."""
+    """(usable, in-subset) masks of a shard's rows: usable = downloaded with a valid uid (a success
+    without one is the row's ``bad_uid``, see :func:`uid_problem`); in-subset is True without a subset."""
     success = np.array([s == "success" for s in rows.statuses], dtype=bool)
-    for i in np.flatnonzero(success):
-        uid = rows.uids[i]
-        if uid is None:
-            raise ShardError(f"{rows.tar}: sample {rows.keys[i]!r} succeeded but has no uid")
-        check_uid(uid)
+    valid = np.array([is_uid(u) for u in rows.uids], dtype=bool)
+    usable = success & valid
     inside = np.ones(len(rows.keys), dtype=bool)
-    if subset is not None and success.any():
-        ok_uids = [rows.uids[i] for i in np.flatnonzero(success)]
-        inside[np.flatnonzero(success)] = uid_membership(ok_uids, subset)
-    return success, inside
+    if subset is not None and usable.any():
+        chosen = np.flatnonzero(usable)
+        inside[chosen] = uid_membership([rows.uids[i] for i in chosen], subset)
+    return usable, inside
+
+
+def uid_problem(uid: Any) -> str:
+    if uid is None:
+        return "the row succeeded but has no uid"
+    return f"uid {str(uid)[:80]!r} is not DataComp's uid (32 lowercase hex characters)"
+
+
+def check_outputs(paths: Sequence[Path]) -> None:
+    """Refuse, before any work, output paths that cannot be written: a folder where a file goes,
+    a file where a folder goes, a parent that is a file. Creates missing parent folders."""
+    from curate.cli import UsageError
+
+    for path in paths:
+        path = Path(path)
+        for parent in reversed(path.parents):
+            if parent.exists() and not parent.is_dir():
+                raise UsageError(f"{path}: cannot write here, {parent} is a file, not a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"{path}: cannot create its folder ({err.strerror or err})") from err
+        if not os.access(path.parent, os.W_OK):
+            raise UsageError(f"{path}: its folder {path.parent} is not writable")
+
+
+def check_file_output(path: Path) -> None:
+    from curate.cli import UsageError
+
+    if Path(path).is_dir():
+        raise UsageError(f"--out {path}: is a folder; name the uid file to write (e.g. {Path(path) / 'uids.npy'})")
+
+
+def check_dir_output(path: Path) -> None:
+    from curate.cli import UsageError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{path}: exists and is a file, but the filter writes a folder there; move it or choose "
+                         "another --out")
+
+
+def load_subset(path: Path) -> np.ndarray:
+    """``--subset``: a DataComp uid file; anything else is one clear line (curate.shards.load_uids
+    lets an empty file's EOFError through, and a .npz is no uid file)."""
+    from curate.cli import UsageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--subset {path}: {'is a folder' if path.is_dir() else 'no such file'}, not a uid file (.npy)")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if not magic:
+        raise UsageError(f"--subset {path}: the file is empty, not a DataComp uid file (.npy)")
+    if magic != b"\x93NUMPY":
+        raise UsageError(f"--subset {path}: not a .npy file (a DataComp uid file starts with numpy's header)")
+    try:
+        return load_uids(path)
+    except EOFError as err:
+        raise UsageError(f"--subset {path}: truncated .npy ({err})") from err
 
 
 def common_values(text: str | None, width: int | None, height: int | None) -> dict[str, Any]:
@@ -259,9 +338,13 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     started = time.time()
-    tars = expand_shards(cfg.shards)
-    subset = load_uids(cfg.subset) if cfg.subset is not None else None
     report_dir = report_dir_of(cfg.out)
+    check_file_output(cfg.out)
+    check_dir_output(report_dir)
+    check_outputs([cfg.out, report_dir / CONFIG_FILE, *filt.output_paths()])
+    tars = expand_shards(cfg.shards)
+    labels = shard_labels(tars)
+    subset = load_subset(cfg.subset) if cfg.subset is not None else None
     report_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, report_dir / CONFIG_FILE, filter=filt.name, shards=tars)
 
@@ -275,7 +358,9 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     writer = DecisionWriter(report_dir / DECISIONS_FILE, {**COMMON_VALUES, **filt.value_types})
     try:
         for tar in tqdm(tars, desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress):
-            _decide_shard(filt, filt.read_rows(tar), subset, counts, kept_uids, histograms, writer)
+            rows = filt.read_rows(tar)
+            rows.label = labels[tar]
+            _decide_shard(filt, rows, subset, counts, kept_uids, histograms, writer)
         writer.close()
     except BaseException:
         writer.abort()
@@ -289,7 +374,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
             if hist.total:
                 pictures.append(plot_histogram(hist, report_dir / f"hist_{hist.name}.png", filter_name=filt.name).name)
     if cfg.preview:
-        write_preview(report_dir / PREVIEW_FILE, report_dir / DECISIONS_FILE, tars, filter_name=filt.name,
+        write_preview(report_dir / PREVIEW_FILE, report_dir / DECISIONS_FILE, labels, filter_name=filt.name,
                       counts=counts.as_json(), pictures=pictures)
     num_unique = len(set(kept_uids))
     report = {
@@ -320,35 +405,40 @@ def _decide_shard(
     filt: BaseFilter, rows: ShardRows, subset: np.ndarray | None, counts: FilterCounts, kept_uids: list[str],
     histograms: dict[str, Histogram], writer: DecisionWriter,
 ) -> None:
-    success, inside = candidate_mask(rows, subset)
+    usable, inside = candidate_mask(rows, subset)
     records: list[FilterRecord] = []
     decisions: list[dict[str, Any]] = []
-    shard_name = os.path.basename(rows.tar)
+    pending: list[dict[str, Any]] = []  # the candidates' decision rows, in record order
     for i, key in enumerate(rows.keys):
         counts.total += 1
-        row = {"uid": rows.uids[i], "shard": shard_name, "key": key, "status": rows.statuses[i], "kept": False, "reason": None}
-        if not success[i]:
+        uid = rows.uids[i]
+        row = {"uid": uid if uid is None else str(uid), "shard": rows.label, "key": key, "status": rows.statuses[i],
+               "kept": False, "reason": None, "error_message": None}
+        decisions.append(row)
+        if rows.statuses[i] != "success":
             counts.failed[rows.statuses[i]] += 1
-            decisions.append(row)
+            row["error_message"] = rows.error_messages[i] if rows.error_messages else None
+            continue
+        if not usable[i]:
+            counts.dropped[BAD_UID] += 1
+            row["reason"], row["error_message"] = BAD_UID, uid_problem(uid)
             continue
         if not inside[i]:
             counts.dropped[OUTSIDE_SUBSET] += 1
             row["reason"] = OUTSIDE_SUBSET
-            decisions.append(row)
             continue
-        record = FilterRecord(rows.uids[i], key, rows.tar, rows.texts[i], rows.widths[i], rows.heights[i])
+        text, problem = check_caption(rows.texts[i], f"{rows.label} {key}")
+        record = FilterRecord(uid, key, rows.tar, text if problem is None else "", rows.widths[i], rows.heights[i],
+                              row=i, caption_problem=problem)
         record.values.update(common_values(record.text, record.width, record.height))
         records.append(record)
-        decisions.append(row)
+        pending.append(row)
     filt.annotate(rows.tar, records)
-    verdicts = iter(records)
     kept_flags: list[bool] = []
-    for row in decisions:
-        if row["status"] != "success" or row["reason"] == OUTSIDE_SUBSET:
-            continue
-        record = next(verdicts)
+    for row, record in zip(pending, records, strict=True):
         ok, reason = _verdict(filt, record)
         row["kept"], row["reason"] = ok, None if ok else reason
+        row["error_message"] = None if ok else record.error
         row.update(record.values)
         kept_flags.append(ok)
         if ok:
@@ -382,7 +472,7 @@ class DecisionWriter:
             stale.unlink()
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         fields = [("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
-                  ("kept", pa.bool_()), ("reason", pa.string())]
+                  ("kept", pa.bool_()), ("reason", pa.string()), ("error_message", pa.string())]
         fields += [(name, pa.type_for_alias(kind)) for name, kind in value_types.items()]
         self.schema = pa.schema(fields)
         self._writer = None

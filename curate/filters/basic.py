@@ -21,7 +21,10 @@ arXiv 2304.14108, §4 "Basic filtering"):
 
 A sample failing several checks is dropped for the first in this order: language, words,
 characters, shorter side, aspect ratio; ``report.json`` also lists how many fail each check
-alone (``fails_by_check``). A caption that is missing counts as the empty string.
+alone (``fails_by_check``). A caption that is missing counts as the empty string (DataComp's
+rule: it fails the length checks). A caption that is not text at all — not UTF-8, a number, a
+NUL character inside — is dropped as ``bad_caption`` before any check (no language model is
+asked about it); a success without a valid uid is the runner's ``bad_uid``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, ClassVar
 
 from curate.filters.base import BaseFilter, FilterRecord, Keep, ShardRows, read_shard_rows, run_filter
 from curate.filters.config import BasicConfig
+from curate.filters.members import BAD_CAPTION
 from curate.filters.report import Histogram, linear_edges, log_edges
 
 CHECKS = ("language", "words", "chars", "image_side", "aspect_ratio")
@@ -79,10 +83,16 @@ class BasicFilter(BaseFilter):
         if self._detect is None:
             self._detect = LanguageDetector()
         for record in records:
+            if self._bad_caption(record):
+                continue
             lang, score = self._detect(record.text or "")
             record.values["language"] = lang
             record.values["language_score"] = score
             self.languages[lang] += 1
+
+    @staticmethod
+    def _bad_caption(record: FilterRecord) -> bool:
+        return record.caption_problem is not None and record.caption_problem.reason == BAD_CAPTION
 
     def failed_checks(self, record: FilterRecord) -> list[str]:
         cfg, v = self.cfg, record.values
@@ -103,6 +113,9 @@ class BasicFilter(BaseFilter):
         return failed
 
     def keep(self, record: FilterRecord) -> Keep:
+        if self._bad_caption(record):
+            record.error = record.caption_problem.message
+            return False, BAD_CAPTION
         failed = self.failed_checks(record)
         self.fails_by_check.update(failed)
         record.failed = [self.reasons[c] for c in failed]

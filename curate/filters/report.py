@@ -169,31 +169,42 @@ def pick_preview_rows(decisions: str | os.PathLike, wanted: dict[str, int], per_
     return picks
 
 
-def write_preview(path: Path, decisions: Path, tars: Sequence[str], *, filter_name: str, counts: dict,
+def write_preview(path: Path, decisions: Path, labels: dict[str, str], *, filter_name: str, counts: dict,
                   pictures: Sequence[str], per_outcome: int = 8) -> Path:
     """``preview.html`` at ``path``: the histograms (``pictures``, beside it), then sample images
-    per outcome of ``decisions`` with their measurements."""
+    per outcome of ``decisions`` with their measurements. ``labels``: tar -> its name in the
+    decisions' ``shard`` column. Samples are read with the filters' own reader, so a broken
+    member shows as a missing image or caption, never stops the page."""
     import html
 
     from curate.card import thumbnail_b64
-    from curate.shards import atomic_write_bytes, iter_samples
+    from curate.filters.members import SampleProblem, read_wanted
+    from curate.shards import atomic_write_bytes
 
     wanted = {"kept": counts["kept"], **counts["dropped"]}
     wanted.pop("outside_subset", None)  # not this filter's decision
     picks = pick_preview_rows(decisions, wanted, per_outcome)
     by_tar: dict[str, set[str]] = {}
-    names = {os.path.basename(t): t for t in tars}
+    names = {label: tar for tar, label in labels.items()}
     for rows in picks.values():
         for row in rows:
             by_tar.setdefault(names[row["shard"]], set()).add(row["key"])
-    samples = {}
+    samples: dict[tuple[str, str], tuple[bytes | None, str | None]] = {}
     for tar, keys in by_tar.items():
-        for sample in iter_samples([tar]):  # stops at the last wanted sample: the tar is not read to its end
-            if sample.key in keys:
-                samples[(os.path.basename(tar), sample.key)] = sample
-                keys.discard(sample.key)
-                if not keys:
-                    break
+        left = set(keys)
+        for sample in read_wanted(tar, keys):
+            try:
+                image = sample.image()
+            except SampleProblem:
+                image = None
+            try:
+                caption = sample.caption()
+            except SampleProblem:
+                caption = None
+            samples[(labels[tar], sample.key)] = (image, caption)
+            left.discard(sample.key)
+            if not left:  # the tar is not read past the last wanted sample
+                break
     esc = html.escape
     total = counts["total"] - sum(counts["failed"].values())
     parts = [
@@ -216,12 +227,11 @@ def write_preview(path: Path, decisions: Path, tars: Sequence[str], *, filter_na
         title = "kept" if outcome == "kept" else f"dropped: {outcome}"
         parts.append(f"<h2 class='{kind}'>{esc(title)} ({wanted[outcome]:,}; the first {len(rows)})</h2><div class='grid'>")
         for row in rows:
-            sample = samples.get((row["shard"], row["key"]))
-            thumb = thumbnail_b64(sample.image if sample else None, 200)
+            image, caption = samples.get((row["shard"], row["key"]), (None, None))
+            thumb = thumbnail_b64(image, 200)
             parts.append("<div class='cell'>")
             parts.append(f"<img src='data:image/jpeg;base64,{thumb}' alt='{esc(row['uid'] or '')}'>" if thumb
                          else "<p class='m'>(no decodable image)</p>")
-            caption = sample.text if sample else None
             parts.append(f"<div>{esc(caption) if caption else '<i>(no caption)</i>'}</div>")
             measured = [f"{esc(k)} {_short(v)}" for k, v in row.items() if k not in _WHERE and v is not None]
             parts.append(f"<div class='m'>{' · '.join(measured)}</div>")
