@@ -48,7 +48,18 @@ How it scales (100M images):
 Memory: per image the uid, digest, hash and a few integers (~100 bytes: ~10 GB at 100M);
 thumbnails only for candidates.
 
-Drop reasons: ``exact_duplicate``, ``near_duplicate``, ``undecodable_image``.
+Per row, not per uid: the same uid can be in a folder twice (two overlapping downloads of one
+pool row); each row is a member of the groups on its own, so two rows of one uid with the same
+image are an exact group of two that keeps one of them — the uid stays in the uid file — and
+two rows of one uid with different images are not duplicates at all. Ties in the survivor
+order (same uid) go to the shard label, then the key, then the row: deterministic.
+
+Drop reasons: ``exact_duplicate``, ``near_duplicate``, ``undecodable_image`` (bytes that do not
+decode, or a pixel bomb: ``curate.shards.decode_image`` checks the pixel bound before decoding),
+``no_image`` (no image member, or the tar lacks the sample its Parquet lists), ``bad_member``
+(a ``KEY.json`` that is not a JSON object, two members of one kind), ``unreadable_shard`` (the
+tar breaks before the sample), and the runner's ``bad_uid``. A sample without ``KEY.json`` is
+hashed like any other (the uid comes from the Parquet).
 """
 
 from __future__ import annotations
@@ -60,16 +71,18 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, read_shard_rows, run_filter
+from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, run_filter
 from curate.filters.config import DedupConfig
+from curate.filters.members import UNREADABLE_SHARD, SampleProblem, label_stem, read_wanted, shard_labels
 from curate.filters.report import Histogram, linear_edges
-from curate.shards import ShardError, atomic_write_bytes, atomic_write_json, decode_image, iter_samples
+from curate.shards import atomic_write_bytes, atomic_write_json, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +91,11 @@ DECODE_DRAFT = 128  # JPEGs decode at a DCT scale keeping both sides >= this
 THUMB_SIDE = 64  # thumbnails for verification: longer side in pixels, aspect kept
 THUMB_BLUR = 1.0  # Gaussian sigma applied to thumbnails (hides re-encoding noise at edges)
 BLOCK = 4  # verification block side in thumbnail pixels
-HASH_SETTINGS = {"version": 1, "phash_hash_size": HASH_SIZE, "decode_draft": DECODE_DRAFT, "thumb_side": THUMB_SIDE,
+UNDECODABLE = "undecodable_image"
+HASH_SETTINGS = {"version": 2, "phash_hash_size": HASH_SIZE, "decode_draft": DECODE_DRAFT, "thumb_side": THUMB_SIDE,
                  "thumb_blur": THUMB_BLUR}
 SETTINGS_FILE = "settings.json"
-PART_COLUMNS = ("key", "uid", "sha256", "phash", "width", "height", "thumb", "thumb_width", "thumb_height", "error")
+PART_COLUMNS = ("key", "sha256", "phash", "width", "height", "thumb", "thumb_width", "thumb_height", "reason", "error")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,13 +108,13 @@ def image_hashes(data: bytes) -> dict[str, Any]:
     from PIL import Image, ImageFilter
 
     out: dict[str, Any] = {"sha256": hashlib.sha256(data).digest(), "phash": None, "width": None, "height": None,
-                           "thumb": None, "thumb_width": None, "thumb_height": None, "error": None}
+                           "thumb": None, "thumb_width": None, "thumb_height": None, "reason": None, "error": None}
     try:
-        with Image.open(io.BytesIO(data)) as header:
+        image = decode_image(data, draft=DECODE_DRAFT)  # the pixel bound first: a bomb never reaches PIL's open
+        with Image.open(io.BytesIO(data)) as header:  # the size before any draft scaling
             out["width"], out["height"] = header.size
-        image = decode_image(data, draft=DECODE_DRAFT)
     except (ValueError, OSError) as err:
-        out["error"] = str(err)[:200]
+        out["reason"], out["error"] = UNDECODABLE, str(err)[:200]
         return out
     bits = imagehash.phash(image, hash_size=HASH_SIZE).hash.flatten()
     out["phash"] = int(np.packbits(bits).view(">u8")[0])
@@ -116,34 +130,45 @@ def _part_schema():
     import pyarrow as pa
 
     return pa.schema([
-        ("key", pa.string()), ("uid", pa.string()), ("sha256", pa.binary(32)), ("phash", pa.uint64()),
+        ("key", pa.string()), ("sha256", pa.binary(32)), ("phash", pa.uint64()),
         ("width", pa.int32()), ("height", pa.int32()), ("thumb", pa.binary()), ("thumb_width", pa.int16()),
-        ("thumb_height", pa.int16()), ("error", pa.string()),
+        ("thumb_height", pa.int16()), ("reason", pa.string()), ("error", pa.string()),
     ])
 
 
-def hash_shard(task: tuple[str, list[str], str]) -> int:
-    """Hash ``keys`` of one shard into its part (rows already there for other keys are kept)."""
+def sample_hashes(sample) -> dict[str, Any]:
+    """:func:`image_hashes` of one tar sample, or the reason it has none (a row of the part)."""
+    try:
+        sample.meta()  # a KEY.json that is there must be an object (no KEY.json is fine)
+        data = sample.image()
+    except SampleProblem as problem:
+        return {"sha256": None, "phash": None, "width": None, "height": None, "thumb": None, "thumb_width": None,
+                "thumb_height": None, "reason": problem.reason, "error": problem.message[:300]}
+    return image_hashes(data)
+
+
+def hash_shard(task: tuple[str, list[str], str]) -> tuple[int, list[dict[str, Any]]]:
+    """Hash ``keys`` of one shard into its part (rows already there for other keys are kept).
+
+    Returns (keys done, rows not stored): a sample past the point where the tar breaks is not
+    stored in the part (a re-downloaded tar gets hashed again), it is returned instead."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tar, keys, part = task
-    wanted = set(keys)
-    rows = []
-    for sample in iter_samples([tar]):
-        if sample.key in wanted:
-            rows.append({"key": sample.key, "uid": sample.uid, **image_hashes(sample.image or b"")})
-    found = {r["key"] for r in rows}
-    if found != wanted:
-        missing = sorted(wanted - found)[:5]
-        raise ShardError(f"{tar}: the Parquet lists successful samples the tar lacks, e.g. {missing}")
-    if os.path.exists(part):
-        old = pq.read_table(part).to_pylist()
-        rows = [r for r in old if r["key"] not in found] + rows
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=_part_schema()), sink)
-    atomic_write_bytes(part, sink.getvalue())
-    return len(keys)
+    rows, transient = [], []
+    for sample in read_wanted(tar, keys):
+        row = {"key": sample.key, **sample_hashes(sample)}
+        (transient if row["reason"] == UNREADABLE_SHARD else rows).append(row)
+    if rows:
+        found = {r["key"] for r in rows}
+        if os.path.exists(part):
+            old = pq.read_table(part).to_pylist()
+            rows = [r for r in old if r["key"] not in found] + rows
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=_part_schema()), sink)
+        atomic_write_bytes(part, sink.getvalue())
+    return len(keys), transient
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,22 +277,31 @@ def block_difference(a: tuple[bytes, int, int], b: tuple[bytes, int, int]) -> fl
 class DedupFilter(BaseFilter):
     name = "dedup"
     value_types: ClassVar[dict[str, str]] = {
-        "sha256": "string", "phash": "string", "duplicate_of": "string", "group_size": "int32",
+        "sha256": "string", "phash": "string", "duplicate_of": "string", "duplicate_of_sample": "string",
+        "group_size": "int32",
         "nearest_phash_distance": "int32", "block_difference": "float32",
     }
 
     def __init__(self, cfg: DedupConfig) -> None:
         super().__init__(cfg)
         self.cfg: DedupConfig = cfg
-        self.result: dict[str, dict[str, Any]] = {}  # uid -> reason and measurements
+        self.result: dict[tuple[str, int], dict[str, Any]] = {}  # (tar, Parquet row) -> reason and measurements
         self.facts: dict[str, Any] = {}
 
     # ---- hashing
     def hashes_dir(self) -> Path:
         return self.cfg.hashes if self.cfg.hashes is not None else self.cfg.out.with_name(self.cfg.out.stem + ".hashes")
 
-    def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None) -> list[tuple[str, list[str]]]:
-        """Hash every candidate not hashed yet; returns (tar, candidate keys) per shard."""
+    def output_paths(self) -> list[Path]:
+        return [self.hashes_dir() / SETTINGS_FILE]
+
+    def _part(self, label: str) -> Path:
+        return self.hashes_dir() / f"{label_stem(label)}.parquet"
+
+    def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None
+                  ) -> tuple[list[tuple[str, list[int], list[str], list[str]]], dict[tuple[str, str], dict[str, Any]]]:
+        """Hash every candidate not hashed yet; returns (tar, candidate rows, their keys, their uids) per
+        shard, and the rows of samples the tar broke before (not stored), by (tar, key)."""
         import pyarrow.parquet as pq
         from tqdm import tqdm
 
@@ -278,68 +312,88 @@ class DedupFilter(BaseFilter):
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(settings, HASH_SETTINGS)
+        labels = shard_labels(shards)
         per_shard, tasks = [], []
         for tar in shards:
-            rows = read_shard_rows(tar)
-            success, inside = candidate_mask(rows, subset)
-            keys = [rows.keys[i] for i in np.flatnonzero(success & inside)]
-            per_shard.append((tar, keys))
-            part = folder / f"{Path(tar).stem}.parquet"
+            rows = self.read_rows(tar)
+            usable, inside = candidate_mask(rows, subset)
+            chosen = [int(i) for i in np.flatnonzero(usable & inside)]
+            keys = [rows.keys[i] for i in chosen]
+            per_shard.append((tar, chosen, keys, [rows.uids[i] for i in chosen]))
+            part = self._part(labels[tar])
             have = set(pq.read_table(part, columns=["key"]).column("key").to_pylist()) if part.exists() else set()
-            missing = [k for k in keys if k not in have]
+            missing = sorted({k for k in keys if k not in have})  # a key twice in a Parquet is hashed once
             if missing:
                 tasks.append((tar, missing, str(part)))
         total = sum(len(t[1]) for t in tasks)
         self.facts["num_hashed_now"] = total
         bar = tqdm(total=total, desc="dedup: hashing", unit="img", disable=not self.cfg.progress or not tasks)
+        transient: dict[tuple[str, str], dict[str, Any]] = {}
         if self.cfg.num_workers > 1 and len(tasks) > 1:
             import multiprocessing
 
             with multiprocessing.get_context("spawn").Pool(min(self.cfg.num_workers, len(tasks))) as pool:
-                for done in pool.imap_unordered(hash_shard, tasks):
+                for task, (done, unstored) in zip(tasks, pool.imap(hash_shard, tasks), strict=True):
+                    transient.update({(task[0], r["key"]): r for r in unstored})
                     bar.update(done)
         else:
             for task in tasks:
-                bar.update(hash_shard(task))
+                done, unstored = hash_shard(task)
+                transient.update({(task[0], r["key"]): r for r in unstored})
+                bar.update(done)
         bar.close()
-        return per_shard
+        return per_shard, transient
 
     # ---- grouping
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
         import pyarrow.parquet as pq
 
         cfg = self.cfg
-        per_shard = self._hash_all(shards, subset)
-        folder = self.hashes_dir()
+        per_shard, transient = self._hash_all(shards, subset)
+        labels = shard_labels(shards)
+        # one entry per candidate *row* (a uid or a key can repeat): its place and hashes
+        places: list[tuple[str, int]] = []  # (tar, row in its Parquet): the result's key
         uids: list[str] = []
+        names: list[str] = []  # "label key": what duplicate_of_sample names
         shas: list[bytes] = []
         phashes: list[int] = []
         areas: list[int] = []
         aspects: list[float] = []
         where: list[tuple[int, int]] = []  # (shard index, row in part) for loading thumbnails later
-        undecodable: list[str] = []
-        for s, (tar, keys) in enumerate(per_shard):
+        unusable: Counter = Counter()
+        for s, (tar, chosen, keys, row_uids) in enumerate(per_shard):
             if not keys:
                 continue
-            part = pq.read_table(folder / f"{Path(tar).stem}.parquet",
-                                 columns=["key", "uid", "sha256", "phash", "width", "height", "error"]).to_pydict()
+            part_file = self._part(labels[tar])
+            part = pq.read_table(part_file, columns=["key", "sha256", "phash", "width", "height", "reason", "error"]
+                                 ).to_pydict() if part_file.exists() else {c: [] for c in ("key", "reason")}
             index = {k: r for r, k in enumerate(part["key"])}
-            for key in keys:
-                r = index[key]
-                if part["error"][r] is not None:
-                    undecodable.append(part["uid"][r])
+            for i, key, uid in zip(chosen, keys, row_uids, strict=True):
+                r = index.get(key)
+                if r is None:  # not stored: the tar broke before it
+                    row = transient[(tar, key)]
+                    self.result[(tar, i)] = {"reason": row["reason"], "error": row["error"]}
+                    unusable[row["reason"]] += 1
                     continue
-                uids.append(part["uid"][r])
+                if part["reason"][r] is not None:
+                    self.result[(tar, i)] = {"reason": part["reason"][r], "error": part["error"][r]}
+                    unusable[part["reason"][r]] += 1
+                    continue
+                places.append((tar, i))
+                uids.append(uid)
+                names.append(f"{labels[tar]} {key}")
                 shas.append(part["sha256"][r])
                 phashes.append(part["phash"][r])
                 areas.append(int(part["width"][r]) * int(part["height"][r]))
                 aspects.append(math.log(part["width"][r] / part["height"][r]))
                 where.append((s, r))
         n = len(uids)
-        for uid in undecodable:
-            self.result[uid] = {"reason": "undecodable_image"}
-        # preference: smaller rank survives (policy, then uid)
-        uid_order = np.argsort(np.array(uids, dtype="U32"), kind="stable") if n else np.zeros(0, np.int64)
+        # preference: smaller rank survives (policy, then uid, then shard label, key and row: rows of one uid)
+        if n:
+            uid_order = np.lexsort((np.array([p[1] for p in places], dtype=np.int64), np.array(names),
+                                    np.array(uids, dtype="U32")))
+        else:
+            uid_order = np.zeros(0, np.int64)
         uid_rank = np.empty(n, dtype=np.int64)
         uid_rank[uid_order] = np.arange(n)
         if cfg.keep == "largest_image":
@@ -360,7 +414,7 @@ class DedupFilter(BaseFilter):
             group_of_sorted = np.cumsum(first) - 1
             rep[by_sha] = heads[group_of_sorted]
         reps = np.flatnonzero(rep == np.arange(n))
-        self.facts.update(num_images=n, num_undecodable=len(undecodable),
+        self.facts.update(num_images=n, num_undecodable=unusable[UNDECODABLE], num_unusable=dict(unusable),
                           num_exact_groups=int(np.sum(np.bincount(rep, minlength=n) > 1)) if n else 0)
 
         # near groups among representatives
@@ -408,9 +462,10 @@ class DedupFilter(BaseFilter):
             else:
                 reason = "exact_duplicate" if rep[i] != i else "near_duplicate"
             distance = 0 if exact_size[rep[i]] > 1 else int(nearest[i]) if nearest[i] >= 0 else None
-            self.result[uids[i]] = {
+            self.result[places[i]] = {
                 "reason": reason, "sha256": shas[i].hex(), "phash": f"{phashes[i]:016x}", "group_size": int(sizes[r]),
-                "duplicate_of": uids[k] if i != k else None, "nearest_phash_distance": distance,
+                "duplicate_of": uids[k] if i != k else None, "duplicate_of_sample": names[k] if i != k else None,
+                "nearest_phash_distance": distance,
                 "block_difference": None if np.isnan(best_block[rep[i]]) else float(best_block[rep[i]]),
             }
         reps_per_root = np.bincount(root[reps], minlength=n) if n else np.zeros(0, np.int64)
@@ -421,13 +476,13 @@ class DedupFilter(BaseFilter):
         """Thumbnails of the given nodes only, read shard by shard from the parts."""
         import pyarrow.parquet as pq
 
+        labels = shard_labels([tar for tar, *_ in per_shard])
         wanted: dict[int, list[tuple[int, int]]] = {}
         for node, (s, r) in zip(nodes, places, strict=True):
             wanted.setdefault(s, []).append((int(node), r))
         out: dict[int, tuple[bytes, int, int]] = {}
         for s, items in wanted.items():
-            part = pq.read_table(self.hashes_dir() / f"{Path(per_shard[s][0]).stem}.parquet",
-                                 columns=["thumb", "thumb_width", "thumb_height"])
+            part = pq.read_table(self._part(labels[per_shard[s][0]]), columns=["thumb", "thumb_width", "thumb_height"])
             rows = part.take([r for _, r in items]).to_pydict()
             for k, (node, _) in enumerate(items):
                 out[node] = (rows["thumb"][k], rows["thumb_width"][k], rows["thumb_height"][k])
@@ -435,13 +490,14 @@ class DedupFilter(BaseFilter):
 
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         for record in records:
-            found = self.result.get(record.uid)
-            if found is None:
-                raise RuntimeError(f"dedup: no hash for candidate {record.uid} of {shard}")
-            record.values.update({k: v for k, v in found.items() if k != "reason"})
+            found = self.result.get((record.shard, record.row))
+            if found is None:  # prepare and the runner read the same rows: a bug here, not the data's fault
+                raise RuntimeError(f"dedup: no hash for row {record.row} ({record.key}) of {shard}")
+            record.values.update({k: v for k, v in found.items() if k not in ("reason", "error")})
+            record.error = found.get("error")
 
     def keep(self, record: FilterRecord) -> Keep:
-        reason = self.result[record.uid]["reason"]
+        reason = self.result[(record.shard, record.row)]["reason"]
         return (reason is None), reason or ""
 
     def histograms(self) -> list[Histogram]:
