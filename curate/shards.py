@@ -498,24 +498,42 @@ def rows_to_table(rows: list[dict[str, Any]], schema=None):
 def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
     """Write ``sizes.json`` (tar name → successes) for every whole shard in ``folder``.
 
-    Reads each shard's ``_stats.json`` (ours or img2dataset's); a tar without stats is counted
-    from its Parquet. Returns the sizes written.
+    Reads each shard's ``_stats.json`` (ours or img2dataset's) and checks it against the
+    shard's Parquet (its ``success`` rows): stats that disagree are a ShardError naming the
+    shard, never a sizes.json that lies. A tar without stats is counted from its Parquet.
+    Returns the sizes written.
     """
     fs, root = _fs(str(folder))
+    if not fs.isdir(root):
+        raise ShardError(f"{folder}: not a shard folder")
     sizes: dict[str, int] = {}
     for tar in sorted(p for p in fs.ls(root, detail=False) if _SHARD_NAME_RE.match(os.path.basename(p))):
-        sizes[os.path.basename(tar)] = shard_size(fs.unstrip_protocol(tar) if not _is_local(fs) else tar)
+        path = fs.unstrip_protocol(tar) if not _is_local(fs) else tar
+        size = shard_size(path)
+        counted = parquet_successes(path)
+        if size != counted:
+            raise ShardError(f"{path}: its _stats.json counts {size} successes, its Parquet {counted}; "
+                             "re-run the stage that wrote it (qcap shards verify lists what else is wrong)")
+        sizes[os.path.basename(tar)] = size
     _atomic_write(fs, f"{root}/{SIZES_FILE}", _json_bytes(sizes))
     return sizes
+
+
+def parquet_successes(tar_or_parquet: str) -> int:
+    """Rows with status ``success`` in a shard's Parquet."""
+    table = read_table(tar_or_parquet, columns=["status"], require_uid=False)
+    return int(sum(1 for s in table.column("status").to_pylist() if s == "success"))
 
 
 def shard_size(tar_path: str) -> int:
     """Number of successful samples in a shard, from its stats or else its Parquet."""
     stats = read_shard_stats(tar_path, missing_ok=True)
     if stats is not None and "successes" in stats:
-        return int(stats["successes"])
-    table = read_table(tar_path, columns=["status"])
-    return int(sum(1 for s in table.column("status").to_pylist() if s == "success"))
+        value = stats["successes"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ShardError(f"{_shard_file(tar_path, '_stats.json')}: 'successes' is {value!r}, not a count")
+        return value
+    return parquet_successes(tar_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,11 +598,14 @@ def read_sizes(folder: str | os.PathLike) -> dict[str, int]:
         with fs.open(path, "rb") as handle:
             try:
                 sizes = json.load(handle)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ShardError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(sizes, dict):
             raise ShardError(f"{path}: expected an object of shard name -> count")
-        return {str(k): int(v) for k, v in sizes.items()}
+        bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise ShardError(f"{path}: counts must be whole numbers >= 0; {bad[0]!r} has {sizes[bad[0]]!r}")
+        return {str(k): v for k, v in sizes.items()}
     tars = expand_shards(str(folder))
     return {os.path.basename(t): shard_size(t) for t in tars}
 
@@ -605,43 +626,126 @@ def num_samples(spec: str | os.PathLike | Sequence[str]) -> int:
     return total
 
 
-def _checked_member(tar_path: str, info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str | None, str]:
-    """``(key, extension)`` of a regular tar member, nothing for anything to skip (links,
-    devices, directories, names without a key: ``(None, "")``); an absolute or ``..`` name, or a member over
-    ``max_member_bytes``, raises ShardError — a hostile tar must not escape its bounds."""
+# Statuses the readers give a sample they cannot read whole. Such a sample is yielded (never
+# raised), with ``error_message`` saying what is wrong, no image and no extras, and whatever
+# else could be read safely (``text``; ``meta`` and ``uid`` when KEY.json is a JSON object).
+BAD_JSON = "bad_json"  # KEY.json / KEY.syn.json / KEY.qcap.json not valid JSON, or not the expected shape
+BAD_MEMBER = "bad_member"  # a member that breaks the rules: unsafe path, over the size bound, two of one
+# extension, an image under a key with a dot (webdataset splits 'a.b.jpg' into key 'a', extension 'b.jpg')
+DUPLICATE_KEY = "duplicate_key"  # a key seen earlier in the same tar (the first sample keeps it)
+TRUNCATED = "truncated"  # the tar ends (or turns unreadable) inside this sample
+READ_STATUSES = (BAD_JSON, BAD_MEMBER, DUPLICATE_KEY, TRUNCATED)
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def _member_name(tar_path: str, info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str | None, str, str | None]:
+    """``(key, extension, problem)`` of a tar member: nothing for anything to skip (links,
+    devices, directories, names without a key: ``(None, "", None)``); ``problem`` (a message)
+    for an absolute or ``..`` name or a member over ``max_member_bytes`` — its data is never read."""
     if not info.isfile():
-        return None, ""
+        return None, "", None
     name = info.name
+    key, ext = split_member_name(name)
+    if key is None:
+        return None, "", None
     if name.startswith("/") or ".." in name.split("/"):
-        raise ShardError(f"{tar_path}: member {name!r} has an unsafe path")
+        return key, ext, f"member {name!r} has an unsafe path"
     if info.size > max_member_bytes:
-        raise ShardError(f"{tar_path}: member {name!r} is {info.size} bytes, over the {max_member_bytes} limit")
-    return split_member_name(name)
+        return key, ext, f"member {name!r} is {info.size} bytes, over the {max_member_bytes} limit"
+    return key, ext, None
+
+
+def _end_problem(tar_path: str, handle, offset: int) -> str | None:
+    """Where a tar's headers stopped (``offset``): None when the end-of-archive block is there,
+    else what is wrong. tarfile ends silently at a truncated or garbled header; this does not."""
+    try:
+        handle.seek(offset)
+        block = handle.read(_BLOCK)
+    except (OSError, ValueError) as err:
+        return f"{tar_path}: unreadable at byte {offset} ({err})"
+    if block == b"\0" * _BLOCK:
+        return None
+    if not block:
+        return f"{tar_path}: truncated at byte {offset} (no end-of-archive blocks); the samples after it are lost"
+    return f"{tar_path}: unreadable data at byte {offset} (not a tar header: truncated or corrupt); the samples after it are lost"
+
+
+def _shard_problem(tar_path: str, message: str, problems: list[str] | None) -> None:
+    """A problem with a tar as a whole: recorded in ``problems``, or raised without a list."""
+    if problems is None:
+        raise ShardError(message)
+    problems.append(message)
+
+
+def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
+                ) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+    """``(key, extension, data, problem)`` for every regular member of a tar, in order; a member
+    with a problem has no data. A cut inside a member ends it with problem ``truncated``; every
+    tar-level problem (missing, unreadable, truncated) goes to :func:`_shard_problem`."""
+    import fsspec
+
+    try:
+        with fsspec.open(tar_path, "rb") as handle:
+            try:
+                tar = tarfile.open(fileobj=handle, mode="r|*")
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                size = _safe_size(handle)
+                what = "an empty file" if size == 0 else f"not a readable tar ({err})"
+                _shard_problem(tar_path, f"{tar_path}: {what}; no sample can be read", problems)
+                return
+            with tar:
+                try:
+                    for info in tar:
+                        key, ext, problem = _member_name(tar_path, info, max_member_bytes)
+                        if key is None:
+                            continue
+                        if problem is not None:
+                            yield key, ext, None, problem
+                            continue
+                        try:
+                            data = tar.extractfile(info).read()
+                        except (tarfile.TarError, EOFError, OSError) as err:
+                            yield key, ext, None, f"{TRUNCATED}: member {info.name!r} is cut short ({err})"
+                            _shard_problem(tar_path, f"{tar_path}: truncated inside member {info.name!r}; "
+                                                     "the samples after it are lost", problems)
+                            return
+                        yield key, ext, data, None
+                except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                    message = f"{tar_path}: unreadable after byte {tar.offset} ({err}); the samples after it are lost"
+                    yield None, "", None, message  # the last sample may have lost members too
+                    _shard_problem(tar_path, message, problems)
+                    return
+                if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                    end = _end_problem(tar_path, handle, tar.offset)
+                    if end is not None:
+                        yield None, "", None, end  # the last sample may have lost members too
+                        _shard_problem(tar_path, end, problems)
+    except FileNotFoundError:
+        _shard_problem(tar_path, f"{tar_path}: no such shard", problems)
+    except OSError as err:
+        _shard_problem(tar_path, f"{tar_path}: unreadable ({err})", problems)
+
+
+def _safe_size(handle) -> int | None:
+    try:
+        handle.seek(0, os.SEEK_END)
+        return handle.tell()
+    except (OSError, ValueError):
+        return None
 
 
 def iter_members(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, str, bytes]]:
     """Stream ``(key, extension, bytes)`` for every regular file in a tar, in order.
 
-    Nothing is extracted to disk. Links, devices and directories are skipped; absolute or
-    ``..`` names and members over ``max_member_bytes`` raise ShardError (a hostile tar must
-    not escape its bounds).
-    """
-    import fsspec
-
-    try:
-        with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-            for info in tar:
-                key, ext = _checked_member(tar_path, info, max_member_bytes)
-                if key is None:
-                    continue
-                data = tar.extractfile(info).read()
-                yield key, ext, data
-    except tarfile.TarError as err:
-        raise ShardError(f"{tar_path}: not a readable tar ({err})") from err
-    except (EOFError, OSError, ValueError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise ShardError(f"{tar_path}: no such shard") from err
-        raise ShardError(f"{tar_path}: truncated or corrupt tar ({err})") from err
+    Nothing is extracted to disk. Links, devices and directories are skipped; an absolute or
+    ``..`` name, a member over ``max_member_bytes``, or a tar that cannot be read to its end
+    raises ShardError (this low-level reader is strict; :func:`iter_samples` is not)."""
+    for key, ext, data, problem in _tar_events(tar_path, max_member_bytes, None):
+        if key is None:
+            continue  # the end problem that follows is raised
+        if problem is not None:
+            raise ShardError(f"{tar_path}: {problem}")
+        yield key, ext, data
 
 
 def split_member_name(name: str) -> tuple[str | None, str]:
@@ -653,49 +757,132 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+class _Group:
+    """The members of one sample as a reader collects them: the first of each extension kept,
+    the first problem remembered (a later duplicate never overwrites an earlier member)."""
+
+    __slots__ = ("key", "members", "flaw")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.members: dict[str, bytes] = {}
+        self.flaw: tuple[str, str] | None = None
+
+    def flag(self, status: str, message: str) -> None:
+        if self.flaw is None:
+            self.flaw = (status, message)
+
+    def add(self, ext: str, data: bytes | None, problem: str | None) -> None:
+        if problem is not None:
+            status, _, text = problem.partition(": ") if problem.startswith(f"{TRUNCATED}: ") else (BAD_MEMBER, "", problem)
+            self.flag(status, text)
+        elif ext in self.members:
+            self.flag(BAD_MEMBER, f"two .{ext} members (the first is kept)")
+        else:
+            self.members[ext] = data
+
+
 def iter_samples(
     shards: str | Sequence[str],
     *,
     with_image: bool = True,
     max_member_bytes: int = MAX_MEMBER_BYTES,
+    problems: list[str] | None = None,
 ) -> Iterator[Sample]:
-    """Successful samples of one or more shards, in tar order, as :class:`Sample` records.
+    """Every sample of one or more shards, in tar order, as :class:`Sample` records.
+
+    Hostile *samples* never stop a shard: each is yielded with a status from
+    :data:`READ_STATUSES` (``bad_json``, ``bad_member``, ``duplicate_key``, ``truncated``), an
+    ``error_message``, no image and no extras, so the caller counts it (``sample.ok`` is False).
+    Captions are read robustly: bytes that are not UTF-8 become U+FFFD and NUL characters are
+    dropped. A sample whose ``KEY.json`` records another status keeps it (and its members).
+
+    Problems of a *tar* (missing, not a tar, truncated or garbled part-way) keep every sample
+    before the cut (a sample cut in two is yielded as ``truncated``), then: with a ``problems``
+    list, one message naming the tar is appended and the next shard is read; without one, a
+    ShardError is raised. Samples the cut lost are found by comparing with the shard's Parquet
+    (its ``success`` rows), which every stage that relies on them does.
 
     ``with_image=False`` skips the image bytes (cheaper when only captions matter).
     """
     paths = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
     for path in paths:
-        current_key: str | None = None
-        members: dict[str, bytes] = {}
-        for key, ext, data in iter_members(str(path), max_member_bytes=max_member_bytes):
-            if key != current_key:
-                if current_key is not None:
-                    yield _to_sample(str(path), current_key, members, with_image)
-                current_key, members = key, {}
-            if ext in members:
-                raise ShardError(f"{path}: sample {key!r} has two .{ext} members")
-            members[ext] = data
-        if current_key is not None:
-            yield _to_sample(str(path), current_key, members, with_image)
+        path = str(path)
+        seen: set[str] = set()
+        group: _Group | None = None
+        for key, ext, data, problem in _tar_events(path, max_member_bytes, problems):
+            if key is None:  # the tar ends without its end-of-archive blocks, right after this group
+                if group is not None:
+                    group.flag(TRUNCATED, f"the tar ends after this sample's members ({problem}); it may lack some")
+                continue
+            if group is None or key != group.key:
+                if group is not None:
+                    yield _group_sample(path, group, with_image, seen)
+                group = _Group(key)
+            group.add(ext, data, problem)
+        if group is not None:
+            yield _group_sample(path, group, with_image, seen)
 
 
-def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool) -> Sample:
-    image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+def _group_sample(path: str, group: _Group, with_image: bool, seen: set[str]) -> Sample:
+    if group.key in seen:
+        group.flag(DUPLICATE_KEY, f"key {group.key!r} appears earlier in the tar (that sample keeps it)")
+    seen.add(group.key)
+    return _to_sample(path, group.key, group.members, with_image, group.flaw)
+
+
+def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool,
+               flaw: tuple[str, str] | None = None) -> Sample:
+    """A sample from its members; ``flaw`` ``(status, message)``: what the reader found wrong.
+    Never raises: a member that does not parse gives the sample a status from READ_STATUSES."""
+    problems: list[tuple[str, str]] = [flaw] if flaw else []
     meta: dict[str, Any] = {}
     if "json" in members:
-        meta = _loads(path, key, "json", members["json"])
+        value, error = _parse_json(members["json"])
+        if error is not None:
+            problems.append((BAD_JSON, f"{key}.json is not valid JSON ({error})"))
+        elif not isinstance(value, dict):
+            problems.append((BAD_JSON, f"{key}.json is a JSON {type(value).__name__}, not an object"))
+        else:
+            meta = value
+    uid = meta.get("uid")
+    if uid is not None and not isinstance(uid, str):
+        problems.append((BAD_JSON, f"{key}.json: uid {uid!r} is not a string"))
+        uid = None
     syn_text = None
     if "syn.json" in members:
-        syn = _loads(path, key, "syn.json", members["syn.json"])
-        if not isinstance(syn, dict) or not isinstance(syn.get("syn_text"), list):
-            raise ShardError(f"{path}: {key}.syn.json lacks the list 'syn_text'")
-        syn_text = [str(t) for t in syn["syn_text"]]
-    provenance = _loads(path, key, "qcap.json", members["qcap.json"]) if "qcap.json" in members else None
-    text = members["txt"].decode("utf-8", errors="replace") if "txt" in members else None
+        value, error = _parse_json(members["syn.json"])
+        if error is not None:
+            problems.append((BAD_JSON, f"{key}.syn.json is not valid JSON ({error})"))
+        elif not isinstance(value, dict) or not isinstance(value.get("syn_text"), list):
+            problems.append((BAD_JSON, f"{key}.syn.json lacks the list 'syn_text'"))
+        else:
+            syn_text = [_clean_text(t) if isinstance(t, str) else str(t) for t in value["syn_text"]]
+    provenance = None
+    if "qcap.json" in members:
+        value, error = _parse_json(members["qcap.json"])
+        if error is not None:
+            problems.append((BAD_JSON, f"{key}.qcap.json is not valid JSON ({error})"))
+        elif not isinstance(value, dict):
+            problems.append((BAD_JSON, f"{key}.qcap.json is a JSON {type(value).__name__}, not an object"))
+        else:
+            provenance = value
+    text = _clean_text(members["txt"].decode("utf-8", errors="replace")) if "txt" in members else None
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+    if image_ext is None:
+        dotted = next((ext for ext in members if "." in ext and ext.rsplit(".", 1)[1] in IMAGE_EXTS), None)
+        if dotted is not None:
+            problems.append((BAD_MEMBER, f"image member {key}.{dotted}: its key has a dot, so webdataset reads key "
+                                         f"{key!r} and extension {dotted!r} (no image)"))
+    if problems:
+        status, message = problems[0]
+        return Sample(key=key, uid=uid, image=None, image_ext=image_ext or "jpg", text=text, syn_text=syn_text,
+                      syn_provenance=provenance, meta=meta, status=status,
+                      error_message=f"{path}: {message}")
     extras = {ext: data for ext, data in members.items() if ext not in _TYPED_EXTS}
     return Sample(
         key=key,
-        uid=meta.get("uid"),
+        uid=uid,
         image=members.get(image_ext) if (with_image and image_ext) else None,
         image_ext=image_ext or "jpg",
         text=text,
@@ -704,15 +891,20 @@ def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool)
         meta=meta,
         extras=extras,
         status=str(meta.get("status") or "success"),
-        error_message=meta.get("error_message"),
+        error_message=meta.get("error_message") if isinstance(meta.get("error_message"), str) else None,
     )
 
 
-def _loads(path: str, key: str, ext: str, data: bytes) -> Any:
+def _clean_text(text: str) -> str:
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _parse_json(data: bytes) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, why)`` for bytes that are not JSON (or not UTF-8)."""
     try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{path}: {key}.{ext} is not valid JSON ({err})") from err
+        return json.loads(data), None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        return None, str(err)[:200]
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,52 +914,141 @@ def _loads(path: str, key: str, ext: str, data: bytes) -> Any:
 @dataclass(slots=True, frozen=True)
 class SampleSpan:
     """Where one sample's members lie in a tar: bytes ``[start, start + length)`` hold their
-    headers and data, so :func:`read_sample_span` can read the sample back alone."""
+    headers and data, so :func:`read_sample_span` can read the sample back alone.
+
+    ``status`` is ``success`` or one of :data:`READ_STATUSES` (``meta`` is then ``{}`` when
+    KEY.json was the problem), with ``error_message`` saying why."""
 
     key: str  # webdataset key
-    meta: dict[str, Any]  # the parsed KEY.json ({} when the sample has none)
+    meta: dict[str, Any]  # the parsed KEY.json ({} when the sample has none, or it is not a JSON object)
     start: int  # offset of the first member's header (its PAX header, if any)
     length: int  # bytes up to the end of the last member's padded data
+    status: str = "success"
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
 
 
-def iter_sample_spans(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[SampleSpan]:
+def iter_sample_spans(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES,
+                      problems: list[str] | None = None) -> Iterator[SampleSpan]:
     """Every sample of a tar as a :class:`SampleSpan`, in order, reading only the headers and
     the ``KEY.json`` members: the other members' data is seeked over (a caption shard with
-    teacher embeddings is indexed without reading them). The same safety rules as
-    :func:`iter_members`; a sample is a run of consecutive members with one key."""
+    teacher embeddings is indexed without reading them). A sample is a run of consecutive
+    members with one key.
+
+    As :func:`iter_samples`: a hostile sample is a span with a status (``bad_json`` for a
+    KEY.json that is not a JSON object, ``bad_member``, ``duplicate_key``, ``truncated`` for
+    the sample the file ends in); a tar-level problem is appended to ``problems`` or, without
+    that list, raised as ShardError after the spans before it."""
     import fsspec
+
+    seen: set[str] = set()
+
+    def finish(current: dict[str, Any], size: int | None) -> SampleSpan:
+        status, message = current["flaw"] or (None, None)
+        meta = current["meta"]
+        if status is None and meta.get("uid") is not None and not isinstance(meta["uid"], str):
+            status, message = BAD_JSON, f"{current['key']}.json: uid {meta['uid']!r} is not a string"
+        exts = current["exts"]
+        if status is None and not any(ext in exts for ext in IMAGE_EXTS):
+            dotted = next((e for e in sorted(exts) if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS), None)
+            if dotted is not None:
+                status, message = BAD_MEMBER, (f"image member {current['key']}.{dotted}: its key has a dot, so "
+                                               f"webdataset reads key {current['key']!r} and extension {dotted!r}")
+        if status is None and size is not None and current["end"] > size:
+            status, message = TRUNCATED, f"the tar ends at byte {size}, inside this sample"
+        if status is None and current["key"] in seen:
+            status, message = DUPLICATE_KEY, f"key {current['key']!r} appears earlier in the tar"
+        seen.add(current["key"])
+        if status is None:
+            return SampleSpan(current["key"], meta, current["start"], current["end"] - current["start"])
+        return SampleSpan(current["key"], meta if status != BAD_JSON else {}, current["start"],
+                          current["end"] - current["start"], status, f"{tar_path}: {message}")
 
     current: dict[str, Any] | None = None
     try:
-        with fsspec.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            while (info := tar.next()) is not None:
-                tar.members.clear()  # TarFile keeps every header it read; an index pass needs none of them
-                key, ext = _checked_member(tar_path, info, max_member_bytes)
-                if key is None:
+        handle = fsspec.open(tar_path, "rb").open()
+    except FileNotFoundError:
+        _shard_problem(tar_path, f"{tar_path}: no such shard", problems)
+        return
+    except OSError as err:
+        _shard_problem(tar_path, f"{tar_path}: unreadable ({err})", problems)
+        return
+    try:
+        size = _safe_size(handle)
+        handle.seek(0)
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r:")
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+            what = "an empty file" if size == 0 else f"not a readable tar ({err})"
+            _shard_problem(tar_path, f"{tar_path}: {what}; no sample can be read", problems)
+            return
+        failure: str | None = None
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                failure = f"{tar_path}: unreadable after byte {tar.offset} ({err}); the samples after it are lost"
+                break
+            if info is None:
+                break
+            tar.members.clear()  # TarFile keeps every header it read; an index pass needs none of them
+            key, ext, problem = _member_name(tar_path, info, max_member_bytes)
+            if key is None:
+                continue
+            end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
+            if current is None or current["key"] != key:
+                if current is not None:
+                    yield finish(current, size)
+                current = {"key": key, "meta": {}, "start": info.offset, "end": end, "flaw": None, "exts": set()}
+            current["end"] = end
+            if problem is not None:
+                current["flaw"] = current["flaw"] or (BAD_MEMBER, problem)
+                continue
+            if ext in current["exts"]:
+                current["flaw"] = current["flaw"] or (BAD_MEMBER, f"two .{ext} members")
+                continue
+            current["exts"].add(ext)
+            if ext == "json":
+                if size is not None and end > size:
+                    continue  # cut short: finish() marks it truncated
+                try:
+                    data = tar.extractfile(info).read()
+                except (tarfile.TarError, EOFError, OSError) as err:
+                    current["flaw"] = current["flaw"] or (TRUNCATED, f"member {info.name!r} is cut short ({err})")
                     continue
-                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if current is None or current["key"] != key:
-                    if current is not None:
-                        yield SampleSpan(current["key"], current["meta"], current["start"], current["end"] - current["start"])
-                    current = {"key": key, "meta": {}, "start": info.offset, "end": end}
-                current["end"] = end
-                if ext == "json":
-                    meta = _loads(tar_path, key, ext, tar.extractfile(info).read())
-                    current["meta"] = meta if isinstance(meta, dict) else {}
-    except tarfile.TarError as err:
-        raise ShardError(f"{tar_path}: not a readable tar ({err})") from err
-    except (EOFError, OSError, ValueError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise ShardError(f"{tar_path}: no such shard") from err
-        raise ShardError(f"{tar_path}: truncated or corrupt tar ({err})") from err
-    if current is not None:
-        yield SampleSpan(current["key"], current["meta"], current["start"], current["end"] - current["start"])
+                value, error = _parse_json(data)
+                if error is not None or not isinstance(value, dict):
+                    why = error if error is not None else f"a JSON {type(value).__name__}, not an object"
+                    current["flaw"] = current["flaw"] or (BAD_JSON, f"{key}.json: {why}")
+                else:
+                    current["meta"] = value
+        if failure is None and current is not None and size is not None and current["end"] > size:
+            failure = f"{tar_path}: truncated inside sample {current['key']!r}; the samples after it are lost"
+        if failure is None:
+            failure = _end_problem(tar_path, handle, tar.offset)
+            if failure is not None and current is not None:  # the last sample may have lost members too
+                current["flaw"] = current["flaw"] or (TRUNCATED, "the tar ends after this sample's members; "
+                                                                 "it may lack some")
+        if current is not None:
+            yield finish(current, size)
+        if failure is not None:
+            _shard_problem(tar_path, failure, problems)
+    finally:
+        handle.close()
 
 
 def read_sample_span(tar_path: str, start: int, length: int, *, handle=None,
                      max_member_bytes: int = MAX_MEMBER_BYTES) -> Sample:
     """The sample whose members lie in bytes ``[start, start + length)`` of a tar (a span from
-    :func:`iter_sample_spans`). ``handle``: an open binary file of ``tar_path`` to reuse."""
+    :func:`iter_sample_spans`). ``handle``: an open binary file of ``tar_path`` to reuse.
+
+    Member-level problems (JSON that does not parse or is not an object, two members of one
+    extension, unsafe or oversized members) give the Sample a status from READ_STATUSES, as
+    :func:`iter_samples` does. A span that is not one sample of this tar (the tar changed since
+    it was indexed) is a ShardError: that is a stale index, not a hostile sample."""
     import fsspec
 
     if length <= 0 or length > 8 * max_member_bytes:
@@ -784,30 +1065,23 @@ def read_sample_span(tar_path: str, start: int, length: int, *, handle=None,
         raise ShardError(f"{tar_path}: cannot read {length} bytes at {start} ({err})") from err
     if len(data) != length:
         raise ShardError(f"{tar_path}: span at {start} runs past the end of the file; the shard changed since it was indexed")
-    members: dict[str, bytes] = {}
-    key: str | None = None
-    stream = io.BytesIO(data + b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive blocks
+    group: _Group | None = None
+    stream = io.BytesIO(data + b"\0" * (2 * _BLOCK))  # end-of-archive blocks
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
-                if info.name.startswith("/") or ".." in info.name.split("/") or info.size > max_member_bytes:
-                    raise ShardError(f"{tar_path}: member {info.name!r} at {start} is unsafe or too large")
-                member_key, ext = split_member_name(info.name)
+                member_key, ext, problem = _member_name(tar_path, info, max_member_bytes)
                 if member_key is None:
                     continue
-                if key is not None and member_key != key:
-                    raise ShardError(f"{tar_path}: span at {start} holds two samples ({key!r}, {member_key!r})")
-                key = member_key
-                if ext in members:
-                    raise ShardError(f"{tar_path}: sample {key!r} has two .{ext} members")
-                members[ext] = tar.extractfile(info).read()
+                if group is not None and member_key != group.key:
+                    raise ShardError(f"{tar_path}: span at {start} holds two samples ({group.key!r}, {member_key!r})")
+                group = group or _Group(member_key)
+                group.add(ext, None if problem else tar.extractfile(info).read(), problem)
     except (tarfile.TarError, EOFError) as err:
         raise ShardError(f"{tar_path}: span at {start} is not a tar sample ({err}); the shard changed since it was indexed") from err
-    if key is None:
+    if group is None:
         raise ShardError(f"{tar_path}: span at {start} holds no sample")
-    return _to_sample(tar_path, key, members, with_image=True)
+    return _to_sample(tar_path, group.key, group.members, True, group.flaw)
 
 
 def _shard_file(tar_or_parquet: str | os.PathLike, suffix: str) -> str:
@@ -916,19 +1190,36 @@ def read_tables(shards: str | Sequence[str], columns: Sequence[str] | None = Non
 
 def open_pool(path: str | os.PathLike, columns: Sequence[str] = ()):
     """A DataComp pool (a Parquet file or a folder of Parquets) as a ``pyarrow.dataset``,
-    checked: it exists, reads as Parquet and has ``uid``, ``url``, ``text`` and ``columns``."""
+    checked: it exists, reads as Parquet and has ``uid``, ``url``, ``text`` and ``columns``.
+
+    A folder's pool is its ``*.parquet`` files (recursively; names starting with ``.`` or ``_``
+    skipped, as pyarrow does); other files beside them (DataComp's ``.npz`` embeddings, a
+    README) are not part of it. Every problem is a ShardError naming the file."""
     import pyarrow as pa
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
+    text = str(path)
     try:
-        dataset = ds.dataset(str(path), format="parquet")
+        filesystem, root = pafs.FileSystem.from_uri(text if "://" in text else os.path.abspath(text))
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise ShardError(f"{path}: no such pool file or folder")
+        if info.type == pafs.FileType.Directory:
+            found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = sorted(f.path for f in found if f.is_file and f.path.endswith(".parquet")
+                           and not any(part.startswith((".", "_")) for part in os.path.relpath(f.path, root).split("/")))
+            if not files:
+                others = sorted(os.path.basename(f.path) for f in found if f.is_file)[:3]
+                raise ShardError(f"{path}: holds no Parquet files" + (f" (only {others})" if others else ""))
+        else:
+            files = [root]
+        dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
         names = set(dataset.schema.names)
     except FileNotFoundError as err:
         raise ShardError(f"{path}: no such pool file or folder") from err
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Parquet pool ({err})") from err
-    if not dataset.files:
-        raise ShardError(f"{path}: holds no Parquet files")
     missing = sorted({"uid", "url", "text", *columns} - names)
     if missing:
         raise ShardError(f"{path}: pool is missing column(s) {missing} (DataComp schema: uid, url, text, …)")
@@ -937,8 +1228,13 @@ def open_pool(path: str | os.PathLike, columns: Sequence[str] = ()):
 
 def read_pool(path: str | os.PathLike, columns: Sequence[str] | None = None):
     """A DataComp pool (file or folder of Parquets) as a Table; see :func:`open_pool`."""
+    import pyarrow as pa
+
     dataset = open_pool(path, columns or ())
-    return dataset.to_table(columns=list(columns) if columns else None)
+    try:
+        return dataset.to_table(columns=list(columns) if columns else None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
+        raise ShardError(f"{path}: not a readable Parquet pool ({err})") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -1034,8 +1330,19 @@ def save_uids(path: str | os.PathLike, uids: Iterable[str] | np.ndarray) -> int:
 def load_uids(path: str | os.PathLike) -> np.ndarray:
     """Read a DataComp subset file; checks dtype, shape and order, as DataComp's resharder does."""
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except IsADirectoryError as err:
+        raise ShardError(f"{path}: is a folder, not a .npy uid file") from err
+    except OSError as err:
+        raise ShardError(f"{path}: not a readable .npy uid file ({err.strerror or err})") from err
+    if not magic:
+        raise ShardError(f"{path}: empty file, not a .npy uid file (an interrupted write?)")
+    if magic != b"\x93NUMPY":
+        raise ShardError(f"{path}: not a .npy file (no NumPy header); expected DataComp's uid file")
+    try:
         array = np.load(str(path), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, SyntaxError) as err:
         raise ShardError(f"{path}: not a readable .npy uid file ({err})") from err
     if array.dtype != UID_DTYPE:
         raise ShardError(f"{path}: dtype {array.dtype}, expected DataComp's {UID_DTYPE} (two uint64 halves)")

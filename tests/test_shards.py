@@ -341,15 +341,18 @@ def test_bad_input_errors_name_the_file(tmp_path):
         shards.read_pool(garbage)
 
 
-def test_hostile_tar_is_refused(tmp_path):
+def test_hostile_members_become_sample_statuses_and_are_never_followed(tmp_path):
     evil = tmp_path / "00000.tar"
     with tarfile.open(evil, "w") as tar:
         info = tarfile.TarInfo("../../etc/owned.txt")
         data = b"x"
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ShardError, match="unsafe path"):
-        list(shards.iter_samples([str(evil)]))
+    (sample,) = shards.iter_samples([str(evil)])
+    assert sample.status == shards.BAD_MEMBER and "unsafe path" in sample.error_message and not sample.ok
+    assert sample.text is None  # the member's data is never read
+    with pytest.raises(ShardError, match="unsafe path"):  # the low-level member reader stays strict
+        list(shards.iter_members(str(evil)))
 
     big = tmp_path / "00001.tar"
     with tarfile.open(big, "w") as tar:
@@ -360,10 +363,11 @@ def test_hostile_tar_is_refused(tmp_path):
         link.type = tarfile.SYMTYPE
         link.linkname = "/etc/passwd"
         tar.addfile(link)
-    with pytest.raises(ShardError, match="over the 1000 limit"):
-        list(shards.iter_samples([str(big)], max_member_bytes=1000))
+    (sample,) = shards.iter_samples([str(big)], max_member_bytes=1000)
+    assert sample.status == shards.BAD_MEMBER and "over the 1000 limit" in sample.error_message
+    assert sample.image is None
     (sample,) = shards.iter_samples([str(big)])
-    assert sample.text is None  # the symlink was skipped, never followed
+    assert sample.ok and sample.text is None  # the symlink was skipped, never followed
 
 
 def test_decode_image_refuses_bombs_before_decoding():
