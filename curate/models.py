@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,17 +106,17 @@ def load_model(
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.is_dir():
-            folder = resolve_checkpoint_dir(path)
-            with open(folder / CONFIG_FILE, encoding="utf-8") as handle:
-                recorded = json.load(handle).get("model_name")
+            folder, recorded, weights = inspect_checkpoint_dir(path)
             if model is not None and recorded is not None and model != recorded:
                 raise ValueError(f"{folder}: checkpoint is a {recorded!r}, not the requested {model!r}")
             name = recorded or model
             model_id = f"local-dir:{folder}"
-            source = str(folder / WEIGHTS_FILE)
+            check_weights_file(weights)
+            source = str(weights)
         elif path.is_file():
             if model is None:
                 raise ValueError(f"{path}: a bare weights file needs --model to name its architecture")
+            check_weights_file(path)
             model_id, kwargs["pretrained"] = model, str(path)
             source = str(path)
         else:
@@ -125,6 +126,8 @@ def load_model(
             raise ValueError("name a model (--model) or a checkpoint (--checkpoint)")
         model_id = model
         if pretrained:
+            if os.path.isfile(pretrained):
+                check_weights_file(pretrained)
             kwargs["pretrained"] = pretrained
             source = pretrained
         elif model.startswith(("hf-hub:", "local-dir:")):  # open_clip loads these ids' weights itself
@@ -133,13 +136,153 @@ def load_model(
         net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_id, **kwargs)
     except RuntimeError as err:
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
-            raise ValueError(f"checkpoint {source} does not fit model {name!r}: {str(err)[:400]}") from err
-        raise
+            raise ValueError(f"checkpoint {source} does not fit model {name!r}: {_squashed(err, 400)}") from err
+        if source == "random":
+            raise
+        raise ValueError(f"{source}: could not be loaded into model {name!r} ({_one_line(err)})") from err
+    except (TypeError, KeyError, ValueError) as err:
+        if not model_id.startswith("local-dir:"):
+            raise
+        # the folder's model_cfg was read above; open_clip could not build a model from it
+        config_path = Path(model_id.removeprefix("local-dir:"), CONFIG_FILE)
+        raise ValueError(f"{config_path}: its model_cfg does not describe an open_clip model "
+                         f"({type(err).__name__}: {_one_line(err)}); re-export the folder") from err
     if source == "random":
         init_coca_decoder(net)
     tokenizer = open_clip.get_tokenizer(model_id)
     net.eval()
     return LoadedModel(net, preprocess_train, preprocess_val, tokenizer, name or model_id, source)
+
+
+def _one_line(err: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message, shortened: hostile files make long messages."""
+    text = str(err).strip().splitlines()
+    line = text[0].strip() if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _squashed(err: BaseException, limit: int = 300) -> str:
+    """An error's whole message on one line (whitespace runs collapsed), shortened."""
+    line = " ".join(str(err).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint folder's ``open_clip_config.json``, checked: a JSON object whose
+    ``model_cfg`` is an object. ValueError naming the file otherwise."""
+    path = Path(folder, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON config ({_one_line(err)}); re-export the checkpoint "
+                         "folder (curate.models.save_checkpoint_dir)") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object (model_cfg, preprocess_cfg), not {type(config).__name__}")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"{path}: has no 'model_cfg' object; it is not an open_clip checkpoint folder")
+    if not isinstance(config.get("preprocess_cfg", {}), dict):
+        raise ValueError(f"{path}: 'preprocess_cfg' must be an object")
+    return config
+
+
+def inspect_checkpoint_dir(path: str | os.PathLike) -> tuple[Path, str | None, Path]:
+    """``(folder, recorded model name or None, weights file)`` of a checkpoint folder or run
+    (the newest ``step-*/`` or ``final/``), its config checked and its weights file found as
+    open_clip will load it — without reading the weights. ValueError (one line) otherwise;
+    stages that identify a checkpoint (its name, the sha256 of its weights) use this."""
+    folder = resolve_checkpoint_dir(path)
+    recorded = read_checkpoint_config(folder).get("model_name")
+    if recorded is not None and not isinstance(recorded, str):
+        raise ValueError(f"{folder / CONFIG_FILE}: 'model_name' must be a string, not {recorded!r}")
+    return folder, recorded, checkpoint_weights_file(folder)
+
+
+def checkpoint_weights_file(folder: str | os.PathLike) -> Path:
+    """The weights file open_clip loads from a ``local-dir:`` folder (its own preference order);
+    ValueError when the folder has none (open_clip would silently build random weights)."""
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    found = _find_checkpoint_in_dir(Path(folder))
+    if found is None:
+        raise ValueError(f"{folder}: holds {CONFIG_FILE} but no weights file ({WEIGHTS_FILE}); "
+                         "the checkpoint is incomplete")
+    return Path(found)
+
+
+_WHAT_TO_DO = "give a checkpoint qcap or open_clip wrote (safetensors, or torch.save of tensors only)"
+
+
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Open a weights file the safe way and check that it holds a state dict (names → tensors),
+    before open_clip reads it: ``.safetensors`` by its header (cheap), anything else with
+    ``torch.load(weights_only=True)`` (memory-mapped when the format allows it).
+
+    Every way the file can be unsafe or broken — a pickle whose globals the weights-only
+    unpickler refuses (it would run code), a truncated or garbage file, something that is not a
+    state dict — becomes one ValueError line naming the file. The file is untrusted input, so
+    any exception its parser raises means "not a checkpoint"; nothing is retried unsafely.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({_one_line(err)}); "
+                             f"it is truncated or corrupt — {_WHAT_TO_DO}") from err
+        if not keys:
+            raise ValueError(f"{path}: holds no tensors; {_WHAT_TO_DO}")
+        return
+    if path.suffix in (".npz", ".npy"):
+        return  # open_clip's big_vision loader reads these with numpy (no pickle allowed there)
+    state = load_torch_file(path, mmap=True)  # only looked at: no copy of the tensors
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    import torch
+
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path}: holds a {type(state).__name__}{' (empty)' if not state else ''}, "
+                         f"not a state dict of named tensors; {_WHAT_TO_DO}")
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: entry {bad!r} is not a named tensor; not a state dict — {_WHAT_TO_DO}")
+
+
+def load_torch_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, memory-mapped when the format allows;
+    a refused pickle, a truncated or garbage file becomes one ValueError line naming the file
+    (never torch's advice to retry with ``weights_only=False``)."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the weights-only unpickler's pickle-protocol notice
+            if not mmap:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap can only be used" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        # torch's message advises retrying unsafely; only the refused global is worth repeating
+        found = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
+        what = f"it calls {found.group(1)}" if found else "it holds objects other than tensors"
+        raise ValueError(f"{path}: refused: a pickle that would run code or build objects when loaded ({what}); "
+                         f"qcap loads weights only — {_WHAT_TO_DO}") from err
+    except Exception as err:  # untrusted bytes: any parser failure means the file is not a checkpoint
+        why = _one_line(err, 160)
+        if "weights_only" in why:  # never pass on torch's advice to load unsafely
+            why = "refused by the weights-only loader"
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {why}); "
+                         f"it is truncated or corrupt — {_WHAT_TO_DO}") from err
 
 
 def init_coca_decoder(model: Any, *, logit_scale: float = 1.0) -> None:

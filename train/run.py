@@ -142,7 +142,12 @@ def train(cfg: TrainRunConfig) -> dict:
         if latest is None and record.exists():  # a run killed before its first checkpoint starts over
             record.unlink()
     seed_everything(cfg.seed)  # the same initial weights on every process and every run
-    loaded = load_model(cfg.model, pretrained=cfg.pretrained)  # a fresh CoCa's decoder initialised there
+    try:
+        loaded = load_model(cfg.model, pretrained=cfg.pretrained)  # a fresh CoCa's decoder initialised there
+    except ValueError as err:  # an unsafe, damaged or mismatched --pretrained file: one line
+        raise ConfigError(f"pretrained: {err}") from err
+    except RuntimeError as err:  # open_clip: an unknown model name or pretrained tag
+        raise ConfigError(f"model: {' '.join(str(err).split())[:300]}") from err
     # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
     # for full-size decodes, and the crop still downsamples (no upsampling blur).
     encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source, draft=2 * input_side(loaded.model))
