@@ -9,6 +9,7 @@ Run as ``python -m curate --help`` or ``qcap <command> --help``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -75,7 +76,12 @@ def dispatch(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | N
 
 
 def run_guarded(func, argv: list[str], prog: str) -> int:
-    """Call a command; contract violations become one clear line and exit status 2."""
+    """Call a command; contract violations become one clear line and exit status 2.
+
+    Anything else that escapes a command is a bug in qcap (every bad input has its own status or
+    error): it is still one line, naming itself an internal error (exit 1), so a user never gets
+    a traceback; ``QCAP_TRACEBACK=1`` re-raises it for whoever fixes it.
+    """
     from curate.config import ConfigError
     from curate.shards import ShardError
 
@@ -88,7 +94,29 @@ def run_guarded(func, argv: list[str], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qcap shards info ... | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):  # point stdout at /dev/null so the interpreter's final flush stays quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except MemoryError:
+        print(f"{prog}: error: out of memory; lower --batch-size/--num-workers or give the job more memory", file=sys.stderr)
+        return 1
+    except Exception as err:  # the last line of defence: every known bad input has its own status or error
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} "
+              f"(a bug in qcap, not in your input; {TRACEBACK_ENV}=1 shows where)", file=sys.stderr)
+        return 1
     return int(code or 0)
+
+
+TRACEBACK_ENV = "QCAP_TRACEBACK"
+INTERNAL_ERROR = "internal error"  # what the last-resort line says; the hostile-input tests fail on it
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 DESCRIPTION = "curate: make, download, filter, dedup, reshard and subset a DataComp-style pool (and inspect shards)."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,42 @@ def test_shards_command_reports_a_folder(tmp_path):
     broken = subprocess.run([str(qcap), "shards", "verify", str(tmp_path)], capture_output=True, text=True)
     assert broken.returncode == 2 and "00001.tar" in broken.stderr and "00002.tar" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+def _raises(error: BaseException):
+    def command(argv, prog):
+        raise error
+
+    return command
+
+
+def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(capsys, monkeypatch):
+    from curate.cli import INTERNAL_ERROR, TRACEBACK_ENV, UsageError, run_guarded
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert run_guarded(_raises(UsageError("--out: no such folder")), [], "qcap x") == 2
+    assert capsys.readouterr().err.strip() == "qcap x: error: --out: no such folder"
+    assert run_guarded(_raises(KeyError("status\nsecond line")), [], "qcap x") == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and INTERNAL_ERROR in err and "KeyError" in err and "Traceback" not in err
+    assert run_guarded(_raises(MemoryError()), [], "qcap x") == 1
+    assert "out of memory" in capsys.readouterr().err
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(KeyError):
+        run_guarded(_raises(KeyError("status")), [], "qcap x")
+
+
+def test_output_piped_into_head_is_not_an_error():
+    """`qcap ... | head`: the reader leaves early; the command ends quietly with status 0."""
+    script = (
+        "import sys\n"
+        "from curate.cli import run_guarded\n"
+        "def command(argv, prog):\n"
+        "    for i in range(200_000):\n"
+        "        print('row', i)\n"
+        "sys.exit(run_guarded(command, [], 'qcap x'))\n"
+    )
+    proc = subprocess.run(f"set -o pipefail; '{sys.executable}' -c \"$SCRIPT\" | head -c 20", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, executable="/bin/bash", env={**os.environ, "SCRIPT": script})
+    assert proc.stdout.startswith("row 0"), proc.stderr
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
