@@ -56,6 +56,8 @@ class WorldConfig:
     eval_samples: int = arg(400, help="scenes per eval task (seg, depth, cls, retrieval)")
     eval_val_fraction: float = arg(0.25, help="share of each eval task's scenes in its validation split")
     eval_image_size: int = arg(128, help="side in pixels of the (square) eval images")
+    det_samples: int = arg(0, help="scenes of the detection set W/eval/det (COCO layout: boxes, RLE masks, categories; "
+                           "its own seed stream, so every other file stays the same); 0 = none")
     base_url: str = arg(DEFAULT_BASE_URL, help="URL prefix written into pool.parquet; qcap serve listens on its port")
     noise: Literal["web", "harsh", "clean"] = arg("web", help="alt-text preset: web (realistic), harsh (worse), clean (good text)")
     text_mix: str | None = arg(None, help="override alt-text rates, e.g. 'partial=0.2,seo=0.1' (other kinds share the rest in preset proportions)")
@@ -86,7 +88,7 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError("num_samples: must be >= 1")
-        for name in ("clean_samples", "eval_samples", "plant_each", "transient_failures", "workers"):
+        for name in ("clean_samples", "eval_samples", "det_samples", "plant_each", "transient_failures", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0")
         if self.clean_captions < 1:
@@ -118,12 +120,17 @@ class WorldConfig:
         return {name: float(getattr(self, f"rate_{name}")) for name in FAULTS}
 
     def identity(self) -> dict:
-        """Every field that changes the output (not workers, preview, overwrite or out)."""
+        """Every field that changes the output (not workers, preview, overwrite or out).
+
+        ``det_samples`` appears only when set: a world without a detection set records exactly
+        what it recorded before the option existed (world.json stays byte-identical)."""
         from curate.config import to_dict
 
         data = to_dict(self)
         for name in ("out", "workers", "preview", "overwrite"):
             data.pop(name)
+        if not data["det_samples"]:
+            data.pop("det_samples")
         return data
 
 

@@ -14,6 +14,8 @@ Layout of a world folder W (a contract: other stages and their tests read it)::
     W/eval/depth/{images,depth}/{training,validation}/<id>.{jpg,png}   (uint16 mm, 0 = invalid)
     W/eval/cls/{train,val}/<class>/<id>.jpg, classnames.txt, templates.txt
     W/eval/retrieval/            shards: text = true description
+    W/eval/det/annotations/instances_{train,val}.json, W/eval/det/{train,val}/<id>.jpg
+                                 only with --det-samples: MS COCO's layout (boxes, RLE masks, categories)
 
 Work is cut into chunks of ``chunk_size`` samples; each chunk is made by one process from
 per-sample seeds alone (any sample can be re-made by itself), writes its images as it goes and
@@ -580,6 +582,94 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
     _write_truth_part(out, f"truth-{split}-{chunk:05d}", rows)
 
 
+DET_PART = "det-{chunk:05d}.json"  # a chunk's COCO images and annotations, merged by _write_det_annotations
+
+
+def _det_split(cfg: WorldConfig, index: int) -> bool:
+    """True when detection scene ``index`` is in the validation split (the last share)."""
+    return index >= cfg.det_samples - round(cfg.det_samples * cfg.eval_val_fraction)
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a binary H×W mask: run lengths in column-major order, starting
+    with the background run (pycocotools reads it as ``{"size": [h, w], "counts": [...]}``)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def det_annotations(scene: Scene, instance_map: np.ndarray, image_id: int) -> list[dict]:
+    """COCO annotations of a scene's objects as seen: each object's visible pixels (nearer objects
+    hide it) as its RLE mask, their tight box and area; category id = 1 + class index (the seg
+    map's value). Objects with no visible pixel are left out."""
+    anns = []
+    for k, obj in enumerate(scene.objects):
+        mask = instance_map == k + 1
+        area = int(mask.sum())
+        if not area:
+            continue
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        x0, y0 = int(cols[0]), int(rows[0])
+        anns.append({
+            "id": image_id * 16 + k + 1, "image_id": image_id, "category_id": 1 + CLASSES.index(obj.cls),
+            "bbox": [x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1], "area": area, "iscrowd": 0,
+            "segmentation": rle_encode(mask), "depth_rank": obj.depth_rank, "colour": obj.colour,
+        })
+    return anns
+
+
+def make_det_chunk(cfg: WorldConfig, out: Path, chunk: int) -> None:
+    """Detection scenes ``chunk``: images, their COCO entries (a part file) and truth rows."""
+    start = chunk * cfg.chunk_size
+    stop = min(cfg.det_samples, start + cfg.chunk_size)
+    split = "eval-det"
+    size = cfg.eval_image_size
+    rows, images, annotations = [], {"train": [], "val": []}, {"train": [], "val": []}
+    for i in range(start, stop):
+        uid = sample_uid(cfg.seed, split, i)
+        sub = "val" if _det_split(cfg, i) else "train"
+        scene = _square_scene(cfg.seed, split, i, size)
+        rendered = render(scene, with_instances=True)
+        jpeg = encode(rendered.image, "jpg", 95)
+        name = f"det_{i:06d}.jpg"
+        rel = f"eval/det/{sub}/{name}"
+        _write(out / rel, jpeg)
+        images[sub].append({"id": i, "file_name": name, "width": size, "height": size})
+        annotations[sub] += det_annotations(scene, rendered.instance_map, i)
+        description = describe(scene)
+        rows.append(_truth_row(uid, split, i, rel, scene, size, size, description=description, text=description,
+                               text_kind="description", served_sha256=sha256(jpeg)))
+    atomic_write_bytes(out / PARTS / DET_PART.format(chunk=chunk), _compact_json({"images": images, "annotations": annotations}))
+    _write_truth_part(out, f"truth-{split}-{chunk:05d}", rows)
+
+
+def _write_det_annotations(cfg: WorldConfig, out: Path, jobs: list) -> None:
+    """Merge the chunks' parts into ``eval/det/annotations/instances_{train,val}.json``."""
+    categories = [{"id": 1 + k, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
+    merged: dict[str, dict[str, list]] = {sub: {"images": [], "annotations": []} for sub in ("train", "val")}
+    for job in jobs:
+        if job.kind == "eval" and job.task == "det":
+            part = json.loads((out / PARTS / DET_PART.format(chunk=job.chunk)).read_text())
+            for sub in merged:
+                merged[sub]["images"] += part["images"][sub]
+                merged[sub]["annotations"] += part["annotations"][sub]
+    for sub, data in merged.items():
+        (out / "eval" / "det" / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "eval" / "det" / "annotations" / f"instances_{sub}.json", _compact_json({
+            "info": {"description": "qcap world detection set", "version": GENERATOR_VERSION, "seed": cfg.seed},
+            "licenses": [], "categories": categories, **data,
+        }))
+
+
+def _compact_json(obj) -> bytes:
+    """One line, as COCO's own files (RLE counts would take a line each when indented)."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
 def depth_png_array(rendered) -> np.ndarray:
     """Depth in uint16 millimetres, NYUv2-style; 0 (invalid) along object outlines, where a
     structured-light sensor loses the depth edge."""
@@ -619,6 +709,7 @@ def jobs_of(cfg: WorldConfig) -> list[Job]:
     jobs += [Job("clean", c) for c in chunks(cfg.clean_samples)]
     for task in ("seg", "depth", "cls", "retrieval"):
         jobs += [Job("eval", c, task) for c in chunks(cfg.eval_samples)]
+    jobs += [Job("eval", c, "det") for c in chunks(cfg.det_samples)]  # after the others: their order is unchanged
     return jobs
 
 
@@ -627,6 +718,8 @@ def run_job(cfg: WorldConfig, out: Path, job: Job) -> str:
         PoolMaker(cfg, out).make_chunk(job.chunk)
     elif job.kind == "clean":
         make_clean_chunk(cfg, out, job.chunk)
+    elif job.task == "det":
+        make_det_chunk(cfg, out, job.chunk)
     else:
         make_eval_chunk(cfg, out, job.task, job.chunk)
     return job.part
@@ -746,6 +839,8 @@ def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
     if cfg.eval_samples:
         finalize_folder(out / "eval" / "retrieval")
         _write_eval_metadata(out)
+    if cfg.det_samples:
+        _write_det_annotations(cfg, out, jobs)
     info = {
         "generator": "qcap-world",
         "version": GENERATOR_VERSION,
@@ -768,7 +863,7 @@ def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
         "files": {
             "pool": POOL_FILE, "truth": TRUTH_FILE, "images": "images/", "clean": "clean/",
             "seg": "eval/seg/", "depth": "eval/depth/", "cls": "eval/cls/", "retrieval": "eval/retrieval/",
-        },
+        } | ({"det": "eval/det/"} if cfg.det_samples else {}),
     }
     atomic_write_json(out / WORLD_FILE, info)
     shutil.rmtree(parts)

@@ -489,12 +489,16 @@ class Rendered:
     image: Image.Image  # RGB
     class_map: np.ndarray | None = None  # H×W uint8: SEG_BACKGROUND or 1 + class index
     depth_m: np.ndarray | None = None  # H×W float32 metres
+    instance_map: np.ndarray | None = None  # H×W uint8: 0 background, k + 1 where object k (depth order) is seen
 
 
-def render(scene: Scene, *, with_maps: bool = False) -> Rendered:
-    """Paint the scene (far objects first); optionally its exact class map and depth map."""
+def render(scene: Scene, *, with_maps: bool = False, with_instances: bool = False) -> Rendered:
+    """Paint the scene (far objects first); optionally its exact class map and depth map, and
+    its instance map (which object each pixel shows: occlusion as painted)."""
     image = _lit(background_image(scene), scene)
-    class_map = depth = None
+    class_map = depth = instances = None
+    if with_instances:
+        instances = np.zeros((scene.height, scene.width), dtype=np.uint8)
     if with_maps:
         class_map = np.full((scene.height, scene.width), SEG_BACKGROUND, dtype=np.uint8)
         ys = np.linspace(0.0, 1.0, scene.height, dtype=np.float64)[:, None]
@@ -518,4 +522,6 @@ def render(scene: Scene, *, with_maps: bool = False) -> Rendered:
         if with_maps:
             class_map[ay0:ay1, ax0:ax1][mask] = 1 + CLASSES.index(obj.cls)
             depth[ay0:ay1, ax0:ax1][mask] = obj.depth_m
-    return Rendered(image=image, class_map=class_map, depth_m=depth)
+        if with_instances:
+            instances[ay0:ay1, ax0:ax1][mask] = idx + 1
+    return Rendered(image=image, class_map=class_map, depth_m=depth, instance_map=instances)
