@@ -52,7 +52,7 @@ def test_console_script_and_unknown_command():
 
 
 def test_stage_imports_flow_one_way():
-    """curate imports no other stage; nothing imports finetune (STYLE.md)."""
+    """curate imports no other stage; nothing imports finetune (DESIGN.md, "Packages")."""
     allowed = {"curate": set(), "captioning": {"curate"}, "train": {"curate"}, "finetune": {"curate", "train"}}
     for stage, ok in allowed.items():
         for path in (ROOT / stage).rglob("*.py"):
@@ -125,3 +125,19 @@ def test_output_piped_into_head_is_not_an_error():
                           capture_output=True, text=True, executable="/bin/bash", env={**os.environ, "SCRIPT": script})
     assert proc.stdout.startswith("row 0"), proc.stderr
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_the_repository_stands_alone():
+    """Every document the repository cites is in it; nothing points outside the checkout."""
+    import re
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [p for p in tracked if p.endswith((".md", ".py", ".toml", ".cfg", ".txt")) or p in ("Makefile", ".ci/run")]
+    cited: dict[str, str] = {}
+    for name in texts:
+        text = (ROOT / name).read_text(encoding="utf-8", errors="replace")
+        assert "../" + "shared" not in text, f"{name} points outside the repository"
+        for doc in re.findall(r"\b[A-Z][A-Z_]+\.md\b", text):
+            cited.setdefault(doc, name)
+    missing = {doc: where for doc, where in cited.items() if not (ROOT / doc).is_file()}
+    assert cited and not missing, f"cited but not in the repository: {missing}"
