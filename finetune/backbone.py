@@ -1,19 +1,28 @@
-"""The ViT image tower of an open_clip model (or qcap checkpoint) as a dense-prediction backbone.
+"""The image tower of an open_clip model (or qcap checkpoint) as a dense-prediction backbone.
 
-A backbone turns images into the last block's patch tokens as a feature map (``B×C×h×w``,
-stride = patch size) plus the model's own pooled image embedding, and exposes what the rest of
-the stage needs: its blocks (attention distance, layer-wise lr decay), patch size and width.
+A backbone turns images into feature maps plus the model's own pooled image embedding, and
+exposes what the rest of the stage needs: its blocks (attention distance, layer-wise lr decay),
+its size unit and width. Two families, three adapter classes:
 
-Two kinds of ViT image towers exist in open_clip, each behind one adapter class:
+- plain ViTs (``hierarchical = False``): ``features`` = the last block's patch tokens as a
+  ``B×C×h×w`` map (stride = patch size); the dense neck builds a ViTDet simple feature pyramid
+  from it.
 
-- ``open_clip.transformer.VisionTransformer`` (CLIP, CoCa, DataComp/DFN/MobileCLIP ViTs, qcap's
-  tiny configs) → :class:`OpenClipViT`;
-- ``open_clip.timm_model.TimmModel`` wrapping a timm ``VisionTransformer`` (SigLIP-style
-  configs) → :class:`TimmViT`.
+  - ``open_clip.transformer.VisionTransformer`` (CLIP, CoCa, DataComp/DFN ViTs, qcap's tiny
+    configs) → :class:`OpenClipViT`;
+  - ``open_clip.timm_model.TimmModel`` wrapping a timm ``VisionTransformer`` (SigLIP-style
+    configs) → :class:`TimmViT`.
 
-Anything else (ModifiedResNet, ConvNeXt, FastViT, a text-only model) is refused with a
-:class:`BackboneError` that says what would work. Positional embeddings are resampled when the
-finetuning image size differs from the pretraining one (bicubic, timm's resampler).
+- hierarchical towers (``hierarchical = True``): a ``TimmModel`` whose timm trunk has stages at
+  strides that double (FastViT/MobileCLIP's MCi, ConvNeXt, ResNet, ...) → :class:`TimmHierarchical`;
+  ``levels`` = the last four stages' maps, read with timm's ``forward_intermediates`` at the
+  stages its ``feature_info`` lists; the dense neck is an FPN over them. Layer ids for lr decay
+  come from timm's ``group_matcher``. They have no ViT attention to measure.
+
+Anything else (open_clip's ModifiedResNet, a timm trunk without feature stages, a text-only
+model) is refused with one :class:`BackboneError` line naming the tower and what would work.
+ViT positional embeddings are resampled when the finetuning image size differs from the
+pretraining one (bicubic, timm's resampler).
 
 Usage::
 
@@ -37,7 +46,7 @@ from curate.cli import UsageError
 
 
 class BackboneError(UsageError):
-    """The model cannot serve as a ViT backbone (wrong kind of tower, bad image size)."""
+    """The model cannot serve as a backbone (wrong kind of tower, bad image size)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +86,17 @@ class BackboneSource:
 
 @dataclass(slots=True)
 class BackboneOutput:
-    features: torch.Tensor  # B×C×h×w: the last block's patch tokens (stride = patch size)
+    features: torch.Tensor  # B×C×h×w: ViT: the last block's patch tokens (stride = patch size); else the last stage's map
     pooled: torch.Tensor | None  # B×D: the model's own image embedding (CLIP's encode_image); None if not asked
+    levels: list[torch.Tensor] | None = None  # hierarchical towers: the stages' maps, fine → coarse
 
 
 class ViTBackbone(nn.Module, abc.ABC):
     """Common interface of the adapters; ``visual`` keeps open_clip's parameter names."""
 
     kind: str = ""
+    hierarchical = False  # True: multi-scale stage maps in ``levels`` (no ViT blocks/attention)
+    size_unit = "patch size"  # what an input side must be a multiple of
 
     def __init__(self, visual: nn.Module, *, name: str, source: str) -> None:
         super().__init__()
@@ -130,7 +142,7 @@ class ViTBackbone(nn.Module, abc.ABC):
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise BackboneError(
-                f"image_size: {height}x{width} is not a multiple of the patch size {ph}x{pw} of {self.model_name}"
+                f"image_size: {height}x{width} is not a multiple of the {self.size_unit} {ph}x{pw} of {self.model_name}"
             )
         return height // ph, width // pw
 
@@ -258,6 +270,97 @@ class TimmViT(ViTBackbone):
         return BackboneOutput(features=intermediates[-1], pooled=self.visual.head(trunk.forward_head(final)))
 
 
+class TimmHierarchical(ViTBackbone):
+    """open_clip's ``TimmModel`` around a hierarchical timm model (FastViT/MCi, ConvNeXt, ResNet, ...).
+
+    ``levels`` are the last :attr:`NUM_LEVELS` entries of the trunk's ``feature_info`` (strides
+    that double, e.g. 4, 8, 16, 32), read with ``forward_intermediates``; ``patch_size`` is the
+    coarsest stride (an input side must be a multiple of it). Layer ids are timm's parameter
+    groups (``group_matcher(coarse=False)``: stem 0, then blocks/stages in order); the trunk's
+    last group (final conv/norm and classifier: the pooled embedding's) and open_clip's head
+    are the top id.
+    """
+
+    kind = "timm-hierarchical"
+    hierarchical = True
+    size_unit = "coarsest stride"
+    NUM_LEVELS = 4
+
+    def __init__(self, visual: nn.Module, *, name: str, source: str, stages: list[dict[str, Any]]) -> None:
+        super().__init__(visual, name=name, source=source)
+        from timm.models import group_parameters
+
+        trunk = visual.trunk
+        self.level_indices = [len(stages) - self.NUM_LEVELS + i for i in range(self.NUM_LEVELS)]
+        chosen = [stages[i] for i in self.level_indices]
+        self.level_channels = [int(s["num_chs"]) for s in chosen]
+        self.level_strides = [int(s["reduction"]) for s in chosen]
+        self.level_modules = [str(s.get("module", "")) for s in chosen]
+        self.width = self.level_channels[-1]
+        self.patch_size = (self.level_strides[-1], self.level_strides[-1])
+        self.native_image_size = _pair(visual.image_size)
+        self.num_prefix_tokens = 0
+        groups = group_parameters(trunk, trunk.group_matcher(coarse=False))
+        self._group_of = {param: int(gid) for gid, names in groups.items() for param in names}
+        self._top = max(groups) if groups else 1
+        was_training = visual.training
+        visual.eval()
+        with torch.no_grad():  # eval mode: BatchNorm statistics stay untouched
+            side = self.patch_size[0] * 2
+            self.embed_dim = int(visual(torch.zeros(1, 3, side, side)).shape[-1])
+        visual.train(was_training)
+
+    @property
+    def num_layers(self) -> int:
+        return self._top - 1
+
+    def blocks(self) -> list[nn.Module]:
+        """The stages (no transformer blocks to list)."""
+        trunk = self.visual.trunk
+        return [trunk.get_submodule(m) for m in self.level_modules if m]
+
+    def attention_modules(self) -> list[nn.Module]:
+        return []  # no ViT self-attention: attention-distance refuses hierarchical towers
+
+    @property
+    def num_heads(self) -> int:
+        return 0
+
+    def layer_id(self, name: str) -> int:
+        name = name.removeprefix("visual.")
+        if name.startswith("trunk."):
+            return min(self._group_of.get(name.removeprefix("trunk."), self._top), self._top)
+        return self._top
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"stages": self.level_modules, "strides": self.level_strides,
+                                     "channels": self.level_channels}
+
+    def forward(self, images: torch.Tensor, *, pooled: bool = True) -> BackboneOutput:
+        self.grid(tuple(images.shape[-2:]))
+        trunk = self.visual.trunk
+        if not pooled:
+            levels = trunk.forward_intermediates(images, indices=self.level_indices, output_fmt="NCHW",
+                                                 intermediates_only=True)
+            return BackboneOutput(features=levels[-1], pooled=None, levels=list(levels))
+        final, levels = trunk.forward_intermediates(images, indices=self.level_indices, output_fmt="NCHW")
+        return BackboneOutput(features=levels[-1], pooled=self.visual.head(trunk.forward_head(final)), levels=list(levels))
+
+
+def _hierarchical_stages(trunk: nn.Module) -> list[dict[str, Any]] | None:
+    """The trunk's feature stages when the last four have strides that double, else None."""
+    info = getattr(trunk, "feature_info", None)
+    if info is None or not hasattr(trunk, "forward_intermediates"):
+        return None
+    stages = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    if len(stages) < TimmHierarchical.NUM_LEVELS:
+        return None
+    strides = [int(s["reduction"]) for s in stages[-TimmHierarchical.NUM_LEVELS :]]
+    if any(b != 2 * a for a, b in zip(strides, strides[1:], strict=False)):
+        return None  # e.g. a plain transformer listing every block at one stride
+    return stages
+
+
 def _adapter_for(visual: nn.Module) -> type[ViTBackbone] | None:
     from open_clip.transformer import VisionTransformer
 
@@ -268,28 +371,33 @@ def _adapter_for(visual: nn.Module) -> type[ViTBackbone] | None:
     except ImportError:  # timm is optional in open_clip; without it only native ViTs exist
         return registry.get(type(visual))
     if isinstance(visual, TimmModel):
-        return TimmViT if isinstance(visual.trunk, TimmVisionTransformer) else None
+        if isinstance(visual.trunk, TimmVisionTransformer):
+            return TimmViT
+        return TimmHierarchical if _hierarchical_stages(visual.trunk) is not None else None
     return registry.get(type(visual))
 
 
 def backbone_from_model(model: nn.Module, *, name: str, source: str, image_size: int | tuple[int, int] | None = None) -> ViTBackbone:
-    """Wrap the image tower of an open_clip model; refuse anything that is not a ViT."""
+    """Wrap the image tower of an open_clip model; refuse anything neither a ViT nor hierarchical."""
     visual = getattr(model, "visual", None)
     if visual is None:
         raise BackboneError(
-            f"{name} ({source}) has no image tower (model.visual); finetune needs a CLIP/CoCa model with a ViT image encoder"
+            f"{name} ({source}) has no image tower (model.visual); finetune needs a CLIP/CoCa model with an image encoder"
         )
     adapter = _adapter_for(visual)
     if adapter is None:
         inner = getattr(visual, "trunk", None)
         what = type(visual).__name__ + (f" around a timm {type(inner).__name__}" if inner is not None else "")
         raise BackboneError(
-            f"{name} ({source}) has a {what} image tower, not a ViT; finetune and attention-distance take ViT image "
-            "towers (e.g. ViT-B-16, ViT-L-14, qcap-tiny-clip, qcap-tiny-coca)"
+            f"{name} ({source}) has a {what} image tower, neither a ViT nor a hierarchical timm model with feature "
+            "stages; finetune takes ViT towers (e.g. ViT-B-16, qcap-tiny-clip, qcap-tiny-coca) or timm towers with "
+            "stages at doubling strides (e.g. qcap-tiny-mci, MobileCLIP-S1, convnext_tiny)"
         )
     if adapter is TimmViT:
         size = _pair(image_size or visual.image_size)
         return TimmViT(visual, name=name, source=source, image_size=size)
+    if adapter is TimmHierarchical:
+        return TimmHierarchical(visual, name=name, source=source, stages=_hierarchical_stages(visual.trunk))
     return adapter(visual, name=name, source=source)
 
 

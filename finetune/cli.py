@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from curate.cli import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
-    "finetune": Command("finetune a CLIP image tower on segmentation, depth or classification; write metrics", "finetune.run:main"),
+    "finetune": Command("finetune a CLIP image tower on segmentation, depth, classification or detection; write metrics", "finetune.run:main"),
     "attention-distance": Command("mean attention distance per head and block of a ViT (paper 3.4), JSON + plot", "finetune.distance:main"),
     "report": Command("the ablation's report from a demo folder: table, paper verdicts, figures, stage timings", "finetune.report:main"),
 }

@@ -138,7 +138,7 @@ def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
 
     from curate.shards import atomic_write_json
     from finetune.attention import patch_distances
-    from finetune.backbone import BackboneSource, load_backbone, normalisation
+    from finetune.backbone import BackboneError, BackboneSource, load_backbone, normalisation
     from finetune.plots import plot_attention_distance
 
     try:
@@ -153,6 +153,12 @@ def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
     for source, label in sources:
         set_seed(cfg.seed)
         backbone, preprocess = load_backbone(source, image_size=cfg.image_size)
+        if not backbone.attention_modules():
+            trunk = type(getattr(backbone.visual, "trunk", backbone.visual)).__name__
+            raise BackboneError(
+                f"{backbone.model_name} ({source.describe()}) has a hierarchical {trunk} image tower: no ViT attention maps "
+                "to measure; attention-distance takes ViT image towers (e.g. qcap-tiny-clip, ViT-B-16)"
+            )
         mean, std = normalisation(preprocess)
         measured = measure(backbone, _transform(preprocess, cfg.image_size, mean, std), paths, batch_size=cfg.batch_size)
         facts = backbone.describe()

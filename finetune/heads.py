@@ -1,8 +1,10 @@
-"""Necks and heads: a ViT's single-scale tokens → multi-scale features → per-pixel outputs.
+"""Necks and heads: a backbone's features → multi-scale features → per-pixel outputs.
 
-- :class:`SimpleFeaturePyramid` (ViTDet, Li et al. 2022): from the last block's stride-``p``
-  map only, deconvolutions and a max-pool build maps at strides p/4, p/2, p, 2p (4 levels),
-  each projected to ``neck_channels`` by 1×1 and 3×3 convs with LayerNorm, as in ViTDet.
+- :class:`SimpleFeaturePyramid` (ViTDet, Li et al. 2022): from a plain ViT's last block's
+  stride-``p`` map only, deconvolutions and a max-pool build maps at strides p/4, p/2, p, 2p
+  (4 levels), each projected to ``neck_channels`` by 1×1 and 3×3 convs with LayerNorm, as in ViTDet.
+- :class:`StageFPN`: a hierarchical backbone's own four stage maps (e.g. strides 4…32) through
+  torchvision's ``FeaturePyramidNetwork`` (lateral 1×1, top-down sum, 3×3), ``neck_channels`` each.
 - Dense heads, all with one interface ``head(levels) -> B×out×h×w`` at the finest level's
   resolution (the task upsamples to the label size):
 
@@ -100,6 +102,38 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         return [stage(features) for stage in self.stages]
+
+
+class StageFPN(nn.Module):
+    """A hierarchical backbone's stage maps (fine → coarse) → FPN levels of ``out_channels``.
+
+    ``extra_max_pool`` adds torchvision's ``LastLevelMaxPool`` level (the detector's RPN uses it).
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, *, extra_max_pool: bool = False) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels,
+                                         extra_blocks=LastLevelMaxPool() if extra_max_pool else None)
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        from collections import OrderedDict
+
+        return list(self.fpn(OrderedDict((str(i), x) for i, x in enumerate(levels))).values())
+
+
+def make_neck(backbone: nn.Module, out_channels: int) -> nn.Module:
+    """The dense neck a backbone needs: ViTDet's simple pyramid for a ViT, an FPN over stages otherwise."""
+    if getattr(backbone, "hierarchical", False):
+        return StageFPN(backbone.level_channels, out_channels)
+    return SimpleFeaturePyramid(backbone.width, out_channels)
+
+
+def neck_input(backbone: nn.Module, output) -> torch.Tensor | list[torch.Tensor]:
+    """What :func:`make_neck`'s neck takes from a backbone output."""
+    return output.levels if getattr(backbone, "hierarchical", False) else output.features
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -258,7 +292,9 @@ class FinetuneModel(nn.Module):
 
 
 class DenseModel(FinetuneModel):
-    """Backbone → (simple feature pyramid) → dense head; output at the input resolution."""
+    """Backbone → (simple feature pyramid, or FPN over a hierarchical backbone's stages) → dense
+    head; output at the input resolution. ``linear`` takes the backbone's ``features`` map (a
+    ViT's stride-p tokens; a hierarchical backbone's last stage)."""
 
     def __init__(self, backbone: nn.Module, head_cfg: HeadConfig, num_outputs: int) -> None:
         super().__init__()
@@ -270,13 +306,13 @@ class DenseModel(FinetuneModel):
         for param in backbone.pooling_parameters():
             param.requires_grad_(False)
         factory = DENSE_HEADS[head_cfg.name]
-        self.neck = SimpleFeaturePyramid(backbone.width, head_cfg.neck_channels) if factory.uses_pyramid else None
+        self.neck = make_neck(backbone, head_cfg.neck_channels) if factory.uses_pyramid else None
         in_channels = head_cfg.neck_channels if self.neck is not None else backbone.width
         self.head = factory(in_channels, num_outputs, head_cfg)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images, pooled=False).features
-        levels = self.neck(features) if self.neck is not None else [features]
+        output = self.features(images, pooled=False)
+        levels = self.neck(neck_input(self.backbone, output)) if self.neck is not None else [output.features]
         return _resize(self.head(levels), images.shape[-2:])
 
 

@@ -67,15 +67,26 @@ def save_examples(
     max_depth: float | None = None,
     title: str = "",
 ) -> None:
-    """One row per example: input | ground truth | prediction (segmentation, depth), or the
-    input with its true and predicted class (classification)."""
+    """One row per example: input | ground truth | prediction (segmentation, depth, detection:
+    instance masks and boxes, predictions with score >= 0.5), or the input with its true and
+    predicted class (classification). Detection inputs are in [0, 1] (the detector normalises)."""
     plt = _pyplot()
     if not rows:
         raise ValueError("no examples to draw")
     columns = 1 if kind == "cls" else 3
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.4 * len(rows)), squeeze=False)
     for r, (image, target, pred) in enumerate(rows):
-        picture = denormalise(image, mean, std)
+        picture = denormalise(image, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) if kind == "det" else denormalise(image, mean, std)
+        if kind == "det":
+            names = list(class_names or [])
+            _detection_panel(axes[r][0], picture, None, names)
+            _detection_panel(axes[r][1], picture, target, names)
+            keep = pred["scores"] >= 0.5
+            _detection_panel(axes[r][2], picture, {k: pred[k][keep] for k in ("boxes", "labels", "masks")}, names)
+            if r == 0:
+                for c, name in enumerate(("input", "ground truth", "prediction")):
+                    axes[r][c].set_title(name, fontsize=9)
+            continue
         if kind == "cls":
             ax = axes[r][0]
             ax.imshow(picture)
@@ -113,6 +124,31 @@ def save_examples(
     if title:
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def _detection_panel(ax, picture: np.ndarray, instances: dict | None, names: Sequence[str]) -> None:
+    """The picture with each instance's mask tinted by its class and its box outlined."""
+    from matplotlib.patches import Rectangle
+
+    panel = picture.astype(np.float32)
+    colours = palette(max(len(names), 2))
+    boxes: list[tuple[list[float], int]] = []
+    if instances is not None:
+        masks = np.asarray(instances["masks"].detach().cpu().float())
+        if masks.ndim == 4:  # predictions: N×1×H×W probabilities
+            masks = masks[:, 0]
+        labels = [int(v) for v in instances["labels"].tolist()]
+        for mask, label in zip(masks, labels, strict=True):
+            on = mask >= 0.5
+            panel[on] = 0.5 * panel[on] + 0.5 * colours[label % len(colours)]
+        boxes = list(zip(instances["boxes"].tolist(), labels, strict=True))
+    ax.imshow(panel.round().astype(np.uint8), interpolation="nearest")
+    for (x0, y0, x1, y1), label in boxes:
+        colour = colours[label % len(colours)] / 255.0
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1))
+        if names and label < len(names):
+            ax.text(x0, y0, names[label], color=colour, fontsize=6, va="bottom")
+    ax.axis("off")
 
 
 def _resize_picture(picture: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``qcap finetune seg|depth|cls``: transfer a CLIP image tower to a dense task or classification.
+"""``qcap finetune seg|depth|cls|det``: transfer a CLIP image tower to a dense task, classification or detection.
 
 Usage::
 
@@ -7,8 +7,10 @@ Usage::
     qcap finetune seg --pretrained ViT-B-16:datacomp_xl_s13b_b90k --data ADEChallengeData2016 \\
         --reduce-zero-label --image-size 512 --out runs/ft/ade-b16        # the MAE-style recipe (defaults)
     qcap finetune cls --checkpoint runs/clip/final --data imagenet --freeze-backbone --out runs/ft/probe
+    qcap finetune det --random qcap-tiny-mci --data world/eval/det --out runs/ft/det --preset tiny   # Mask R-CNN
+    qcap finetune det --pretrained ViT-B-16:datacomp_xl_s13b_b90k --data coco --image-size 1024 --out runs/ft/coco
 
-The backbone is the ViT image tower (:mod:`finetune.backbone`); the head is a config
+The backbone is the ViT or hierarchical image tower (:mod:`finetune.backbone`); the head is a config
 (:mod:`finetune.heads`); the loop is :class:`train.loop.Trainer` with Accelerate (launch with
 ``accelerate launch -m finetune finetune ...`` for several processes), so checkpoints land in
 ``OUT/step-*/`` and ``--resume`` continues a killed run exactly.
@@ -38,16 +40,18 @@ EXAMPLES_FILE = "examples.png"
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """Finetune a CLIP image tower on segmentation, depth or classification and measure it."""
+    """Finetune a CLIP image tower on segmentation, depth, classification or detection and measure it."""
 
-    task: Literal["seg", "depth", "cls"] = arg(help="seg (ADE20k layout), depth (NYUv2 layout) or cls (ImageFolder)", positional=True)
+    task: Literal["seg", "depth", "cls", "det"] = arg(
+        help="seg (ADE20k layout), depth (NYUv2 layout), cls (ImageFolder) or det (COCO layout, Mask R-CNN)", positional=True)
     checkpoint: Path | None = arg(None, help="qcap/open_clip checkpoint folder, run folder or weights file", metavar="PATH")
     pretrained: str | None = arg(None, help="open_clip NAME:TAG, e.g. ViT-B-16:datacomp_xl_s13b_b90k", metavar="NAME:TAG")
     random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)", metavar="MODEL")
     model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint", metavar="MODEL")
     data: Path | None = arg(None, help="dataset folder (required)", metavar="DIR")
     out: Path | None = arg(None, help="output folder (required)", metavar="DIR")
-    head: Literal["upernet", "fpn", "dpt", "linear"] | None = arg(None, help="default: upernet for seg, dpt for depth, linear for cls")
+    head: Literal["upernet", "fpn", "dpt", "linear", "maskrcnn"] | None = arg(
+        None, help="default: upernet for seg, dpt for depth, linear for cls, maskrcnn for det")
     freeze_backbone: bool = arg(False, help="train the head only (a linear probe with --head linear)")
     epochs: int = arg(20, help="passes over the training set")
     steps: int | None = arg(None, help="optimizer steps; overrides --epochs")
@@ -58,8 +62,8 @@ class FinetuneConfig:
     weight_decay: float = arg(0.05, help="AdamW weight decay (not on biases, norms, embeddings)")
     warmup_fraction: float = arg(0.05, help="linear warmup over this fraction of the steps")
     image_size: int | None = arg(None, help="square input side (default: the model's own; positions are resampled)")
-    neck_channels: int = arg(256, help="channels of each simple-feature-pyramid level")
-    head_channels: int = arg(512, help="channels inside the head")
+    neck_channels: int = arg(256, help="channels of each pyramid level (simple feature pyramid, FPN; det: its mask head too)")
+    head_channels: int = arg(512, help="channels inside the head (det: box head MLP = 2x this)")
     dropout: float = arg(0.1, help="dropout before the head's classifier")
     reduce_zero_label: bool | None = arg(None, help="seg: ADE20k's convention, 0 ignored and labels reduced by one (default: classes.json)")
     depth_scale: float | None = arg(None, help="depth: PNG units per metre (default: DATA/depth.json, else 1000 = millimetres)")
@@ -187,7 +191,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     except ValueError as err:  # e.g. --stop-at-step beyond the run's steps
         raise UsageError(str(err)) from err
     stream = MapStream(train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
-                       world_size=world, workers=cfg.workers)
+                       world_size=world, workers=cfg.workers, collate=getattr(task_cls, "collate", None))
     log.info("finetune %s: %s, head %s, %d train / %d eval items, %d steps (%d per epoch)", cfg.task,
              source.describe(), head_cfg.name, len(train_set), len(eval_set), total_steps, steps_per_epoch)
     try:
@@ -226,7 +230,7 @@ def main(argv: list[str], prog: str = "qcap finetune") -> int:
     parser = build_parser(FinetuneConfig, prog=prog, presets=PRESETS)
     namespace = parser.parse_args(argv)
     if not hasattr(namespace, "task"):
-        parser.error("the task is required: seg, depth or cls")
+        parser.error("the task is required: seg, depth, cls or det")
     try:
         cfg = config_from_namespace(FinetuneConfig, namespace, presets=PRESETS)
     except ValueError as err:

@@ -10,6 +10,9 @@ are picked from :data:`TASKS`.
 - ``depth``: the head's output through ``max_depth · sigmoid`` (metres); scale-invariant log
   loss (Eigen et al. 2014, λ = 0.85, ×10 as in BTS) on valid pixels; RMSE, AbsRel, δ<1.25.
 - ``cls``: cross-entropy on a linear layer over the pooled embedding; top-1 (and top-5).
+- ``det``: torchvision's Mask R-CNN (:mod:`finetune.detection`) on COCO's layout; the loss is the
+  sum of its RPN, box and mask losses (each logged); COCOeval's bbox and segm AP, AP50, AP75,
+  APs/m/l and AR100 on the validation split's original pixels.
 
 Evaluation is sharded over processes (every ``world_size``-th item) and the metric totals are
 summed with ``accelerator.reduce``, so every process returns the same numbers.
@@ -269,4 +272,115 @@ class ClassificationTask(FinetuneTask):
         return int(output[0].argmax())
 
 
-TASKS: dict[str, type[FinetuneTask]] = {task.name: task for task in (SegmentationTask, DepthTask, ClassificationTask)}
+class CocoResults:
+    """The detection metric accumulator: COCO result entries of the images predicted on."""
+
+    def __init__(self, gt, category_ids: list[int]) -> None:
+        self.gt = gt
+        self.category_ids = category_ids
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: list[int] = []
+
+    def update(self, output: dict[str, torch.Tensor], target: dict[str, Any]) -> None:
+        from finetune.detection import to_coco_results
+
+        self.results += to_coco_results(output, target, self.category_ids)
+        self.image_ids.append(int(target["image_id"]))
+
+    def compute(self) -> dict[str, Any]:
+        from finetune.detection import coco_metrics
+
+        return coco_metrics(self.gt, self.results, image_ids=self.image_ids)
+
+
+class DetectionTask(FinetuneTask):
+    name = "det"
+    default_head = "maskrcnn"
+    heads = ("maskrcnn",)
+
+    def __init__(self, model, eval_set, facts, opts, **kwargs) -> None:
+        super().__init__(model, eval_set, facts, opts, **kwargs)
+        self.category_ids = facts["category_ids"]
+        self.display_names = ["background", *facts["class_names"]]
+
+    @staticmethod
+    def collate(batch):
+        from finetune.detection import collate_detection
+
+        return collate_detection(batch)
+
+    @classmethod
+    def datasets(cls, opts: DataOptions):
+        from finetune.detection import CocoDetectionFolder
+
+        train = CocoDetectionFolder(opts.root, "training", opts.pre, train=True, limit=opts.max_train_samples)
+        val = CocoDetectionFolder(opts.root, "validation", opts.pre, train=False, limit=opts.max_eval_samples,
+                                  category_ids=train.category_ids)
+        return train, val, {"num_outputs": train.num_classes, "category_ids": train.category_ids,
+                            "class_names": train.class_names, "image_size": opts.pre.image_size,
+                            "mean": opts.pre.mean, "std": opts.pre.std, "resolved": {}}
+
+    @classmethod
+    def build_model(cls, backbone, head, facts):
+        from finetune.detection import DetectionModel
+
+        return DetectionModel(backbone, head, facts["num_outputs"], image_size=facts["image_size"], mean=facts["mean"],
+                              std=facts["std"])
+
+    def loss(self, model, batch):
+        images, targets = batch
+        targets = [{k: v.to(images.device) for k, v in t.items() if isinstance(v, torch.Tensor)} for t in targets]
+        losses = model(images, targets)
+        return self.compute_loss(losses, targets), {name: value.detach() for name, value in losses.items()}
+
+    def compute_loss(self, output, target):
+        return sum(output.values())  # Mask R-CNN's five losses, unweighted (torchvision's recipe)
+
+    def new_metrics(self):
+        return CocoResults(self.eval_set.coco, self.category_ids)
+
+    def update_metrics(self, metrics, output, target):
+        metrics.update(output, target)
+
+    def evaluate(self, model, accelerator):
+        from torch.utils.data import DataLoader, Subset
+
+        from finetune.detection import coco_metrics
+
+        rank, world = accelerator.process_index, accelerator.num_processes
+        shard = Subset(self.eval_set, list(range(rank, len(self.eval_set), world)))
+        loader = DataLoader(shard, batch_size=self.eval_batch_size, num_workers=self.workers, collate_fn=self.collate)
+        metrics = self.new_metrics()
+        for images, targets in loader:
+            outputs = model(images.to(accelerator.device))
+            for output, target in zip(outputs, targets, strict=True):
+                self.update_metrics(metrics, {k: v.float().cpu() for k, v in output.items()}, target)
+        if world > 1:  # every process scores the union of the shards
+            from accelerate.utils import gather_object
+
+            results = gather_object([metrics.results])
+            image_ids = gather_object([metrics.image_ids])
+            result = coco_metrics(self.eval_set.coco, [r for part in results for r in part],
+                                  image_ids=[i for part in image_ids for i in part])
+        else:
+            result = metrics.compute()
+        self.details = {}
+        return self.summary(result)
+
+    @torch.no_grad()
+    def examples(self, model, count, device):
+        model.eval()
+        rows = []
+        for index in range(min(count, len(self.eval_set))):
+            image, target = self.eval_set[index]
+            output = model(image[None].to(device))[0]
+            rows.append((image, target, self.to_prediction(output, target)))
+        return rows
+
+    def to_prediction(self, output, target):
+        return {k: v.detach().float().cpu() for k, v in output.items()}
+
+
+TASKS: dict[str, type[FinetuneTask]] = {
+    task.name: task for task in (SegmentationTask, DepthTask, ClassificationTask, DetectionTask)
+}

@@ -110,13 +110,13 @@ def test_non_vit_towers_are_refused_and_timm_vits_work(tmp_path):
     from curate.models import save_checkpoint_dir
 
     _register_test_configs(tmp_path)
-    with pytest.raises(BackboneError, match="has a ModifiedResNet image tower, not a ViT"):
+    with pytest.raises(BackboneError, match="has a ModifiedResNet image tower, neither a ViT nor a hierarchical timm model"):
         load_backbone(BackboneSource(random="test-tiny-rn"))
     from curate.models import load_model
 
     rn = load_model("test-tiny-rn")
     folder = save_checkpoint_dir(rn.model, "test-tiny-rn", tmp_path / "rn")
-    with pytest.raises(BackboneError, match="ModifiedResNet image tower, not a ViT"):
+    with pytest.raises(BackboneError, match="ModifiedResNet image tower, neither a ViT nor a hierarchical"):
         load_backbone(BackboneSource(checkpoint=folder))
     with pytest.raises(BackboneError, match="has no image tower"):
         backbone_from_model(rn.model.transformer, name="text-only", source="test")

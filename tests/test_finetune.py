@@ -207,9 +207,9 @@ def test_bad_inputs_are_clear_errors(tmp_path, checkpoint, capsys):
     open_clip.add_model_config(config_dir)
     rn = save_checkpoint_dir(load_model("test-ft-rn").model, "test-ft-rn", tmp_path / "rn")
     assert qcap(["finetune", "cls", "--checkpoint", str(rn), "--data", str(data), "--out", out, *FAST]) == 2
-    assert "ModifiedResNet image tower, not a ViT" in capsys.readouterr().err
+    assert "ModifiedResNet image tower, neither a ViT nor a hierarchical timm model" in capsys.readouterr().err
     assert qcap(["attention-distance", "--checkpoint", str(rn), "--images", str(data), "--out", out]) == 2
-    assert "not a ViT" in capsys.readouterr().err
+    assert "neither a ViT nor a hierarchical" in capsys.readouterr().err
 
     # a head that does not fit the task, a missing source, an image size the patches do not tile
     assert qcap(["finetune", "cls", "--random", "qcap-tiny-clip", "--data", str(data), "--out", out, "--head", "upernet", *FAST]) == 2
