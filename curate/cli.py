@@ -34,6 +34,7 @@ COMMANDS: dict[str, Command] = {
     "uids": Command("intersect, union, subtract or inspect DataComp uid files (.npy)", "curate.uidtool:main"),
     "reshard": Command("write the successful samples of a uid file into new shards (sizes.json, resumable)", "curate.reshard:main"),
     "subset": Command("nested seeded subsets of a shard folder (1% < 10% < 100%), DR or real-captions-only, with uid list and card", "curate.subset:main"),
+    "control-rung": Command("positive-control rung from a world's truth: a rung's images with true descriptions (oracle), or clean captions", "curate.world.controls:main"),
 }
 
 

@@ -1,0 +1,190 @@
+"""``qcap control-rung``: the ladder's positive controls, built from the embedded world's truth.
+
+Usage::
+
+    qcap control-rung --kind oracle --shards LADDER/datacomp-100 --world W --out LADDER/oracle-100
+    qcap control-rung --kind clean --like LADDER/datacomp-100 --world W --out LADDER/clean-100
+
+A caption-quality effect can only be measured in a world where better captions *can* make a
+better backbone. Two rungs test that, each trained like every other rung (same model, same
+samples seen):
+
+- ``oracle`` — the same images (same uids, same shard layout) as ``--shards`` (a rung of the
+  ladder), each captioned by the world's **true description** (``truth.parquet``): the perfect
+  captioner. If this rung does not beat the real-caption rung of the same images on the dense
+  tasks, the world (at this scale) cannot show a caption-quality effect at all.
+- ``clean`` — the world's clean split (human-quality captions, several per image in
+  ``meta["captions"]``; other images than the pool's), as many images as ``--like`` holds,
+  picked by ``qcap subset``'s seeded rank so the choice is reproducible. Trained with
+  ``--caption-source real``, one of the captions is drawn per sample.
+
+Both rungs carry real captions only (no ``syn.json``): they are trained with
+``--caption-source real``. ``DIR/control.json`` records the settings and counts; a re-run skips
+finished shards, a re-run with other settings is refused (``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from curate.cli import UsageError
+from curate.config import arg, parse_config, to_dict
+
+CONTROL_FILE = "control.json"
+KINDS = ("oracle", "clean")
+
+
+@dataclass(kw_only=True)
+class ControlConfig:
+    """Write a positive-control rung: the true descriptions of a rung's images (oracle) or the
+    clean split's human captions at a rung's size (clean)."""
+
+    kind: Literal["oracle", "clean"] = arg(help="oracle: --shards' images with the world's true descriptions; "
+                                                "clean: the world's clean split at --like's size")
+    world: Path = arg(help="the world folder (truth.parquet, clean/)", metavar="W")
+    out: Path = arg(help="output shard folder", metavar="DIR")
+    shards: str | None = arg(None, help="oracle: the rung whose images get the true descriptions (folder or shard list)")
+    like: str | None = arg(None, help="clean: a rung whose number of samples the clean rung matches")
+    num_samples: int | None = arg(None, help="clean: number of samples instead of --like")
+    seed: int = arg(0, help="clean: the rank seed that picks the clean images (qcap subset's rule)")
+    allow_fewer: bool = arg(False, help="clean: take the whole clean split when it holds fewer samples than asked")
+    overwrite: bool = arg(False, help="replace an output folder made with other settings")
+
+    def __post_init__(self) -> None:
+        if self.kind == "oracle":
+            if not self.shards:
+                raise ValueError("shards: --kind oracle needs --shards (the rung whose images it re-captions)")
+            if self.like or self.num_samples is not None:
+                raise ValueError("like: --like and --num-samples are for --kind clean")
+        else:
+            if self.shards:
+                raise ValueError("shards: --kind clean reads the world's clean split; give --like or --num-samples")
+            if (self.like is None) == (self.num_samples is None):
+                raise ValueError("like: --kind clean needs exactly one of --like or --num-samples")
+            if self.num_samples is not None and self.num_samples < 1:
+                raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
+
+
+def _check_output(cfg: ControlConfig, identity: dict[str, Any]) -> None:
+    path = cfg.out / CONTROL_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8")).get("identity")
+    if saved == identity:
+        return
+    if not cfg.overwrite:
+        raise UsageError(f"{cfg.out}: holds a control rung made with other settings ({path}); use --overwrite "
+                         "or another --out")
+    shutil.rmtree(cfg.out)
+
+
+def true_descriptions(world: Path) -> dict[str, str]:
+    """uid → the world's true description (every split)."""
+    import pyarrow.parquet as pq
+
+    path = world / "truth.parquet"
+    if not path.is_file():
+        raise UsageError(f"{path}: missing; is {world} a world folder (made by `qcap world`)?")
+    table = pq.read_table(path, columns=["uid", "description"])
+    return dict(zip(table.column("uid").to_pylist(), table.column("description").to_pylist(), strict=True))
+
+
+def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
+    """One output shard per input shard, same ids and samples, text := the true description."""
+    from curate.shards import (
+        ShardError,
+        ShardWriter,
+        atomic_write_json,
+        expand_shards,
+        finalize_folder,
+        is_complete,
+        iter_samples,
+        shard_id_of,
+    )
+    from curate.subset import strip_synthetic
+
+    started = time.time()
+    tars = expand_shards(cfg.shards)
+    if not tars:
+        raise ShardError(f"{cfg.shards}: no shards")
+    identity = {"kind": "oracle", "shards": [str(Path(t).resolve()) for t in tars],
+                "world": str(cfg.world.resolve())}
+    _check_output(cfg, identity)
+    truth = true_descriptions(cfg.world)
+    ids = [shard_id_of(t) for t in tars]
+    if len(set(ids)) != len(ids):
+        raise ShardError(f"{cfg.shards}: two input shards share an id ({sorted(ids)[:5]}...); give one folder")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity})
+    resumed = 0
+    for tar, shard_id in zip(tars, ids, strict=True):
+        if is_complete(cfg.out, shard_id):
+            resumed += 1
+            continue
+        with ShardWriter(cfg.out, shard_id) as writer:
+            for sample in iter_samples([tar]):
+                if not sample.ok:
+                    continue
+                description = truth.get(sample.uid or "")
+                if description is None:
+                    raise ShardError(f"{tar}: sample {sample.key} (uid {sample.uid}) is not in {cfg.world}/truth.parquet; "
+                                     "the oracle rung needs the world these images came from (--world)")
+                strip_synthetic(sample)
+                sample.text = description
+                sample.meta = {k: v for k, v in sample.meta.items() if k not in ("captions", "caption")}
+                sample.meta["caption_source"] = "oracle"
+                writer.write(sample)
+    sizes = finalize_folder(cfg.out)
+    summary = {"kind": "oracle", "shards": cfg.shards, "world": str(cfg.world), "out": str(cfg.out),
+               "num_written": sum(sizes.values()), "num_input": _successes(tars), "num_shards": len(tars),
+               "resumed_shards": resumed, "seconds": round(time.time() - started, 3)}
+    summary["reconciled"] = summary["num_written"] == summary["num_input"]
+    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
+    return summary
+
+
+def _successes(tars: list[str]) -> int:
+    from curate.shards import shard_size
+
+    return sum(shard_size(t) for t in tars)
+
+
+def build_clean(cfg: ControlConfig) -> dict[str, Any]:
+    """``qcap subset`` of the clean split, at ``--like``'s size (or ``--num-samples``)."""
+    from curate.shards import atomic_write_json, expand_shards, num_samples
+    from curate.subset import SubsetConfig, subset
+
+    clean = cfg.world / "clean"
+    if not (clean / "sizes.json").is_file():
+        raise UsageError(f"{clean}: no clean split (sizes.json); make the world with --clean-samples > 0")
+    available = num_samples(str(clean))
+    wanted = cfg.num_samples if cfg.num_samples is not None else num_samples(cfg.like)
+    if wanted > available:
+        if not cfg.allow_fewer:
+            raise UsageError(f"{clean}: holds {available} samples, {wanted} asked (the size of {cfg.like or 'the request'}); "
+                             "make the world with a larger --clean-samples, or pass --allow-fewer")
+        wanted = available
+    identity = {"kind": "clean", "world": str(cfg.world.resolve()), "num_samples": wanted, "seed": cfg.seed,
+                "clean": [str(Path(t).resolve()) for t in expand_shards(str(clean))]}
+    _check_output(cfg, identity)
+    result = subset(SubsetConfig(shards=str(clean), out=cfg.out, num_samples=wanted, seed=cfg.seed, captions="real",
+                                 card=False, progress=False))
+    summary = {"kind": "clean", "world": str(cfg.world), "like": cfg.like, "out": str(cfg.out), "num_written":
+               result["num_written"], "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like),
+               "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
+    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
+    return summary
+
+
+def main(argv: list[str], prog: str = "qcap control-rung") -> int:
+    cfg = parse_config(ControlConfig, argv, prog=prog)
+    summary = build_oracle(cfg) if cfg.kind == "oracle" else build_clean(cfg)
+    print(f"{cfg.out}: {cfg.kind} control rung, {summary['num_written']} samples"
+          + (f" (reconciled with {summary.get('num_input', summary.get('num_asked'))})" if summary["reconciled"] else
+             " — counts do NOT reconcile, see control.json"))
+    return 0 if summary["reconciled"] else 1

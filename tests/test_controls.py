@@ -1,0 +1,88 @@
+"""qcap control-rung: the oracle rung (true descriptions of a rung's images) and the clean rung."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_jpeg, make_uid
+
+from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples, read_sizes
+from curate.world.config import WorldConfig
+from curate.world.controls import ControlConfig, build_clean, build_oracle, true_descriptions
+from curate.world.generate import generate_world
+
+QCAP = str(Path(sys.executable).parent / "qcap")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("controls") / "w"
+    generate_world(WorldConfig(out=out, num_samples=60, clean_samples=30, eval_samples=8, chunk_size=60, workers=1,
+                               eval_image_size=32, clean_image_size=48), progress=False)
+    return out
+
+
+def _rung(world: Path, out: Path, count: int) -> Path:
+    """A rung-like folder: clean images under their own uids, with web-like text and synthetic captions."""
+    samples = list(iter_samples([str(p) for p in sorted((world / "clean").glob("*.tar"))]))[:count]
+    with ShardWriter(out, 3) as writer:
+        for s in samples:
+            writer.write(Sample(key=s.key, uid=s.uid, image=s.image, text="a photo, best price",
+                                syn_text=["a synthetic caption"], meta={"captions": ["x", "y"], "num_syn": 1}))
+    finalize_folder(out)
+    return out
+
+
+def test_oracle_rung_has_the_true_descriptions_of_the_same_images(world, tmp_path):
+    rung = _rung(world, tmp_path / "datacomp-100", 12)
+    truth = true_descriptions(world)
+    summary = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100"))
+    assert summary["reconciled"] and summary["num_written"] == 12
+    source = {s.uid: s for s in iter_samples([str(rung / "00003.tar")])}
+    out = list(iter_samples([str(tmp_path / "oracle-100" / "00003.tar")]))  # same shard id as the input
+    assert [s.uid for s in out] == list(source)
+    for s in out:
+        assert s.text == truth[s.uid] and s.text != source[s.uid].text
+        assert s.image == source[s.uid].image
+        assert s.syn_text is None and "captions" not in s.meta and s.meta["caption_source"] == "oracle"
+    assert read_sizes(tmp_path / "oracle-100") == {"00003.tar": 12}
+    # a re-run resumes (nothing to write); other settings are refused
+    again = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100"))
+    assert again["resumed_shards"] == 1 and again["num_written"] == 12
+
+
+def test_clean_rung_matches_the_like_rungs_size(world, tmp_path):
+    rung = _rung(world, tmp_path / "datacomp-100", 10)
+    summary = build_clean(ControlConfig(kind="clean", world=world, like=str(rung), out=tmp_path / "clean-100"))
+    assert summary["reconciled"] and summary["num_written"] == 10
+    clean = {s.uid: s for s in iter_samples([str(p) for p in sorted((world / "clean").glob("*.tar"))])}
+    out = list(iter_samples([str(p) for p in sorted((tmp_path / "clean-100").glob("*.tar"))]))
+    assert len(out) == 10
+    for s in out:
+        assert s.text == clean[s.uid].text and len(s.meta["captions"]) >= 2  # the human captions ride along
+    saved = json.loads((tmp_path / "clean-100" / "control.json").read_text())
+    assert saved["summary"]["num_available"] == 30
+
+
+def test_cli_errors_are_one_line(world, tmp_path):
+    # an image whose uid the world does not know: the oracle cannot caption it
+    stranger = tmp_path / "stranger"
+    with ShardWriter(stranger, 0) as writer:
+        writer.write(Sample(key="0", uid=make_uid(99), image=make_jpeg(), text="hello"))
+    finalize_folder(stranger)
+    result = subprocess.run([QCAP, "control-rung", "--kind", "oracle", "--world", str(world), "--shards", str(stranger),
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "not in" in result.stderr and "truth.parquet" in result.stderr and "Traceback" not in result.stderr
+    # more clean samples asked than the split holds
+    result = subprocess.run([QCAP, "control-rung", "--kind", "clean", "--world", str(world), "--num-samples", "31",
+                             "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "holds 30 samples, 31 asked" in result.stderr, result.stderr
+    result = subprocess.run([QCAP, "control-rung", "--kind", "clean", "--world", str(world), "--shards", "x",
+                             "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].endswith("--kind clean reads the world's clean split; give --like or --num-samples")
