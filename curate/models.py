@@ -274,9 +274,11 @@ def load_torch_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as err:
         # torch's message advises retrying unsafely; only the refused global is worth repeating
         found = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
-        what = f"it calls {found.group(1)}" if found else "it holds objects other than tensors"
-        raise ValueError(f"{path}: refused: a pickle that would run code or build objects when loaded ({what}); "
-                         f"qcap loads weights only — {_WHAT_TO_DO}") from err
+        if found:
+            raise ValueError(f"{path}: refused: a pickle that would run code when loaded (it calls "
+                             f"{found.group(1)}); qcap loads weights only — {_WHAT_TO_DO}") from err
+        raise ValueError(f"{path}: not a readable checkpoint (the weights-only loader refused its contents); "
+                         f"it is corrupt or holds more than weights — {_WHAT_TO_DO}") from err
     except Exception as err:  # untrusted bytes: any parser failure means the file is not a checkpoint
         why = _one_line(err, 160)
         if "weights_only" in why:  # never pass on torch's advice to load unsafely

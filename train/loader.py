@@ -101,6 +101,8 @@ class ImageTextEncoder:
 
     def encode(self, sample: Sample, seed: int) -> tuple[Any, list[str], list[str], str | None]:
         """(image tensor, texts per slot, kinds, uid); raises :class:`SkipSample`."""
+        if not sample.ok:  # a sample the shard reader could not read whole (bad_json, bad_member, ...)
+            raise SkipSample(sample.status)
         if sample.image is None:
             raise SkipSample("no_image")
         picked = self.source.pick(sample, seed)
@@ -232,7 +234,15 @@ class ShardIterable(IterableDataset):
             shards = self.plan.chunk(logical, chunk)
             rng = random.Random(mix64(seed, rank, logical, chunk, 0xB0FF))
             drawn = 0
-            for sample in buffered_shuffle(iter_samples(shards), self.shuffle_buffer, rng):
+            samples = buffered_shuffle(iter_samples(shards), self.shuffle_buffer, rng)
+            while True:
+                try:
+                    sample = next(samples)
+                except StopIteration:
+                    break
+                except ShardError as err:  # the shard as a whole: one clear line in the training process
+                    yield {"_error": str(err)}
+                    return
                 drawn += 1
                 if chunk == start_chunk and drawn <= start_drawn:
                     continue  # replaying a resumed chunk: already trained on
@@ -323,7 +333,7 @@ class ShardStream:
         )
         record = open(self.record_uids, "a", encoding="utf-8") if self.record_uids else None
         try:
-            for batch in loader:
+            for batch in _unwrapped(loader):
                 if "_error" in batch:
                     raise ShardError(batch["_error"])
                 logical, chunk, drawn, epoch = (int(v) for v in batch.pop("_position"))
@@ -384,6 +394,41 @@ class ShardStream:
         return {f"data/{k}": float(v) for k, v in sorted(self.counts.items())}
 
 
+def _unwrapped(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate a DataLoader; a ShardError or ConfigError raised in a worker process comes out as
+    the original one-line error. torch re-raises a worker's exception in this process as the same
+    type, with 'Caught X in DataLoader worker process N' and the worker's whole traceback as its
+    message; that would reach the user as a traceback."""
+    from curate.config import ConfigError
+
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ShardError, ConfigError) as err:
+            original = original_worker_message(err)
+            if original is None:
+                raise
+            raise type(err)(original) from None
+        yield batch
+
+
+def original_worker_message(err: BaseException) -> str | None:
+    """The message a DataLoader worker's exception had before torch wrapped it (None when
+    ``err`` is not such a re-raise)."""
+    text = str(err)
+    if not text.startswith(f"Caught {type(err).__name__} in DataLoader worker process"):
+        return None
+    cls = type(err)
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        at = text.rfind(prefix)
+        if at >= 0:
+            return text[at + len(prefix):].strip()
+    return text.splitlines()[0]
+
+
 def _shard_sizes(shards: Sequence[str]) -> list[int]:
     """Samples per shard from each folder's sizes.json (or the shards' stats)."""
     by_folder: dict[str, dict[str, int]] = {}
@@ -400,8 +445,9 @@ def _shard_sizes(shards: Sequence[str]) -> list[int]:
 
 
 def peek_sample(shards: Sequence[str]) -> Sample | None:
-    """The first sample of the first non-empty shard, image included (for up-front contract checks)."""
+    """The first readable sample of the shards, image included (for up-front contract checks)."""
     for tar in shards:
         for sample in iter_samples([tar]):
-            return sample
+            if sample.ok:  # a sample the reader could not read whole says nothing about the folder
+                return sample
     return None

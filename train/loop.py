@@ -75,6 +75,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from curate.config import ConfigError
 from curate.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,34 @@ SCHEDULER_FILE = "scheduler.pt"
 
 # --------------------------------------------------------------------------------------------
 # What the trainer runs
+
+
+class CheckpointError(ConfigError):
+    """A ``step-*/`` checkpoint that cannot be resumed (missing, damaged, unsafe or another run's);
+    a ConfigError, so the command prints it as one line (exit 2)."""
+
+
+_REDO = ("resume from an intact checkpoint (delete this step-*/ folder to fall back to an older one), "
+         "or start over in another --out")
+
+
+def _first_line(err: BaseException, limit: int = 240) -> str:
+    lines = str(err).strip().splitlines()
+    line = " ".join(lines[0].split()) if lines else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete — {_REDO}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not readable JSON ({_first_line(err)}); {_REDO}") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, not {type(value).__name__}; {_REDO}")
+    return value
 
 
 class Task(abc.ABC):
@@ -323,7 +352,7 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         trainer = state["trainer"]
         if int(trainer["world_size"]) != self.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint was written by {trainer['world_size']} processes, this run has {self.world_size}; "
                 "resume with the same number of processes (data positions are per process)"
             )
@@ -377,28 +406,56 @@ class Trainer:
         return final
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore a ``step-*/`` folder written by :meth:`save_checkpoint` (safe loads only)."""
+        """Restore a ``step-*/`` folder written by :meth:`save_checkpoint` (safe loads only).
+
+        A tampered or damaged folder — a file missing, truncated or garbage, a pickle that would
+        run code, JSON that is not an object, weights of another shape — raises
+        :class:`CheckpointError`: one line naming the file and what to do."""
+        from curate.models import check_weights_file, load_torch_file
+
         folder = Path(folder)
-        with open(folder / TRAINER_FILE, encoding="utf-8") as handle:
-            trainer = json.load(handle)
+        trainer = read_json_object(folder / TRAINER_FILE)
+        for key in ("step", "samples_seen", "world_size"):
+            if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool):
+                raise CheckpointError(f"{folder / TRAINER_FILE}: {key!r} must be an integer; {_REDO}")
         data_file = folder / f"data-{self.rank}.json"
         if not data_file.exists():
-            raise ValueError(
+            raise CheckpointError(
                 f"{folder}: no {data_file.name}; it was written by {trainer['world_size']} processes, "
                 f"this run has {self.world_size}"
             )
-        with open(data_file, encoding="utf-8") as handle:
-            data = json.load(handle)
-        self.task.load_model(self.bare_model, folder)
+        data = read_json_object(data_file)
+        weights = sorted(folder.glob("*.safetensors"))
+        try:
+            for path in weights:
+                check_weights_file(path)
+            loaded = {name: load_torch_file(folder / name)
+                      for name in (OPTIMIZER_FILE, SCHEDULER_FILE, f"rng-{self.rank}.pt")}
+        except ValueError as err:
+            raise CheckpointError(f"{err}; {_REDO}") from err
+        from safetensors import SafetensorError
+
+        try:
+            self.task.load_model(self.bare_model, folder)
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
+            raise CheckpointError(f"{folder}: its model weights do not load into this model "
+                                  f"({_first_line(err)}); {_REDO}") from err
         state = {
             "trainer": trainer,
             "model": self.bare_model.state_dict(),  # already loaded by the task
-            "optimizer": torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
-            "scheduler": torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True),
-            "rng": torch.load(folder / f"rng-{self.rank}.pt", map_location="cpu", weights_only=True),
+            "optimizer": loaded[OPTIMIZER_FILE],
+            "scheduler": loaded[SCHEDULER_FILE],
+            "rng": loaded[f"rng-{self.rank}.pt"],
             "data": data,
         }
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            # load_state_dict checks what it restores (optimizer groups, RNG states, positions)
+            raise CheckpointError(f"{folder}: does not match this run ({type(err).__name__}: "
+                                  f"{_first_line(err)}); {_REDO}") from err
         log.info("resumed from %s at step %d", folder, self.step)
 
     def _prune_checkpoints(self) -> None:
@@ -459,27 +516,29 @@ class Trainer:
                    dynamic_ncols=True, desc="train", mininterval=0.5 if interactive else 30.0)
         stream = iter(self.stream)
         window_start, window_samples = time.perf_counter(), 0
-        while self.step < end:
-            batch = next(stream)
-            num = self.task.num_samples(batch)
-            metrics = self.train_step(batch)
-            self.step += 1
-            step_samples = num * self.world_size
-            self.samples_seen += step_samples
-            window_samples += step_samples
-            for name, value in metrics.items():
-                self._meters.setdefault(name, []).append(value)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row = self._log_window(window_samples / elapsed)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
-                window_start, window_samples = time.perf_counter(), 0
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
-                self.evaluate()
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < end:
+                batch = next(stream)
+                num = self.task.num_samples(batch)
+                metrics = self.train_step(batch)
+                self.step += 1
+                step_samples = num * self.world_size
+                self.samples_seen += step_samples
+                window_samples += step_samples
+                for name, value in metrics.items():
+                    self._meters.setdefault(name, []).append(value)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    row = self._log_window(window_samples / elapsed)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
+                    window_start, window_samples = time.perf_counter(), 0
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
+                    self.evaluate()
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
+                    self.save_checkpoint()
+        finally:
+            bar.close()  # an error is printed on a line of its own, not after the bar
         close = getattr(stream, "close", None)
         if callable(close):  # stop the loader's workers now, not at garbage collection
             close()

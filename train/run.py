@@ -173,11 +173,15 @@ def train(cfg: TrainRunConfig) -> dict:
         raise UsageError(f"--stop-at-step {cfg.stop_at_step} is past the run's {total_steps} steps")
 
     if cfg.resume and latest is not None and (out / EVAL_FILE).exists():
-        with open(latest / "trainer.json", encoding="utf-8") as handle:
-            if json.load(handle)["step"] >= total_steps:
-                log.info("%s: already complete (%d steps); nothing to do", out, total_steps)
-                with open(out / EVAL_FILE, encoding="utf-8") as eval_handle:
-                    return {"step": total_steps, "already_complete": True, "eval": json.load(eval_handle)}
+        from train.loop import TRAINER_FILE, read_json_object
+
+        step = read_json_object(latest / TRAINER_FILE).get("step")  # CheckpointError (one line) if damaged
+        if not isinstance(step, int):
+            raise ConfigError(f"{latest / TRAINER_FILE}: 'step' must be an integer; resume from an intact checkpoint")
+        if step >= total_steps:
+            log.info("%s: already complete (%d steps); nothing to do", out, total_steps)
+            eval_result = read_json_object(out / EVAL_FILE)
+            return {"step": total_steps, "already_complete": True, "eval": eval_result}
 
     model = loaded.model
     if cfg.grad_checkpointing:
