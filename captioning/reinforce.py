@@ -1,0 +1,493 @@
+"""``qcap reinforce``: dataset reinforcement (DataCompDR) — stored augmentations and teacher embeddings.
+
+Usage::
+
+    qcap reinforce --shards runs/demo/dr --out runs/demo/dr-reinforced \\
+        --teachers ViT-L-14:openai,ViT-L-14:datacomp_xl_s13b_b90k --num-augmentations 30 \\
+        --device cuda --num-workers 8
+
+For every image of the input shards (DR shards from ``qcap build-dr``, or any image shards) it
+draws ``--num-augmentations`` augmentations (Apple's recipe: RandomResizedCrop + RandAugment,
+:mod:`captioning.augment`), runs the teacher ensemble (:mod:`captioning.teachers`) on each
+augmented image and on the real caption and every synthetic caption, and writes output shard
+``i`` for input shard ``i``: every input member copied verbatim, plus, as Apple's DataCompDR
+holds them,
+
+- ``KEY.paug.json`` = ``{"param_aug": "<JSON list>"}``, one ``[[i, j, h, w], [[op, magnitude], ...]]``
+  per augmentation (the crop box in pixels of the stored image);
+- ``KEY.npz`` (``--embeddings npz``, fp32): ``image_emb`` [augmentations, Σ dims] and ``text_emb``
+  [1 + synthetic, Σ dims], row 0 the real caption, row 1 + i ``syn_text[i]``; or ``KEY.pth.gz``
+  (``--embeddings pth.gz``): the same two tensors in bf16, ``torch.save`` of a dict, gzipped;
+
+and qcap's ``KEY.reinforce.json``: the sha256, byte count and pixel size of the image bytes the
+parameters were drawn on (a re-downloaded or resized image is detected when training, never
+silently misaligned), the text rows' layout, and the fingerprints of the teachers and of the
+augmentation config. ``reinforce_config.json`` records the teachers (names, sources, weights
+sha256, dims, logit scales), the augmentation config and the versions; ``reinforce_summary.json``
+the counts (``images_in = images_reinforced + Σ images_failed``).
+
+Work runs on Ray actors, one teacher ensemble per actor (a GPU each with ``--device cuda``),
+one shard per call; each shard is written atomically with its marker by the actor that made it,
+so a re-run after a kill skips finished shards and redoes the others from scratch — with the
+same parameters (per-uid seeds) and the same embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from curate.cli import UsageError
+from curate.config import arg, parse_config, save_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "reinforce_config.json"
+SUMMARY_FILE = "reinforce_summary.json"
+RECORD_MEMBER = "reinforce.json"
+EMBEDDING_MEMBERS = ("npz", "pth.gz")
+REPLACED_MEMBERS = ("paug.json", "npz", "pth.gz", RECORD_MEMBER)
+_FINGERPRINT = ("teachers", "teacher_logit_scales", "num_augmentations", "size", "interpolation", "rand_augment",
+                "rand_augment_p", "num_ops", "magnitude", "seed", "embeddings", "scale_min", "scale_max")
+
+
+@dataclass(kw_only=True)
+class ReinforceConfig:
+    """Store N augmentations per image and a teacher ensemble's embeddings of them and of every
+    caption (DataCompDR's dataset reinforcement), resumably, on Ray."""
+
+    shards: str = arg(help="input image shards (DR shards from qcap build-dr, or curated shards)")
+    out: Path = arg(help="output folder; shard i of the input becomes shard i here, members copied plus paug.json/npz")
+    teachers: str = arg(help="comma-separated teachers: MODEL:TAG, hf-hub:ID, local-dir:PATH or a checkpoint folder "
+                             "(Apple: ViT-L-14:openai,ViT-L-14:datacomp_xl_s13b_b90k)")
+    teacher_logit_scales: str | None = arg(None, help="comma-separated logit scale per teacher (default: each model's "
+                                                      "own exp(logit_scale); Apple's v1 teachers: 100,100)")
+    num_augmentations: int = arg(30, help="augmentations stored per image (DataCompDR-12M: 30, -1B: 10)")
+    size: int = arg(224, help="RandomResizedCrop output side (Apple: 224)")
+    scale_min: float = arg(0.08, help="RandomResizedCrop smallest area fraction")
+    scale_max: float = arg(1.0, help="RandomResizedCrop largest area fraction")
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = arg("bicubic", help="RandomResizedCrop interpolation")
+    rand_augment: bool = arg(True, help="apply RandAugment after the crop (Apple: yes, p 1.0)")
+    rand_augment_p: float = arg(1.0, help="probability of RandAugment per augmentation")
+    num_ops: int = arg(2, help="RandAugment ops per augmentation")
+    magnitude: int = arg(9, help="RandAugment magnitude bin")
+    seed: int = arg(0, help="parameter seed; each image's draws derive from it and the uid")
+    embeddings: Literal["npz", "pth.gz"] = arg("npz", help="npz (fp32, DataCompDR-12M) or pth.gz (bf16, DataCompDR-12M-bf16)")
+    num_workers: int = arg(0, help="Ray actors, one teacher ensemble each (0: one per GPU, or CPUs - 1 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", help="where the teachers run (auto: cuda when the cluster has GPUs)")
+    gpus_per_worker: float = arg(1.0, help="GPUs per actor (cuda)")
+    cpus_per_worker: float = arg(1.0, help="CPUs per actor (also its torch threads on cpu)")
+    batch_size: int = arg(256, help="augmented images per teacher call")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
+    ray_address: str | None = arg(None, help="join this Ray cluster (default: a local one, or the one already running)")
+    max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
+    progress: bool = arg(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        from captioning.teachers import parse_teachers
+
+        parse_teachers(self.teachers)
+        self.logit_scales()
+        for name in ("num_augmentations", "batch_size", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise ValueError(f"scale_min/scale_max: need 0 < min <= max <= 1, got {self.scale_min}, {self.scale_max}")
+        self.augment_config()
+
+    def logit_scales(self) -> list[float] | None:
+        if self.teacher_logit_scales is None:
+            return None
+        try:
+            scales = [float(v) for v in self.teacher_logit_scales.split(",") if v.strip()]
+        except ValueError:
+            scales = []
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"teacher_logit_scales: positive numbers separated by commas, got {self.teacher_logit_scales!r}")
+        return scales
+
+    def augment_config(self):
+        from captioning.augment import AugmentConfig
+
+        return AugmentConfig(size=self.size, scale=(self.scale_min, self.scale_max), interpolation=self.interpolation,
+                             rand_augment=self.rand_augment, rand_augment_p=self.rand_augment_p,
+                             num_ops=self.num_ops, magnitude=self.magnitude)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReinforceContext:
+    """What every actor needs: picklable, resolved."""
+
+    specs: tuple  # TeacherSpec, ...
+    logit_scales: tuple[float, ...] | None
+    augment: Any  # AugmentConfig
+    num_augmentations: int
+    seed: int
+    embeddings: str
+    device: str
+    autocast: str | None
+    threads: int
+    batch_size: int
+    max_pixels: int
+    teachers_fingerprint: str
+
+
+def main(argv: list[str], prog: str = "qcap reinforce") -> int:
+    cfg = parse_config(ReinforceConfig, argv, prog=prog)
+    summary = run(cfg)
+    print(format_summary(summary))
+    return 0 if summary["reconciled"] and not summary["failed_shards"] else 1
+
+
+def run(cfg: ReinforceConfig) -> dict[str, Any]:
+    from captioning.job import input_shards
+    from curate.shards import atomic_write_json, finalize_folder, is_complete
+
+    tars = input_shards(cfg.shards)
+    out = Path(cfg.out)
+    if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
+        raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
+    teachers = resolve_teachers(cfg)  # every teacher loads here, before any work: one line if one cannot
+    check_resume(out, cfg, teachers["identities"])
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
+    failed: dict[int, str] = {}
+    if pending:
+        failed = reinforce_shards(cfg, pending, teachers)
+    if any(is_complete(out, shard_id) for shard_id in tars):
+        finalize_folder(out)
+    summary = summarize(out, tars, failed)
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def resolve_teachers(cfg: ReinforceConfig) -> dict[str, Any]:
+    """Load every teacher once on CPU (a bad one stops the job before Ray starts) and identify them."""
+    from captioning.teachers import TeacherEnsemble, TeacherError, parse_teachers
+
+    specs = parse_teachers(cfg.teachers)
+    try:
+        ensemble = TeacherEnsemble(specs, logit_scales=cfg.logit_scales())
+    except TeacherError as err:
+        raise UsageError(str(err)) from err
+    identities = ensemble.identities()
+    fingerprint = hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
+    return {"specs": tuple(specs), "identities": identities, "dims": ensemble.dims,
+            "logit_scales": ensemble.logit_scales, "fingerprint": fingerprint}
+
+
+def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any]]) -> None:
+    from curate.config import to_dict
+    from curate.shards import completed_shards
+
+    path = out / CONFIG_FILE
+    if not path.is_file() or not completed_shards(out):
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    previous, current = saved.get("config", {}), to_dict(cfg)
+    changed = [f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in _FINGERPRINT
+               if previous.get(key) != current[key]]
+    old = [t.get("weights_sha256") for t in saved.get("teachers", [])]
+    new = [t.get("weights_sha256") for t in identities]
+    if old != new:
+        changed.append(f"teacher weights sha256: {old} -> {new}")
+    if changed:
+        raise UsageError(f"{out} holds reinforcement made with other settings ({'; '.join(changed)}); "
+                         "use another --out, or the same settings to resume")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teachers: dict[str, Any]) -> dict[int, str]:
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from captioning.job import resolve_device, versions
+    from curate.shards import ShardError, shard_size
+
+    started = False
+    if not ray.is_initialized():
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        started = True
+    try:
+        device = resolve_device(cfg.device)
+        autocast = None
+        if device == "cuda":
+            autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
+        context = ReinforceContext(
+            specs=teachers["specs"], logit_scales=tuple(teachers["logit_scales"]), augment=cfg.augment_config(),
+            num_augmentations=cfg.num_augmentations, seed=cfg.seed, embeddings=cfg.embeddings, device=device,
+            autocast=autocast, threads=max(1, int(cfg.cpus_per_worker)), batch_size=cfg.batch_size,
+            max_pixels=cfg.max_pixels, teachers_fingerprint=teachers["fingerprint"],
+        )
+        resources = ray.cluster_resources()
+        if cfg.num_workers:
+            num_workers = cfg.num_workers
+        elif device == "cuda":
+            num_workers = max(1, int(resources.get("GPU", 0) // cfg.gpus_per_worker))
+        else:
+            num_workers = max(1, int((resources.get("CPU", 1) - 1) // cfg.cpus_per_worker))
+        num_workers = min(num_workers, len(pending))
+        save_config(cfg, Path(cfg.out) / CONFIG_FILE, teachers=teachers["identities"], teacher_dims=teachers["dims"],
+                    teacher_logit_scales=teachers["logit_scales"], teachers_fingerprint=teachers["fingerprint"],
+                    augmentation=context.augment.as_json(), device=device, autocast=autocast,
+                    num_workers=num_workers, **versions())
+        options: dict[str, Any] = {"num_cpus": cfg.cpus_per_worker}
+        if device == "cuda":
+            options["num_gpus"] = cfg.gpus_per_worker
+        actor_cls = ray.remote(**options)(ReinforceActor)
+        pool = ActorPool([actor_cls.remote(context) for _ in range(num_workers)])
+        total = 0
+        for _, path in pending:
+            with contextlib.suppress(ShardError):  # the actor will say what is wrong with the shard
+                total += shard_size(path)
+        bar = tqdm(total=total or None, unit="img", desc="reinforce", disable=not cfg.progress, dynamic_ncols=True,
+                   file=sys.stderr)
+        start, images, failed = time.monotonic(), 0, {}
+        work = [(shard_id, path, str(cfg.out)) for shard_id, path in pending]
+        for result in pool.map_unordered(lambda actor, item: actor.reinforce_shard.remote(*item), work):
+            if result.get("error"):
+                log.error("shard %05d not reinforced: %s", result["shard_id"], result["error"])
+                failed[result["shard_id"]] = result["error"]
+                continue
+            images += result["num_input"]
+            bar.update(result["num_input"])
+            bar.set_postfix({"images/s": f"{images / max(time.monotonic() - start, 1e-9):.1f}"}, refresh=False)
+        bar.close()
+        return failed
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class ReinforceActor:
+    """One teacher ensemble per actor; reinforces and writes one shard per call."""
+
+    def __init__(self, context: ReinforceContext) -> None:
+        import torch
+
+        from captioning.teachers import TeacherEnsemble
+
+        if context.device == "cpu":
+            torch.set_num_threads(context.threads)
+        self.context = context
+        self.ensemble = TeacherEnsemble(list(context.specs), device=context.device,
+                                        logit_scales=list(context.logit_scales) if context.logit_scales else None)
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
+
+    def reinforce_shard(self, shard_id: int, path: str, out: str) -> dict[str, Any]:
+        from curate.shards import ShardError
+
+        try:
+            return reinforce_one_shard(self.ensemble, self.context, shard_id, path, out, self.autocast)
+        except ShardError as err:
+            return {"shard_id": shard_id, "error": str(err)}
+
+
+def reinforce_one_shard(ensemble, context: ReinforceContext, shard_id: int, path: str, out: str,
+                        autocast=None) -> dict[str, Any]:
+    """Stream a shard, reinforce its images a chunk at a time (at most ``batch_size`` augmented
+    images held), and write output shard ``shard_id`` atomically, in input order."""
+    from curate.shards import ShardWriter, iter_samples
+
+    counts = {"num_input": 0, "num_augmentations": 0, "num_texts": 0}
+    per_chunk = max(1, context.batch_size // context.num_augmentations)
+    with ShardWriter(out, shard_id) as writer:
+        chunk: list[Any] = []
+        for sample in iter_samples([path]):  # ShardError for an unreadable tar: the shard is retried later
+            chunk.append(sample)
+            if len(chunk) == per_chunk:
+                _write_chunk(writer, _reinforce_chunk(ensemble, context, chunk, autocast), context, counts)
+                chunk = []
+        if chunk:
+            _write_chunk(writer, _reinforce_chunk(ensemble, context, chunk, autocast), context, counts)
+        writer.close(extra_stats=counts)
+    return {"shard_id": shard_id, **counts}
+
+
+def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], autocast) -> list[dict[str, Any]]:
+    """Per sample: its status, and for a success its parameters and embeddings."""
+    import torch
+
+    from captioning.augment import apply_pil, draw_many, to_tensor
+    from curate.shards import decode_image
+
+    cfg = context.augment
+    rows: list[dict[str, Any]] = []
+    images: list[Any] = []
+    texts: list[str] = []
+    for sample in samples:
+        row: dict[str, Any] = {"sample": sample, "status": sample.status, "error": sample.error_message}
+        rows.append(row)
+        if not sample.ok:
+            continue
+        if sample.uid is None:
+            row.update(status="missing_uid", error="the sample has no uid in its KEY.json")
+            continue
+        if sample.image is None:
+            row.update(status="no_image", error="the sample has no image member")
+            continue
+        try:
+            image = decode_image(sample.image, max_pixels=context.max_pixels)  # full size: boxes are in its pixels
+        except ValueError as err:
+            row.update(status="decode_error", error=str(err))
+            continue
+        params = draw_many(image, cfg, context.num_augmentations, context.seed, sample.uid)
+        row["params"], row["image_size"] = params, list(image.size)
+        row["images"] = (len(images), len(images) + len(params))
+        images.extend(to_tensor(apply_pil(image, p, cfg), cfg, normalize=False) for p in params)
+        captions = [sample.text or "", *(sample.syn_text or [])]
+        row["texts"] = (len(texts), len(texts) + len(captions))
+        row["num_syn"] = len(sample.syn_text or [])
+        texts.extend(captions)
+    if images:
+        image_emb = ensemble.encode_images(torch.stack(images), autocast_dtype=autocast)
+        text_emb = ensemble.encode_texts(texts, autocast_dtype=autocast)
+        for row in rows:
+            if "images" in row:
+                row["image_emb"] = image_emb[row["images"][0] : row["images"][1]]
+                row["text_emb"] = text_emb[row["texts"][0] : row["texts"][1]]
+    return rows
+
+
+def _write_chunk(writer, rows: list[dict[str, Any]], context: ReinforceContext, counts: dict[str, int]) -> None:
+    from captioning.augment import encode_paug
+    from curate.shards import Sample
+
+    for row in rows:
+        sample = row["sample"]
+        counts["num_input"] += 1
+        if row["status"] != "success":
+            writer.write(Sample(key=sample.key, uid=sample.uid, meta=_meta_of(sample), status=row["status"],
+                                error_message=row["error"]))
+            continue
+        extras = {k: v for k, v in sample.extras.items() if k not in REPLACED_MEMBERS}
+        extras["paug.json"] = encode_paug(row["params"])
+        extras[context.embeddings] = encode_embeddings(row["image_emb"], row["text_emb"], context.embeddings)
+        extras[RECORD_MEMBER] = json.dumps({
+            "image_sha256": hashlib.sha256(sample.image).hexdigest(),
+            "image_bytes": len(sample.image),
+            "image_size": row["image_size"],
+            "num_augmentations": len(row["params"]),
+            "text_rows": {"real": 0, "syn_text": [1, 1 + row["num_syn"]]},
+            "teachers": context.teachers_fingerprint,
+            "augmentation": context.augment.fingerprint(),
+            "embeddings": context.embeddings,
+        }, sort_keys=True).encode("utf-8")
+        counts["num_augmentations"] += len(row["params"])
+        counts["num_texts"] += int(row["text_emb"].shape[0])
+        writer.write(Sample(key=sample.key, uid=sample.uid, image=sample.image, image_ext=sample.image_ext,
+                            text=sample.text, syn_text=sample.syn_text, syn_provenance=sample.syn_provenance,
+                            meta=dict(sample.meta), extras=extras))
+
+
+def _meta_of(sample) -> dict[str, Any]:
+    return {k: v for k, v in (sample.meta or {}).items() if k not in ("key", "uid", "status", "error_message")}
+
+
+def encode_embeddings(image_emb, text_emb, kind: str) -> bytes:
+    """Apple's ``KEY.npz`` (fp32 arrays) or ``KEY.pth.gz`` (bf16 tensors, torch.save, gzip)."""
+    import numpy as np
+    import torch
+
+    if kind == "npz":
+        sink = io.BytesIO()
+        np.savez(sink, image_emb=image_emb.float().numpy().astype(np.float32),
+                 text_emb=text_emb.float().numpy().astype(np.float32))
+        return sink.getvalue()
+    sink = io.BytesIO()
+    torch.save({"image_emb": image_emb.to(torch.bfloat16).contiguous(),
+                "text_emb": text_emb.to(torch.bfloat16).contiguous()}, sink)
+    return gzip.compress(sink.getvalue(), mtime=0)
+
+
+def decode_embeddings(extras: dict[str, bytes]) -> tuple[Any, Any] | None:
+    """``(image_emb, text_emb)`` float32 tensors from a sample's ``npz`` or ``pth.gz``; None when it
+    has neither; ValueError when the member does not hold both arrays."""
+    import numpy as np
+    import torch
+
+    if "npz" in extras:
+        try:
+            with np.load(io.BytesIO(extras["npz"]), allow_pickle=False) as npz:
+                return torch.from_numpy(np.array(npz["image_emb"], dtype=np.float32)), \
+                    torch.from_numpy(np.array(npz["text_emb"], dtype=np.float32))
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"npz without image_emb/text_emb ({type(err).__name__})") from err
+    if "pth.gz" in extras:
+        try:
+            state = torch.load(io.BytesIO(gzip.decompress(extras["pth.gz"])), map_location="cpu", weights_only=True)
+            return state["image_emb"].float(), state["text_emb"].float()
+        except Exception as err:  # untrusted bytes: any parser failure means "not Apple's pth.gz"
+            raise ValueError(f"pth.gz without image_emb/text_emb ({type(err).__name__})") from err
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(out: Path, tars: dict[int, str], failed: dict[int, str]) -> dict[str, Any]:
+    from collections import Counter
+
+    from curate.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
+
+    statuses: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    problems, done = [], []
+    for shard_id, tar in sorted(tars.items()):
+        if not is_complete(out, shard_id):
+            continue
+        done.append(shard_id)
+        stats = read_shard_stats(out / f"{shard_name(shard_id)}.parquet")
+        statuses.update(stats["status_dict"])
+        totals.update({"images_in": stats["num_input"], "reinforced": stats["successes"],
+                       "augmentations": stats["num_augmentations"], "texts": stats["num_texts"]})
+        try:
+            in_tar = shard_size(tar)
+        except ShardError:
+            continue
+        if in_tar != stats["num_input"]:
+            problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
+    failures = {s: n for s, n in statuses.items() if s != "success"}
+    reconciled = totals["images_in"] == totals["reinforced"] + sum(failures.values()) and not problems
+    return {
+        "out": str(out), "num_shards": len(tars), "num_shards_done": len(done),
+        "failed_shards": {shard_name(k): v for k, v in sorted(failed.items())},
+        "images_in": totals["images_in"], "images_reinforced": totals["reinforced"],
+        "images_failed": dict(sorted(failures.items())), "augmentations": totals["augmentations"],
+        "texts_embedded": totals["texts"], "reconciled": reconciled, "problems": problems,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in summary["images_failed"].items()) or "none"
+    lines = [
+        f"reinforced {summary['images_reinforced']} of {summary['images_in']} images in "
+        f"{summary['num_shards_done']}/{summary['num_shards']} shards -> {summary['out']}",
+        f"  failed images: {failed}",
+        f"  augmentations stored: {summary['augmentations']}; texts embedded: {summary['texts_embedded']}",
+        f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + '; '.join(summary['problems'])}",
+    ]
+    if summary["failed_shards"]:
+        lines.append(f"  shards not reinforced (re-run to retry): {summary['failed_shards']}")
+    return "\n".join(lines)
