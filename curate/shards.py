@@ -495,13 +495,14 @@ def rows_to_table(rows: list[dict[str, Any]], schema=None):
     return pa.table(columns)
 
 
-def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
+def finalize_folder(folder: str | os.PathLike, *, check: bool = False) -> dict[str, int]:
     """Write ``sizes.json`` (tar name → successes) for every whole shard in ``folder``.
 
-    Reads each shard's ``_stats.json`` (ours or img2dataset's) and checks it against the
-    shard's Parquet (its ``success`` rows): stats that disagree are a ShardError naming the
-    shard, never a sizes.json that lies. A tar without stats is counted from its Parquet.
-    Returns the sizes written.
+    Reads each shard's ``_stats.json`` (ours or img2dataset's); a tar without stats is counted
+    from its Parquet. With ``check``, each count is also checked against the shard's Parquet
+    (its ``success`` rows): stats that disagree are a ShardError naming the shard, never a
+    sizes.json that lies (``qcap shards finalize`` checks; a stage that has just written the
+    shards need not). Returns the sizes written.
     """
     fs, root = _fs(str(folder))
     if not fs.isdir(root):
@@ -510,8 +511,7 @@ def finalize_folder(folder: str | os.PathLike) -> dict[str, int]:
     for tar in sorted(p for p in fs.ls(root, detail=False) if _SHARD_NAME_RE.match(os.path.basename(p))):
         path = fs.unstrip_protocol(tar) if not _is_local(fs) else tar
         size = shard_size(path)
-        counted = parquet_successes(path)
-        if size != counted:
+        if check and size != (counted := parquet_successes(path)):
             raise ShardError(f"{path}: its _stats.json counts {size} successes, its Parquet {counted}; "
                              "re-run the stage that wrote it (qcap shards verify lists what else is wrong)")
         sizes[os.path.basename(tar)] = size
@@ -677,8 +677,20 @@ def _shard_problem(tar_path: str, message: str, problems: list[str] | None) -> N
     problems.append(message)
 
 
-def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
-                ) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+def _skipped_kind(info: tarfile.TarInfo) -> str:
+    if info.isdir():
+        return "a folder"
+    if info.issym():
+        return f"a symbolic link to {info.linkname!r}"
+    if info.islnk():
+        return f"a hard link to {info.linkname!r}"
+    if not info.isfile():
+        return "not a regular file"
+    return "a name without a key (webdataset needs KEY.EXTENSION)"
+
+
+def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None,
+                skipped: list[str] | None = None) -> Iterator[tuple[str, str, bytes | None, str | None]]:
     """``(key, extension, data, problem)`` for every regular member of a tar, in order; a member
     with a problem has no data. A cut inside a member ends it with problem ``truncated``; every
     tar-level problem (missing, unreadable, truncated) goes to :func:`_shard_problem`."""
@@ -698,6 +710,8 @@ def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
                     for info in tar:
                         key, ext, problem = _member_name(tar_path, info, max_member_bytes)
                         if key is None:
+                            if skipped is not None:
+                                skipped.append(f"{info.name!r}: {_skipped_kind(info)}")
                             continue
                         if problem is not None:
                             yield key, ext, None, problem
@@ -788,6 +802,7 @@ def iter_samples(
     with_image: bool = True,
     max_member_bytes: int = MAX_MEMBER_BYTES,
     problems: list[str] | None = None,
+    skipped: list[str] | None = None,
 ) -> Iterator[Sample]:
     """Every sample of one or more shards, in tar order, as :class:`Sample` records.
 
@@ -804,13 +819,15 @@ def iter_samples(
     (its ``success`` rows), which every stage that relies on them does.
 
     ``with_image=False`` skips the image bytes (cheaper when only captions matter).
+    Members that are not sample files (folders, links, devices, names without a key) are
+    skipped, never followed; ``skipped`` (a list) receives a line per such member.
     """
     paths = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
     for path in paths:
         path = str(path)
         seen: set[str] = set()
         group: _Group | None = None
-        for key, ext, data, problem in _tar_events(path, max_member_bytes, problems):
+        for key, ext, data, problem in _tar_events(path, max_member_bytes, problems, skipped):
             if key is None:  # the tar ends without its end-of-archive blocks, right after this group
                 if group is not None:
                     group.flag(TRUNCATED, f"the tar ends after this sample's members ({problem}); it may lack some")
