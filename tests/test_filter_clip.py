@@ -58,7 +58,7 @@ def clip_run(tmp_path_factory, ray_local):
 
 
 def direct_scores(raw: Path, checkpoint: Path) -> dict[str, float]:
-    """The same model, called directly on every downloaded sample: image and caption, cosine."""
+    """The same model, called directly on every downloaded sample with a caption: image and caption, cosine."""
     import torch
 
     from curate.models import load_model
@@ -67,6 +67,8 @@ def direct_scores(raw: Path, checkpoint: Path) -> dict[str, float]:
     loaded = load_model(checkpoint=checkpoint)
     uids, pixels, texts = [], [], []
     for sample in iter_samples(str(raw)):
+        if not (sample.text or "").strip():  # no caption: the filter gives it no score (no_caption)
+            continue
         try:
             pixels.append(loaded.preprocess_val(decode_image(sample.image, draft=DECODE)))
         except ValueError:
@@ -87,12 +89,16 @@ def test_scores_match_a_direct_computation_and_top_fraction_keeps_30_percent(cli
     got = scores.score[list(direct)].to_numpy()
     np.testing.assert_allclose(got, np.array(list(direct.values()), dtype=np.float32), atol=2e-5)
     assert np.isnan(scores.score[make_uid(99)])  # the undecodable one is recorded, without a score
+    assert scores.status[make_uid(99)] == "undecodable_image"
+    captionless = scores.index[scores.status == "no_caption"]
+    assert len(captionless) >= 1 and scores.score[captionless].isna().all()  # the world's empty alt-texts
     report = json.loads(out.with_name("clip.report").joinpath("report.json").read_text())
     counts = report["counts"]
     n = report["settings"]["num_scored"]
     assert n == len(direct)
     assert abs(counts["kept"] - 0.3 * n) <= 1
-    assert counts["dropped"] == {"low_clip_score": n - counts["kept"], "undecodable_image": 1}
+    assert counts["dropped"] == {"low_clip_score": n - counts["kept"], "undecodable_image": 1,
+                                 "no_caption": len(captionless)}
     assert counts["total"] == read_tables(str(raw)).num_rows
     kept = set(array_to_uids(assert_datacomp_uids(out)))
     cutoff = report["settings"]["threshold"]
@@ -102,7 +108,7 @@ def test_scores_match_a_direct_computation_and_top_fraction_keeps_30_percent(cli
     assert report["histograms"]["clip_score"]["cutoffs"] == [cutoff]
     page = (out.with_name("clip.report") / "preview.html").read_text()
     assert ">dropped: undecodable_image (1; the first 1)</h2>" in page and page.count("(no decodable image)") == 1
-    assert f">kept ({counts['kept']}; the first 8)</h2>" in page and re.search(r"clip_score -?\d+\.\d{3}</div>", page)
+    assert f">kept ({counts['kept']}; the first 8)</h2>" in page and re.search(r"clip_score -?\d+\.\d{3} · score_status ok</div>", page)
 
 
 def test_second_threshold_and_subset_reuse_the_scores(clip_run, tmp_path):
@@ -128,7 +134,8 @@ def test_second_threshold_and_subset_reuse_the_scores(clip_run, tmp_path):
     report = json.loads((tmp_path / "chained.report" / "report.json").read_text())
     assert report["settings"]["num_computed_now"] == 0 and report["settings"]["num_scored"] == len(half)
     assert abs(report["counts"]["kept"] - 0.5 * len(half)) <= 1
-    assert report["counts"]["dropped"]["outside_subset"] == len(scores) + 1 - len(half)  # + the undecodable one
+    unscored = int(pq.read_table(scores_file).to_pandas().score.isna().sum())  # the undecodable and captionless ones
+    assert report["counts"]["dropped"]["outside_subset"] == len(scores) + unscored - len(half)
     assert set(array_to_uids(np.load(chained))) <= set(half)
 
 

@@ -26,7 +26,19 @@ arrived, so a killed run redoes only unfinished shards, then the scores Parquet
 A second threshold reuses that file and costs no model pass; a file made by another model is
 refused (``--rescore`` recomputes).
 
-Drop reasons: ``low_clip_score``, ``undecodable_image`` (bytes in the tar that do not decode).
+Per row, not per uid: a uid can be in a folder twice (two overlapping downloads); each row is
+scored on its own (the scores file is keyed by ``shard, key``; ``uid`` is carried along) and the
+top fraction is of the scored *rows*.
+
+Drop reasons: ``low_clip_score``; and, for a row that gets no score, why (the scores file's
+``status``, decisions' ``score_status`` and ``error_message``): ``no_caption`` (no caption, or an
+empty or blank one — it is not scored against the empty string), ``bad_caption`` (not UTF-8, a
+NUL inside, not text), ``undecodable_image`` (bytes that do not decode, a pixel bomb),
+``no_image`` (no image member, or not in the tar at all), ``bad_member`` (a ``KEY.json`` that is
+not a JSON object, two members of one kind), ``unreadable_shard`` (the tar breaks before the
+sample: scored again on the next run), and the runner's ``bad_uid``. One bad sample never stops
+the run; a request for more CPUs or GPUs than Ray has is refused before any work
+(:func:`check_resources`), and a failure inside Ray is one line (:func:`reraise_ray_error`).
 """
 
 from __future__ import annotations
@@ -34,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,12 +66,15 @@ from curate.filters.base import (
     run_filter,
 )
 from curate.filters.config import ClipScoreConfig
+from curate.filters.members import UNREADABLE_SHARD, SampleProblem, label_stem, read_wanted, shard_labels
 from curate.filters.report import Histogram, score_edges
-from curate.shards import ShardError, atomic_write_bytes, decode_image, iter_samples, uids_to_array
+from curate.shards import ShardError, atomic_write_bytes, decode_image
 
 log = logging.getLogger(__name__)
 PARTS_SUFFIX = ".parts"
-SCORE_COLUMNS = ("uid", "score", "shard", "key")
+SCORE_COLUMNS = ("uid", "score", "shard", "key", "status", "error")
+OK = "ok"  # a scored sample's status in the scores file; anything else is the reason it has no score
+UNDECODABLE = "undecodable_image"
 _META_KEY = b"qcap.clip_score"
 
 
@@ -97,28 +114,51 @@ def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
 
 
 class ScoreIndex:
-    """uid -> score lookups over sorted DataComp uid arrays (compact: 20 bytes a sample)."""
+    """(shard label, key) -> (score, status) lookups: one sorted key array per shard (compact).
 
-    def __init__(self, uids: Sequence[str], scores: Sequence[float]) -> None:
-        pairs = uids_to_array(uids, sort=False)
-        order = np.argsort(pairs, kind="stable")
-        self.uids, self.scores = pairs[order], np.asarray(scores, dtype=np.float32)[order]
+    Keyed by the sample, not the uid: a uid downloaded twice is two rows, each with its own score."""
+
+    def __init__(self, shards: Sequence[str], keys: Sequence[str], scores: Sequence[float],
+                 statuses: Sequence[str], errors: Sequence[str | None] = ()) -> None:
+        self.by_shard: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.errors: dict[tuple[str, str], str] = {  # only unscored samples have one: small
+            (sh, str(k)): e for sh, k, e in zip(shards, keys, errors, strict=False) if e}
+        shards_arr = np.asarray(list(shards), dtype=object)
+        keys_arr = np.asarray([str(k) for k in keys], dtype=str) if len(keys) else np.zeros(0, dtype=str)
+        scores_arr = np.asarray(scores, dtype=np.float32)
+        statuses_arr = np.asarray(list(statuses), dtype=object)
+        for shard in dict.fromkeys(shards_arr.tolist()):
+            rows = np.flatnonzero(shards_arr == shard)
+            # the last row of a key wins (parts are read after the file: newest last)
+            _, last = np.unique(keys_arr[rows][::-1], return_index=True)
+            rows = rows[::-1][last]
+            order = np.argsort(keys_arr[rows], kind="stable")
+            rows = rows[order]
+            self.by_shard[shard] = (keys_arr[rows], scores_arr[rows], statuses_arr[rows])
 
     def __len__(self) -> int:
-        return len(self.uids)
+        return sum(len(k) for k, _, _ in self.by_shard.values())
 
-    def lookup(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, found) of ``uids``: NaN where there is no score — not scored yet (found False)
-        or scored and undecodable (found True)."""
-        out = np.full(len(uids), np.nan, dtype=np.float32)
-        found = np.zeros(len(uids), dtype=bool)
-        if not len(uids) or not len(self.uids):
-            return out, found
-        query = uids_to_array(uids, sort=False)
-        index = np.clip(np.searchsorted(self.uids, query), 0, len(self.uids) - 1)
-        found = self.uids[index] == query
-        out[found] = self.scores[index[found]]
-        return out, found
+    def error(self, shard: str, key: str) -> str | None:
+        return self.errors.get((shard, str(key)))
+
+    def lookup(self, shard: str, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """(scores, found, statuses) of ``keys`` of ``shard``: NaN where there is no score — not
+        scored yet (found False, status None) or scored and unusable (found True, its status)."""
+        out = np.full(len(keys), np.nan, dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        statuses: list[str | None] = [None] * len(keys)
+        have = self.by_shard.get(shard)
+        if not len(keys) or have is None or not len(have[0]):
+            return out, found, statuses
+        sorted_keys, scores, status = have
+        query = np.asarray([str(k) for k in keys], dtype=str)
+        index = np.clip(np.searchsorted(sorted_keys, query), 0, len(sorted_keys) - 1)
+        found = sorted_keys[index] == query
+        out[found] = scores[index[found]]
+        for i in np.flatnonzero(found):
+            statuses[i] = status[index[i]]
+        return out, found, statuses
 
 
 def read_scores(path: Path, identity: dict[str, Any] | None = None):
@@ -130,9 +170,9 @@ def read_scores(path: Path, identity: dict[str, Any] | None = None):
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable scores Parquet ({err}); delete it or pass --rescore") from err
-    missing = [c for c in ("uid", "score") if c not in table.column_names]
+    missing = [c for c in ("uid", "score", "shard", "key") if c not in table.column_names]
     if missing:
-        raise ShardError(f"{path}: missing column(s) {missing}; a scores file holds uid and score")
+        raise ShardError(f"{path}: missing column(s) {missing}; a scores file holds uid, score, shard and key")
     if identity is not None:
         recorded = json.loads((table.schema.metadata or {}).get(_META_KEY, b"null"))
         if recorded is not None and recorded != identity:
@@ -142,13 +182,21 @@ def read_scores(path: Path, identity: dict[str, Any] | None = None):
                 f"{path}: scores made with other settings (theirs, now): {json.dumps(differ)}; repeat the flags "
                 "they were made with, pass --rescore to recompute, or give --scores another path"
             )
+    if "status" not in table.column_names:  # written before statuses: a missing score was an undecodable image
+        import pyarrow.compute as pc
+
+        table = table.append_column("status", pc.if_else(pc.is_null(table.column("score"), nan_is_null=True),
+                                                         pa.scalar(UNDECODABLE), pa.scalar(OK)))
+    if "error" not in table.column_names:
+        table = table.append_column("error", pa.nulls(table.num_rows, pa.string()))
     return table
 
 
 def _scores_table(rows: dict[str, list], identity: dict[str, Any]):
     import pyarrow as pa
 
-    schema = pa.schema([("uid", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("key", pa.string())],
+    schema = pa.schema([("uid", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("key", pa.string()),
+                        ("status", pa.string()), ("error", pa.string())],
                        metadata={_META_KEY: json.dumps(identity, sort_keys=True).encode()})
     return pa.table({name: rows[name] for name in SCORE_COLUMNS}, schema=schema)
 
@@ -165,11 +213,11 @@ def _write_parquet(table, path: Path) -> None:
 
 
 def _write_part(path: Path, rows: dict[str, list], identity: dict[str, Any]) -> None:
-    """A shard's scores; rows of an earlier part of the same shard (other uids) are kept."""
+    """A shard's scores; rows of an earlier part of the same shard (other keys) are kept."""
     if path.exists():
         old = read_scores(path, identity).to_pydict()
-        new = set(rows["uid"])
-        rows = {c: [v for v, u in zip(old[c], old["uid"], strict=True) if u not in new] + rows[c] for c in SCORE_COLUMNS}
+        new = set(rows["key"])
+        rows = {c: [v for v, k in zip(old[c], old["key"], strict=True) if k not in new] + rows[c] for c in SCORE_COLUMNS}
     _write_parquet(_scores_table(rows, identity), path)
 
 
@@ -197,22 +245,28 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
 
 def _read_shard(item: dict[str, Any], *, transform, tokenizer, text_column: str | None,
                 decode_size: int | None) -> Iterator[dict[str, Any]]:
-    """One shard's candidate samples, decoded and preprocessed (a Ray Data flat_map)."""
-    wanted = set(item["keys"])
-    shard = os.path.basename(item["tar"])
-    for sample in iter_samples([item["tar"]]):
-        if sample.key not in wanted:
-            continue
-        text = sample.text if text_column is None else sample.meta.get(text_column)
-        tokens = tokenizer([text or ""])[0].numpy()
-        error = ""
+    """One shard's candidate samples, decoded and preprocessed (a Ray Data flat_map).
+
+    Every wanted key comes out exactly once: a sample that cannot be scored comes out with its
+    reason in ``status`` (``bad_member``, ``no_image``, ``no_caption``, ``bad_caption``,
+    ``undecodable_image``, ``unreadable_shard``) and placeholder pixels and tokens, so one bad
+    member never stops the pipeline and the driver can count every shard complete."""
+    empty_tokens = tokenizer([""])[0].numpy()
+    for sample in read_wanted(item["tar"], item["keys"]):  # a tar that breaks: its rows' unreadable_shard
+        status, error, tokens, pixels = "", "", empty_tokens, None
         try:
-            image = decode_image(sample.image or b"", draft=decode_size)
-            pixels = transform(image).numpy()
-        except ValueError as err:
-            error = str(err)[:200]
-            pixels = None
-        yield {"shard": shard, "key": sample.key, "uid": sample.uid, "tokens": tokens, "error": error,
+            sample.meta()  # a KEY.json that is there must be an object
+            data = sample.image()
+            text = sample.caption(text_column)
+            tokens = tokenizer([text])[0].numpy()
+            pixels = transform(decode_image(data, draft=decode_size)).numpy()
+        except SampleProblem as problem:
+            status, error = problem.reason, problem.message[:300]
+        except ValueError as err:  # decode_image: undecodable bytes, a pixel bomb
+            status, error = UNDECODABLE, str(err)[:300]
+        except OSError as err:  # PIL reading past the header (a truncated file) in the transform
+            status, error = UNDECODABLE, f"undecodable image ({err})"[:300]
+        yield {"shard": item["label"], "key": sample.key, "tokens": tokens, "status": status, "error": error,
                "pixels": pixels if pixels is not None else np.zeros(item["pixel_shape"], dtype=np.float32)}
 
 
@@ -233,8 +287,8 @@ class ClipScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores = score_batch(self.loaded.model, batch["pixels"], batch["tokens"], device=self.device, dtype=self.dtype)
-        scores[np.asarray([bool(e) for e in batch["error"]], dtype=bool)] = np.nan
-        return {"shard": batch["shard"], "key": batch["key"], "uid": batch["uid"], "score": scores,
+        scores[np.asarray([bool(s) for s in batch["status"]], dtype=bool)] = np.nan
+        return {"shard": batch["shard"], "key": batch["key"], "score": scores, "status": batch["status"],
                 "error": batch["error"], "ready_at": np.full(len(scores), self.ready_at)}
 
 
@@ -252,7 +306,70 @@ def score_batch(model, pixels: np.ndarray, tokens: np.ndarray, *, device: str = 
         return (image_emb.float() * text_emb.float()).sum(dim=-1).cpu().numpy().astype(np.float32)
 
 
-def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path, identity: dict[str, Any]) -> dict[str, float]:
+READ_CPUS = 1.0  # what each Ray Data read task (a shard's flat_map) asks for: Ray's default for a task
+
+
+def check_resources(cfg: ClipScoreConfig, cpus: float, gpus: float, where: str) -> None:
+    """Refuse, before any work, a pipeline that the CPUs (and GPUs) on offer cannot run.
+
+    Ray Data's model actors hold their ``--cpus-per-worker`` for the whole run, and the read
+    tasks (decode + preprocess) need ``READ_CPUS`` more; with fewer CPUs than both, the read
+    stage is never scheduled and the run waits forever without a word (``--num-cpus 1`` with
+    one 1-CPU actor did). Splitting one CPU into fractions behind the user's back would run
+    torch on a share it cannot limit itself to, so the run is refused with what would work."""
+    from curate.cli import UsageError
+
+    actors = cfg.num_workers * cfg.cpus_per_worker
+    needed = actors + READ_CPUS
+    if cpus < needed:
+        fits = cpus - READ_CPUS  # what the actors could share
+        hints = [f"--num-cpus {math.ceil(needed)} or more" if cfg.ray_address is None else "a larger cluster"]
+        if fits > 0:
+            hints.append(f"--cpus-per-worker {math.floor(100 * fits / cfg.num_workers) / 100:g}")
+        if cfg.num_workers > 1:
+            hints.append("fewer --num-workers")
+        raise UsageError(
+            f"{where} offers {cpus:g} CPU(s), but {cfg.num_workers} model worker(s) x {cfg.cpus_per_worker:g} CPU "
+            f"plus {READ_CPUS:g} for the read tasks need {needed:g} (with fewer the read tasks never run): give "
+            + ", or ".join(hints))
+    if cfg.device == "cuda" and gpus < cfg.num_workers * cfg.gpus_per_worker:
+        raise UsageError(f"{where} offers {gpus:g} GPU(s), but {cfg.num_workers} model worker(s) x "
+                         f"{cfg.gpus_per_worker:g} GPU need {cfg.num_workers * cfg.gpus_per_worker:g}: use fewer "
+                         "--num-workers, a smaller --gpus-per-worker, or --device cpu")
+
+
+_REMOTE_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def reraise_ray_error(err: BaseException) -> None:
+    """A failure inside the Ray pipeline as one line. Ray Data wraps a task's exception in
+    ``RayTaskError(UserCodeException)`` whose text is the remote traceback (~170 lines printed
+    as it propagated) and whose cause object is gone, so the original is read back from the
+    traceback's last line: a ``ShardError`` is re-raised as a ShardError, a ``ValueError`` or
+    ``UsageError`` as a UsageError, with the original message; any other failure (an actor that
+    died, memory, a bug) is a UsageError naming it, its trace left in Ray's session logs."""
+    from curate.cli import UsageError
+
+    texts = [str(err)] + [str(c) for c in _chain(err)] + [str(getattr(err, "cause", "") or "")]
+    for text in texts:
+        lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+        for line in reversed(lines):
+            found = _REMOTE_ERROR.match(line)
+            if found is None:
+                continue
+            kind, message = found.groups()
+            if kind == "ShardError":
+                raise ShardError(message) from None
+            if kind in ("ValueError", "UsageError", "ConfigError"):
+                raise UsageError(message) from None
+            raise UsageError(f"clip-score: the Ray pipeline failed: {kind}: {message[:300]}") from None
+    first = next((_ANSI.sub("", line).strip() for line in str(err).splitlines() if line.strip()), "")
+    raise UsageError(f"clip-score: the Ray pipeline failed ({type(err).__name__}): {first[:300]}") from None
+
+
+def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], labels: dict[str, str], parts: Path,
+                   identity: dict[str, Any]) -> dict[str, float]:
     """Score the candidates of the shards in ``todo`` (tar -> keys) on Ray Data, one part per shard.
 
     Returns timings: ``seconds`` (from the driver's model check to the last score, Ray start
@@ -261,9 +378,13 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
     throughput once it can run (reading and decoding not hidden behind the model show up here).
     """
     import ray.data
+    from ray.exceptions import RayError
     from tqdm import tqdm
 
     started = time.time()
+    if cfg.ray_address is None and not ray.is_initialized():  # a local Ray of known size: refuse before any work
+        check_resources(cfg, float(cfg.num_cpus or os.cpu_count() or 1), float("inf"),
+                        f"--num-cpus {cfg.num_cpus}" if cfg.num_cpus else f"this machine ({os.cpu_count()} CPUs)")
 
     from curate.models import load_model
 
@@ -281,9 +402,13 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
 
     pixel_shape = list(transform(Image.new("RGB", (32, 32))).shape)  # stands in for undecodable images
     del probe
-    expected = {os.path.basename(tar): len(keys) for tar, keys in todo.items()}
-    items = [{"tar": tar, "keys": keys, "pixel_shape": pixel_shape} for tar, keys in todo.items()]
+    todo = {tar: sorted(set(keys)) for tar, keys in todo.items()}  # a key twice in a Parquet is one sample
+    expected = {labels[tar]: len(keys) for tar, keys in todo.items()}
+    items = [{"tar": tar, "label": labels[tar], "keys": keys, "pixel_shape": pixel_shape} for tar, keys in todo.items()]
     with ray_session(cfg.ray_address, cfg.num_cpus):
+        resources = ray.cluster_resources()
+        check_resources(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
+                        "the Ray cluster" if cfg.ray_address else "Ray")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         ctx.print_on_execution_start = False
@@ -304,28 +429,43 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
         pending: dict[str, dict[str, list]] = {name: {c: [] for c in SCORE_COLUMNS} for name in expected}
         bar = tqdm(total=sum(expected.values()), desc="clip-score", unit="img", disable=not cfg.progress)
         ready = float("inf")
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            ready = min(ready, float(batch["ready_at"].min()))
-            for shard, key, uid, score in zip(batch["shard"], batch["key"], batch["uid"], batch["score"], strict=True):
-                rows = pending[str(shard)]
-                rows["uid"].append(str(uid))
-                rows["score"].append(float(score))
-                rows["shard"].append(str(shard))
-                rows["key"].append(str(key))
-                if len(rows["uid"]) == expected[str(shard)]:
-                    _write_part(parts / f"{Path(str(shard)).stem}.parquet", rows, identity)
-            bar.update(len(batch["uid"]))
-        bar.close()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                ready = min(ready, float(batch["ready_at"].min()))
+                for shard, key, score, status, error in zip(batch["shard"], batch["key"], batch["score"],
+                                                            batch["status"], batch["error"], strict=True):
+                    rows = pending[str(shard)]
+                    rows["uid"].append(None)  # filled from the Parquet when the scores file is written
+                    rows["score"].append(float(score))
+                    rows["shard"].append(str(shard))
+                    rows["key"].append(str(key))
+                    rows["status"].append(str(status) or OK)
+                    rows["error"].append(str(error) or None)
+                    if len(rows["key"]) == expected[str(shard)]:
+                        _write_part(parts / f"{label_stem(str(shard))}.parquet", rows, identity)
+                bar.update(len(batch["key"]))
+        except RayError as err:  # a task or actor failed: one line, not the remote traceback
+            reraise_ray_error(err)
+        finally:
+            bar.close()
         finished = time.time()
-    short = {s: (len(r["uid"]), expected[s]) for s, r in pending.items() if len(r["uid"]) != expected[s]}
-    if short:  # the tar lacks samples its Parquet lists as successes: a broken shard, not a bug here
-        raise ShardError(f"clip-score: these shards' tars hold fewer candidates than their Parquets list "
-                         f"(scored, listed): {short}; check them with `qcap shards verify`")
+    short = {s: (len(r["key"]), expected[s]) for s, r in pending.items() if len(r["key"]) != expected[s]}
+    if short:  # read_wanted yields every wanted key once: a shortfall is a bug here, not the data's fault
+        raise RuntimeError(f"clip-score: shards came back short (scored, wanted): {short}")
     total = sum(expected.values())
     ready = min(ready, finished)
     steady = total / (finished - ready) if finished > ready else None
     return {"images": total, "seconds": round(finished - started, 3), "startup_seconds": round(ready - started, 3),
             "steady_images_per_s": round(steady, 2) if steady else None}
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +474,7 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], parts: Path
 
 class ClipScoreFilter(BaseFilter):
     name = "clip-score"
-    value_types: ClassVar[dict[str, str]] = {"clip_score": "float32"}
+    value_types: ClassVar[dict[str, str]] = {"clip_score": "float32", "score_status": "string"}
 
     def __init__(self, cfg: ClipScoreConfig) -> None:
         super().__init__(cfg)
@@ -345,35 +485,48 @@ class ClipScoreFilter(BaseFilter):
         self.num_computed = 0
         self.identity: dict[str, Any] = {}
         self._scores = np.zeros(0, dtype=np.float32)
+        self.labels: dict[str, str] = {}
         self.timings: dict[str, float] = {}  # of the model pass, when one ran
+
+    def output_paths(self) -> list[Path]:
+        path = self.cfg.scores_path()
+        return [path, path.with_name(path.name + PARTS_SUFFIX) / "x.parquet"]
 
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
         cfg = self.cfg
         self.identity = model_identity(cfg)
         path = cfg.scores_path()
         parts = path.with_name(path.name + PARTS_SUFFIX)
+        if path.is_dir():
+            from curate.cli import UsageError
+
+            raise UsageError(f"--scores {path}: is a folder; name the scores Parquet file")
         if cfg.rescore:
             import shutil
 
             shutil.rmtree(parts, ignore_errors=True)
             if path.exists():
                 path.unlink()
+        labels = shard_labels(shards)
         index = self._load_existing(path, parts)
         todo: dict[str, list[str]] = {}
-        for tar, uids, keys in self._candidates(shards, subset):
-            missing = ~index.lookup(uids)[1]
-            if missing.any():
-                todo[tar] = [k for k, m in zip(keys, missing, strict=True) if m]
+        candidates = list(self._candidates(shards, subset))
+        for tar, _, keys, _ in candidates:
+            _, found, statuses = index.lookup(labels[tar], keys)
+            # not scored yet, or the tar broke before the sample last time (it may have been fixed)
+            redo = [k for k, f, st in zip(keys, found, statuses, strict=True) if not f or st == UNREADABLE_SHARD]
+            if redo:
+                todo[tar] = redo
         if todo:
-            self.num_computed = sum(len(k) for k in todo.values())
+            self.num_computed = len({(t, k) for t, keys in todo.items() for k in keys})
             log.info("clip-score: scoring %d samples of %d shards", self.num_computed, len(todo))
-            self.timings = compute_scores(cfg, todo, parts, self.identity)
+            self.timings = compute_scores(cfg, todo, labels, parts, self.identity)
         if todo or not path.exists() or parts.exists():
-            self._write_scores_file(path, parts)
+            self._write_scores_file(path, parts, candidates, labels)
             index = self._load_existing(path, parts)
-        self.index = index
-        # DataComp's get_threshold over this run's scored candidates (the file may hold more)
-        scores = [index.lookup(uids)[0] for _, uids, _ in self._candidates(shards, subset)]
+        self.index, self.labels = index, labels
+        # DataComp's get_threshold over this run's scored candidate *rows* (the file may hold more)
+        scores = [index.lookup(labels[tar], keys)[0] for tar, _, keys, _ in candidates]
         flat = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
         self._scores = flat[~np.isnan(flat)]
         self.num_scored = len(self._scores)
@@ -385,28 +538,29 @@ class ClipScoreFilter(BaseFilter):
             n = min(int(self.num_scored * cfg.top_fraction), self.num_scored - 1)
             self.cutoff = float(-np.sort(-self._scores)[n])
 
-    @staticmethod
-    def _candidates(shards: Sequence[str], subset: np.ndarray | None) -> Iterator[tuple[str, list[str], list[str]]]:
-        """(tar, uids, keys) of every shard's candidates: downloaded and inside the subset."""
+    def _candidates(self, shards: Sequence[str], subset: np.ndarray | None
+                    ) -> Iterator[tuple[str, list[int], list[str], list[str]]]:
+        """(tar, rows, keys, uids) of every shard's candidates: downloaded, a valid uid, inside the subset."""
         for tar in shards:
-            rows = read_shard_rows(tar)
-            success, inside = candidate_mask(rows, subset)
-            chosen = np.flatnonzero(success & inside)
-            yield tar, [rows.uids[i] for i in chosen], [rows.keys[i] for i in chosen]
+            rows = self.read_rows(tar)
+            usable, inside = candidate_mask(rows, subset)
+            chosen = [int(i) for i in np.flatnonzero(usable & inside)]
+            yield tar, chosen, [rows.keys[i] for i in chosen], [rows.uids[i] for i in chosen]
 
     def _load_existing(self, path: Path, parts: Path) -> ScoreIndex:
         """Scores already made: the scores file and any parts (a killed run's finished shards)."""
-        uids: list[str] = []
-        scores: list[float] = []
+        columns: dict[str, list] = {"shard": [], "key": [], "score": [], "status": [], "error": []}
         sources = ([path] if path.exists() else []) + (sorted(parts.glob("*.parquet")) if parts.exists() else [])
         for source in sources:
             table = read_scores(source, self.identity)
-            uids += table.column("uid").to_pylist()
-            scores += table.column("score").to_pylist()
-        return ScoreIndex(uids, [np.nan if s is None else s for s in scores])
+            for name in columns:
+                columns[name] += table.column(name).to_pylist()
+        return ScoreIndex(columns["shard"], columns["key"], [np.nan if s is None else s for s in columns["score"]],
+                          [OK if s is None else s for s in columns["status"]], columns["error"])
 
-    def _write_scores_file(self, path: Path, parts: Path) -> None:
-        """The scores file: the previous file's rows plus every part, one row per uid."""
+    def _write_scores_file(self, path: Path, parts: Path, candidates, labels: dict[str, str]) -> None:
+        """The scores file: the previous file's rows plus every part, one row per sample (shard,
+        key; the newest wins), each with the uid its Parquet row gives it."""
         import pyarrow as pa
 
         tables = []
@@ -414,15 +568,16 @@ class ClipScoreFilter(BaseFilter):
             tables.append(read_scores(path, self.identity).select(list(SCORE_COLUMNS)))
         tables += [read_scores(p, self.identity).select(list(SCORE_COLUMNS)) for p in sorted(parts.glob("*.parquet"))]
         if not tables:
-            rows: dict[str, list] = {c: [] for c in SCORE_COLUMNS}
-            _write_parquet(_scores_table(rows, self.identity), path)
+            _write_parquet(_scores_table({c: [] for c in SCORE_COLUMNS}, self.identity), path)
             return
         table = pa.concat_tables(tables).to_pydict()
-        latest: dict[str, int] = {}
-        for i, uid in enumerate(table["uid"]):  # parts come after the old file: newest score wins
-            latest[uid] = i
+        uid_of = {(labels[tar], key): uid for tar, _, keys, uids in candidates for key, uid in zip(keys, uids, strict=True)}
+        latest: dict[tuple[str, str], int] = {}
+        for i, sample in enumerate(zip(table["shard"], table["key"], strict=True)):  # parts last: newest wins
+            latest[sample] = i
         order = sorted(latest.values())
         rows = {c: [table[c][i] for i in order] for c in SCORE_COLUMNS}
+        rows["uid"] = [uid_of.get((sh, k), u) for sh, k, u in zip(rows["shard"], rows["key"], rows["uid"], strict=True)]
         _write_parquet(_scores_table(rows, self.identity), path)
         import shutil
 
@@ -434,16 +589,20 @@ class ClipScoreFilter(BaseFilter):
     def annotate(self, shard: str, records: list[FilterRecord]) -> None:
         if self.index is None:
             raise RuntimeError("prepare() must run before annotate()")
-        scores, found = self.index.lookup([r.uid for r in records])
+        scores, found, statuses = self.index.lookup(self.labels[shard], [r.key for r in records])
         if not found.all():
             raise RuntimeError(f"clip-score: {int((~found).sum())} candidates of {shard} have no score")
-        for record, score in zip(records, scores, strict=True):
+        for record, score, status in zip(records, scores, statuses, strict=True):
             record.values["clip_score"] = None if np.isnan(score) else float(score)
+            record.values["score_status"] = status if np.isnan(score) else OK
+            if np.isnan(score):
+                record.error = self.index.error(self.labels[shard], record.key)
 
     def keep(self, record: FilterRecord) -> Keep:
         score = record.values.get("clip_score")
         if score is None:
-            return False, "undecodable_image"
+            status = record.values.get("score_status") or OK
+            return False, status if status != OK else UNDECODABLE
         return (score >= self.threshold), "low_clip_score"
 
     @property
