@@ -8,7 +8,7 @@ Usage::
 
 For every image of the input shards (DR shards from ``qcap build-dr``, or any image shards) it
 draws ``--num-augmentations`` augmentations (Apple's recipe: RandomResizedCrop + RandAugment,
-:mod:`captioning.augment`), runs the teacher ensemble (:mod:`captioning.teachers`) on each
+:mod:`curate.augment`), runs the teacher ensemble (:mod:`captioning.teachers`) on each
 augmented image and on the real caption and every synthetic caption, and writes output shard
 ``i`` for input shard ``i``: every input member copied verbatim, plus, as Apple's DataCompDR
 holds them,
@@ -35,9 +35,7 @@ same parameters (per-uid seeds) and the same embeddings.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -47,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from curate.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
 from curate.cli import UsageError
 from curate.config import arg, parse_config, save_config
 
@@ -54,9 +53,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "reinforce_config.json"
 SUMMARY_FILE = "reinforce_summary.json"
-RECORD_MEMBER = "reinforce.json"
-EMBEDDING_MEMBERS = ("npz", "pth.gz")
-REPLACED_MEMBERS = ("paug.json", "npz", "pth.gz", RECORD_MEMBER)
 _FINGERPRINT = ("teachers", "teacher_logit_scales", "num_augmentations", "size", "interpolation", "rand_augment",
                 "rand_augment_p", "num_ops", "magnitude", "seed", "embeddings", "scale_min", "scale_max")
 
@@ -119,7 +115,7 @@ class ReinforceConfig:
         return scales
 
     def augment_config(self):
-        from captioning.augment import AugmentConfig
+        from curate.augment import AugmentConfig
 
         return AugmentConfig(size=self.size, scale=(self.scale_min, self.scale_max), interpolation=self.interpolation,
                              rand_augment=self.rand_augment, rand_augment_p=self.rand_augment_p,
@@ -328,7 +324,8 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
     """Per sample: its status, and for a success its parameters and embeddings."""
     import torch
 
-    from captioning.augment import apply_pil, draw_many, to_tensor
+    from curate.augment import apply_pil, draw_many, to_tensor
+    from curate.multicaption import all_captions, text_layout
     from curate.shards import decode_image
 
     cfg = context.augment
@@ -355,9 +352,10 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
         row["params"], row["image_size"] = params, list(image.size)
         row["images"] = (len(images), len(images) + len(params))
         images.extend(to_tensor(apply_pil(image, p, cfg), cfg, normalize=False) for p in params)
-        captions = [sample.text or "", *(sample.syn_text or [])]
+        keys = all_captions(sample)  # syn_text, then each captioner tag's key (curate.multicaption)
+        captions = [sample.text or "", *(c for key_captions in keys.values() for c in key_captions)]
         row["texts"] = (len(texts), len(texts) + len(captions))
-        row["num_syn"] = len(sample.syn_text or [])
+        row["text_rows"] = text_layout(keys)
         texts.extend(captions)
     if images:
         image_emb = ensemble.encode_images(torch.stack(images), autocast_dtype=autocast)
@@ -370,7 +368,7 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
 
 
 def _write_chunk(writer, rows: list[dict[str, Any]], context: ReinforceContext, counts: dict[str, int]) -> None:
-    from captioning.augment import encode_paug
+    from curate.augment import encode_paug
     from curate.shards import Sample
 
     for row in rows:
@@ -388,7 +386,7 @@ def _write_chunk(writer, rows: list[dict[str, Any]], context: ReinforceContext, 
             "image_bytes": len(sample.image),
             "image_size": row["image_size"],
             "num_augmentations": len(row["params"]),
-            "text_rows": {"real": 0, "syn_text": [1, 1 + row["num_syn"]]},
+            "text_rows": row["text_rows"],
             "teachers": context.teachers_fingerprint,
             "augmentation": context.augment.fingerprint(),
             "embeddings": context.embeddings,
@@ -402,44 +400,6 @@ def _write_chunk(writer, rows: list[dict[str, Any]], context: ReinforceContext, 
 
 def _meta_of(sample) -> dict[str, Any]:
     return {k: v for k, v in (sample.meta or {}).items() if k not in ("key", "uid", "status", "error_message")}
-
-
-def encode_embeddings(image_emb, text_emb, kind: str) -> bytes:
-    """Apple's ``KEY.npz`` (fp32 arrays) or ``KEY.pth.gz`` (bf16 tensors, torch.save, gzip)."""
-    import numpy as np
-    import torch
-
-    if kind == "npz":
-        sink = io.BytesIO()
-        np.savez(sink, image_emb=image_emb.float().numpy().astype(np.float32),
-                 text_emb=text_emb.float().numpy().astype(np.float32))
-        return sink.getvalue()
-    sink = io.BytesIO()
-    torch.save({"image_emb": image_emb.to(torch.bfloat16).contiguous(),
-                "text_emb": text_emb.to(torch.bfloat16).contiguous()}, sink)
-    return gzip.compress(sink.getvalue(), mtime=0)
-
-
-def decode_embeddings(extras: dict[str, bytes]) -> tuple[Any, Any] | None:
-    """``(image_emb, text_emb)`` float32 tensors from a sample's ``npz`` or ``pth.gz``; None when it
-    has neither; ValueError when the member does not hold both arrays."""
-    import numpy as np
-    import torch
-
-    if "npz" in extras:
-        try:
-            with np.load(io.BytesIO(extras["npz"]), allow_pickle=False) as npz:
-                return torch.from_numpy(np.array(npz["image_emb"], dtype=np.float32)), \
-                    torch.from_numpy(np.array(npz["text_emb"], dtype=np.float32))
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"npz without image_emb/text_emb ({type(err).__name__})") from err
-    if "pth.gz" in extras:
-        try:
-            state = torch.load(io.BytesIO(gzip.decompress(extras["pth.gz"])), map_location="cpu", weights_only=True)
-            return state["image_emb"].float(), state["text_emb"].float()
-        except Exception as err:  # untrusted bytes: any parser failure means "not Apple's pth.gz"
-            raise ValueError(f"pth.gz without image_emb/text_emb ({type(err).__name__})") from err
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Stored image augmentations (dataset reinforcement): draw them once, re-apply them bit for bit.
+"""Dataset reinforcement's members: stored image augmentations (draw once, re-apply bit for bit)
+and teacher embeddings (Apple's ``KEY.npz`` / ``KEY.pth.gz``).
+
+Used by ``qcap reinforce`` (captioning) to write them and by ``qcap train`` to read them.
 
 Apple's DataCompDR stores, per image, the parameters of N augmentations (``KEY.paug.json`` =
 ``{"param_aug": "<JSON string>"}``), each ``[[i, j, h, w], [[op_index, magnitude], ...]]``: the
@@ -18,7 +21,9 @@ Re-applying uses torchvision's functional ops (``F.resized_crop``,
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +31,9 @@ from typing import Any
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PAUG_MEMBER = "paug.json"
+RECORD_MEMBER = "reinforce.json"  # qcap: the image the parameters refer to, the text rows, fingerprints
+EMBEDDING_MEMBERS = ("npz", "pth.gz")
+REPLACED_MEMBERS = (PAUG_MEMBER, *EMBEDDING_MEMBERS, RECORD_MEMBER)
 
 
 class AugmentError(ValueError):
@@ -209,3 +217,41 @@ def decode_paug(data: bytes) -> list:
     if not isinstance(params, list) or not params:
         raise AugmentError("paug.json holds no augmentation parameters")
     return params
+
+
+def encode_embeddings(image_emb, text_emb, kind: str) -> bytes:
+    """Apple's ``KEY.npz`` (fp32 arrays) or ``KEY.pth.gz`` (bf16 tensors, torch.save, gzip)."""
+    import numpy as np
+    import torch
+
+    if kind == "npz":
+        sink = io.BytesIO()
+        np.savez(sink, image_emb=image_emb.float().numpy().astype(np.float32),
+                 text_emb=text_emb.float().numpy().astype(np.float32))
+        return sink.getvalue()
+    sink = io.BytesIO()
+    torch.save({"image_emb": image_emb.to(torch.bfloat16).contiguous(),
+                "text_emb": text_emb.to(torch.bfloat16).contiguous()}, sink)
+    return gzip.compress(sink.getvalue(), mtime=0)
+
+
+def decode_embeddings(extras: dict[str, bytes]) -> tuple[Any, Any] | None:
+    """``(image_emb, text_emb)`` float32 tensors from a sample's ``npz`` or ``pth.gz``; None when it
+    has neither; ValueError when the member does not hold both arrays."""
+    import numpy as np
+    import torch
+
+    if "npz" in extras:
+        try:
+            with np.load(io.BytesIO(extras["npz"]), allow_pickle=False) as npz:
+                return torch.from_numpy(np.array(npz["image_emb"], dtype=np.float32)), \
+                    torch.from_numpy(np.array(npz["text_emb"], dtype=np.float32))
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"npz without image_emb/text_emb ({type(err).__name__})") from err
+    if "pth.gz" in extras:
+        try:
+            state = torch.load(io.BytesIO(gzip.decompress(extras["pth.gz"])), map_location="cpu", weights_only=True)
+            return state["image_emb"].float(), state["text_emb"].float()
+        except Exception as err:  # untrusted bytes: any parser failure means "not Apple's pth.gz"
+            raise ValueError(f"pth.gz without image_emb/text_emb ({type(err).__name__})") from err
+    return None
