@@ -12,7 +12,8 @@ stage wrote, and ``report.json`` names that file and key for every number.
 - ``clip/<rung>-s<seed>/eval.json`` — ``qcap train``: ``zeroshot/top1``, ``retrieval/*_R@1``;
   ``config.json`` beside it for the samples seen;
 - ``finetune/<backbone>-s<seed>/{seg,depth}/metrics.json`` — ``qcap finetune``: ``metrics.mIoU``,
-  ``metrics.rmse`` (``backbone`` = ``random`` or a rung);
+  ``metrics.rmse`` (``backbone`` = ``random`` or a rung); ``.../det/metrics.json`` (``qcap finetune
+  det``: ``metrics.bbox_AP``, ``metrics.segm_AP``) adds the box and mask AP columns when any exists;
 - ``scores/<rung>/summary.json`` — ``qcap score-captions``: ``by_field.text|syn_text.score``
   (fact F1 against the world's truth) and ``share_hallucinating``;
 - ``attention/attention_distance.json`` and ``.png`` — ``qcap attention-distance --compare``;
@@ -121,7 +122,24 @@ COLUMNS = (
     Column("halluc_syn", "synthetic captions naming an absent object", False,
            _caption_score("syn_text", "share_hallucinating"), per_seed=False),
 )
-COLUMN_BY_KEY = {column.key: column for column in COLUMNS}
+# detection (box and mask AP, COCOeval): shown only when some finetune/*/det/metrics.json exists
+DET_COLUMNS = (
+    Column("box_ap", "det box AP ↑", True, _finetune("det", "bbox_AP")),
+    Column("mask_ap", "det mask AP ↑", True, _finetune("det", "segm_AP")),
+)
+COLUMN_BY_KEY = {column.key: column for column in (*COLUMNS, *DET_COLUMNS)}
+
+
+def columns_for(root: Path) -> tuple[Column, ...]:
+    """The report's columns: the detection ones only when the demo finetuned on detection."""
+    has_det = any((root / "finetune").glob("*/det/metrics.json")) if (root / "finetune").is_dir() else False
+    return (*COLUMNS, *DET_COLUMNS) if has_det else COLUMNS
+
+
+def table_columns(table: dict[str, dict[str, Any]]) -> list[Column]:
+    """The columns a collected table holds, in report order."""
+    present = set().union(*(cells.keys() for cells in table.values())) if table else set()
+    return [c for c in (*COLUMNS, *DET_COLUMNS) if c.key in present]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -208,7 +226,7 @@ def collect_table(reader: Reader, seeds: Sequence[int]) -> dict[str, dict[str, C
     table: dict[str, dict[str, Cell]] = {}
     for row in ROWS:
         table[row.key] = {}
-        for column in COLUMNS:
+        for column in columns_for(reader.root):
             cell = Cell()
             for seed in seeds if column.per_seed else seeds[:1]:
                 where = column.locate(row, seed)
@@ -621,7 +639,7 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
         "demo": str(demo),
         "seeds": seeds,
         "rows": [row.__dict__ for row in ROWS],
-        "columns": [{"key": c.key, "title": c.title, "higher_is_better": c.higher_is_better} for c in COLUMNS],
+        "columns": [{"key": c.key, "title": c.title, "higher_is_better": c.higher_is_better} for c in table_columns(table)],
         "table": {row: {col: cell.as_json() for col, cell in cells.items()} for row, cells in table.items()},
         "claims": claims,
         "pretraining_vs_random": checks,
@@ -670,8 +688,8 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
         "",
         "## Result",
         "",
-        markdown_table(["backbone"] + [c.title for c in COLUMNS],
-                       [[row.label] + [fmt_cell(table[row.key][c.key]) for c in COLUMNS] for row in ROWS]),
+        markdown_table(["backbone"] + [c.title for c in table_columns(table)],
+                       [[row.label] + [fmt_cell(table[row.key][c.key]) for c in table_columns(table)] for row in ROWS]),
         "",
         "- seg mIoU / depth RMSE: `qcap finetune seg|depth` of each backbone on the world's `eval/seg`, `eval/depth` "
         "(`finetune/<backbone>-s<seed>/<task>/metrics.json`).",
