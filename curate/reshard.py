@@ -20,7 +20,18 @@ Samples are copied verbatim (image bytes, caption, extra members) under a new ke
 ``CURATED/`` holds the shards, ``sizes.json``, ``reshard.json`` (config, inputs, plan identity)
 and ``report.json``: the subset's uids found as successes, as failures (by status), not found
 at all, repeated (a uid appearing twice: the first copy is kept); expected and written counts
-per shard, checked equal. Output from other inputs is refused unless ``--overwrite``.
+per shard, checked equal. Output from other inputs is refused unless ``--overwrite``, which
+removes only what reshard writes (shard files, ``sizes.json``, ``reshard.json``,
+``config.json``, ``report.json``, temporaries) and leaves every other file in the folder.
+
+Hostile input is counted per row, never copied as a success and never a traceback: a selected
+``success`` row whose sample the tar lacks (``missing_from_tar``; also the rows a truncated tar
+lost), has no image member (``no_image``), carries another uid in its ``KEY.json``
+(``uid_mismatch``) or cannot be read (the reader's ``bad_json``, ``bad_member``,
+``duplicate_key``, ``truncated``) becomes a Parquet-only row of that status in the output
+shard, counted in ``report.json``'s ``not_copied``. A uid twice in the subset file counts once
+(``repeated_in_subset``); a key on two success rows of one Parquet keeps the first
+(``repeated_key_rows``); rows whose uid is not DataComp's are counted (``malformed_uid_rows``).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +61,7 @@ from curate.shards import (
     expand_shards,
     finalize_folder,
     is_complete,
+    is_uid,
     iter_samples,
     load_uids,
     read_table,
@@ -85,25 +97,33 @@ class ReshardConfig:
 class Selection:
     """What a subset picks out of a shard list."""
 
-    items: list[tuple[int, str]] = field(default_factory=list)  # (input shard index, key) of kept samples, in order
-    num_requested: int = 0  # uids in the subset file
+    items: list[tuple[int, str, str]] = field(default_factory=list)  # (input shard index, key, uid) kept, in order
+    num_requested: int = 0  # distinct uids in the subset file
+    repeated_in_subset: int = 0  # extra copies of a uid in the subset file
     num_rows: int = 0  # rows of the input Parquets
     found_success: int = 0  # subset uids present as successful samples (first copies)
     failed: Counter = field(default_factory=Counter)  # subset uids present only as failures, by status
     repeated: int = 0  # extra successful copies of a uid already kept
+    repeated_keys: int = 0  # success rows whose key an earlier success row of the same Parquet has
+    malformed_uid_rows: int = 0  # input rows whose uid is not DataComp's (never selected)
     not_found: int = 0  # subset uids in no input Parquet
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "num_requested": self.num_requested, "num_input_rows": self.num_rows, "num_selected": len(self.items),
+            "num_requested": self.num_requested, "repeated_in_subset": self.repeated_in_subset,
+            "num_input_rows": self.num_rows, "num_selected": len(self.items),
             "found_success": self.found_success, "found_failed": dict(self.failed.most_common()),
-            "repeated_uid_rows": self.repeated, "not_found": self.not_found,
+            "repeated_uid_rows": self.repeated, "repeated_key_rows": self.repeated_keys,
+            "malformed_uid_rows": self.malformed_uid_rows, "not_found": self.not_found,
         }
 
 
 def select(tars: list[str], subset: np.ndarray) -> Selection:
-    """The successful samples of ``tars`` whose uid is in ``subset``, in input order."""
-    sel = Selection(num_requested=len(subset))
+    """The successful samples of ``tars`` whose uid is in ``subset``, in input order.
+
+    ``subset`` may hold a uid more than once (counted in ``repeated_in_subset``, selected once)."""
+    unique = np.unique(np.asarray(subset))
+    sel = Selection(num_requested=len(unique), repeated_in_subset=len(subset) - len(unique))
     seen: set[str] = set()
     failed_uids: dict[str, str] = {}
     for index, tar in enumerate(tars):
@@ -112,20 +132,26 @@ def select(tars: list[str], subset: np.ndarray) -> Selection:
         uids = table.column("uid").to_pylist()
         statuses = [str(s) for s in table.column("status").to_pylist()]
         sel.num_rows += len(keys)
-        valid = [i for i, u in enumerate(uids) if isinstance(u, str) and len(u) == 32]
+        valid = [i for i, u in enumerate(uids) if is_uid(u)]
+        sel.malformed_uid_rows += len(keys) - len(valid)
         member = np.zeros(len(keys), dtype=bool)
         if valid:
-            member[valid] = uid_membership([uids[i] for i in valid], subset)
+            member[valid] = uid_membership([uids[i] for i in valid], unique)
+        success_keys: set[str] = set()
         for i in np.flatnonzero(member):
             uid = uids[i]
             if statuses[i] != "success":
                 failed_uids.setdefault(uid, statuses[i])
                 continue
+            if keys[i] in success_keys:
+                sel.repeated_keys += 1
+                continue
+            success_keys.add(keys[i])
             if uid in seen:
                 sel.repeated += 1
                 continue
             seen.add(uid)
-            sel.items.append((index, keys[i]))
+            sel.items.append((index, keys[i], uid))
     sel.found_success = len(seen)
     for uid, status in failed_uids.items():
         if uid not in seen:
@@ -143,15 +169,39 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
     return {"subset_sha256": digest, "samples_per_shard": cfg.samples_per_shard, "inputs": inputs}
 
 
+# What reshard writes in --out, and so all that --overwrite removes (anything else is the user's).
+_OWN_FILE_RE = re.compile(r"^(?:\d+(?:\.tar|\.parquet|_stats\.json|\.done)|\.\d+[._].*\.tmp-[0-9a-f]{12})$")
+_OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
+
+
+def _remove_own_files(out: Path) -> list[str]:
+    """Remove what reshard writes in ``out`` (its shards, their markers and temporaries, sizes.json,
+    reshard.json, config.json, report.json, and their temporaries); returns the names removed."""
+    removed = []
+    for path in sorted(out.iterdir()):
+        name = path.name
+        own = _OWN_FILE_RE.match(name) or name in _OWN_FILES or any(
+            name.startswith(f".{own}.tmp-") for own in _OWN_FILES)
+        if own and path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
 def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:
     """Refuse to mix runs: an existing output must come from the same inputs (or --overwrite)."""
     plan = cfg.out / PLAN_FILE
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the curated shards")
-    if cfg.out.exists() and cfg.overwrite:
-        shutil.rmtree(cfg.out)
+    if cfg.out.is_dir() and cfg.overwrite:
+        removed = _remove_own_files(cfg.out)
+        if removed:
+            log.info("--overwrite: removed %d files reshard had written in %s", len(removed), cfg.out)
     if plan.exists():
-        recorded = json.loads(plan.read_text()).get("identity")
+        try:
+            recorded = json.loads(plan.read_text(encoding="utf-8")).get("identity")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise UsageError(f"{plan}: unreadable ({err}); pass --overwrite to start over") from err
         if recorded != identity:
             raise UsageError(
                 f"{cfg.out}: holds shards resharded from other inputs or another subset ({plan}); "
@@ -161,33 +211,68 @@ def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:
         raise UsageError(f"{cfg.out}: already holds shards not written by qcap reshard; pass --overwrite or another --out")
 
 
-def write_shard(task: dict[str, Any]) -> int:
-    """Write output shard ``task['shard_id']`` from its planned (input index, key) items."""
+def write_shard(task: dict[str, Any]) -> dict[str, Any]:
+    """Write output shard ``task['shard_id']`` from its planned (input index, key, uid) items.
+
+    Every planned item becomes one row: a copied success, or (Parquet only) the status saying
+    why it could not be copied. Returns ``{"written": successes, "not_copied": {status: n}}``."""
     tars: list[str] = task["tars"]
-    items: list[tuple[int, str]] = task["items"]
+    items: list[tuple[int, str, str]] = task["items"]
     shard_id: int = task["shard_id"]
     width: int = task["key_width"]
-    by_input: dict[int, set[str]] = {}
-    for index, key in items:
-        by_input.setdefault(index, set()).add(key)
+    by_input: dict[int, dict[str, str]] = {}
+    for index, key, uid in items:
+        by_input.setdefault(index, {})[key] = uid
     written = 0
+    not_copied: Counter[str] = Counter()
     with ShardWriter(task["out"], shard_id) as writer:
+        position = 0
+
+        def put(sample: Sample | None, key: str, uid: str, index: int, problems: list[str], row: dict) -> None:
+            nonlocal position, written
+            new_key = f"{shard_name(shard_id)}{position:0{width}d}"
+            position += 1
+            source = os.path.basename(tars[index])
+            status, error = _why_not_copied(sample, uid, tars[index], key, problems)
+            if status is None:
+                writer.write(_relabel(sample, row, new_key, source))
+                written += 1
+                return
+            not_copied[status] += 1
+            meta = {name: value for name, value in row.items() if name not in ("key", "uid", "status", "error_message")}
+            meta.update(source_shard=source, source_key=key)
+            writer.write(Sample(key=new_key, uid=uid, meta=meta, status=status, error_message=error))
+
         for index in sorted(by_input):
             wanted = by_input[index]
-            rows = {str(r["key"]): r for r in read_table(tars[index]).to_pylist()}
-            found = 0
-            for sample in iter_samples([tars[index]]):
-                if sample.key not in wanted:
-                    continue
-                found += 1
-                writer.write(_relabel(sample, rows.get(sample.key, {}), f"{shard_name(shard_id)}{written:0{width}d}",
-                                      os.path.basename(tars[index])))
-                written += 1
-            if found != len(wanted):
-                raise ShardError(
-                    f"{tars[index]}: its Parquet lists {len(wanted)} successful samples of the subset, the tar holds {found}"
-                )
-    return written
+            rows: dict[str, dict[str, Any]] = {}
+            for r in read_table(tars[index]).to_pylist():
+                rows.setdefault(str(r["key"]), r)  # select() kept the first success row of a key
+            done: set[str] = set()
+            problems: list[str] = []
+            for sample in iter_samples([tars[index]], problems=problems):  # streamed: one image in memory
+                if sample.key in wanted and sample.key not in done:
+                    done.add(sample.key)
+                    put(sample, sample.key, wanted[sample.key], index, problems, rows.get(sample.key, {}))
+            for key, uid in wanted.items():  # what the tar did not hold, in Parquet order
+                if key not in done:
+                    put(None, key, uid, index, problems, rows.get(key, {}))
+    return {"written": written, "not_copied": dict(not_copied)}
+
+
+def _why_not_copied(sample: Sample | None, uid: str, tar: str, key: str, problems: list[str]
+                    ) -> tuple[str | None, str | None]:
+    """``(None, None)`` when ``sample`` can be copied as a success; else its status and why."""
+    if sample is None:
+        cut = f" ({problems[0]})" if problems else ""
+        return "missing_from_tar", f"{tar}: the Parquet lists {key!r} as a success, the tar has no such sample{cut}"
+    if not sample.ok:
+        return sample.status, sample.error_message
+    if sample.image is None:
+        return "no_image", f"{tar}: sample {key!r} has no image member"
+    if sample.uid != uid:
+        return "uid_mismatch", f"{tar}: sample {key!r} has uid {sample.uid!r} in its KEY.json, the Parquet {uid!r}"
+    return None, None
 
 
 def _relabel(sample: Sample, row: dict[str, Any], key: str, source: str) -> Sample:
@@ -213,7 +298,10 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
     selection = select(tars, subset)
     n = cfg.samples_per_shard
     plan = [selection.items[i:i + n] for i in range(0, len(selection.items), n)]
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {cfg.out}: cannot be made a folder ({err.strerror or err})") from err
     atomic_write_json(cfg.out / PLAN_FILE, {"config": to_dict(cfg), "identity": identity, "num_shards": len(plan),
                                             "num_samples": len(selection.items)})
     save_config(cfg, cfg.out / "config.json")
@@ -238,14 +326,26 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
             bar.update(1)
     bar.close()
     sizes = finalize_folder(cfg.out)
-    expected = {f"{shard_name(j)}.tar": len(items) for j, items in enumerate(plan)}
-    if sizes != expected:
-        wrong = {k: (sizes.get(k), v) for k, v in expected.items() if sizes.get(k) != v}
-        extra = sorted(set(sizes) - set(expected))
-        raise ShardError(f"{cfg.out}: written counts differ from the plan (written, expected): {wrong}; extra: {extra}")
+    # every planned item is one output row: a success, or the status saying why it was not copied
+    not_copied: Counter[str] = Counter()
+    wrong = {}
+    for j, items in enumerate(plan):
+        statuses = Counter(str(s) for s in read_table(str(cfg.out / f"{shard_name(j)}.tar"),
+                                                      columns=["status"]).column("status").to_pylist())
+        successes = statuses.pop("success", 0)
+        not_copied.update(statuses)
+        name = f"{shard_name(j)}.tar"
+        if successes + sum(statuses.values()) != len(items) or sizes.get(name) != successes:
+            wrong[name] = {"planned": len(items), "rows": successes + sum(statuses.values()),
+                           "successes": successes, "sizes.json": sizes.get(name)}
+    extra = sorted(set(sizes) - {f"{shard_name(j)}.tar" for j in range(len(plan))})
+    if wrong or extra:
+        raise ShardError(f"{cfg.out}: written counts differ from the plan: {wrong}; extra shards: {extra}")
     report = {
         "subset": str(cfg.subset), "shards": cfg.shards, "out": str(cfg.out), **selection.as_json(),
-        "num_output_shards": len(plan), "num_written": sum(sizes.values()), "expected_equals_written": True,
+        "num_output_shards": len(plan), "num_written": sum(sizes.values()),
+        "not_copied": dict(not_copied.most_common()),
+        "expected_equals_written": sum(sizes.values()) + sum(not_copied.values()) == len(selection.items),
         "resumed_shards": len(plan) - len(todo), "sizes_file": str(cfg.out / SIZES_FILE),
         "seconds": round(time.time() - started, 3),
     }
@@ -262,5 +362,7 @@ def main(argv: list[str], prog: str = "qcap reshard") -> int:
         f"({report['resumed_shards']} already done); of {report['num_requested']} uids: {report['found_success']} "
         f"downloaded, {failed} failed downloads, {report['not_found']} not in the shards"
         + (f", {report['repeated_uid_rows']} repeated rows skipped" if report["repeated_uid_rows"] else "")
+        + (f"; not copied (selected successes the tar could not give): {report['not_copied']}"
+           if report["not_copied"] else "")
     )
-    return 0
+    return 0 if report["expected_equals_written"] else 1

@@ -326,7 +326,7 @@ def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the subset's shards")
     path = out / CONFIG_FILE
-    known = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("identity") == ident
+    known = path.is_file() and _saved_plan(path).get("identity") == ident
     if known or not (out.is_dir() and any(out.iterdir())):
         return
     if not cfg.overwrite:
@@ -337,6 +337,17 @@ def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
             stale.unlink()
     if (out / "card").is_dir():
         shutil.rmtree(out / "card")
+
+
+def _saved_plan(path: Path) -> dict[str, Any]:
+    """``subset.json`` as written by a previous run; a UsageError when it is not readable."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: not a subset plan (a JSON object); use --overwrite to start over")
+    return saved
 
 
 def subset(cfg: SubsetConfig) -> dict[str, Any]:
@@ -352,15 +363,21 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     plan_path = out / CONFIG_FILE
     if plan_path.is_file():  # resuming: the plan is the one already chosen
-        saved = json.loads(plan_path.read_text(encoding="utf-8"))
-        threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
+        saved = _saved_plan(plan_path)
+        try:
+            threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
+        except KeyError as err:
+            raise UsageError(f"{plan_path}: lacks {err}; use --overwrite to start over") from err
     else:
         threshold, per_shard, counts = select(tars, cfg.seed, n, cfg.progress)
         threshold_json = None if threshold is None else {
             "rank": threshold.rank, "hi": threshold.hi, "lo": threshold.lo, "shard": threshold.shard, "pos": threshold.pos}
         target = cfg.samples_per_shard or max(1, max(_read_sizes(tars).values(), default=1))
         plan = pack(per_shard, target)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
         atomic_write_json(plan_path, {"config": to_dict(cfg), "config_class": f"{__name__}.SubsetConfig",
                                       "identity": ident, "num_input": total, "num_selected": n, "counts": counts,
                                       "threshold": threshold_json, "per_shard": per_shard, "plan": plan,

@@ -43,6 +43,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -64,6 +65,41 @@ class TooLarge(OSError):
 
 class DeadlineExceeded(TimeoutError):
     """A request past its wall-clock deadline; the message starts with ``[qcap:timeout]``."""
+
+
+# --------------------------------------------------------------------------------------------
+# International host names
+
+
+def idna_url(url: str) -> str:
+    """``url`` with a non-ASCII host IDNA-encoded (``bücher.example`` → ``xn--bcher-kva.example``,
+    what browsers send) and non-ASCII bytes of the path and query percent-encoded as UTF-8.
+
+    Runs before the guard's checks, so the policy judges the name that is really resolved
+    (IDNA's mapping turns full-width ``ｌｏｃａｌｈｏｓｔ`` into ``localhost``, refused as loopback).
+    A URL that is all ASCII, or whose host IDNA cannot encode, is returned unchanged (urllib then
+    refuses it: ``bad_url``)."""
+    if not url or url.isascii():
+        return url
+    from urllib.parse import quote, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if host and not host.isascii():
+        try:
+            encoded = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return url
+        userinfo = netloc.rpartition("@")[0]
+        netloc = (f"{userinfo}@" if userinfo else "") + encoded + (f":{port}" if port is not None else "")
+    safe = "".join(chr(c) for c in range(33, 127))
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe),
+                       quote(parts.fragment, safe=safe)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +184,7 @@ class UrlGuard:
     policy: AddressPolicy
     max_bytes: int = 64 << 20  # largest body accepted, in bytes
     max_request_seconds: float = 60.0  # wall-clock bound on one request, connect to last byte
+    resolver: Callable[..., list] | None = None  # getaddrinfo's signature; None: socket.getaddrinfo
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
@@ -239,7 +276,7 @@ class _GuardedConnectionMixin:
     def _guarded_create_connection(self, address, timeout=None, source_address=None, **_kwargs) -> socket.socket:
         """socket.create_connection, but every address is checked before any is tried."""
         host, port = address
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = (self._guard.resolver or socket.getaddrinfo)(host, port, 0, socket.SOCK_STREAM)
         for *_, sockaddr in infos:
             reason = self._guard.policy.refusal_for_address(sockaddr[0])
             if reason is not None:
@@ -371,7 +408,17 @@ class _GuardHandler(urllib.request.BaseHandler):
     def __init__(self, guard: UrlGuard) -> None:
         self.guard = guard
 
+    def http_request(self, req: urllib.request.Request):
+        """Before urllib sets the Host header: an international host goes out IDNA-encoded."""
+        encoded = idna_url(req.full_url)
+        if encoded != req.full_url:
+            req.full_url = encoded
+        return req
+
+    https_request = http_request
+
     def default_open(self, req: urllib.request.Request):
+        self.http_request(req)  # judged as it will be resolved
         reason = self.guard.policy.refusal_for_url(req.full_url)
         if reason is not None:
             raise RefusedURL(req.full_url, reason)

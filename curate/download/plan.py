@@ -85,9 +85,16 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
     import pyarrow.parquet as pq
 
     filesystem, files = pool_files(pool)  # checks uid, url and text
-    schema = pq.read_schema(files[0], filesystem=filesystem)
+
+    def read_schema(path: str):
+        try:
+            return pq.read_schema(path, filesystem=filesystem)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ShardError(f"{path}: not a readable Parquet file ({err})") from err
+
+    schema = read_schema(files[0])
     for path in files[1:]:
-        other = pq.read_schema(path, filesystem=filesystem)
+        other = read_schema(path)
         if not other.equals(schema):
             raise ShardError(f"{path}: schema differs from {files[0]}'s; a pool's files must agree")
     clash = [c for c in schema.names if c in ADDED_COLUMNS]
@@ -115,6 +122,8 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
             chunks.append(uids)
     all_uids = pa.chunked_array(chunks, type=schema.field("uid").type)
     num_rows = len(all_uids)
+    if num_rows == 0:
+        raise ShardError(f"{pool}: the pool has no rows; nothing to download")
     distinct = pc.count_distinct(all_uids).as_py() if num_rows else 0
     if distinct != num_rows:
         counts = pc.value_counts(all_uids)

@@ -80,7 +80,12 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
     """Run (or resume) a download; returns the manifest (also written to RAW/manifest.json)."""
     out = cfg.out.rstrip("/")
     fs, root = _fs(out)
-    fs.makedirs(root, exist_ok=True)
+    if fs.exists(root) and not fs.isdir(root):
+        raise ShardError(f"--out {out}: is a file, not a folder; choose a folder for the raw shards")
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as err:
+        raise ShardError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
     with _exclusive(fs, root):
         if cfg.overwrite:
             _clear(fs, root)
