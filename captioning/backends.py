@@ -195,11 +195,24 @@ class HFCaptioner(Captioner):
         if source is None:
             raise ValueError("--backend hf needs --model (a hub id or a folder) or --checkpoint (a folder)")
         self.source = str(source)
+        # trust_remote_code=False, always: a folder or hub id whose config names its own Python
+        # code is refused, never run, and transformers never stops to ask on the terminal.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a refused folder is our one line, not transformers' warnings too
         try:
-            self.processor = AutoProcessor.from_pretrained(self.source)
-            self.model = AutoModelForImageTextToText.from_pretrained(self.source).to(device).eval()
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{self.source}: not a Hugging Face image-to-text model ({str(err)[:300]})") from err
+            self.processor = AutoProcessor.from_pretrained(self.source, trust_remote_code=False)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                self.source, trust_remote_code=False).to(device).eval()
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            why = " ".join(str(err).split())
+            if "trust_remote_code" in why or "custom code" in why:
+                raise ValueError(f"{self.source}: the model asks to run its own Python code (trust_remote_code), "
+                                 "which qcap never does; use a model that transformers supports natively") from err
+            raise ValueError(f"{self.source}: not a Hugging Face image-to-text model ({why[:300]})") from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
         config = self.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.get_text_config().eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

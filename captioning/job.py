@@ -87,6 +87,8 @@ class CaptionConfig:
                                                           help="caption-only tar shards, or one Parquet side table per shard")
     max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
     progress: bool = arg(True, help="show a progress bar")
+    overwrite: bool = arg(False, help="start over: remove what qcap caption wrote in --out (its shards, markers, "
+                                      "sizes.json, config and summary); other files are left alone")
 
     def __post_init__(self) -> None:
         if self.model is None and self.checkpoint is None:
@@ -157,6 +159,10 @@ def run(cfg: CaptionConfig) -> dict[str, Any]:
     if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
         raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
     context_parts = resolve_models(cfg)
+    if cfg.overwrite:
+        removed = remove_caption_outputs(out)
+        if removed:
+            log.info("--overwrite: removed %d file(s) qcap caption wrote in %s", len(removed), out)
     check_resume(out, cfg, context_parts["captioner"])
     out.mkdir(parents=True, exist_ok=True)
     pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
@@ -185,6 +191,31 @@ def input_shards(spec: str) -> dict[int, str]:
     return tars
 
 
+def remove_caption_outputs(out: Path) -> list[str]:
+    """What ``qcap caption`` wrote in ``out`` — its shards (``NNNNN.tar/.parquet/_stats.json``),
+    markers, their temporaries, ``sizes.json``, ``caption_config.json``, ``caption_summary.json``
+    — removed, markers first; anything else stays. A folder with shard files but no
+    ``caption_config.json`` was not written by qcap caption: UsageError, nothing removed."""
+    import re
+
+    from curate.shards import SIZES_FILE
+
+    if not out.is_dir():
+        return []
+    shard_file = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json|\.done)$")
+    temporary = re.compile(r"^\.\d{5,}[._].*\.tmp-.*$")
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    ours = [n for n in names if shard_file.match(n) or temporary.match(n)]
+    if ours and not (out / CONFIG_FILE).is_file():
+        raise UsageError(f"--overwrite: {out} holds shard files ({ours[0]}, ...) but no {CONFIG_FILE}: qcap caption "
+                         "did not write them; choose another --out")
+    ours += [n for n in (SIZES_FILE, SUMMARY_FILE, CONFIG_FILE) if n in names]
+    ours.sort(key=lambda n: (not n.endswith(".done"), n == CONFIG_FILE, n))  # markers first, config last
+    for name in ours:
+        (out / name).unlink()
+    return ours
+
+
 def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> None:
     """Refuse to add captions made with other settings (or other weights) to a folder that
     already holds some."""
@@ -193,8 +224,13 @@ def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> No
     path = out / CONFIG_FILE
     if not path.is_file() or not completed_shards(out):
         return
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not readable JSON ({err}); add --overwrite to start over") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
+        raise UsageError(f"{path}: not a caption config (a JSON object); add --overwrite to start over")
     previous = saved.get("config", {})
     current = _fingerprint(cfg)
     changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items() if previous.get(key) != value]
@@ -204,7 +240,7 @@ def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> No
     if changed:
         raise UsageError(
             f"{out} holds captions made with other settings ({'; '.join(changed)}); "
-            "use another --out, or the same settings to resume"
+            "use another --out, the same settings to resume, or --overwrite to start over"
         )
 
 
@@ -296,12 +332,56 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
         dataset = build_dataset(pending, context, parts, cfg, num_workers)
         expected = {shard_id: _expected_size(path, shard_size) for shard_id, path in pending}
         collector = Collector(Path(cfg.out), cfg.output_format, context, expected, progress=cfg.progress)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            collector.add(batch)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                collector.add(batch)
+        except Exception as err:
+            clean = clean_error(err)
+            if clean is None:
+                raise
+            collector.bar.close()
+            raise clean from None
         return collector.finish()
     finally:
         if started:
             ray.shutdown()
+
+
+def clean_error(err: BaseException) -> Exception | None:
+    """The user-facing error inside a Ray failure, as one line: Ray re-raises a task's
+    ShardError/ConfigError/UsageError as a class that is both RayTaskError and the original
+    (its message the whole remote traceback, ~170 lines), and Ray Data wraps user code errors
+    again. Returns a fresh error of the original class with the original message, or None when
+    nothing in ``err``'s chain is such an error (a bug: let its traceback through)."""
+    from curate.config import ConfigError
+    from curate.shards import ShardError
+
+    wanted = (ShardError, ConfigError, UsageError)
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError: the original exception object
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+        if isinstance(current, wanted) and not _is_ray_wrapper(current):
+            message = " ".join(str(current).split())  # one line, whatever the original held
+            for base in wanted:
+                if isinstance(current, base):
+                    return base(message)
+        stack.extend([current.__cause__, current.__context__])
+    return None
+
+
+def _is_ray_wrapper(err: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayError
+    except ImportError:
+        return False
+    return isinstance(err, RayError)
 
 
 def _expected_size(path: str, shard_size) -> int | None:
@@ -391,22 +471,24 @@ _ROW_COLUMNS = ("shard_id", "index", "kind", "key", "uid", "sha256", "status", "
 
 def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
     """Stream one input shard's samples (image bytes included) in blocks of ``chunk``, then
-    its end marker (or an error marker)."""
+    its end marker (or an error marker).
+
+    Every sample becomes one row: a sample the reader could not read whole keeps the reader's
+    status (``bad_json``, ``bad_member``, ``duplicate_key``, ``truncated``); one without a uid,
+    with a uid that is not DataComp's, with a uid seen earlier in the shard, or without an image
+    is ``missing_uid``, ``bad_uid``, ``duplicate_uid``, ``no_image``. Only ``success`` rows are
+    captioned; the others are counted in the shard's Parquet, so the output reconciles with
+    the input and one hostile sample never stops the job."""
     from curate.shards import ShardError, iter_samples
 
     for shard_id, path in zip(batch["shard_id"].tolist(), batch["path"].tolist(), strict=True):
         rows: list[dict] = []
         count = 0
+        keys: set[str] = set()
+        uids: set[str] = set()
         try:
             for sample in iter_samples([str(path)]):
-                status, error = "success", ""
-                if sample.uid is None:
-                    status, error = "missing_uid", "the sample has no uid in its KEY.json"
-                elif sample.image is None:
-                    status, error = "no_image", "the sample has no image member"
-                rows.append({"shard_id": shard_id, "index": count, "kind": "sample", "key": sample.key,
-                             "uid": sample.uid or "", "sha256": str(sample.meta.get("sha256") or ""),
-                             "status": status, "error_message": error, "image": sample.image or b""})
+                rows.append(_sample_row(shard_id, count, sample, keys, uids))
                 count += 1
                 if len(rows) == chunk:
                     yield _columns(rows)
@@ -417,6 +499,43 @@ def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
             continue
         rows.append(_marker(shard_id, count, "end", ""))
         yield _columns(rows)
+
+
+def _sample_row(shard_id: int, index: int, sample, keys: set[str], uids: set[str]) -> dict:
+    """One input sample as a row of the pipeline, its status decided here (see read_shards).
+    The row's key is the input's, unless that key cannot name an output sample (empty, with
+    '.' or '/', or a key seen earlier in the shard): then a stand-in, the input key in the
+    error message."""
+    from curate.shards import is_uid
+
+    status, error = "success", ""
+    uid = sample.uid if is_uid(sample.uid) else ""
+    key = sample.key
+    if not isinstance(key, str) or not key or "." in key or "/" in key or key in keys:
+        key = f"row{index:06d}"
+        while key in keys:
+            key += "x"
+    keys.add(key)
+    if not sample.ok:
+        status, error = sample.status, str(sample.error_message or f"the shard reader marked it {sample.status}")
+    elif sample.uid is None:
+        status, error = "missing_uid", "the sample has no uid in its KEY.json"
+    elif not uid:
+        status, error = "bad_uid", f"uid {str(sample.uid)[:80]!r} is not 32 lowercase hex characters (DataComp's uid)"
+    elif uid in uids:
+        status, error = "duplicate_uid", f"uid {uid} appears earlier in this shard (the first copy is captioned)"
+        uid = ""
+    elif sample.image is None:
+        status, error = "no_image", "the sample has no image member"
+    if key != sample.key:
+        error = f"input key {str(sample.key)[:80]!r} cannot name an output sample (stand-in {key}); {error}".rstrip("; ")
+    if status == "success":
+        uids.add(uid)
+    meta = sample.meta if isinstance(sample.meta, dict) else {}
+    sha = meta.get("sha256")
+    return {"shard_id": shard_id, "index": index, "kind": "sample", "key": key, "uid": uid,
+            "sha256": sha if isinstance(sha, str) else "", "status": status, "error_message": error,
+            "image": (sample.image or b"") if status == "success" else b""}
 
 
 def _marker(shard_id: int, index: int, kind: str, error: str) -> dict:

@@ -119,7 +119,7 @@ def test_caption_job_writes_datacompdr_captions(tmp_path, ray_address, coca_dir,
     code, stdout, stderr = run_cli(argv, capsys)
     assert code == 1, stderr  # one shard could not be read
     summary = json.loads((out / job.SUMMARY_FILE).read_text())
-    assert list(summary["failed_shards"]) == ["00003"] and "00003.tar: not a readable tar" in summary["failed_shards"]["00003"]
+    assert list(summary["failed_shards"]) == ["00003"] and "00003.tar: truncated" in summary["failed_shards"]["00003"]
     assert summary["images_in"] == 9 and summary["images_captioned"] == 8
     assert summary["images_failed"] == {"decode_error": 1} and summary["captions"] == 24 and summary["reconciled"]
     assert "counts reconcile: yes" in stdout and "shards not captioned" in stdout
