@@ -1,0 +1,318 @@
+"""The science report of ``make science``: positive controls first, then the paper's verdicts.
+
+Usage::
+
+    python -m finetune.science runs/science [--seeds 3,4,5] [--dev-seeds 0,1,2] [--fractions 100,30,10]
+
+Reads the same folder layout as ``qcap report`` (``finetune/<backbone>-s<seed>/{seg,depth}/metrics.json``,
+``clip/<rung>-s<seed>/eval.json``, ``scores/<rung>/summary.json``) with more rows, and
+``attention/s<seed>/attention_distance.json`` (DR first, real second). It computes no metric:
+every number comes from a file, and ``science.json`` names the file and key of each.
+
+Rows (backbones): ``random`` (no pretraining), ``mae`` (``python -m train.mae`` on the real
+rung's images), and per fraction P of the ladder ``datacomp-P`` (web captions), ``dr-P`` (web +
+synthetic, DataCompDR), ``oracle-P`` (the same images with the world's true descriptions:
+the perfect captioner) and ``clean-P`` (the clean split's human captions, as many images).
+
+The order of the argument, which the report keeps:
+
+1. pretraining vs random init: every pretrained backbone must beat random init on seg mIoU and
+   depth RMSE by more than 2 standard errors over seeds, else the dense tasks measure nothing;
+2. the positive control: the oracle rung must beat the real-caption rung (same images) on both
+   dense tasks by more than 2 SE. If it does not, **the world at this scale cannot show a
+   caption-quality effect at all**, and every DR verdict below is marked uninformative;
+3. the premise: the DR set's synthetic captions must score a higher fact F1 against the truth
+   than its web alt-text;
+4. the paper's directions, over the ladder: DR > real on segmentation and on depth at each
+   fraction; DR at the smallest fraction ≥ real at 100% (vacuous when real 100% does not beat
+   random init); CLIP on DR vs MAE on both tasks;
+5. attention distance (§3.4): :mod:`finetune.attention_test`'s paired test over seeds.
+
+Verdicts use ``finetune.report``'s rule (a difference counts beyond 2 SE over seeds). Seeds
+used to tune the miniature (``--dev-seeds``) are left out of the verdicts; with one seed the
+report lists the verdicts one seed cannot give.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curate.cli import UsageError
+from curate.config import arg, parse_config
+from curate.shards import atomic_write_bytes, atomic_write_json
+from finetune.report import (
+    COLUMNS,
+    Cell,
+    Reader,
+    Row,
+    beats,
+    compare,
+    discover_seeds,
+    fmt,
+    fmt_cell,
+    markdown_table,
+    matches,
+    read_timings,
+    run_spans,
+    stage_timings,
+)
+
+SCIENCE_MD = "science.md"
+SCIENCE_JSON = "science.json"
+DENSE = (("miou", "segmentation (mIoU)"), ("rmse", "depth (RMSE)"))
+CONTROL_FAILED = "uninformative: the oracle control failed"
+
+
+@dataclass(kw_only=True)
+class ScienceConfig:
+    """Write science.md/science.json: controls (pretrained vs random, oracle vs real, caption premise),
+    then the paper's verdicts (DR vs real, data efficiency, vs MAE) and the attention-distance test."""
+
+    demo: Path = arg(help="the run folder of make science (clip/, finetune/, scores/, attention/)", positional=True)
+    seeds: list[int] | None = arg(None, help="seeds the verdicts use (default: every seed found, minus --dev-seeds)")
+    dev_seeds: list[int] = arg(factory=list, help="seeds used to tune the miniature: reported, never used for a verdict")
+    fractions: list[int] = arg(factory=lambda: [100, 10], help="ladder fractions in percent (rung folder suffixes), largest first")
+    alpha: float = arg(0.05, help="significance level of the attention-distance test")
+    out: Path | None = arg(None, help="the Markdown file (default: DEMO/science.md); science.json beside it")
+
+    def __post_init__(self) -> None:
+        if not self.fractions or any(f <= 0 or f > 100 for f in self.fractions):
+            raise ValueError(f"fractions: percentages in 1..100, got {self.fractions}")
+        if 100 not in self.fractions:
+            raise ValueError("fractions: the ladder must include 100 (the full real-caption rung)")
+        self.fractions = sorted(set(self.fractions), reverse=True)
+
+
+def science_rows(fractions: Sequence[int]) -> list[Row]:
+    rows = [Row("random", "random init", None, None), Row("mae", "MAE (real rung's images)", None, 100)]
+    for p in fractions:
+        rows += [Row(f"datacomp-{p}", f"real {p}%", "real", p), Row(f"dr-{p}", f"DR {p}%", "dr", p),
+                 Row(f"oracle-{p}", f"oracle {p}%", "oracle", p), Row(f"clean-{p}", f"clean {p}%", "clean", p)]
+    return rows
+
+
+def collect(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
+    table: dict[str, dict[str, Cell]] = {}
+    for row in rows:
+        table[row.key] = {}
+        for column in COLUMNS:
+            cell = Cell()
+            for seed in seeds if column.per_seed else seeds[:1]:
+                where = column.locate(row, seed)
+                if where is None:
+                    continue
+                rel, key = where
+                value = reader.value(rel, key)
+                if value is not None:
+                    cell.values.append(value)
+                    cell.sources.append({"file": rel, "key": key, "value": value} | ({"seed": seed} if column.per_seed else {}))
+            table[row.key][column.key] = cell
+    return table
+
+
+def _present(table: dict[str, dict[str, Cell]], key: str) -> bool:
+    return any(table[key][c].n for c, _ in DENSE)
+
+
+def _entry(claim: str, verdict: str, c) -> dict[str, Any]:
+    return {"claim": claim, "verdict": verdict, "comparison": c.as_json()}
+
+
+def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: Sequence[int]) -> dict[str, Any]:
+    """Every check and verdict, in the report's order; pure function of the table."""
+    labels = {r.key: r.label for r in rows}
+    sanity = [_entry(f"{labels[r.key]} beats random init on {task}", beats(compare(table, col, r.key, "random")),
+                     compare(table, col, r.key, "random"))
+              for r in rows[1:] if _present(table, r.key) for col, task in DENSE]
+    controls = []
+    for p in fractions:
+        if not _present(table, f"oracle-{p}"):
+            continue
+        for col, task in DENSE:
+            c = compare(table, col, f"oracle-{p}", f"datacomp-{p}")
+            controls.append(_entry(f"oracle captions beat real captions on {task} at {p}% (same images)", beats(c), c))
+    oracle_100 = [e for e in controls if "at 100%" in e["claim"]]
+    if not oracle_100:
+        world = {"can_show_effect": False, "why": "not measured: no oracle-100 rung (make science builds it)"}
+    elif all(e["verdict"] == "reproduced" for e in oracle_100):
+        world = {"can_show_effect": True, "why": "the oracle rung beats real captions on both dense tasks beyond 2 SE"}
+    else:
+        failed = "; ".join(f"{e['claim']}: {e['verdict']}" for e in oracle_100 if e["verdict"] != "reproduced")
+        world = {"can_show_effect": False, "why": f"the perfect captioner does not clearly help here ({failed})"}
+    f1_real, f1_syn = table["dr-100"]["f1_real"].mean, table["dr-100"]["f1_syn"].mean
+    premise = {"f1_real": f1_real, "f1_syn": f1_syn,
+               "holds": None if f1_real is None or f1_syn is None else f1_syn > f1_real,
+               "sources": table["dr-100"]["f1_real"].sources + table["dr-100"]["f1_syn"].sources}
+
+    def guarded(verdict: str) -> str:
+        if world["can_show_effect"]:
+            return verdict
+        return f"{CONTROL_FAILED} (measured: {verdict})"
+
+    claims = []
+    for col, task in DENSE:
+        for p in fractions:
+            c = compare(table, col, f"dr-{p}", f"datacomp-{p}")
+            claims.append(_entry(f"DR beats real captions on {task} at {p}%", guarded(beats(c)), c))
+    smallest = fractions[-1]
+    if smallest < 100:
+        for col, task in DENSE:
+            c = compare(table, col, f"dr-{smallest}", "datacomp-100")
+            verdict = matches(c)
+            baseline = beats(compare(table, col, "datacomp-100", "random"))
+            if verdict.startswith("reproduced") and baseline != "reproduced":
+                verdict = f"vacuous (real 100% does not beat random init on {task} beyond 2 SE: {baseline})"
+            claims.append(_entry(f"DR at {smallest}% matches real captions at 100% on {task}", guarded(verdict), c))
+    mae = []
+    if _present(table, "mae"):
+        for col, task in DENSE:
+            c = compare(table, col, "dr-100", "mae")
+            mae.append(_entry(f"CLIP on DR 100% beats MAE on {task}", beats(c), c))
+    return {"pretraining_vs_random": sanity, "controls": controls, "world": world, "premise": premise,
+            "claims": claims, "mae": mae}
+
+
+def attention(demo: Path, seeds: Sequence[int], alpha: float) -> dict[str, Any] | None:
+    from finetune.attention_test import claim_test, read_pair
+
+    files = [(s, demo / "attention" / f"s{s}" / "attention_distance.json") for s in seeds]
+    pairs = [read_pair(path, seed) for seed, path in files if path.is_file()]
+    if not pairs:
+        return None
+    return claim_test(pairs, alpha=alpha)
+
+
+def one_seed_cannot(analysis: dict[str, Any]) -> list[str]:
+    """Claims whose verdict needs a spread over seeds (every 'beyond 2 SE' one)."""
+    out = []
+    for group in ("pretraining_vs_random", "controls", "claims", "mae"):
+        out += [e["claim"] for e in analysis[group] if e["comparison"]["spread"] is None and e["comparison"]["better"] is not None]
+    return out
+
+
+def describe(c: dict[str, Any], labels: dict[str, str]) -> str:
+    a, b = labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"])
+    if c["better"] is None:
+        return f"{a} vs {b}: not measured"
+    spread = "no seed spread (one seed)" if c["spread"] is None else f"2 SE = {c['spread']:.4f} (n={c['n']})"
+    inside = "" if c["spread"] is None else (" — inside the noise" if abs(c["better"]) <= c["spread"] else " — beyond the noise")
+    direction = f"better by {c['better']:.4f}" if c["better"] >= 0 else f"worse by {-c['better']:.4f}"
+    return f"{a} {c['a_mean']:.4f} vs {b} {c['b_mean']:.4f}: {a} {direction}; {spread}{inside}"
+
+
+def build(cfg: ScienceConfig) -> dict[str, Any]:
+    demo = cfg.demo
+    if not demo.is_dir():
+        raise UsageError(f"{demo}: not a folder; run `make science` (or pass the folder it wrote)")
+    found = discover_seeds(demo)
+    seeds = sorted(s for s in (cfg.seeds if cfg.seeds is not None else found) if s not in set(cfg.dev_seeds))
+    if not seeds:
+        raise UsageError(f"{demo}: no seed left for the verdicts (found {found}, development seeds {cfg.dev_seeds})")
+    rows = science_rows(cfg.fractions)
+    reader = Reader(demo)
+    table = collect(reader, rows, seeds)
+    analysis = analyse(table, rows, cfg.fractions)
+    timings = read_timings(demo / "timings.tsv")
+    stages = stage_timings(timings)
+    payload = {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"), "demo": str(demo), "seeds": seeds,
+        "dev_seeds": sorted(cfg.dev_seeds), "seeds_found": found, "fractions": cfg.fractions,
+        "rows": [r.__dict__ for r in rows if any(table[r.key][c.key].n for c in COLUMNS)],
+        "table": {k: {c: cell.as_json() for c, cell in cells.items()} for k, cells in table.items()},
+        **analysis, "attention_test": attention(demo, seeds, cfg.alpha),
+        "one_seed_cannot_give": one_seed_cannot(analysis) if len(seeds) < 2 else [],
+        "timings": {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages), 1),
+                    "runs": run_spans(timings)},
+        "missing": sorted(reader.missing),
+    }
+    out = cfg.out or demo / SCIENCE_MD
+    atomic_write_bytes(out, render(payload, table, rows).encode("utf-8"))
+    atomic_write_json(out.with_name(SCIENCE_JSON), payload)
+    return payload
+
+
+def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Sequence[Row]) -> str:
+    labels = {r.key: r.label for r in rows}
+    shown = [r for r in rows if any(table[r.key][c.key].n for c in COLUMNS)]
+    seeds = payload["seeds"]
+    lines = ["# qcap science: can the miniature show the caption-quality effect?", "",
+             f"Generated {payload['generated']} from `{payload['demo']}`. Verdict seeds: {', '.join(map(str, seeds))}"
+             + (f"; development (tuning) seeds left out: {', '.join(map(str, payload['dev_seeds']))}" if payload["dev_seeds"] else "")
+             + ". Cells: mean ± sample sd over the verdict seeds; a difference counts beyond 2 standard errors.", "",
+             markdown_table(["backbone"] + [c.title for c in COLUMNS],
+                            [[r.label] + [fmt_cell(table[r.key][c.key], 4) for c in COLUMNS] for r in shown]), ""]
+    if payload["one_seed_cannot_give"]:
+        lines += ["**One seed: no verdict at 2 SE can be given.** Directions only, for: "
+                  + "; ".join(payload["one_seed_cannot_give"]) + ".", ""]
+    lines += ["## 1. Did pretraining teach the backbones anything?", ""]
+    lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["pretraining_vs_random"]]
+    lines += ["", "## 2. Positive control: can this world show a caption-quality effect?", ""]
+    lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["controls"]]
+    world = payload["world"]
+    lines += ["", ("**Yes**: " if world["can_show_effect"] else "**No — the DR verdicts below are uninformative**: ")
+              + world["why"] + ".", ""]
+    premise = payload["premise"]
+    lines += ["## 3. Premise: do the synthetic captions describe the images better than the web's?", ""]
+    if premise["holds"] is None:
+        lines += ["Not measured (no `scores/dr-100/summary.json`).", ""]
+    else:
+        lines += [f"{'Yes' if premise['holds'] else 'No'}: on the DR 100% set the synthetic captions score fact F1 "
+                  f"{premise['f1_syn']:.4f} against {premise['f1_real']:.4f} for the web alt-text "
+                  "(`scores/dr-100/summary.json`).", ""]
+    lines += ["## 4. The paper's directions", ""]
+    lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["claims"]]
+    if payload["mae"]:
+        lines += ["", "Against the MAE baseline (same ViT, same images, same samples seen):", ""]
+        lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["mae"]]
+    lines += ["", "## 5. Attention distance (paper §3.4)", ""]
+    test = payload["attention_test"]
+    if test is None:
+        lines += ["Not measured (no `attention/s<seed>/attention_distance.json`).", ""]
+    else:
+        loc, div = test["locality"], test["diversity"]
+        lines += [f"Claim: {test['claim']}. Test: {test['test']}, α = {test['alpha']}, deep blocks "
+                  f"{test['deep_blocks']} of {test['num_blocks']}, {test['n_seeds']} seeds.", "",
+                  f"- locality: real − DR deep-block mean distance {loc['mean_difference_px']:+.3f} px, "
+                  f"t = {fmt(loc['statistic'])}, p = {fmt(loc['p_value'], 4)}",
+                  f"- diversity: DR − real spread across heads {div['mean_difference_px']:+.3f} px, "
+                  f"t = {fmt(div['statistic'])}, p = {fmt(div['p_value'], 4)}",
+                  f"- verdict: **{test['verdict']}**", ""]
+        lines += [markdown_table(["seed", "DR mean/block (px)", "real mean/block (px)", "DR spread/block", "real spread/block"],
+                                 [[str(s["seed"]), ", ".join(f"{v:.1f}" for v in s["mean_per_block_dr"]),
+                                   ", ".join(f"{v:.1f}" for v in s["mean_per_block_real"]),
+                                   ", ".join(f"{v:.2f}" for v in s["spread_per_block_dr"]),
+                                   ", ".join(f"{v:.2f}" for v in s["spread_per_block_real"])] for s in test["per_seed"]]), ""]
+    if payload["timings"]["stages"]:
+        lines += ["## Timings", "", markdown_table(["stage", "commands", "seconds", "load"],
+                                                   [[s["stage"], str(s["commands"]), f"{s['seconds']:.1f}",
+                                                     f"{s['load_min']:.2f}–{s['load_max']:.2f}"]
+                                                    for s in payload["timings"]["stages"]]), ""]
+        lines += [f"- make run `{r['run']}`: wall clock {r['wall_seconds']:.1f} s" for r in payload["timings"]["runs"]]
+        lines.append("")
+    if payload["missing"]:
+        lines += ["## Missing", "", *[f"- `{m}`" for m in payload["missing"]], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str], prog: str = "python -m finetune.science") -> int:
+    cfg = parse_config(ScienceConfig, argv, prog=prog)
+    payload = build(cfg)
+    print(f"science: {cfg.out or cfg.demo / SCIENCE_MD} (verdict seeds {payload['seeds']})")
+    print(f"  world can show a caption-quality effect: {payload['world']['can_show_effect']} — {payload['world']['why']}")
+    for e in payload["claims"] + payload["mae"]:
+        print(f"  {e['claim']}: {e['verdict']}")
+    if payload["attention_test"]:
+        print(f"  attention distance: {payload['attention_test']['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    from curate.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m finetune.science"))
+

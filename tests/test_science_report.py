@@ -1,0 +1,117 @@
+"""finetune.science: controls before verdicts, the oracle guard, the MAE row, the attention test — on hand-made files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.science import CONTROL_FAILED, ScienceConfig, build
+
+ROOT = Path(__file__).parents[1]
+NOISE = (-0.004, 0.0, 0.004)  # per-seed jitter: sd 0.004, 2 SE of a difference of 3-seed means ~0.0065
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def make_demo(root: Path, miou: dict[str, float], rmse: dict[str, float], seeds=(0, 1, 2), f1=(0.5, 0.7),
+              attention: bool = True) -> Path:
+    for i, seed in enumerate(seeds):
+        jitter = NOISE[i % 3]
+        for backbone in miou:
+            _write(root / f"finetune/{backbone}-s{seed}/seg/metrics.json", {"metrics": {"mIoU": miou[backbone] + jitter}})
+            _write(root / f"finetune/{backbone}-s{seed}/depth/metrics.json", {"metrics": {"rmse": rmse[backbone] - jitter}})
+            if backbone not in ("random", "mae"):
+                _write(root / f"clip/{backbone}-s{seed}/eval.json", {"zeroshot/top1": 0.2, "retrieval/image_to_text_R@1": 0.1,
+                                                                     "retrieval/text_to_image_R@1": 0.1})
+        if attention:
+            dr = [[10, 11, 12, 13], [10, 11, 12, 13], [14, 15, 16, 17], [14, 15, 16, 17]]
+            real = [[10, 11, 12, 13], [10, 11, 12, 13], [16 + i, 17 + i, 18 + i, 19 + i], [16, 17, 18, 19]]
+            _write(root / f"attention/s{seed}/attention_distance.json",
+                   {"models": [{"label": "DR", "distance_px": dr}, {"label": "real", "distance_px": real}]})
+    _write(root / "scores/dr-100/summary.json", {"by_field": {"text": {"score": f1[0]}, "syn_text": {"score": f1[1]}}})
+    return root
+
+
+GOOD_MIOU = {"random": 0.10, "mae": 0.15, "datacomp-100": 0.20, "datacomp-10": 0.16, "dr-100": 0.25, "dr-10": 0.21,
+             "oracle-100": 0.30, "clean-100": 0.27}
+GOOD_RMSE = {"random": 0.70, "mae": 0.65, "datacomp-100": 0.60, "datacomp-10": 0.64, "dr-100": 0.55, "dr-10": 0.59,
+             "oracle-100": 0.50, "clean-100": 0.53}
+
+
+def test_everything_reproduced_when_the_controls_pass(tmp_path):
+    demo = make_demo(tmp_path / "s", GOOD_MIOU, GOOD_RMSE)
+    payload = build(ScienceConfig(demo=demo))
+    assert payload["world"]["can_show_effect"] is True
+    assert all(e["verdict"] == "reproduced" for e in payload["pretraining_vs_random"])
+    assert len(payload["pretraining_vs_random"]) == 2 * 7  # every pretrained row, both tasks
+    verdicts = {e["claim"]: e["verdict"] for e in payload["claims"] + payload["mae"]}
+    assert verdicts["DR beats real captions on segmentation (mIoU) at 100%"] == "reproduced"
+    assert verdicts["DR beats real captions on depth (RMSE) at 10%"] == "reproduced"
+    assert verdicts["DR at 10% matches real captions at 100% on segmentation (mIoU)"] == "reproduced"
+    assert verdicts["CLIP on DR 100% beats MAE on depth (RMSE)"] == "reproduced"
+    assert payload["premise"]["holds"] is True
+    assert payload["attention_test"]["verdict"].startswith(("supported", "locality supported"))
+    # every number of the table is the number in its source file
+    for cells in payload["table"].values():
+        for cell in cells.values():
+            for source in cell["sources"]:
+                node = json.loads((demo / source["file"]).read_text())
+                for part in source["key"].split("."):
+                    node = node[part]
+                assert node == source["value"]
+            assert cell["values"] == [s["value"] for s in cell["sources"]]
+
+
+def test_oracle_that_does_not_beat_real_makes_every_dr_verdict_uninformative(tmp_path):
+    miou = GOOD_MIOU | {"oracle-100": 0.201}  # the perfect captioner is no better than the web's text
+    demo = make_demo(tmp_path / "s", miou, GOOD_RMSE)
+    payload = build(ScienceConfig(demo=demo))
+    assert payload["world"]["can_show_effect"] is False
+    assert "segmentation" in payload["world"]["why"] and "inconclusive" in payload["world"]["why"]
+    for claim in payload["claims"]:
+        assert claim["verdict"].startswith(CONTROL_FAILED), claim
+    assert payload["claims"][0]["verdict"].endswith("(measured: reproduced)")
+    text = (demo / "science.md").read_text()
+    guard = text.index("**No — the DR verdicts below are uninformative**")
+    assert guard < text.index("## 4. The paper's directions") < text.index("DR beats real captions")
+
+
+def test_backbone_no_better_than_random_is_flagged_and_makes_data_efficiency_vacuous(tmp_path):
+    miou = GOOD_MIOU | {"datacomp-100": 0.101, "datacomp-10": 0.10, "dr-10": 0.102, "oracle-100": 0.3}
+    demo = make_demo(tmp_path / "s", miou, GOOD_RMSE)
+    payload = build(ScienceConfig(demo=demo))
+    bad = [e for e in payload["pretraining_vs_random"] if e["verdict"] != "reproduced"]
+    assert {e["claim"] for e in bad} >= {"real 100% beats random init on segmentation (mIoU)"}
+    eff = next(e for e in payload["claims"] if e["claim"] == "DR at 10% matches real captions at 100% on segmentation (mIoU)")
+    assert eff["verdict"].startswith("vacuous")
+
+
+def test_dev_seeds_are_left_out_and_one_seed_lists_what_it_cannot_give(tmp_path):
+    demo = make_demo(tmp_path / "s", GOOD_MIOU, GOOD_RMSE, seeds=(0, 1, 2, 3))
+    payload = build(ScienceConfig(demo=demo, dev_seeds=[0, 1, 2]))
+    assert payload["seeds"] == [3] and payload["seeds_found"] == [0, 1, 2, 3]
+    assert payload["table"]["dr-100"]["miou"]["n"] == 1
+    assert "DR beats real captions on segmentation (mIoU) at 100%" in payload["one_seed_cannot_give"]
+    assert payload["world"]["can_show_effect"] is False  # one seed cannot pass the control at 2 SE
+    assert payload["attention_test"]["verdict"].startswith("untestable")
+    assert "One seed: no verdict at 2 SE can be given" in (demo / "science.md").read_text()
+
+
+def test_missing_rows_and_bad_input(tmp_path):
+    demo = make_demo(tmp_path / "s", {"random": 0.1, "datacomp-100": 0.2, "dr-100": 0.25},
+                     {"random": 0.7, "datacomp-100": 0.6, "dr-100": 0.55}, attention=False)
+    payload = build(ScienceConfig(demo=demo, fractions=[100]))
+    assert payload["world"]["can_show_effect"] is False and "no oracle-100 rung" in payload["world"]["why"]
+    assert payload["mae"] == [] and payload["attention_test"] is None
+    with pytest.raises(ValueError, match="must include 100"):
+        ScienceConfig(demo=demo, fractions=[10])
+    run = subprocess.run([sys.executable, "-m", "finetune.science", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and "not a folder" in run.stderr and "Traceback" not in run.stderr
