@@ -127,6 +127,7 @@ class DRSettings:
     syn_key_regex: str = DEFAULT_SYN_KEY_REGEX
     teacher_dims: tuple[int, ...] | None = None  # None: from reinforce_config.json, or equal halves (Apple)
     teacher_scales: tuple[float, ...] | None = None
+    augment_size: int = 224  # output side of the stored crops when the folder records none (Apple: 224)
 
     def __post_init__(self) -> None:
         if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:
@@ -353,3 +354,38 @@ def peek_reinforced(shards: list[str]) -> Sample | None:
             if sample.ok and "paug.json" in sample.extras:
                 return sample
     return None
+
+
+def reinforced_stream(loader_cfg, loaded, settings: DRSettings, *, rank: int = 0, world_size: int = 1,
+                      record_uids=None, input_size: int | None = None):
+    """``(stream, dims, scales)`` for DR training on ``loader_cfg.data`` with the student ``loaded``
+    (a :class:`curate.models.LoadedModel`): the folder's augmentation config and teachers, the
+    student's input size and normalisation. ShardError when the shards carry no reinforcement."""
+    from curate.shards import ShardError, shard_folder
+    from train.loader import ShardStream
+
+    model = loaded.model
+    visual = model.visual
+    pre = dict(getattr(visual, "preprocess_cfg", None) or {})
+    size = input_size or pre.get("size") or getattr(visual, "image_size", 224)
+    size = int(max(size)) if isinstance(size, (tuple, list)) else int(size)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    mean, std = pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD)
+    try:
+        folder = shard_folder(loader_cfg.data)
+    except (ShardError, ValueError):
+        folder = None
+    augment = reinforced_augment_config(folder, settings.augment_size)
+    encoder = ReinforcedEncoder(loaded.tokenizer, settings, augment, size=size, mean=mean, std=std)
+    stream = ShardStream(loader_cfg, encoder, rank=rank, world_size=world_size, record_uids=record_uids)
+    first = peek_reinforced(stream.shards)
+    if first is None:
+        raise ShardError(f"{stream.shards[0]}: no sample carries stored augmentations (KEY.paug.json); the DR loss "
+                         "needs reinforced shards: qcap reinforce's output, or Apple's DataCompDR joined by "
+                         "qcap build-dr --apple-syn")
+    try:
+        dims, scales = resolve_teachers(folder, settings, embedding_width(first))
+    except ValueError as err:
+        raise ShardError(f"{stream.shards[0]}: {err}") from err
+    return stream, dims, scales
