@@ -827,7 +827,8 @@ def iter_samples(
         path = str(path)
         seen: set[str] = set()
         group: _Group | None = None
-        for key, ext, data, problem in _tar_events(path, max_member_bytes, problems, skipped):
+        found: list[str] = []  # this tar's problems: raised (without a list) after its last sample
+        for key, ext, data, problem in _tar_events(path, max_member_bytes, found, skipped):
             if key is None:  # the tar ends without its end-of-archive blocks, right after this group
                 if group is not None:
                     group.flag(TRUNCATED, f"the tar ends after this sample's members ({problem}); it may lack some")
@@ -839,6 +840,8 @@ def iter_samples(
             group.add(ext, data, problem)
         if group is not None:
             yield _group_sample(path, group, with_image, seen)
+        for message in found:
+            _shard_problem(path, message, problems)
 
 
 def _group_sample(path: str, group: _Group, with_image: bool, seen: set[str]) -> Sample:
@@ -956,7 +959,8 @@ def iter_sample_spans(tar_path: str, *, max_member_bytes: int = MAX_MEMBER_BYTES
     members with one key.
 
     As :func:`iter_samples`: a hostile sample is a span with a status (``bad_json`` for a
-    KEY.json that is not a JSON object, ``bad_member``, ``duplicate_key``, ``truncated`` for
+    KEY.json that is not a JSON object — the other JSON members are not read here, so their
+    problems show when :func:`read_sample_span` reads the sample back — ``bad_member``, ``duplicate_key``, ``truncated`` for
     the sample the file ends in); a tar-level problem is appended to ``problems`` or, without
     that list, raised as ShardError after the spans before it."""
     import fsspec
