@@ -88,8 +88,20 @@ CLIP_SAMPLES := $(call scaled,19200,256)
 FINETUNE_STEPS := $(call scaled,100,8)
 CLIP_TOP_FRACTION ?= 0.5
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
-RUNGS := datacomp-100 datacomp-10 dr-100 dr-10
+# the ladder: fractions of the DR set (make science: three of them), their folder suffixes in percent
+LADDER_FRACTIONS ?= 1.0 0.1
+PCTS := $(foreach f,$(LADDER_FRACTIONS),$(shell awk 'BEGIN { print $(f) * 100 }'))
+RUNGS := $(foreach p,$(PCTS),datacomp-$(p) dr-$(p))
 DR_FIELDS := text,syn_text
+# finetuning knobs (the calibration's): extra flags for every qcap finetune, e.g. --freeze-backbone --image-size 96
+FT_EXTRA ?=
+# SCIENCE=1 (make science) adds the positive controls (oracle-P: the rung's images with the world's true
+# descriptions; clean-100: the clean split's human captions), the MAE baseline, attention distance per seed,
+# and the science report; 0 (make demo) is the demo's graph alone
+SCIENCE ?= 0
+CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),$(foreach p,$(PCTS),oracle-$(p)) clean-100)
+PRETRAINED := $(RUNGS) $(CONTROL_RUNGS)
+BASELINES := random $(if $(filter 1,$(SCIENCE)),mae)
 
 QCAP := $(BIN)/qcap
 W := $(DEMO)/world
@@ -108,16 +120,19 @@ TIMED = tools/timed.sh $(DEMO)/timings.tsv
 export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
 
 LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
-CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(RUNGS),$(CLIP)/$(r)-s$(s)/eval.json))
-FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,random $(RUNGS),$(foreach t,seg depth,$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
-SCORE_SUMMARIES := $(foreach r,$(RUNGS),$(SCORES)/$(r)/summary.json)
+CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(PRETRAINED) $(filter mae,$(BASELINES)),$(CLIP)/$(r)-s$(s)/eval.json))
+FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,$(BASELINES) $(PRETRAINED),$(foreach t,seg depth,$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
+SCORE_SUMMARIES := $(foreach r,$(RUNGS) $(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json)
 ATTENTION := $(DEMO)/attention/attention_distance.json
+ATTENTION_SEEDS := $(foreach s,$(SEED_LIST),$(DEMO)/attention/s$(s)/attention_distance.json)
+CONTROL_SUMMARIES := $(foreach r,$(CONTROL_RUNGS),$(LADDER_DEMO)/$(r)/control_summary.json)
 
 .DELETE_ON_ERROR:
 
 demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/report.md (vars: SCALE SEEDS JOBS DEMO PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) $(DEMO)/report.md
 	@echo "demo: $(DEMO)/report.md (figures in $(DEMO)/report/, every number's source in $(DEMO)/report.json)"
+	@$(if $(filter 1,$(SEEDS)),echo "one seed: the verdicts that need a spread over seeds (DR vs real beyond 2 SE, pretrained vs random init, DR 10% vs real 100%) give directions only; make science runs 3 seeds with the positive controls")
 
 # 1. the world: a DataComp-style pool served over loopback, a clean-caption split, eval sets
 $(W)/world.json: | $(STAMP)
@@ -165,16 +180,29 @@ $(DR_DEMO)/build_dr_summary.json: $(SYN)/caption_summary.json
 
 # 6. the ladder: real captions (DataComp) and DR at 100% and 10%, nested
 $(LADDER_SUMMARIES) &: $(DR_DEMO)/build_dr_summary.json
-	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="1.0 0.1" SEED=0
+	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="$(LADDER_FRACTIONS)" SEED=0
 
-# 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image)
+# 6b. (SCIENCE=1) positive controls: the same images with the true descriptions; the clean split's captions
+$(LADDER_DEMO)/oracle-%/control_summary.json: $(LADDER_DEMO)/datacomp-%/subset_summary.json
+	@$(TIMED) control-rung $(QCAP) control-rung --kind oracle --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
+$(LADDER_DEMO)/clean-100/control_summary.json: $(LADDER_DEMO)/datacomp-100/subset_summary.json
+	@$(TIMED) control-rung $(QCAP) control-rung --kind clean --like $(LADDER_DEMO)/datacomp-100 --world $(W) \
+	  --allow-fewer --out $(@D)
+$(foreach r,$(CONTROL_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(CONTROL_SUMMARIES)
+$(foreach r,$(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json): $(CONTROL_SUMMARIES)
+
+# 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image);
+# (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
+$(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
+	@$(TIMED) pretrain-mae $(BIN)/python -m train.mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
+	  --samples-seen $(CLIP_SAMPLES) --resume
 $(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
 	  --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
 	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 
 # 8. dense-task transfer of every backbone and of a random-init one; caption quality; attention distance
-FINETUNE_ARGS = --preset tiny --steps $(FINETUNE_STEPS) --resume
+FINETUNE_ARGS = --preset tiny --steps $(FINETUNE_STEPS) --resume $(FT_EXTRA)
 $(FT)/random-s%/seg/metrics.json: $(W)/world.json
 	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-clip --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
 $(FT)/random-s%/depth/metrics.json: $(W)/world.json
@@ -195,6 +223,35 @@ $(ATTENTION): $(CLIP)/dr-100-s0/eval.json $(CLIP)/datacomp-100-s0/eval.json
 	  --compare $(CLIP)/datacomp-100-s0 --compare-label "real captions 100%" --images $(W)/eval/seg/images/validation \
 	  --out $(@D)
 
+$(DEMO)/attention/s%/attention_distance.json: $(CLIP)/dr-100-s%/eval.json $(CLIP)/datacomp-100-s%/eval.json
+	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/dr-100-s$* --label "DR 100%" \
+	  --compare $(CLIP)/datacomp-100-s$* --compare-label "real captions 100%" --images $(W)/eval/seg/images/validation \
+	  --out $(@D)
+
 # 9. the report: table, verdicts against the paper, figures, per-stage timings
 $(DEMO)/report.md: $(CLIP_EVALS) $(FT_METRICS) $(SCORE_SUMMARIES) $(ATTENTION)
 	@$(TIMED) report $(QCAP) report $(DEMO) --world $(W)
+
+# 10. (SCIENCE=1) the science report: controls first (pretrained vs random, oracle vs real, caption premise), then
+# the paper's verdicts over the ladder, DR vs MAE and the attention-distance test; DEV_SEEDS are left out of verdicts
+DEV_SEEDS ?=
+$(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES)
+	@$(TIMED) science-report $(BIN)/python -m finetune.science $(DEMO) --fractions $(PCTS) \
+	  $(if $(strip $(DEV_SEEDS)),--dev-seeds $(DEV_SEEDS))
+
+# ---------------------------------------------------------------------------------------------
+# make science: the demo's graph with SCIENCE=1 at a calibrated scale, 3 seeds, a 3-fraction ladder.
+# SCI_* are its settings (see README/the science report for what they measured); SCI_SCALE=0.05 SCI_SEEDS=2 is the
+# smallest graph (the slow test runs it). Uncalibrated knobs are plain variables: FT_EXTRA, FINETUNE_STEPS via SCALE.
+SCI ?= runs/science
+SCI_SCALE ?= 1
+SCI_SEEDS ?= 3
+SCI_FRACTIONS ?= 1.0 0.3 0.1
+SCI_FT_EXTRA ?=
+SCI_DEV_SEEDS ?=
+.PHONY: science
+science: setup ## positive controls, MAE, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS JOBS PORT)
+	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
+	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
+	  $(SCI)/science.md
+	@echo "science: $(SCI)/science.md (every number's source in $(SCI)/science.json; the demo's report beside it)"

@@ -65,6 +65,7 @@ def test_clean_rung_matches_the_like_rungs_size(world, tmp_path):
     for s in out:
         assert s.text == clean[s.uid].text and len(s.meta["captions"]) >= 2  # the human captions ride along
     saved = json.loads((tmp_path / "clean-100" / "control.json").read_text())
+    assert json.loads((tmp_path / "clean-100" / "control_summary.json").read_text()) == saved["summary"]
     assert saved["summary"]["num_available"] == 30
 
 

@@ -19,7 +19,8 @@ samples seen):
   ``--caption-source real``, one of the captions is drawn per sample.
 
 Both rungs carry real captions only (no ``syn.json``): they are trained with
-``--caption-source real``. ``DIR/control.json`` records the settings and counts; a re-run skips
+``--caption-source real``. ``DIR/control.json`` records the settings and counts, ``DIR/control_summary.json`` (written
+last) the counts of a finished rung; a re-run skips
 finished shards, a re-run with other settings is refused (``--overwrite``).
 """
 
@@ -36,6 +37,7 @@ from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
 
 CONTROL_FILE = "control.json"
+SUMMARY_FILE = "control_summary.json"  # written last: a finished rung has it
 KINDS = ("oracle", "clean")
 
 
@@ -145,6 +147,7 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
                "resumed_shards": resumed, "seconds": round(time.time() - started, 3)}
     summary["reconciled"] = summary["num_written"] == summary["num_input"]
     atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
+    atomic_write_json(cfg.out / SUMMARY_FILE, summary)
     return summary
 
 
@@ -178,6 +181,7 @@ def build_clean(cfg: ControlConfig) -> dict[str, Any]:
                result["num_written"], "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like),
                "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
     atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
+    atomic_write_json(cfg.out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -1,0 +1,75 @@
+"""make science at its smallest scale, for real: every stage of the science graph runs (controls, MAE,
+attention per seed, the science report), and every number of the report equals its source file."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+SMALLEST = ["SCI_SCALE=0.05", "SCI_SEEDS=2", "SCI_FRACTIONS=1.0 0.5"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _value(folder: Path, rel: str, key: str):
+    node = json.loads((folder / rel).read_text())
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_science_folder(folder: Path) -> dict:
+    """What the slow test asserts of a finished make science folder (also usable on a real run)."""
+    payload = json.loads((folder / "science.json").read_text())
+    text = (folder / "science.md").read_text()
+    seeds = payload["seeds"]
+    assert len(seeds) >= 2
+    rows = {r["key"] for r in payload["rows"]}
+    pcts = payload["fractions"]
+    expected = {"random", "mae", "clean-100"} | {f"{k}-{p}" for p in pcts for k in ("datacomp", "dr", "oracle")}
+    assert rows == expected, rows ^ expected
+    numbers = 0
+    for key, cells in payload["table"].items():
+        for column, cell in cells.items():
+            assert cell["values"] == [s["value"] for s in cell["sources"]], (key, column)
+            for source in cell["sources"]:
+                assert _value(folder, source["file"], source["key"]) == source["value"], source
+                numbers += 1
+    for key in expected:
+        for column in ("miou", "rmse"):
+            assert payload["table"][key][column]["n"] == len(seeds), (key, column)
+    # every comparison's means are the table's means
+    for group in ("pretraining_vs_random", "controls", "claims", "mae"):
+        assert payload[group], group
+        for entry in payload[group]:
+            c = entry["comparison"]
+            assert c["a_mean"] == payload["table"][c["a"]][c["column"]]["mean"]
+            assert c["b_mean"] == payload["table"][c["b"]][c["column"]]["mean"]
+    test = payload["attention_test"]
+    assert test is not None and test["n_seeds"] == len(seeds)
+    for entry in test["per_seed"]:
+        pair = json.loads(Path(entry["source"]).read_text())["models"]
+        assert entry["mean_per_block_dr"] == [sum(r) / len(r) for r in pair[0]["distance_px"]]
+    assert payload["premise"]["holds"] is not None
+    assert text.index("## 2. Positive control") < text.index("## 4. The paper's directions")
+    assert (folder / "report.md").is_file()
+    return {"numbers_checked": numbers, "world": payload["world"]}
+
+
+@pytest.mark.slow
+def test_make_science_smallest_scale(tmp_path):
+    folder = tmp_path / "science"
+    cmd = ["make", "--no-print-directory", "science", f"SCI={folder}", f"PORT={_free_port()}", *SMALLEST]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = check_science_folder(folder)
+    assert result["numbers_checked"] > 50
