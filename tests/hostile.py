@@ -104,6 +104,16 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def broken_png() -> bytes:
+    """A PNG with a sound 40x30 header whose pixel data is not a zlib stream."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 40, 30, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib " * 30) + chunk(b"IEND", b"")
+
+
 # name -> (member extension, bytes of seed); every one decodes with PIL into an RGB picture
 GOOD_IMAGES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "rgb-jpeg": ("jpg", lambda s: _save(_pattern("RGB", (40, 30), s), "JPEG", quality=90)),
@@ -131,7 +141,7 @@ BAD_IMAGES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "html-named-jpg": ("jpg", lambda s: b"<!doctype html><html><body>404 not found</body></html>"),
     "truncated-jpeg-head": ("jpg", lambda s: GOOD_IMAGES["rgb-jpeg"][1](s)[:40]),
     "empty-image-member": ("jpg", lambda s: b""),
-    "png-bad-crc-named-png": ("png", lambda s: bomb_png(8, 8)[:-20] + b"\0" * 20),
+    "png-broken-idat": ("png", lambda s: broken_png()),
 }
 
 
@@ -291,6 +301,7 @@ class Case:
     rows: list[dict[str, Any]] = field(default_factory=list)  # every Parquet row: shard (tar name), key, uid, status
     undecodable: set[str] = field(default_factory=set)  # uids of successes without a decodable image
     decodable: set[str] = field(default_factory=set)  # uids of hostile-format successes that do decode
+    no_image: set[str] = field(default_factory=set)  # uids of success rows with no image member in the tar
     problems: bool = False  # breaks the shard contract: `qcap shards verify` must report it (naming `problem_shard`)
     problem_shard: str = "00001.tar"
     malformed_uids: bool = False  # a success row with a uid that is not DataComp's
@@ -360,18 +371,20 @@ def build_members_case(case: Case, variant: str) -> None:
     if variant == "success-row-not-in-tar":  # the Parquet lists a success the tar lacks entirely
         members = sample_members("000010001", uid(121), "a blue circle", good_jpeg(121))
         case.undecodable.add(uid(120))
+        case.no_image.add(uid(120))
     elif variant == "json-without-image":  # the tar holds txt+json, no image member
         members = (sample_members("000010000", uid(120), "a blue circle", None)
                    + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
         case.undecodable.add(uid(120))
+        case.no_image.add(uid(120))
     elif variant == "image-only":  # image without json or txt: no uid in the tar
         members = ([Member("000010000.jpg", good_jpeg(120))]
                    + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
-        case.undecodable.add(uid(120))
     elif variant == "image-in-unknown-format-member":  # KEY.gif: not one of the shard layer's image extensions
         members = ([Member("000010000.gif", _gif(120))] + sample_members("000010000", uid(120), "a circle", None)[0:2]
                    + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
         case.undecodable.add(uid(120))
+        case.no_image.add(uid(120))
     elif variant == "members-interleaved":  # one sample's members split by another's: webdataset sees 3 samples
         a = sample_members("000010000", uid(120), "a blue circle", good_jpeg(120))
         b = sample_members("000010001", uid(121), "a red circle", good_jpeg(121))
@@ -392,7 +405,7 @@ def build_captions_case(case: Case, variant: str) -> None:
     texts: dict[str, tuple[str, bytes]] = {
         "non-utf8-txt": ("a photo of a cat on a sofa", b"a photo of a \xff\xfe cat \xc3\x28 on a sofa"),
         "nul-in-caption": ("a photo of\x00 a cat\x00 on a sofa", b"a photo of\x00 a cat\x00 on a sofa"),
-        "control-chars": ("a photo\x1b[31m of a cat\x07 on a sofa\r\n\x0c", "a photo\x1b[31m of a cat\x07".encode()),
+        "control-chars": ("a photo\x1b[31m of a cat\x07 on a sofa\r\n\x0c", b"a photo\x1b[31m of a cat\x07"),
         "empty-caption": ("", b""),
         "huge-caption": ("word " * 20000, ("word " * 20000).encode()),
         "rtl-and-emoji": ("\u202e\U0001f600 photo \u0000 of a cat \ud7ff", "\u202e\U0001f600 photo of a cat".encode()),
@@ -450,9 +463,11 @@ def build_tar_case(case: Case, variant: str) -> None:
     elif variant == "symlink-member":
         members = good[:3] + [Member("000010001.jpg", kind="symlink", target="/etc/passwd")] + good[4:]
         case.undecodable.add(u1)
+        case.no_image.add(u1)
     elif variant == "hardlink-member":
         members = good[:3] + [Member("000010001.jpg", kind="hardlink", target="000010000.jpg")] + good[4:]
         case.undecodable.add(u1)
+        case.no_image.add(u1)
     elif variant == "directory-member":
         members = [Member("000010000", kind="dir")] + good
     elif variant == "huge-claimed-size":
@@ -783,3 +798,88 @@ HOSTILE_URLS = {
 
 def env_marker_absent(marker: Path) -> bool:
     return not marker.exists() and not os.path.exists("/tmp/qcap-hostile-absolute.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# A caption folder for build-dr (qcap caption's webdataset layout), written by qcap's writer
+
+
+def write_caption_folder(images: Path, out: Path, num_captions: int = 2) -> int:
+    """Caption-only shards for every success with a valid uid in ``images``' readable Parquets
+    (same shard ids and keys, as ``qcap caption`` writes them); returns the captions written."""
+    import pyarrow.parquet as pq
+
+    from curate.shards import Sample, ShardWriter, finalize_folder, is_uid
+
+    written = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for parquet in sorted(images.glob("*.parquet")):
+        try:
+            table = pq.read_table(parquet, columns=["key", "uid", "status"]).to_pylist()
+        except Exception:  # noqa: BLE001 - the hostile Parquets get no captions
+            continue
+        seen = set()
+        with ShardWriter(out, int(parquet.stem)) as writer:
+            for r in table:
+                key = r["key"]
+                if r["status"] != "success" or not is_uid(r["uid"]) or "." in key or "/" in key or key in seen:
+                    continue
+                seen.add(key)
+                writer.write(Sample(key=key, uid=r["uid"], image=None,
+                                    syn_text=[f"a synthetic caption {j} of a red shape" for j in range(num_captions)],
+                                    meta={"key": key, "status": "success", "num_syn": num_captions}))
+                written += 1
+    finalize_folder(out)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Running a command the way `qcap` does, and the contract every run must keep
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    logs: str
+
+
+def run_cli(argv: list[str], capsys, caplog) -> Result:
+    """Run ``qcap ARGV`` in-process through ``curate.cli.run_guarded`` (what ``qcap`` calls),
+    with the command function ``qcap.cli.all_commands()`` registers. argparse's SystemExit is an
+    exit status; any other exception escaping the command fails the test, with its traceback."""
+    import importlib
+    import traceback
+
+    import pytest
+
+    from curate.cli import run_guarded
+    from qcap.cli import all_commands
+
+    command = all_commands()[argv[0]]
+    module_name, func_name = command.target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    caplog.clear()
+    try:
+        code = run_guarded(func, list(argv[1:]), f"qcap {argv[0]}")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except Exception as err:  # noqa: BLE001 - the contract violation under test
+        captured = capsys.readouterr()
+        pytest.fail(f"qcap {' '.join(map(str, argv))}: uncaught {type(err).__name__}: {err}\n"
+                    f"{''.join(traceback.format_exception(err)[-6:])}\nstderr: {captured.err[-2000:]}", pytrace=False)
+    captured = capsys.readouterr()
+    return Result(int(code), captured.out, captured.err, caplog.text)
+
+
+def assert_contract(res: Result, *, allow_exit: tuple[int, ...] = ()) -> None:
+    """No traceback anywhere; a non-zero exit comes with a one-line ``error:`` on stderr (an
+    exit in ``allow_exit`` is a stage's own documented status, checked by the caller)."""
+    assert "Traceback" not in res.err, f"Traceback on stderr:\n{res.err[-3000:]}"
+    assert "Traceback" not in res.logs, f"Traceback in the log:\n{res.logs[-3000:]}"
+    if res.code != 0 and res.code not in allow_exit:
+        lines = [line for line in res.err.splitlines() if line.strip()]
+        errors = [line for line in lines if "error:" in line]
+        assert errors, (f"exit {res.code} without a one-line error on stderr: {res.err[-2000:]!r}; "
+                        f"stdout: {res.out[-1500:]!r}")
