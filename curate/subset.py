@@ -50,6 +50,7 @@ from curate.card import CaptionStats, read_card, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
 from curate.shards import (
+    Sample,
     ShardError,
     ShardWriter,
     atomic_write_json,
@@ -62,6 +63,7 @@ from curate.shards import (
     read_sizes,
     read_table,
     save_uids,
+    shard_columns,
     shard_folder,
     shard_name,
     uid_halves,
@@ -139,12 +141,13 @@ def target_size(cfg: SubsetConfig, total: int) -> int:
 
 @dataclass(slots=True)
 class ShardKeys:
-    """The rank keys of one input shard's successes, in tar order (position = index)."""
+    """The rank keys of one input shard's successes, in Parquet order (position = index)."""
 
     rank: np.ndarray  # u8
     hi: np.ndarray
     lo: np.ndarray
     valid: np.ndarray  # bool: the success has a valid uid (others are never selected)
+    keys: list[str]  # each success's sample key: the tar's samples are matched to rows by key
 
     @property
     def missing_uid(self) -> int:
@@ -152,14 +155,19 @@ class ShardKeys:
 
 
 def shard_keys(tar: str, seed: int) -> ShardKeys:
-    table = read_table(tar, columns=["uid", "status"])
-    uids = [u for u, s in zip(table.column("uid").to_pylist(), table.column("status").to_pylist(), strict=True)
-            if s == "success"]
+    names = set(shard_columns(tar))
+    table = read_table(tar, columns=["uid", "status", *(["key"] if "key" in names else [])])
+    statuses = table.column("status").to_pylist()
+    rows = [i for i, s in enumerate(statuses) if s == "success"]
+    all_uids = table.column("uid").to_pylist()
+    uids = [all_uids[i] for i in rows]
+    all_keys = table.column("key").to_pylist() if "key" in names else [None] * len(statuses)
+    keys = [all_keys[i] for i in rows]
     valid, valid_hi, valid_lo = uid_halves(uids)
     hi = np.zeros(len(uids), dtype=np.uint64)  # 0 where the uid is missing: never selected (valid is False)
     lo = np.zeros(len(uids), dtype=np.uint64)
     hi[valid], lo[valid] = valid_hi, valid_lo
-    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=valid)
+    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=valid, keys=keys)
 
 
 @dataclass(frozen=True)
@@ -271,36 +279,67 @@ def strip_synthetic(sample) -> None:
 
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
-    """Output shard ``shard_id``: the selected samples of its input shards, in order."""
+    """Output shard ``shard_id``: the selected samples of its input shards, in order.
+
+    The tar's samples are matched to their Parquet rows by key (by position only in a shard
+    whose Parquet has no key column). A selected sample the tar cannot give — missing from it,
+    unreadable (the reader's status: bad_json, bad_member, truncated, ...), without an image
+    member, or with another uid than its row — is written as a Parquet-only row with that status, so it is
+    counted and the shard goes on: written + not copied = selected.
+    """
     threshold = Threshold(**task["threshold"]) if task["threshold"] else None
     stats = CaptionStats()
     written = 0
+    not_copied: Counter[str] = Counter()
     with ShardWriter(task["out"], task["shard_id"]) as writer:
         for index in task["inputs"]:
             tar = task["tars"][index]
             keys = shard_keys(tar, task["seed"])
             mask = selected_mask(keys, index, threshold)
             expected = int(mask.sum())
+            by_key = {k: i for i, k in enumerate(keys.keys)} if all(k is not None for k in keys.keys) else None
+            seen: set[int] = set()
+            problems: list[str] = []
             got = 0
-            for position, sample in enumerate(iter_samples([tar])):
-                if position >= len(mask):
-                    raise ShardError(f"{tar}: the tar holds more samples than its Parquet lists successes")
+            dropped: list[tuple[int, str, str, str | None]] = []  # (position, status, message, key)
+            for order, sample in enumerate(iter_samples([tar], problems=problems)):
+                position = by_key.get(sample.key) if by_key is not None else (order if order < len(mask) else None)
+                if position is None or position in seen:
+                    continue  # not a success row of the Parquet (or a repeat of one): nothing was selected here
+                seen.add(position)
                 if not mask[position]:
                     continue
                 uid = f"{int(keys.hi[position]):016x}{int(keys.lo[position]):016x}"
+                if not sample.ok:
+                    dropped.append((position, sample.status, sample.error_message or "unreadable sample", sample.key))
+                    continue
+                if sample.image is None:
+                    dropped.append((position, "no_image", f"{tar}: sample {sample.key} has no image member", sample.key))
+                    continue
                 if sample.uid != uid:
-                    raise ShardError(f"{tar}: sample {position} has uid {sample.uid}, its Parquet says {uid}")
+                    dropped.append((position, "uid_mismatch",
+                                    f"{tar}: sample {sample.key} has uid {sample.uid}, its Parquet says {uid}", sample.key))
+                    continue
                 if task["captions"] == "real":
                     strip_synthetic(sample)
                 writer.write(sample)
                 stats.add(sample)
                 got += 1
-            if got != expected or got != task["expected"][str(index)]:
-                raise ShardError(f"{tar}: {got} samples selected from the tar, {expected} from its Parquet, "
-                                 f"{task['expected'][str(index)]} planned; the input changed (run with --overwrite)")
+            cut = f" ({problems[0]})" if problems else ""
+            dropped += [(int(p), "missing_from_tar", f"{tar}: its Parquet lists this success, the tar does not hold it{cut}", None)
+                        for p in np.flatnonzero(mask) if int(p) not in seen]
+            for position, status, message, key in dropped:
+                uid = f"{int(keys.hi[position]):016x}{int(keys.lo[position]):016x}"
+                writer.write(Sample(key=key or keys.keys[position] or f"{index:05d}{position:06d}", uid=uid,
+                                    status=status, error_message=message))
+                not_copied[status] += 1
+            if got + len(dropped) != expected or expected != task["expected"][str(index)]:
+                raise ShardError(f"{tar}: {expected} samples selected from its Parquet, {task['expected'][str(index)]} "
+                                 "planned; the input changed (run with --overwrite)")
             written += got
-        writer.close(extra_stats={"inputs": [task["tars"][i] for i in task["inputs"]], "caption_stats": stats.as_json()})
-    return {"shard_id": task["shard_id"], "count": written}
+        writer.close(extra_stats={"inputs": [task["tars"][i] for i in task["inputs"]], "caption_stats": stats.as_json(),
+                                  "not_copied": dict(not_copied)})
+    return {"shard_id": task["shard_id"], "count": written + sum(not_copied.values())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,14 +441,27 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     bar.close()
     sizes = finalize_folder(out)
     expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
-    uids = np.concatenate([uids_to_array(read_table(tar, columns=["uid"]).column("uid").to_pylist(), sort=False)
-                           for tar in expand_shards(str(out))])  # 16 bytes a sample, not Python strings
+    arrays, not_copied, rows = [], Counter(), {}
+    for tar in expand_shards(str(out)):
+        table = read_table(tar, columns=["uid", "status"])
+        statuses = table.column("status").to_pylist()
+        not_copied.update(s for s in statuses if s != "success")
+        rows[os.path.basename(tar)] = len(statuses)
+        success = [u for u, s in zip(table.column("uid").to_pylist(), statuses, strict=True) if s == "success"]
+        arrays.append(uids_to_array(success, sort=False))  # 16 bytes a sample, not Python strings
+    uids = np.concatenate(arrays)
     num_unique = save_uids(out / UIDS_FILE, uids)
-    checks = {"selected = N": sum(sizes.values()) == n, "written = planned per shard": sizes == expected,
-              "uids unique": num_unique == len(uids) == n}
+    num_not_copied = sum(not_copied.values())
+    if num_not_copied:
+        log.warning("subset: %d selected samples could not be copied (%s); they are rows with that status in %s",
+                    num_not_copied, dict(not_copied), out)
+    checks = {"selected = written + not copied": sum(sizes.values()) + num_not_copied == n,
+              "written + not copied = planned per shard": rows == expected,
+              "uids unique": num_unique == len(uids) == n - num_not_copied}
     summary = {
         "shards": cfg.shards, "out": str(out), "seed": cfg.seed, "fraction": cfg.fraction, "captions": cfg.captions,
-        "num_input": total, "num_selected": n, "num_written": sum(sizes.values()), "num_output_shards": len(plan),
+        "num_input": total, "num_selected": n, "num_written": sum(sizes.values()), "not_copied": dict(not_copied),
+        "num_output_shards": len(plan),
         "resumed_shards": len(plan) - len(todo), "input_counts": counts, "threshold": threshold_json,
         "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()),
         "seconds": round(time.time() - started, 3),
