@@ -7,6 +7,7 @@ refusal of a CPU count that cannot run (it needs no Ray) is here.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import zipfile
@@ -25,6 +26,14 @@ QCAP = str(Path(sys.executable).parent / "qcap")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """The qcap entry in this process (run_guarded). curate.cli.setup_logging's basicConfig binds the
+    root handler to the sys.stderr of the first call — an earlier test's capture, closed since — so
+    such a handler is pointed at this test's capture first."""
+    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for logger in loggers:  # Ray Data's own loggers bind their handlers the same way
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one first
     code = qcap(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err

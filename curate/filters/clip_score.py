@@ -338,32 +338,32 @@ def check_resources(cfg: ClipScoreConfig, cpus: float, gpus: float, where: str) 
                          "--num-workers, a smaller --gpus-per-worker, or --device cpu")
 
 
-_REMOTE_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+_REMOTE_ERROR = re.compile(r"^((?:[A-Za-z_]\w*\.)*)([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def reraise_ray_error(err: BaseException) -> None:
     """A failure inside the Ray pipeline as one line. Ray Data wraps a task's exception in
     ``RayTaskError(UserCodeException)`` whose text is the remote traceback (~170 lines printed
-    as it propagated) and whose cause object is gone, so the original is read back from the
-    traceback's last line: a ``ShardError`` is re-raised as a ShardError, a ``ValueError`` or
-    ``UsageError`` as a UsageError, with the original message; any other failure (an actor that
+    as it propagated) and whose cause object is gone, so the original is read back from that
+    traceback: a ``ShardError`` is re-raised as a ShardError, a ``ValueError``/``UsageError``/
+    ``ConfigError`` as a UsageError, with the original message; any other failure (an actor that
     died, memory, a bug) is a UsageError naming it, its trace left in Ray's session logs."""
     from curate.cli import UsageError
 
-    texts = [str(err)] + [str(c) for c in _chain(err)] + [str(getattr(err, "cause", "") or "")]
-    for text in texts:
-        lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
-        for line in reversed(lines):
-            found = _REMOTE_ERROR.match(line)
-            if found is None:
-                continue
-            kind, message = found.groups()
-            if kind == "ShardError":
-                raise ShardError(message) from None
-            if kind in ("ValueError", "UsageError", "ConfigError"):
-                raise UsageError(message) from None
-            raise UsageError(f"clip-score: the Ray pipeline failed: {kind}: {message[:300]}") from None
+    found: list[tuple[str, str]] = []  # (exception class, message) of every non-Ray exception line
+    for text in [str(err), *(str(c) for c in _chain(err)), str(getattr(err, "cause", "") or "")]:
+        for line in text.splitlines():
+            match = _REMOTE_ERROR.match(_ANSI.sub("", line).strip())
+            if match and not match.group(1).startswith("ray.") and not match.group(2).startswith(("Ray", "UserCode")):
+                found.append((match.group(2), match.group(3)))
+    for kinds, error in ((("ShardError",), ShardError), (("UsageError", "ConfigError", "ValueError"), UsageError)):
+        messages = [message for kind, message in found if kind in kinds]
+        if messages:
+            raise error(messages[-1]) from None
+    if found:
+        kind, message = found[0]
+        raise UsageError(f"clip-score: the Ray pipeline failed: {kind}: {message[:300]}") from None
     first = next((_ANSI.sub("", line).strip() for line in str(err).splitlines() if line.strip()), "")
     raise UsageError(f"clip-score: the Ray pipeline failed ({type(err).__name__}): {first[:300]}") from None
 
