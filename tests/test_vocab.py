@@ -1,0 +1,85 @@
+"""captioning.vocab: a BPE vocabulary fitted to the world, loaded through open_clip's HF-tokenizer path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curate.world.config import WorldConfig
+from curate.world.generate import generate_world
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("vocab")
+    world = root / "w"
+    generate_world(WorldConfig(out=world, num_samples=60, clean_samples=20, eval_samples=8, chunk_size=60, workers=1,
+                               eval_image_size=32, clean_image_size=48), progress=False)
+    run = subprocess.run([sys.executable, "-m", "captioning.vocab", "--world", str(world), "--out", str(root / "vocab"),
+                          "--vocab-size", "400"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return root / "vocab", json.loads((root / "vocab" / "vocab.json").read_text())
+
+
+def test_fitted_vocabulary_is_small_and_covers_the_world(vocab):
+    folder, summary = vocab
+    assert summary["vocab_size"] <= 400 and summary["texts"] > 100
+    assert summary["special_ids"]["pad"] == 0
+    assert summary["special_ids"]["eot"] == summary["vocab_size"] - 1  # highest: argmax pooling finds it
+    assert summary["unk_share"] < 0.01
+    config = json.loads((folder / "qcap-tiny-coca-world.json").read_text())
+    assert config["text_cfg"]["vocab_size"] == config["multimodal_cfg"]["vocab_size"] == summary["vocab_size"]
+    assert Path(config["text_cfg"]["hf_tokenizer_name"]) == (folder / "tokenizer").resolve()
+
+
+def test_open_clip_loads_it_and_coca_trains_and_decodes_with_its_ids(vocab):
+    from open_clip import CoCaLoss
+    from open_clip.tokenizer import HFTokenizer
+
+    from captioning.decode import generate
+    from captioning.vocab import register, special_token_ids
+    from curate.models import load_model
+
+    folder, summary = vocab
+    name = register(folder / "qcap-tiny-coca-world.json")
+    loaded = load_model(name)
+    assert isinstance(loaded.tokenizer, HFTokenizer)
+    ids = special_token_ids(loaded.tokenizer)
+    assert ids == summary["special_ids"]
+    tokens = loaded.tokenizer(["a small red circle on the left", "two big blue squares"])
+    assert tokens.shape == (2, 32) and int(tokens.max()) < summary["vocab_size"]
+    assert (tokens[:, 0] == ids["sot"]).all()
+    assert (tokens.argmax(dim=-1) == (tokens == ids["eot"]).int().argmax(dim=-1)).all()
+    model = loaded.model.train()
+    out = model(image=torch.randn(2, 3, 64, 64), text=tokens)
+    assert out["logits"].shape[-1] == summary["vocab_size"]  # the decoder projects onto the fitted vocabulary
+    parts = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)(
+        out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"], output_dict=True)
+    sum(parts.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        generated = generate(model, torch.randn(2, 3, 64, 64), decoding="top_p", num_captions=2, seq_len=12,
+                             generator=torch.Generator().manual_seed(0), sot_token_id=ids["sot"], eos_token_id=ids["eot"],
+                             pad_token_id=ids["pad"])
+    assert generated.shape[0] == 4 and (generated[:, 0] == ids["sot"]).all()
+    assert int(generated.max()) < summary["vocab_size"]
+    text = loaded.tokenizer.tokenizer.decode(generated[0].tolist(), skip_special_tokens=True)
+    assert isinstance(text, str)
+
+
+def test_clip_tokenizer_ids_and_bad_world(tmp_path):
+    import open_clip
+
+    from captioning.vocab import special_token_ids
+
+    assert special_token_ids(open_clip.get_tokenizer("ViT-B-32")) == {"sot": 49406, "eot": 49407, "pad": 0}
+    run = subprocess.run([sys.executable, "-m", "captioning.vocab", "--world", str(tmp_path), "--out", str(tmp_path / "v")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and "truth.parquet: missing" in run.stderr and "Traceback" not in run.stderr
