@@ -329,6 +329,11 @@ def _add_rows(case: Case, shard: str, rows: list[dict[str, Any]]) -> None:
     case.rows.extend({**r, "shard": shard} for r in rows)
 
 
+def cu(case: Case, i: int) -> str:
+    """A uid of case ``case`` alone: cases can be combined into one folder without clashing."""
+    return uid(i, salt=case.id)
+
+
 def _one_sample_shard(case: Case, key: str, u: str | None, members: list[Member], *, text: str | None = None,
                       **kw) -> None:
     rows = [row(key, u, text=text or "a photo of a blue circle on a white table")]
@@ -338,7 +343,7 @@ def _one_sample_shard(case: Case, key: str, u: str | None, members: list[Member]
 
 def build_json_case(case: Case, variant: bytes) -> None:
     _base(case)
-    u = uid(100)
+    u = cu(case, 100)
     _one_sample_shard(case, "000010000", u, sample_members("000010000", u, "a blue circle", good_jpeg(100), meta=variant))
     case.problems = True  # a KEY.json that is not an object of the sample's fields
 
@@ -357,7 +362,7 @@ JSON_VARIANTS = {
 def build_keys_case(case: Case, variant: str) -> None:
     """A sample whose key webdataset splits differently from the Parquet's key."""
     _base(case)
-    u = uid(110)
+    u = cu(case, 110)
     key = {"dot-in-key": "a.b", "slash-in-key": "dir/k", "dots-and-slash": "x/y.z", "leading-dot": ".hidden"}[variant]
     members = sample_members(key, u, "a blue circle", good_jpeg(110))
     _one_sample_shard(case, key, u, members)
@@ -367,31 +372,31 @@ def build_keys_case(case: Case, variant: str) -> None:
 def build_members_case(case: Case, variant: str) -> None:
     """Success rows whose members are missing from the tar."""
     _base(case)
-    rows = [row("000010000", uid(120)), row("000010001", uid(121))]
+    rows = [row("000010000", cu(case, 120)), row("000010001", cu(case, 121))]
     if variant == "success-row-not-in-tar":  # the Parquet lists a success the tar lacks entirely
-        members = sample_members("000010001", uid(121), "a blue circle", good_jpeg(121))
-        case.undecodable.add(uid(120))
-        case.no_image.add(uid(120))
+        members = sample_members("000010001", cu(case, 121), "a blue circle", good_jpeg(121))
+        case.undecodable.add(cu(case, 120))
+        case.no_image.add(cu(case, 120))
     elif variant == "json-without-image":  # the tar holds txt+json, no image member
-        members = (sample_members("000010000", uid(120), "a blue circle", None)
-                   + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
-        case.undecodable.add(uid(120))
-        case.no_image.add(uid(120))
+        members = (sample_members("000010000", cu(case, 120), "a blue circle", None)
+                   + sample_members("000010001", cu(case, 121), "a blue circle", good_jpeg(121)))
+        case.undecodable.add(cu(case, 120))
+        case.no_image.add(cu(case, 120))
     elif variant == "image-only":  # image without json or txt: no uid in the tar
         members = ([Member("000010000.jpg", good_jpeg(120))]
-                   + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
+                   + sample_members("000010001", cu(case, 121), "a blue circle", good_jpeg(121)))
     elif variant == "image-in-unknown-format-member":  # KEY.gif: not one of the shard layer's image extensions
-        members = ([Member("000010000.gif", _gif(120))] + sample_members("000010000", uid(120), "a circle", None)[0:2]
-                   + sample_members("000010001", uid(121), "a blue circle", good_jpeg(121)))
-        case.undecodable.add(uid(120))
-        case.no_image.add(uid(120))
+        members = ([Member("000010000.gif", _gif(120))] + sample_members("000010000", cu(case, 120), "a circle", None)[0:2]
+                   + sample_members("000010001", cu(case, 121), "a blue circle", good_jpeg(121)))
+        case.undecodable.add(cu(case, 120))
+        case.no_image.add(cu(case, 120))
     elif variant == "members-interleaved":  # one sample's members split by another's: webdataset sees 3 samples
-        a = sample_members("000010000", uid(120), "a blue circle", good_jpeg(120))
-        b = sample_members("000010001", uid(121), "a red circle", good_jpeg(121))
+        a = sample_members("000010000", cu(case, 120), "a blue circle", good_jpeg(120))
+        b = sample_members("000010001", cu(case, 121), "a red circle", good_jpeg(121))
         members = [a[0], b[0], a[1], a[2], b[1], b[2]]
     elif variant == "duplicate-member":  # the same member twice
-        a = sample_members("000010000", uid(120), "a blue circle", good_jpeg(120))
-        members = a + [a[0]] + sample_members("000010001", uid(121), "a red circle", good_jpeg(121))
+        a = sample_members("000010000", cu(case, 120), "a blue circle", good_jpeg(120))
+        members = a + [a[0]] + sample_members("000010001", cu(case, 121), "a red circle", good_jpeg(121))
     else:
         raise ValueError(variant)
     write_raw_shard(case.folder, 1, rows, members)
@@ -414,7 +419,7 @@ def build_captions_case(case: Case, variant: str) -> None:
     rows, members = [], []
     for i in range(2):
         key = f"00001{i:04d}"
-        u = uid(130 + i)
+        u = cu(case, 130 + i)
         rows.append(row(key, u, text=text))
         members += sample_members(key, u, raw, good_jpeg(130 + i))
     write_raw_shard(case.folder, 1, rows, members)
@@ -427,7 +432,7 @@ def build_images_case(case: Case, kinds: list[str]) -> None:
     rows, members = [], []
     for i, kind in enumerate(kinds):
         key = f"00001{i:04d}"
-        u = uid(200 + i)
+        u = cu(case, 200 + i)
         if kind in GOOD_IMAGES:
             ext, make = GOOD_IMAGES[kind]
             case.decodable.add(u)
@@ -443,7 +448,7 @@ def build_images_case(case: Case, kinds: list[str]) -> None:
 def build_tar_case(case: Case, variant: str) -> None:
     """Hostile and broken tars (the Parquet and stats are right; the tar is not)."""
     _base(case)
-    u0, u1 = uid(300), uid(301)
+    u0, u1 = cu(case, 300), cu(case, 301)
     rows = [row("000010000", u0), row("000010001", u1)]
     good = sample_members("000010000", u0, "a blue circle", good_jpeg(300)) + sample_members(
         "000010001", u1, "a red circle", good_jpeg(301))
@@ -522,9 +527,9 @@ def build_uids_case(case: Case, variant: str) -> None:
     """Success rows whose uid is not DataComp's (in the Parquet and KEY.json)."""
     _base(case)
     bad = MALFORMED_UIDS[variant]
-    rows = [row("000010000", bad), row("000010001", uid(501))]
+    rows = [row("000010000", bad), row("000010001", cu(case, 501))]
     members = sample_members("000010000", bad, "a blue circle", good_jpeg(500)) + sample_members(
-        "000010001", uid(501), "a red circle", good_jpeg(501))
+        "000010001", cu(case, 501), "a red circle", good_jpeg(501))
     write_raw_shard(case.folder, 1, rows, members)
     _add_rows(case, "00001.tar", rows)
     case.malformed_uids = True
@@ -533,18 +538,18 @@ def build_uids_case(case: Case, variant: str) -> None:
 def build_dups_case(case: Case, variant: str) -> None:
     """The same uid on two success rows: in one shard, or across shards."""
     _base(case)
-    dup = uid(0)  # shard 0's first sample
+    dup = uid(0, "hostile")  # shard 0's first sample
     if variant == "dup-uid-in-shard":
-        rows = [row("000010000", uid(600)), row("000010001", uid(600))]
-        members = sample_members("000010000", uid(600), "a blue circle", good_jpeg(600)) + sample_members(
-            "000010001", uid(600), "a blue circle again", good_jpeg(601))
+        rows = [row("000010000", cu(case, 600)), row("000010001", cu(case, 600))]
+        members = sample_members("000010000", cu(case, 600), "a blue circle", good_jpeg(600)) + sample_members(
+            "000010001", cu(case, 600), "a blue circle again", good_jpeg(601))
     elif variant == "dup-uid-across-shards":
-        rows = [row("000010000", dup), row("000010001", uid(602))]
+        rows = [row("000010000", dup), row("000010001", cu(case, 602))]
         members = sample_members("000010000", dup, "a blue circle", good_jpeg(602)) + sample_members(
-            "000010001", uid(602), "a red circle", good_jpeg(603))
+            "000010001", cu(case, 602), "a red circle", good_jpeg(603))
     elif variant == "dup-uid-success-and-failure":
-        rows = [row("000010000", dup, status="http_404"), row("000010001", uid(604))]
-        members = sample_members("000010001", uid(604), "a red circle", good_jpeg(604))
+        rows = [row("000010000", dup, status="http_404"), row("000010001", cu(case, 604))]
+        members = sample_members("000010001", cu(case, 604), "a red circle", good_jpeg(604))
     else:
         raise ValueError(variant)
     write_raw_shard(case.folder, 1, rows, members)
@@ -845,7 +850,7 @@ class Result:
     logs: str
 
 
-def run_cli(argv: list[str], capsys, caplog) -> Result:
+def run_cli(argv: list[str], capfd, caplog) -> Result:
     """Run ``qcap ARGV`` in-process through ``curate.cli.run_guarded`` (what ``qcap`` calls),
     with the command function ``qcap.cli.all_commands()`` registers. argparse's SystemExit is an
     exit status; any other exception escaping the command fails the test, with its traceback."""
@@ -866,10 +871,10 @@ def run_cli(argv: list[str], capsys, caplog) -> Result:
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except Exception as err:  # noqa: BLE001 - the contract violation under test
-        captured = capsys.readouterr()
+        captured = capfd.readouterr()
         pytest.fail(f"qcap {' '.join(map(str, argv))}: uncaught {type(err).__name__}: {err}\n"
                     f"{''.join(traceback.format_exception(err)[-6:])}\nstderr: {captured.err[-2000:]}", pytrace=False)
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     return Result(int(code), captured.out, captured.err, caplog.text)
 
 

@@ -57,9 +57,9 @@ def _tar_samples(folder: Path) -> list:
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_shards_info(case_id, cases, capsys, caplog):
+def test_shards_info(case_id, cases, capfd, caplog):
     case = cases[case_id]
-    res = run_cli(["shards", "info", str(case.folder), "--json"], capsys, caplog)
+    res = run_cli(["shards", "info", str(case.folder), "--json"], capfd, caplog)
     assert_contract(res)
     if res.code == 0:
         info = json.loads(res.out)
@@ -70,10 +70,10 @@ def test_shards_info(case_id, cases, capsys, caplog):
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_shards_verify(case_id, cases, capsys, caplog):
+def test_shards_verify(case_id, cases, capfd, caplog):
     """verify REPORTS what breaks the contract (naming the shard), and passes what does not."""
     case = cases[case_id]
-    res = run_cli(["shards", "verify", str(case.folder), "--json"], capsys, caplog)
+    res = run_cli(["shards", "verify", str(case.folder), "--json"], capfd, caplog)
     assert_contract(res)
     if case.problems:
         assert res.code != 0, f"verify passed a folder that breaks the shard contract ({case_id}): {res.out}"
@@ -85,10 +85,10 @@ def test_shards_verify(case_id, cases, capsys, caplog):
 
 @pytest.mark.parametrize("case_id", ["bombs-and-undecodable", "images-mixed", "images-every-mode",
                                      "members-json-without-image"])
-def test_shards_verify_decode(case_id, cases, capsys, caplog):
+def test_shards_verify_decode(case_id, cases, capfd, caplog):
     """verify --decode decodes every image: undecodable ones are reported, every mode passes."""
     case = cases[case_id]
-    res = run_cli(["shards", "verify", "--decode", str(case.folder), "--json"], capsys, caplog)
+    res = run_cli(["shards", "verify", "--decode", str(case.folder), "--json"], capfd, caplog)
     assert_contract(res)
     if case.undecodable:
         assert res.code != 0, f"verify --decode passed undecodable images: {res.out}"
@@ -127,23 +127,23 @@ def check_filter_outputs(case, out: Path, *, decodes: bool) -> None:
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_filter_basic(case_id, cases, tmp_path, capsys, caplog):
+def test_filter_basic(case_id, cases, tmp_path, capfd, caplog):
     case = cases[case_id]
     out = tmp_path / "basic.npy"
     res = run_cli(["filter", "basic", "--shards", str(case.folder), "--out", str(out), "--no-histograms",
                    "--no-preview", "--no-progress", "--min-image-side", "1", "--max-aspect-ratio", "100000"],
-                  capsys, caplog)
+                  capfd, caplog)
     assert_contract(res)
     if res.code == 0:
         check_filter_outputs(case, out, decodes=False)
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_filter_dedup(case_id, cases, tmp_path, capsys, caplog):
+def test_filter_dedup(case_id, cases, tmp_path, capfd, caplog):
     case = cases[case_id]
     out = tmp_path / "dedup.npy"
     res = run_cli(["filter", "dedup", "--shards", str(case.folder), "--out", str(out), "--no-histograms",
-                   "--no-preview", "--no-progress", "--hashes", str(tmp_path / "hashes")], capsys, caplog)
+                   "--no-preview", "--no-progress", "--hashes", str(tmp_path / "hashes")], capfd, caplog)
     assert_contract(res)
     if res.code == 0:
         check_filter_outputs(case, out, decodes=True)
@@ -159,13 +159,13 @@ def test_filter_dedup(case_id, cases, tmp_path, capsys, caplog):
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_reshard(case_id, cases, tmp_path, capsys, caplog):
+def test_reshard(case_id, cases, tmp_path, capfd, caplog):
     case = cases[case_id]
     uids = sorted(set(_success_uids(case))) or ["0" * 32]
     subset = uid_file(tmp_path / "subset.npy", uids)
     out = tmp_path / "curated"
     res = run_cli(["reshard", "--shards", str(case.folder), "--subset", str(subset), "--out", str(out),
-                   "--samples-per-shard", "4", "--no-progress"], capsys, caplog)
+                   "--samples-per-shard", "4", "--no-progress"], capfd, caplog)
     assert_contract(res)
     if res.code != 0:
         return
@@ -191,11 +191,11 @@ def test_reshard(case_id, cases, tmp_path, capsys, caplog):
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_uids_info_with_shards(case_id, cases, tmp_path, capsys, caplog):
+def test_uids_info_with_shards(case_id, cases, tmp_path, capfd, caplog):
     case = cases[case_id]
     uids = sorted(set(_success_uids(case))) + ["f" * 32]  # one uid that no shard holds
     path = uid_file(tmp_path / "u.npy", uids)
-    res = run_cli(["uids", "info", str(path), "--shards", str(case.folder), "--json"], capsys, caplog)
+    res = run_cli(["uids", "info", str(path), "--shards", str(case.folder), "--json"], capfd, caplog)
     assert_contract(res)
     if res.code == 0:
         info = json.loads(res.out)
@@ -216,7 +216,7 @@ def npy_files(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", NPY_VARIANTS)
 @pytest.mark.parametrize("operation", ["intersect", "info", "reshard", "filter-subset"])
-def test_hostile_uid_files(operation, variant, npy_files, cases, tmp_path, capsys, caplog):
+def test_hostile_uid_files(operation, variant, npy_files, cases, tmp_path, capfd, caplog):
     """A uid file that is not DataComp's (0 bytes, wrong dtype, 2-D, unsorted, pickled objects,
     truncated, text) is a one-line error wherever a uid file is read; nothing is written."""
     bad = npy_files[variant]
@@ -230,7 +230,7 @@ def test_hostile_uid_files(operation, variant, npy_files, cases, tmp_path, capsy
         "filter-subset": ["filter", "basic", "--shards", folder, "--subset", str(bad), "--out", str(out),
                           "--no-histograms", "--no-preview", "--no-progress"],
     }[operation]
-    res = run_cli(argv, capsys, caplog)
+    res = run_cli(argv, capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"a hostile uid file ({variant}) was accepted: {res.out}"
     assert bad.name in res.err, res.err
@@ -238,11 +238,11 @@ def test_hostile_uid_files(operation, variant, npy_files, cases, tmp_path, capsy
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_subset(case_id, cases, tmp_path, capsys, caplog):
+def test_subset(case_id, cases, tmp_path, capfd, caplog):
     case = cases[case_id]
     out = tmp_path / "sub"
     res = run_cli(["subset", "--shards", str(case.folder), "--fraction", "1.0", "--out", str(out), "--no-card",
-                   "--no-progress"], capsys, caplog)
+                   "--no-progress"], capfd, caplog)
     assert_contract(res)
     if res.code != 0:
         return
@@ -253,21 +253,25 @@ def test_subset(case_id, cases, tmp_path, capsys, caplog):
     assert len(out_uids) == len(set(out_uids)), "subset wrote a uid twice"
     valid = set(_success_uids(case))
     assert set(out_uids) <= valid
-    # fraction 1.0: every success with an image comes out once (one without may be copied as it is, or not)
-    assert valid - case.no_image <= set(out_uids), f"fraction 1.0 lost successes: {valid - case.no_image - set(out_uids)}"
+    # fraction 1.0: every valid success is one output row, copied or with the status saying why not
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    row_uids = Counter(r["uid"] for r in rows)
+    assert all(n == 1 for n in row_uids.values()), f"an output row twice: {[u for u, n in row_uids.items() if n > 1]}"
+    assert set(row_uids) == valid, f"fraction 1.0 lost successes: {valid - set(row_uids)}; extra {set(row_uids) - valid}"
+    assert {r["uid"] for r in rows if r["status"] == "success"} == set(out_uids), "Parquet successes != tar samples"
     sizes = json.loads((out / "sizes.json").read_text())
     assert sum(sizes.values()) == len(samples)
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_build_dr(case_id, cases, tmp_path, capsys, caplog):
+def test_build_dr(case_id, cases, tmp_path, capfd, caplog):
     """Images from the hostile case, captions for every valid success (a good caption folder)."""
     case = cases[case_id]
     syn = tmp_path / "syn"
     write_caption_folder(case.folder, syn)
     out = tmp_path / "dr"
     res = run_cli(["build-dr", "--images", str(case.folder), "--captions", str(syn), "--out", str(out), "--no-card",
-                   "--no-progress", "--num-workers", "1"], capsys, caplog)
+                   "--no-progress", "--num-workers", "1"], capfd, caplog)
     assert_contract(res)
     if res.code != 0:
         return
@@ -355,7 +359,7 @@ PATH_CASE_IDS = [
 
 
 @pytest.mark.parametrize("path_case", PATH_CASE_IDS)
-def test_bad_paths_and_settings(path_case, tmp_path, capsys, caplog):
+def test_bad_paths_and_settings(path_case, tmp_path, capfd, caplog):
     """A path that clashes (--out = a file, = the input) or is missing, or an impossible setting:
     a one-line error, and the input folder is left as it was."""
     from hostile import write_good_shard, write_sizes
@@ -365,7 +369,7 @@ def test_bad_paths_and_settings(path_case, tmp_path, capsys, caplog):
     write_sizes(good)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     argv = _path_cases(tmp_path, good)[path_case]
-    res = run_cli(argv, capsys, caplog)
+    res = run_cli(argv, capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"{path_case}: accepted ({res.out})"
     after = {p.name: p.read_bytes() for p in good.iterdir()}

@@ -51,7 +51,7 @@ def _check_accounting(out: Path, rows: list[dict]) -> dict[str, str]:
     return statuses
 
 
-def test_download_refuses_private_addresses_and_schemes(http_dir, tmp_path, capsys, caplog):
+def test_download_refuses_private_addresses_and_schemes(http_dir, tmp_path, capfd, caplog):
     """Without --allow-private-addresses: loopback and every private address is refused, as a row."""
     folder, base_url = http_dir
     (folder / "good.jpg").write_bytes(good_jpeg(1))
@@ -59,7 +59,7 @@ def test_download_refuses_private_addresses_and_schemes(http_dir, tmp_path, caps
     rows = _pool_rows(base_url, names)
     pool = write_pool(tmp_path / "pool.parquet", rows)
     out = tmp_path / "raw"
-    res = run_cli(["download", "--pool", str(pool), "--out", str(out), *FAST], capsys, caplog)
+    res = run_cli(["download", "--pool", str(pool), "--out", str(out), *FAST], capfd, caplog)
     assert_contract(res)
     assert res.code == 0, res.err
     statuses = _check_accounting(out, rows)
@@ -71,7 +71,7 @@ def test_download_refuses_private_addresses_and_schemes(http_dir, tmp_path, caps
         assert status != "success" and status != "error", f"{name}: {status}"
 
 
-def test_download_with_private_addresses_allowed_still_refuses_schemes(http_dir, tmp_path, capsys, caplog):
+def test_download_with_private_addresses_allowed_still_refuses_schemes(http_dir, tmp_path, capfd, caplog):
     folder, base_url = http_dir
     (folder / "good.jpg").write_bytes(good_jpeg(2))
     names = sorted(SCHEMES | {"idn-host", "zero-address"})
@@ -79,7 +79,7 @@ def test_download_with_private_addresses_allowed_still_refuses_schemes(http_dir,
     pool = write_pool(tmp_path / "pool.parquet", rows)
     out = tmp_path / "raw"
     res = run_cli(["download", "--pool", str(pool), "--out", str(out), "--allow-private-addresses", *FAST],
-                  capsys, caplog)
+                  capfd, caplog)
     assert_contract(res)
     assert res.code == 0, res.err
     statuses = _check_accounting(out, rows)
@@ -132,11 +132,11 @@ def _hostile_pool(kind: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["zero-rows", "folder-with-non-parquet", "folder-empty", "not-parquet", "missing",
                                   "missing-url-column", "malformed-uids", "duplicate-uids", "url-column-not-string"])
-def test_download_hostile_pools(kind, tmp_path, capsys, caplog):
+def test_download_hostile_pools(kind, tmp_path, capfd, caplog):
     """A pool that cannot be planned is a one-line error; one that can is accounted for row by row."""
     pool = _hostile_pool(kind, tmp_path)
     out = tmp_path / "raw"
-    res = run_cli(["download", "--pool", str(pool), "--out", str(out), *FAST], capsys, caplog)
+    res = run_cli(["download", "--pool", str(pool), "--out", str(out), *FAST], capfd, caplog)
     assert_contract(res)
     if kind in {"zero-rows", "folder-with-non-parquet", "folder-empty", "not-parquet", "missing", "missing-url-column"}:
         assert res.code != 0, f"download accepted a {kind} pool"
@@ -150,7 +150,7 @@ def test_download_hostile_pools(kind, tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("clash", ["out-is-file", "out-is-pool-file", "processes-0", "threads-0",
                                    "samples-per-shard-0", "timeout-0"])
-def test_download_bad_paths_and_settings(clash, tmp_path, capsys, caplog):
+def test_download_bad_paths_and_settings(clash, tmp_path, capfd, caplog):
     pool = write_pool(tmp_path / "pool.parquet", [{"uid": uid(5), "url": "http://10.0.0.1/a.jpg", "text": "a"}])
     before = pool.read_bytes()
     a_file = tmp_path / "a-file"
@@ -164,7 +164,7 @@ def test_download_bad_paths_and_settings(clash, tmp_path, capsys, caplog):
         flag, value = clash.rsplit("-", 1)
         extra = [f"--{flag}", value]
     argv = ["download", "--pool", str(pool), "--out", str(out), *FAST, *extra]
-    res = run_cli(argv, capsys, caplog)
+    res = run_cli(argv, capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"download accepted {clash}"
     assert pool.read_bytes() == before and a_file.read_text() == "keep me\n"

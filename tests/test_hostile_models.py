@@ -118,12 +118,12 @@ def _assert_refused(res, models, what: str) -> None:
 # filter clip-score
 
 
-def test_clip_score_per_sample_hostility(folders, models, ray_local, tmp_path, capsys, caplog):
+def test_clip_score_per_sample_hostility(folders, models, ray_local, tmp_path, capfd, caplog):
     folder, by_shard = folders["samples"]
     out = tmp_path / "clip.npy"
     res = run_cli(["filter", "clip-score", "--shards", str(folder), "--checkpoint", str(models["clip"]),
                    "--top-fraction", "1.0", "--out", str(out), "--batch-size", "4", "--num-workers", "1",
-                   "--no-progress", "--no-histograms", "--no-preview"], capsys, caplog)
+                   "--no-progress", "--no-histograms", "--no-preview"], capfd, caplog)
     assert_contract(res)
     if res.code != 0:
         return
@@ -144,12 +144,12 @@ def test_clip_score_per_sample_hostility(folders, models, ray_local, tmp_path, c
     assert all(is_uid(u) for u in kept)
 
 
-def test_clip_score_unreadable_shards(folders, models, ray_local, tmp_path, capsys, caplog):
+def test_clip_score_unreadable_shards(folders, models, ray_local, tmp_path, capfd, caplog):
     folder, _ = folders["tars"]
     out = tmp_path / "clip.npy"
     res = run_cli(["filter", "clip-score", "--shards", str(folder), "--checkpoint", str(models["clip"]),
                    "--top-fraction", "0.5", "--out", str(out), "--batch-size", "4", "--num-workers", "1",
-                   "--no-progress", "--no-histograms", "--no-preview"], capsys, caplog)
+                   "--no-progress", "--no-histograms", "--no-preview"], capfd, caplog)
     assert_contract(res)
     if res.code == 0:
         decisions = pq.read_table(out.with_name("clip.report") / "decisions.parquet").to_pylist()
@@ -161,24 +161,24 @@ def test_clip_score_unreadable_shards(folders, models, ray_local, tmp_path, caps
 @pytest.mark.parametrize("setting", [["--num-cpus", "1", "--num-workers", "2"], ["--batch-size", "0"],
                                      ["--num-workers", "0"], ["--cpus-per-worker", "0"], ["--top-fraction", "0"],
                                      ["--top-fraction", "1.5"], ["--decode-size", "0"]])
-def test_clip_score_impossible_settings(setting, folders, models, tmp_path, capsys, caplog):
+def test_clip_score_impossible_settings(setting, folders, models, tmp_path, capfd, caplog):
     """Resources or settings that cannot work are refused before any Ray work, in one line."""
     folder, _ = folders["samples"]
     res = run_cli(["filter", "clip-score", "--shards", str(folder), "--checkpoint", str(models["clip"]),
                    "--top-fraction", "0.5", "--out", str(tmp_path / "c.npy"), "--no-progress", *setting],
-                  capsys, caplog)
+                  capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"clip-score accepted {setting}"
     assert not (tmp_path / "c.npy").exists()
 
 
 @pytest.mark.parametrize("variant", BAD_CKPT_DIRS + BAD_CKPT_FILES)
-def test_clip_score_bad_checkpoints(variant, folders, models, tmp_path, capsys, caplog):
+def test_clip_score_bad_checkpoints(variant, folders, models, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
     extra = ["--model", "qcap-tiny-clip"] if variant in BAD_CKPT_FILES else []
     res = run_cli(["filter", "clip-score", "--shards", str(folder), "--checkpoint", str(models["bad"][variant]), *extra,
                    "--top-fraction", "0.5", "--out", str(tmp_path / "c.npy"), "--num-cpus", "2", "--no-progress"],
-                  capsys, caplog)
+                  capfd, caplog)
     _assert_refused(res, models, variant)
     assert not (tmp_path / "c.npy").exists()
 
@@ -187,7 +187,7 @@ def test_clip_score_bad_checkpoints(variant, folders, models, tmp_path, capsys, 
 # caption
 
 
-def test_caption_every_class(folders, models, ray_local, tmp_path, capsys, caplog):
+def test_caption_every_class(folders, models, ray_local, tmp_path, capfd, caplog):
     """One run over per-sample and tar-level hostility: every input success is an output row of a
     status (success, decode_error, no_image, missing_uid, ...); unreadable shards are listed (exit 1)."""
     sample_folder, sample_cases = folders["samples"]
@@ -203,7 +203,7 @@ def test_caption_every_class(folders, models, ray_local, tmp_path, capsys, caplo
     out = tmp_path / "syn"
     res = run_cli(["caption", "--shards", str(folder), "--out", str(out), "--checkpoint", str(models["coca"]),
                    "--num-captions", "2", "--seq-len", "8", "--num-workers", "1", "--batch-size", "4",
-                   "--device", "cpu", "--no-progress"], capsys, caplog)
+                   "--device", "cpu", "--no-progress"], capfd, caplog)
     assert_contract(res, allow_exit=(1,))
     summary = json.loads((out / "caption_summary.json").read_text())
     assert summary["reconciled"], summary["problems"]
@@ -229,21 +229,21 @@ def test_caption_every_class(folders, models, ray_local, tmp_path, capsys, caplo
 
 @pytest.mark.parametrize("setting", [["--batch-size", "0"], ["--num-workers", "0"], ["--num-captions", "0"],
                                      ["--seq-len", "1"], ["--cpus-per-worker", "0"]])
-def test_caption_impossible_settings(setting, folders, models, tmp_path, capsys, caplog):
+def test_caption_impossible_settings(setting, folders, models, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
     res = run_cli(["caption", "--shards", str(folder), "--out", str(tmp_path / "syn"), "--checkpoint",
-                   str(models["coca"]), "--no-progress", *setting], capsys, caplog)
+                   str(models["coca"]), "--no-progress", *setting], capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"caption accepted {setting}"
     assert not (tmp_path / "syn" / "00000.done").exists()
 
 
 @pytest.mark.parametrize("variant", BAD_CKPT_DIRS + BAD_CKPT_FILES)
-def test_caption_bad_checkpoints(variant, folders, models, tmp_path, capsys, caplog):
+def test_caption_bad_checkpoints(variant, folders, models, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
     extra = ["--model", "qcap-tiny-coca"] if variant in BAD_CKPT_FILES else []
     res = run_cli(["caption", "--shards", str(folder), "--out", str(tmp_path / "syn"), "--checkpoint",
-                   str(models["bad_coca"][variant]), *extra, "--no-progress"], capsys, caplog)
+                   str(models["bad_coca"][variant]), *extra, "--no-progress"], capfd, caplog)
     _assert_refused(res, models, variant)
     assert not (tmp_path / "syn" / "00000.done").exists()
 
@@ -256,13 +256,13 @@ TRAIN = ["--preset", "tiny", "--batch-size", "4", "--workers", "0", "--warmup", 
          "--tracker", "none", "--threads", "1"]
 
 
-def test_train_on_hostile_samples(folders, tmp_path, capsys, caplog):
+def test_train_on_hostile_samples(folders, tmp_path, capfd, caplog):
     """Hostile samples are skipped and counted (data/skipped_<reason>); drawn = trained + skipped."""
     folder, by_shard = folders["samples"]
     total = sum(len(c.success_rows) for c in by_shard.values()) + 3
     out = tmp_path / "run"
     res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(out), "--samples-seen", str(total + 4)],
-                  capsys, caplog)
+                  capfd, caplog)
     assert_contract(res)
     if res.code != 0:
         return
@@ -274,21 +274,21 @@ def test_train_on_hostile_samples(folders, tmp_path, capsys, caplog):
     assert skipped >= len(BAD_IMAGES), f"hostile samples were not skipped and counted: {rows[-1]}"
 
 
-def test_train_on_unreadable_shards(folders, tmp_path, capsys, caplog):
+def test_train_on_unreadable_shards(folders, tmp_path, capfd, caplog):
     folder, _ = folders["tars"]
     res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(tmp_path / "run"), "--samples-seen", "16"],
-                  capsys, caplog)
+                  capfd, caplog)
     assert_contract(res)
 
 
 @pytest.mark.parametrize("data", ["no-shards", "zero-row-shard", "only-failures", "sizes-too-big"])
-def test_train_on_empty_or_lying_data(data, tmp_path, capsys, caplog):
+def test_train_on_empty_or_lying_data(data, tmp_path, capfd, caplog):
     from hostile import build_case
 
     case_id = {"no-shards": "empty-no-shards", "zero-row-shard": "empty-zero-row-shard",
                "only-failures": "empty-only-failures", "sizes-too-big": "sizes-sizes-json-too-big"}[data]
     case = build_case(case_id, tmp_path)
-    res = run_cli(["train", *TRAIN, "--data", str(case.folder), "--out", str(tmp_path / "run")], capsys, caplog)
+    res = run_cli(["train", *TRAIN, "--data", str(case.folder), "--out", str(tmp_path / "run")], capfd, caplog)
     assert_contract(res)
     if data != "sizes-too-big":
         assert res.code != 0, f"train on {data} did not fail"
@@ -296,19 +296,19 @@ def test_train_on_empty_or_lying_data(data, tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("setting", [["--batch-size", "0"], ["--workers", "-1"], ["--samples-seen", "0"],
                                      ["--lr", "nan"]])
-def test_train_impossible_settings(setting, folders, tmp_path, capsys, caplog):
+def test_train_impossible_settings(setting, folders, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
-    res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(tmp_path / "run"), *setting], capsys, caplog)
+    res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(tmp_path / "run"), *setting], capfd, caplog)
     assert_contract(res)
     assert res.code != 0, f"train accepted {setting}"
 
 
 @pytest.mark.parametrize("variant", ["malicious-pt", "malicious-pickle-bin", "garbage-pt", "truncated-safetensors",
                                      "empty-pt"])
-def test_train_bad_pretrained(variant, folders, models, tmp_path, capsys, caplog):
+def test_train_bad_pretrained(variant, folders, models, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
     res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(tmp_path / "run"), "--pretrained",
-                   str(models["bad"][variant])], capsys, caplog)
+                   str(models["bad"][variant])], capfd, caplog)
     _assert_refused(res, models, variant)
     assert not (tmp_path / "run" / "final").exists()
 
@@ -332,7 +332,7 @@ def one_step_run(folders, tmp_path_factory):
 
 @pytest.mark.parametrize("corruption", ["optimizer-malicious-pickle", "optimizer-garbage", "scheduler-truncated",
                                         "rng-malicious", "weights-truncated", "trainer-json-list", "data-json-garbage"])
-def test_train_resume_from_corrupt_checkpoint(corruption, one_step_run, folders, models, tmp_path, capsys, caplog):
+def test_train_resume_from_corrupt_checkpoint(corruption, one_step_run, folders, models, tmp_path, capfd, caplog):
     import io
     import pickle
 
@@ -362,7 +362,7 @@ def test_train_resume_from_corrupt_checkpoint(corruption, one_step_run, folders,
     elif corruption == "data-json-garbage":
         (step / "data-0.json").write_text("{garbage")
     res = run_cli(["train", *TRAIN, "--data", str(folder), "--out", str(run), "--samples-seen", "8",
-                   "--checkpoint-every", "1", "--resume"], capsys, caplog)
+                   "--checkpoint-every", "1", "--resume"], capfd, caplog)
     _assert_refused(res, models, corruption)
 
 
@@ -387,28 +387,28 @@ def seg_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", BAD_CKPT_DIRS + BAD_CKPT_FILES)
-def test_finetune_seg_bad_checkpoints(variant, models, seg_data, tmp_path, capsys, caplog):
+def test_finetune_seg_bad_checkpoints(variant, models, seg_data, tmp_path, capfd, caplog):
     extra = ["--model", "qcap-tiny-clip"] if variant in BAD_CKPT_FILES else []
     res = run_cli(["finetune", "seg", "--checkpoint", str(models["bad"][variant]), *extra, "--data", str(seg_data),
                    "--out", str(tmp_path / "ft"), "--preset", "tiny", "--steps", "1", "--workers", "0",
-                   "--tracker", "none"], capsys, caplog)
+                   "--tracker", "none"], capfd, caplog)
     _assert_refused(res, models, variant)
     assert not (tmp_path / "ft" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("variant", BAD_CKPT_DIRS + BAD_CKPT_FILES)
-def test_attention_distance_bad_checkpoints(variant, models, tmp_path, capsys, caplog):
+def test_attention_distance_bad_checkpoints(variant, models, tmp_path, capfd, caplog):
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.jpg").write_bytes(GOOD_IMAGES["rgb-jpeg"][1](0))
     extra = ["--model", "qcap-tiny-clip"] if variant in BAD_CKPT_FILES else []
     res = run_cli(["attention-distance", "--checkpoint", str(models["bad"][variant]), *extra, "--images", str(images),
-                   "--out", str(tmp_path / "att")], capsys, caplog)
+                   "--out", str(tmp_path / "att")], capfd, caplog)
     _assert_refused(res, models, variant)
     assert not (tmp_path / "att" / "attention_distance.json").exists()
 
 
-def test_attention_distance_hostile_images(models, tmp_path, capsys, caplog):
+def test_attention_distance_hostile_images(models, tmp_path, capfd, caplog):
     """Every image mode is measured, every undecodable file is listed as failed: none lost."""
     images = tmp_path / "images"
     images.mkdir()
@@ -420,7 +420,7 @@ def test_attention_distance_hostile_images(models, tmp_path, capsys, caplog):
         (images / f"{name}.{ext}").write_bytes(make(i))
         bad.add(f"{name}.{ext}")
     res = run_cli(["attention-distance", "--checkpoint", str(models["clip"]), "--images", str(images),
-                   "--out", str(tmp_path / "att"), "--num-images", "100", "--batch-size", "8"], capsys, caplog)
+                   "--out", str(tmp_path / "att"), "--num-images", "100", "--batch-size", "8"], capfd, caplog)
     assert_contract(res)
     assert res.code == 0, res.err
     result = json.loads((tmp_path / "att" / "attention_distance.json").read_text())["models"][0]
