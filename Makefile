@@ -236,7 +236,7 @@ $(DEMO)/report.md: $(CLIP_EVALS) $(FT_METRICS) $(SCORE_SUMMARIES) $(ATTENTION)
 # the paper's verdicts over the ladder, DR vs MAE and the attention-distance test; DEV_SEEDS are left out of verdicts
 DEV_SEEDS ?=
 $(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES)
-	@$(TIMED) science-report $(BIN)/python -m finetune.science $(DEMO) --fractions $(PCTS) \
+	@$(TIMED) science-report $(QCAP) science-report $(DEMO) --fractions $(PCTS) \
 	  $(if $(strip $(DEV_SEEDS)),--dev-seeds $(DEV_SEEDS))
 
 # ---------------------------------------------------------------------------------------------

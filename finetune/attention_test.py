@@ -19,7 +19,7 @@ The statistics (the seed is the unit: heads and blocks of one model are not inde
 - the claim is "supported" when locality rejects at ``alpha`` and diversity loss does not.
   With fewer than two seeds there is no test ("untestable").
 
-Run alone: ``python -m finetune.attention_test FILE... [--out test.json] [--alpha 0.05]``.
+Run alone: ``qcap attention-test FILE... [--out test.json] [--alpha 0.05]`` (one file per seed).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class AttentionTestConfig:
             raise ValueError(f"alpha: must lie in (0, 1), got {self.alpha}")
 
 
-def main(argv: list[str], prog: str = "python -m finetune.attention_test") -> int:
+def main(argv: list[str], prog: str = "qcap attention-test") -> int:
     cfg = parse_config(AttentionTestConfig, argv, prog=prog)
     result = claim_test([read_pair(path, seed) for seed, path in enumerate(cfg.files)], alpha=cfg.alpha,
                         deep_from=cfg.deep_from)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m finetune.science runs/science [--seeds 3,4,5] [--dev-seeds 0,1,2] [--fractions 100,30,10]
+    qcap science-report runs/science [--seeds 3 4 5] [--dev-seeds 0 1 2] [--fractions 100 30 10]
 
 Reads the same folder layout as ``qcap report`` (``finetune/<backbone>-s<seed>/{seg,depth}/metrics.json``,
 ``clip/<rung>-s<seed>/eval.json``, ``scores/<rung>/summary.json``) with more rows, and
@@ -239,13 +239,14 @@ def build(cfg: ScienceConfig) -> dict[str, Any]:
 def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Sequence[Row]) -> str:
     labels = {r.key: r.label for r in rows}
     shown = [r for r in rows if any(table[r.key][c.key].n for c in COLUMNS)]
+    columns = [c for c in COLUMNS if any(table[r.key][c.key].n for r in rows)]  # measured columns only
     seeds = payload["seeds"]
     lines = ["# qcap science: can the miniature show the caption-quality effect?", "",
              f"Generated {payload['generated']} from `{payload['demo']}`. Verdict seeds: {', '.join(map(str, seeds))}"
              + (f"; development (tuning) seeds left out: {', '.join(map(str, payload['dev_seeds']))}" if payload["dev_seeds"] else "")
              + ". Cells: mean ± sample sd over the verdict seeds; a difference counts beyond 2 standard errors.", "",
-             markdown_table(["backbone"] + [c.title for c in COLUMNS],
-                            [[r.label] + [fmt_cell(table[r.key][c.key], 4) for c in COLUMNS] for r in shown]), ""]
+             markdown_table(["backbone"] + [c.title for c in columns],
+                            [[r.label] + [fmt_cell(table[r.key][c.key], 4) for c in columns] for r in shown]), ""]
     if payload["one_seed_cannot_give"]:
         lines += ["**One seed: no verdict at 2 SE can be given.** Directions only, for: "
                   + "; ".join(payload["one_seed_cannot_give"]) + ".", ""]
@@ -299,7 +300,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     return "\n".join(lines)
 
 
-def main(argv: list[str], prog: str = "python -m finetune.science") -> int:
+def main(argv: list[str], prog: str = "qcap science-report") -> int:
     cfg = parse_config(ScienceConfig, argv, prog=prog)
     payload = build(cfg)
     print(f"science: {cfg.out or cfg.demo / SCIENCE_MD} (verdict seeds {payload['seeds']})")

@@ -12,6 +12,8 @@ from scipy import stats
 
 from finetune.attention_test import Pair, claim_test, deep_blocks, read_pair
 
+QCAP = str(Path(sys.executable).parent / "qcap")
+
 
 def _grid(block_means: list[float], spread: float, heads: int = 4) -> list[list[float]]:
     offsets = [spread * (h - (heads - 1) / 2) for h in range(heads)]
@@ -73,12 +75,12 @@ def test_reads_attention_distance_files_and_rejects_bad_ones(tmp_path):
     pair = read_pair(paths[0], seed=0)
     assert pair.dr == good["models"][0]["distance_px"] and pair.real == good["models"][1]["distance_px"]
     out = tmp_path / "test.json"
-    run = subprocess.run([sys.executable, "-m", "finetune.attention_test", *map(str, paths), "--out", str(out)],
+    run = subprocess.run([QCAP, "attention-test", *map(str, paths), "--out", str(out)],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     assert json.loads(out.read_text())["n_seeds"] == 3 and "supported" in run.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": [good["models"][0]]}))
-    run = subprocess.run([sys.executable, "-m", "finetune.attention_test", str(bad)], capture_output=True, text=True,
+    run = subprocess.run([QCAP, "attention-test", str(bad)], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).parents[1])
     assert run.returncode == 2 and "needs two models" in run.stderr and "Traceback" not in run.stderr

@@ -11,6 +11,8 @@ import pytest
 
 from finetune.science import CONTROL_FAILED, ScienceConfig, build
 
+QCAP = str(Path(sys.executable).parent / "qcap")
+
 ROOT = Path(__file__).parents[1]
 NOISE = (-0.004, 0.0, 0.004)  # per-seed jitter: sd 0.004, 2 SE of a difference of 3-seed means ~0.0065
 
@@ -112,6 +114,6 @@ def test_missing_rows_and_bad_input(tmp_path):
     assert payload["mae"] == [] and payload["attention_test"] is None
     with pytest.raises(ValueError, match="must include 100"):
         ScienceConfig(demo=demo, fractions=[10])
-    run = subprocess.run([sys.executable, "-m", "finetune.science", str(tmp_path / "nowhere")], capture_output=True,
+    run = subprocess.run([QCAP, "science-report", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and "not a folder" in run.stderr and "Traceback" not in run.stderr
