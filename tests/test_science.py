@@ -4,6 +4,7 @@ attention per seed, the science report), and every number of the report equals i
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -63,6 +64,28 @@ def check_science_folder(folder: Path) -> dict:
     assert text.index("## 2. Positive control") < text.index("## 4. The paper's directions")
     assert (folder / "report.md").is_file()
     return {"numbers_checked": numbers, "world": payload["world"]}
+
+
+def _dry_run(*args: str) -> str:
+    run = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "QCAP_RUN": "dry"})
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_science_graph_adds_controls_mae_and_attention_per_seed_and_demo_stays_as_it_was(tmp_path):
+    sci = _dry_run("science", f"SCI={tmp_path}/s", *SMALLEST)
+    for pct in ("100", "50"):
+        assert f"control-rung --kind oracle --shards {tmp_path}/s/dr-ladder/datacomp-{pct}" in sci
+        for seed in (0, 1):
+            assert f"--data {tmp_path}/s/dr-ladder/oracle-{pct} --out {tmp_path}/s/clip/oracle-{pct}-s{seed}" in sci
+    assert "control-rung --kind clean --like" in sci
+    assert sci.count("-m train.mae --data") == 2 and sci.count("attention-distance") == 3  # s0, s1 and the demo's
+    assert sci.count("qcap finetune ") == 2 * 2 * 9  # seeds x tasks x (random, mae, 2 x datacomp/dr/oracle, clean-100)
+    assert "science-report" in sci and "--fractions 100 50" in sci
+    demo = _dry_run("demo", f"DEMO={tmp_path}/d")
+    assert "control-rung" not in demo and "train.mae" not in demo and "science-report" not in demo
+    assert demo.count("qcap finetune ") == 2 * 5  # random + 4 rungs, seg and depth, one seed
 
 
 @pytest.mark.slow
