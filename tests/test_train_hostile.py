@@ -161,3 +161,18 @@ def test_a_tampered_resume_checkpoint_is_one_line_and_runs_nothing(tmp_path, cap
     code, _, err = run([*base, "--out", str(tmp_path / "run"), "--resume"], capsys)
     assert code == 0, err
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_sizes_json_that_lies_stops_training_with_one_line(tmp_path, capsys):
+    """sizes.json sets the epoch and the default samples seen: one that claims 1000 samples for a
+    tar of 4 once trained on 1000 copies of them and exited 0."""
+    data = tmp_path / "data"
+    good_shard(data, 0, 4, 0)
+    good_shard(data, 1, 4, 100)
+    finalize_folder(data)
+    (data / "sizes.json").write_text(json.dumps({"00000.tar": 1000, "00001.tar": 4}))
+    code, _, err = run(["--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--workers", "1",
+                        "--batch-size", "2", "--samples-seen", "12", "--tracker", "none", "--chunk-shards", "1"], capsys)
+    assert code == 2, err
+    line = one_error_line(err)
+    assert "00000.tar" in line and "sizes.json says 1000 samples" in line and "hold 4" in line

@@ -154,6 +154,11 @@ class ShardPlan:
             )
         if self.sizes.sum() <= 0:
             raise ShardError("the shard list holds no samples (sizes.json counts are all 0)")
+        self._size_of = {path: int(size) for path, size in zip(self.shards, self.sizes, strict=True)}
+
+    def expected_samples(self, shards: Sequence[str]) -> int:
+        """What sizes.json says a chunk's shards hold (a shard drawn twice counts twice)."""
+        return sum(self._size_of[path] for path in shards)
 
     def _mine(self, logical: int, epoch: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -239,6 +244,12 @@ class ShardIterable(IterableDataset):
                 try:
                     sample = next(samples)
                 except StopIteration:
+                    expected = self.plan.expected_samples(shards)
+                    if drawn != expected:  # a lying sizes.json: it sets the epoch and the default samples seen
+                        yield {"_error": f"{', '.join(shards)}: sizes.json says {expected} samples, the tar(s) hold "
+                                         f"{drawn}; 'qcap shards verify' names the wrong entries, 'qcap shards "
+                                         "finalize' rewrites them from the shards' stats"}
+                        return
                     break
                 except ShardError as err:  # the shard as a whole: one clear line in the training process
                     yield {"_error": str(err)}
