@@ -92,6 +92,12 @@ def ray_local():
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  object_store_memory=200 * 1024 * 1024)
+    # Ray Data's progress lines ("execution finished") come from its background threads, sometimes
+    # after the test that started them has closed its captured stderr ("--- Logging error ---" in
+    # the next test); they carry nothing the contract checks. Its warnings and errors still show.
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     yield
     if started:
         ray.shutdown()
@@ -144,6 +150,7 @@ def test_clip_score_per_sample_hostility(folders, models, ray_local, tmp_path, c
     assert all(is_uid(u) for u in kept)
 
 
+@pytest.mark.slow  # a second Ray pipeline; the tar class is covered fast by every other stage
 def test_clip_score_unreadable_shards(folders, models, ray_local, tmp_path, capfd, caplog):
     folder, _ = folders["tars"]
     out = tmp_path / "clip.npy"
@@ -227,7 +234,7 @@ def test_caption_every_class(folders, models, ray_local, tmp_path, capfd, caplog
                 assert not [r for r in rows if r["status"] == "success" and not is_uid(r["uid"])]
 
 
-@pytest.mark.parametrize("setting", [["--batch-size", "0"], ["--num-workers", "0"], ["--num-captions", "0"],
+@pytest.mark.parametrize("setting", [["--batch-size", "0"], ["--num-workers", "-1"], ["--num-captions", "0"],
                                      ["--seq-len", "1"], ["--cpus-per-worker", "0"]])
 def test_caption_impossible_settings(setting, folders, models, tmp_path, capfd, caplog):
     folder, _ = folders["samples"]
