@@ -202,31 +202,71 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
     syn: Counter[str] = Counter()
     syn_dropped: Counter[str] = Counter()
     sha_mismatch = 0
-    next_row = 0
+    uids = [f"{int(r['hi']):016x}{int(r['lo']):016x}" for r in plan]
+    at_position = {int(r["pos"]): i for i, r in enumerate(plan)}
+    by_uid: dict[str, list[int]] = {}
+    for i, uid in enumerate(uids):
+        by_uid.setdefault(uid, []).append(i)
+    consumed = np.zeros(len(plan), dtype=bool)
+    matched_unreadable = 0  # matched to captions, but the image or caption sample could not be read
+
+    def claim(position: int, sample: Sample) -> int | None:
+        """The index row of a tar sample: the row at its position when the uids agree, else the
+        first unclaimed row of its uid; a hostile sample (no trustworthy uid) takes its position's."""
+        i = at_position.get(position)
+        if i is not None and not consumed[i] and (uids[i] == sample.uid or not sample.ok):
+            return i
+        return next((j for j in by_uid.get(sample.uid or "", ()) if not consumed[j]), None)
+
     try:
         with ShardWriter(cfg.out, shard_id) as writer:
+            keys_used: set[str] = set()
+
+            def key_for(key: str | None) -> str:
+                """The sample's own key, or a stand-in where it cannot name one (hostile or repeated)."""
+                if not key or "." in key or "/" in key or key in keys_used:
+                    key = f"row{len(keys_used):06d}"
+                keys_used.add(key)
+                return key
+
             for position, sample in enumerate(iter_samples([image_tar])):
-                row = plan[next_row] if next_row < len(plan) and int(plan[next_row]["pos"]) == position else None
+                i = claim(position, sample)
                 meta = dict(sample.meta)
-                if row is None:
-                    if is_uid(sample.uid):
-                        raise ShardError(f"{image_tar}: sample {sample.key!r} (uid {sample.uid}) is not in the index; "
-                                         "the image shard changed since it was indexed (run with --overwrite)")
-                    writer.write(Sample(key=sample.key, uid=None, meta=meta, status="missing_uid",
-                                        error_message=f"KEY.json uid is {sample.uid!r}, not a 32-hex DataComp uid"))
+                if i is None:
+                    if sample.ok and not is_uid(sample.uid):
+                        writer.write(Sample(key=key_for(sample.key), uid=None, meta=meta, status="missing_uid",
+                                            error_message=f"KEY.json uid is {sample.uid!r}, not a 32-hex DataComp uid"))
+                    else:  # a sample the image shard's Parquet does not list (or lists fewer times)
+                        writer.write(Sample(key=key_for(sample.key), uid=sample.uid if is_uid(sample.uid) else None,
+                                            meta=meta, status=sample.status if not sample.ok else "not_in_index",
+                                            error_message=sample.error_message or f"{image_tar}: sample {sample.key!r} is "
+                                            "not among the successes of its Parquet (qcap shards verify)"))
                     continue
-                next_row += 1
-                uid = f"{int(row['hi']):016x}{int(row['lo']):016x}"
-                if sample.uid != uid:
-                    raise ShardError(f"{image_tar}: sample {position} has uid {sample.uid}, the index says {uid}; "
-                                     "the tar and its Parquet disagree or the shard changed (qcap shards verify)")
+                consumed[i] = True
+                row = plan[i]
+                uid = uids[i]
+                matched_unreadable += int(row["verdict"]) == MATCHED and not (sample.ok and sample.image is not None)
+                if not sample.ok:  # the reader's status: bad_json, bad_member, duplicate_key, truncated
+                    writer.write(Sample(key=key_for(sample.key), uid=uid, meta={}, status=sample.status,
+                                        error_message=sample.error_message))
+                    continue
+                if sample.image is None:
+                    writer.write(Sample(key=key_for(sample.key), uid=uid, meta=meta, status="no_image",
+                                        error_message=f"{image_tar}: sample {sample.key!r} has no image member"))
+                    continue
+                key = key_for(sample.key)
                 verdict = int(row["verdict"])
                 if verdict != MATCHED:
-                    writer.write(Sample(key=sample.key, uid=uid, meta=meta, status=VERDICTS[verdict],
+                    writer.write(Sample(key=key, uid=uid, meta=meta, status=VERDICTS[verdict],
                                         error_message=VERDICT_MESSAGES[verdict]))
                     continue
                 cshard = int(row["cshard"])
                 record = reader.read(cshard, int(row["a"]), int(row["b"]), uid)
+                if record.status != "success":  # its caption sample is hostile: a status, not the shard's end
+                    matched_unreadable += 1
+                    writer.write(Sample(key=key, uid=uid, meta=meta, status=record.status,
+                                        error_message=f"{source.shards[cshard]}: {record.error_message}"))
+                    continue
                 kept, dropped, unscored = choose_captions(record, drop, cfg.min_score)
                 syn["in"] += len(record.syn_text)
                 syn["unscored_kept"] += unscored
@@ -236,7 +276,7 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
                 if len(kept) < cfg.min_syn_captions:
                     if kept:
                         syn_dropped["too_few_captions"] += len(kept)
-                    writer.write(Sample(key=sample.key, uid=uid, meta=meta, status="too_few_captions",
+                    writer.write(Sample(key=key, uid=uid, meta=meta, status="too_few_captions",
                                         error_message=f"{len(kept)} of {len(record.syn_text)} synthetic captions kept "
                                                       f"(dropped: {dict(dropped)}); --min-syn-captions {cfg.min_syn_captions}"))
                     continue
@@ -246,7 +286,7 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
 
                     extras.update(realign_embeddings(record.extras, kept, len(record.syn_text), where))
                 meta["num_syn"] = len(kept)
-                out = Sample(key=sample.key, uid=uid, image=sample.image, image_ext=sample.image_ext, text=sample.text,
+                out = Sample(key=key, uid=uid, image=sample.image, image_ext=sample.image_ext, text=sample.text,
                              syn_text=[record.syn_text[i] for i in kept],
                              syn_provenance=dr_provenance(record, kept, dropped, source.kind,
                                                           os.path.basename(source.shards[cshard])),
@@ -254,12 +294,20 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
                 writer.write(out)
                 syn["kept"] += len(kept)
                 caption_stats.add(out)
-            if next_row != len(plan):
-                raise ShardError(f"{image_tar}: {len(plan) - next_row} indexed samples are missing from the tar; "
-                                 "the image shard changed since it was indexed (run with --overwrite)")
+            if not consumed.all():  # listed as successes by the Parquet, absent from the tar
+                table = read_table(image_tar, columns=["key", "status"], require_uid=False)
+                success_keys = [k for k, st in zip(table.column("key").to_pylist(), table.column("status").to_pylist(),
+                                                   strict=True) if st == "success"]
+                for i in np.flatnonzero(~consumed):
+                    pos = int(plan[i]["pos"])
+                    matched_unreadable += int(plan[i]["verdict"]) == MATCHED
+                    writer.write(Sample(key=key_for(success_keys[pos] if pos < len(success_keys) else None), uid=uids[i],
+                                        status="missing_from_tar",
+                                        error_message=f"{image_tar}: its Parquet lists this success, the tar does not "
+                                                      "hold it (qcap shards verify)"))
             extra = {"num_input": writer.stats.count, "syn_in": syn["in"], "syn_kept": syn["kept"],
                      "syn_dropped": dict(sorted(syn_dropped.items())), "syn_unscored_kept": syn["unscored_kept"],
-                     "sha256_mismatch": sha_mismatch, "image_shard": image_tar, "caption_stats": caption_stats.as_json()}
+                     "sha256_mismatch": sha_mismatch, "matched_unreadable": matched_unreadable, "image_shard": image_tar, "caption_stats": caption_stats.as_json()}
             stats = writer.close(extra_stats=extra)
     finally:
         reader.close()
@@ -453,7 +501,8 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
         statuses.update(stats["status_dict"])
         syn_dropped.update(stats["syn_dropped"])
         totals.update({"images_in": stats["num_input"], "syn_in": stats["syn_in"], "syn_kept": stats["syn_kept"],
-                       "syn_unscored_kept": stats["syn_unscored_kept"], "sha256_mismatch": stats["sha256_mismatch"]})
+                       "syn_unscored_kept": stats["syn_unscored_kept"], "sha256_mismatch": stats["sha256_mismatch"],
+                       "matched_unreadable": stats.get("matched_unreadable", 0)})
     join, index = join_summary["join"], join_summary["index"]
     notes = []
     caption_summary = source.describe().get("caption_summary")
@@ -472,7 +521,8 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
     checks = {
         "images: in = kept + dropped": totals["images_in"] == kept + sum(dropped.values()),
         "images: in = image shards' successes": totals["images_in"] == index["images"]["successes"],
-        "images: matched = kept + too_few_captions": join["matched"] == kept + dropped.get("too_few_captions", 0),
+        "images: matched = kept + too_few_captions + unreadable": (
+            join["matched"] == kept + dropped.get("too_few_captions", 0) + totals["matched_unreadable"]),
         "captions: uids = matched + without image + duplicates":
             join["caption_ok_rows"] == join["matched"] + join["captions_without_images"] + join["caption_duplicates"],
         "synthetic: in = kept + dropped": totals["syn_in"] == totals["syn_kept"] + sum(syn_dropped.values()),

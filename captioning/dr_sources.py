@@ -43,6 +43,8 @@ class CaptionRecord:
     provenance: dict[str, Any] | None  # qcap's KEY.qcap.json, as written by qcap caption (None: Apple)
     extras: dict[str, bytes]  # members carried into the DR sample (Apple: url.txt, paug.json, npz)
     sha256: str | None  # the caption side's sha256 of the image, if it has one
+    status: str = "success"  # else the reader's status for a caption sample that cannot be read (bad_json, ...)
+    error_message: str | None = None
 
 
 class CaptionSource(ABC):
@@ -91,6 +93,12 @@ def _info_from_provenance(provenance: dict[str, Any] | None, syn_text: list[str]
     return [caption_flags(t) for t in syn_text], [None] * len(syn_text)
 
 
+def unreadable(uid: str, sample) -> CaptionRecord:
+    """The record of a caption sample the reader could not read (its status and message kept)."""
+    return CaptionRecord(uid=uid, syn_text=[], flags=[], scores=[], provenance=None, extras={}, sha256=None,
+                         status=f"caption_{sample.status}", error_message=sample.error_message)
+
+
 class _SpanReader(CaptionReader):
     """Reads caption samples by byte span, keeping up to ``open_files`` shards open (LRU)."""
 
@@ -115,7 +123,7 @@ class _SpanReader(CaptionReader):
     def sample(self, shard: int, a: int, b: int, uid: str):
         path = self.source.shards[shard]
         sample = read_sample_span(path, a, b, handle=self._handle(shard))
-        if sample.uid != uid:
+        if sample.ok and sample.uid != uid:
             raise ShardError(f"{path}: the sample at byte {a} has uid {sample.uid}, the index says {uid}; "
                              "the caption shard changed since it was indexed (run with --overwrite)")
         return sample
@@ -130,6 +138,8 @@ class _QcapSpanReader(_SpanReader):
 
     def read(self, shard: int, a: int, b: int, uid: str) -> CaptionRecord:
         sample = self.sample(shard, a, b, uid)
+        if not sample.ok:
+            return unreadable(uid, sample)
         syn = sample.syn_text or []
         flags, scores = _info_from_provenance(sample.syn_provenance, syn)
         return CaptionRecord(uid=uid, syn_text=syn, flags=flags, scores=scores,
@@ -141,6 +151,8 @@ class _AppleSpanReader(_SpanReader):
 
     def read(self, shard: int, a: int, b: int, uid: str) -> CaptionRecord:
         sample = self.sample(shard, a, b, uid)
+        if not sample.ok:
+            return unreadable(uid, sample)
         syn = sample.syn_text or []
         extras = {ext: data for ext, data in sample.extras.items() if ext in CARRIED}
         return CaptionRecord(uid=uid, syn_text=syn, flags=[caption_flags(t) for t in syn], scores=[None] * len(syn),
