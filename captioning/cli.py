@@ -14,6 +14,8 @@ COMMANDS: dict[str, Command] = {
                        "captioning.job:main"),
     "build-dr": Command("join curated images and synthetic captions (qcap's or Apple's DataCompDR) by uid into DR shards",
                         "captioning.dr:main"),
+    "reinforce": Command("store N augmentations per image and a teacher ensemble's embeddings of them and every "
+                         "caption (DataCompDR reinforcement), on Ray", "captioning.reinforce:main"),
 }
 
 DESCRIPTION = "captioning: write synthetic CoCa captions (DataCompDR) and build DR datasets."
