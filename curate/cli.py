@@ -42,14 +42,28 @@ class UsageError(Exception):
     """Bad input from the user: printed as one clear line, exit status 2."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not the one current when
+    logging was set up: commands run one after another in one process (tests, notebooks) swap
+    stderr, and a handler bound to the first one would write to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always wins
+        return
+
+
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("QCAP_LOG_LEVEL", "INFO")).upper()
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
 
 
 def _listing(prog: str, commands: Mapping[str, Command], description: str) -> str:

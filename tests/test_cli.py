@@ -127,6 +127,22 @@ def test_output_piped_into_head_is_not_an_error():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+def _prose(path: Path) -> str:
+    """What a file says to its reader: all of a document, a Python file's docstrings and comments."""
+    import ast
+    import io
+    import tokenize
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".py":
+        return text
+    parts = [tok.string for tok in tokenize.generate_tokens(io.StringIO(text).readline) if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            parts.append(ast.get_docstring(node) or "")
+    return "\n".join(parts)
+
+
 def test_the_repository_stands_alone():
     """Every document the repository cites is in it; nothing points outside the checkout."""
     import re
@@ -135,9 +151,26 @@ def test_the_repository_stands_alone():
     texts = [p for p in tracked if p.endswith((".md", ".py", ".toml", ".cfg", ".txt")) or p in ("Makefile", ".ci/run")]
     cited: dict[str, str] = {}
     for name in texts:
-        text = (ROOT / name).read_text(encoding="utf-8", errors="replace")
-        assert "../" + "shared" not in text, f"{name} points outside the repository"
-        for doc in re.findall(r"\b[A-Z][A-Z_]+\.md\b", text):
+        full = (ROOT / name).read_text(encoding="utf-8", errors="replace")
+        assert "../" + "shared" not in full, f"{name} points outside the repository"
+        for doc in re.findall(r"\b[A-Z][A-Z_]+\.md\b", _prose(ROOT / name)):
             cited.setdefault(doc, name)
     missing = {doc: where for doc, where in cited.items() if not (ROOT / doc).is_file()}
     assert cited and not missing, f"cited but not in the repository: {missing}"
+
+
+def test_commands_run_one_after_another_log_to_the_current_stderr(capsys):
+    """A second command in one process logs to the stderr of its own time, not to the first's."""
+    import logging
+
+    from curate.cli import run_guarded
+
+    def command(argv, prog):
+        logging.getLogger("qcap.test").warning("hello from %s", argv[0])
+        return 0
+
+    assert run_guarded(command, ["first"], "qcap x") == 0
+    assert "hello from first" in capsys.readouterr().err
+    assert run_guarded(command, ["second"], "qcap x") == 0  # capsys has swapped sys.stderr meanwhile
+    err = capsys.readouterr().err
+    assert "hello from second" in err and "hello from first" not in err
