@@ -91,16 +91,15 @@ def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
 
     name, weights = cfg.model, cfg.pretrained
     if cfg.checkpoint is not None:
-        from curate.models import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint_dir, weights_sha256
+        from curate.models import inspect_checkpoint_dir, weights_sha256
 
         path = Path(cfg.checkpoint)
         if path.is_dir():
-            try:
-                folder = resolve_checkpoint_dir(path)
+            try:  # the folder's config checked, its weights file found as open_clip will load it
+                _, recorded, path = inspect_checkpoint_dir(path)
             except ValueError as err:
                 raise UsageError(f"--checkpoint {err}") from err
-            name = json.loads((folder / CONFIG_FILE).read_text()).get("model_name") or name
-            path = folder / WEIGHTS_FILE
+            name = recorded or name
         elif not path.is_file():
             raise UsageError(f"--checkpoint {path}: no such file or folder (a qcap checkpoint folder, a training "
                              "run or a weights file)")
