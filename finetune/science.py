@@ -66,6 +66,8 @@ SCIENCE_MD = "science.md"
 SCIENCE_JSON = "science.json"
 DENSE = (("miou", "segmentation (mIoU)"), ("rmse", "depth (RMSE)"))
 CONTROL_FAILED = "uninformative: the oracle control failed"
+CONTROL_UNKNOWN = "uninformative: the oracle control is not established (one seed)"
+CONTROL_MISSING = "uninformative: no oracle control was measured"
 
 
 @dataclass(kw_only=True)
@@ -138,7 +140,11 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
             controls.append(_entry(f"oracle captions beat real captions on {task} at {p}% (same images)", beats(c), c))
     oracle_100 = [e for e in controls if "at 100%" in e["claim"]]
     if not oracle_100:
-        world = {"can_show_effect": False, "why": "not measured: no oracle-100 rung (make science builds it)"}
+        world = {"can_show_effect": None, "why": "not measured: no oracle-100 rung (make science builds it)",
+                 "prefix": CONTROL_MISSING}
+    elif any(e["comparison"]["spread"] is None for e in oracle_100):
+        directions = "; ".join(f"{e['claim']}: {e['verdict']}" for e in oracle_100)
+        world = {"can_show_effect": None, "why": f"one seed: the control needs a spread over seeds ({directions})"}
     elif all(e["verdict"] == "reproduced" for e in oracle_100):
         world = {"can_show_effect": True, "why": "the oracle rung beats real captions on both dense tasks beyond 2 SE"}
     else:
@@ -152,7 +158,8 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
     def guarded(verdict: str) -> str:
         if world["can_show_effect"]:
             return verdict
-        return f"{CONTROL_FAILED} (measured: {verdict})"
+        prefix = world.get("prefix") or (CONTROL_UNKNOWN if world["can_show_effect"] is None else CONTROL_FAILED)
+        return f"{prefix} (measured: {verdict})"
 
     claims = []
     for col, task in DENSE:
@@ -255,8 +262,9 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     lines += ["", "## 2. Positive control: can this world show a caption-quality effect?", ""]
     lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["controls"]]
     world = payload["world"]
-    lines += ["", ("**Yes**: " if world["can_show_effect"] else "**No — the DR verdicts below are uninformative**: ")
-              + world["why"] + ".", ""]
+    answer = {True: "**Yes**: ", False: "**No — the DR verdicts below are uninformative**: ",
+              None: "**Not established — the DR verdicts below are uninformative**: "}[world["can_show_effect"]]
+    lines += ["", answer + world["why"] + ".", ""]
     premise = payload["premise"]
     lines += ["## 3. Premise: do the synthetic captions describe the images better than the web's?", ""]
     if premise["holds"] is None:

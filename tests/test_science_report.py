@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.science import CONTROL_FAILED, ScienceConfig, build
+from finetune.science import CONTROL_FAILED, CONTROL_UNKNOWN, ScienceConfig, build
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 
@@ -101,7 +101,8 @@ def test_dev_seeds_are_left_out_and_one_seed_lists_what_it_cannot_give(tmp_path)
     assert payload["seeds"] == [3] and payload["seeds_found"] == [0, 1, 2, 3]
     assert payload["table"]["dr-100"]["miou"]["n"] == 1
     assert "DR beats real captions on segmentation (mIoU) at 100%" in payload["one_seed_cannot_give"]
-    assert payload["world"]["can_show_effect"] is False  # one seed cannot pass the control at 2 SE
+    assert payload["world"]["can_show_effect"] is None  # one seed cannot pass the control at 2 SE
+    assert all(c["verdict"].startswith(CONTROL_UNKNOWN) for c in payload["claims"])
     assert payload["attention_test"]["verdict"].startswith("untestable")
     assert "One seed: no verdict at 2 SE can be given" in (demo / "science.md").read_text()
 
@@ -110,7 +111,8 @@ def test_missing_rows_and_bad_input(tmp_path):
     demo = make_demo(tmp_path / "s", {"random": 0.1, "datacomp-100": 0.2, "dr-100": 0.25},
                      {"random": 0.7, "datacomp-100": 0.6, "dr-100": 0.55}, attention=False)
     payload = build(ScienceConfig(demo=demo, fractions=[100]))
-    assert payload["world"]["can_show_effect"] is False and "no oracle-100 rung" in payload["world"]["why"]
+    assert payload["world"]["can_show_effect"] is None and "no oracle-100 rung" in payload["world"]["why"]
+    assert all(c["verdict"].startswith("uninformative: no oracle control was measured") for c in payload["claims"])
     assert payload["mae"] == [] and payload["attention_test"] is None
     with pytest.raises(ValueError, match="must include 100"):
         ScienceConfig(demo=demo, fractions=[10])
