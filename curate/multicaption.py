@@ -6,8 +6,10 @@ trains with a key regex (``--dataset-reinforcement-syn-text-key-regex``, default
 ``^syn_text.*$``). qcap keeps Apple's ``KEY.syn.json`` = ``{"syn_text": [...]}`` for the first
 captioner and stores the others in ``KEY.syn_tags.json`` = ``{"syn_text_<tag>": [...], ...}``
 with their provenance in ``KEY.qcap_tags.json`` = ``{"syn_text_<tag>": <qcap.json of that
-captioner>}`` — members that :mod:`curate.shards` carries verbatim (``Sample.extras``): its
-``Sample`` reads only the ``syn_text`` key of ``syn.json``.
+captioner>}`` — members that :mod:`curate.shards` carries verbatim (``Sample.extras``). An
+Apple-layout multi-captioner ``syn.json`` (``{"syn_text": [...], "syn_text_<suffix>": [...]}``)
+keeps its further keys in ``Sample.syn_keys``, written back as they were; :func:`tagged_captions`
+reads both.
 
 Row layout of the teacher text embeddings (``text_emb``) when several keys are present:
 ``[real, syn_text..., then each tagged key's captions in sorted key order]``; ``qcap reinforce``
@@ -36,19 +38,23 @@ def key_of(tag: str | None) -> str:
 
 
 def tagged_captions(sample: Any) -> dict[str, list[str]]:
-    """``syn_text_<tag>`` → captions of a sample's ``KEY.syn_tags.json`` (empty when it has none
-    or when the member is not a JSON object of string lists)."""
+    """``syn_text_<tag>`` → captions of a sample: the further keys of Apple's multi-captioner
+    ``KEY.syn.json`` (``Sample.syn_keys``), then qcap's ``KEY.syn_tags.json`` (a key in both:
+    qcap's); a member that is not a JSON object of lists gives nothing."""
+    found = {k: [str(t) for t in v] for k, v in (getattr(sample, "syn_keys", None) or {}).items()
+             if isinstance(k, str) and k.startswith(BASE_KEY + "_") and isinstance(v, list)}
     data = (getattr(sample, "extras", None) or {}).get(TAGS_MEMBER)
     if not data:
-        return {}
+        return found
     try:
         value = json.loads(data)
     except ValueError:
-        return {}
+        return found
     if not isinstance(value, dict):
-        return {}
-    return {k: [str(t) for t in v] for k, v in value.items()
-            if isinstance(k, str) and k.startswith(BASE_KEY + "_") and isinstance(v, list)}
+        return found
+    found.update((k, [str(t) for t in v]) for k, v in value.items()
+                 if isinstance(k, str) and k.startswith(BASE_KEY + "_") and isinstance(v, list))
+    return found
 
 
 def all_captions(sample: Any) -> dict[str, list[str]]:

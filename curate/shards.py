@@ -83,6 +83,9 @@ class Sample:
     text: str | None = None  # the real (web) caption, member KEY.txt
     syn_text: list[str] | None = None  # synthetic captions, member KEY.syn.json
     syn_provenance: dict[str, Any] | None = None  # qcap's provenance, member KEY.qcap.json
+    # Apple's multi-captioner syn.json: its other ``syn_text*`` keys (``syn_text_dfn_mscoco38k``: [...]),
+    # carried intact through read and write; read them with curate.multicaption.tagged_captions
+    syn_keys: dict[str, list[str]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # KEY.json: url, sizes, sha256, pool columns
     extras: dict[str, bytes] = field(default_factory=dict)  # other members by extension (npz, paug.json)
     status: str = "success"  # "success" or a failure reason; failures go to Parquet only
@@ -122,8 +125,10 @@ class Sample:
             meta["uid"] = self.uid
         meta.setdefault("status", self.status)
         members["json"] = _dumps(meta)
-        if self.syn_text is not None:
-            members["syn.json"] = _dumps({"syn_text": list(self.syn_text)})
+        if self.syn_text is not None or self.syn_keys:
+            syn: dict[str, Any] = {} if self.syn_text is None else {"syn_text": list(self.syn_text)}
+            syn.update((k, list(v)) for k, v in sorted((self.syn_keys or {}).items()))
+            members["syn.json"] = _dumps(syn)
         if self.syn_provenance is not None:
             members["qcap.json"] = _dumps(self.syn_provenance)
         for ext, data in self.extras.items():
@@ -869,15 +874,22 @@ def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool,
     if uid is not None and not isinstance(uid, str):
         problems.append((BAD_JSON, f"{key}.json: uid {uid!r} is not a string"))
         uid = None
-    syn_text = None
+    syn_text = syn_keys = None
     if "syn.json" in members:
         value, error = _parse_json(members["syn.json"])
+        others = ({k: v for k, v in value.items() if isinstance(k, str) and k.startswith("syn_text_")
+                   and isinstance(v, list)} if error is None and isinstance(value, dict) else {})
         if error is not None:
             problems.append((BAD_JSON, f"{key}.syn.json is not valid JSON ({error})"))
-        elif not isinstance(value, dict) or not isinstance(value.get("syn_text"), list):
+        elif not isinstance(value, dict) or not (isinstance(value.get("syn_text"), list)
+                                                 or ("syn_text" not in value and others)):
             problems.append((BAD_JSON, f"{key}.syn.json lacks the list 'syn_text'"))
         else:
-            syn_text = [_clean_text(t) if isinstance(t, str) else str(t) for t in value["syn_text"]]
+            if "syn_text" in value:
+                syn_text = [_clean_text(t) if isinstance(t, str) else str(t) for t in value["syn_text"]]
+            # Apple's further captioners' keys (syn_text_<suffix>), kept as they are
+            syn_keys = {k: [_clean_text(t) if isinstance(t, str) else str(t) for t in v]
+                        for k, v in sorted(others.items())} or None
     provenance = None
     if "qcap.json" in members:
         value, error = _parse_json(members["qcap.json"])
@@ -897,7 +909,7 @@ def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool,
     if problems:
         status, message = problems[0]
         return Sample(key=key, uid=uid, image=None, image_ext=image_ext or "jpg", text=text, syn_text=syn_text,
-                      syn_provenance=provenance, meta=meta, status=status,
+                      syn_provenance=provenance, syn_keys=syn_keys, meta=meta, status=status,
                       error_message=f"{path}: {message}")
     extras = {ext: data for ext, data in members.items() if ext not in _TYPED_EXTS}
     return Sample(
@@ -908,6 +920,7 @@ def _to_sample(path: str, key: str, members: dict[str, bytes], with_image: bool,
         text=text,
         syn_text=syn_text,
         syn_provenance=provenance,
+        syn_keys=syn_keys,
         meta=meta,
         extras=extras,
         status=str(meta.get("status") or "success"),

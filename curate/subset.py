@@ -15,8 +15,9 @@ from its real-captions-only twin, or from the curated images they came from.
 
 **Caption variants.** ``--captions keep`` (default) copies samples as they are (a DR folder's
 subset keeps its synthetic captions); ``--captions real`` writes the *DataComp* variant of the
-same images: ``KEY.syn.json``, ``KEY.qcap.json`` and Apple's teacher data (``npz``, ``pth.gz``,
-``paug.json``) are left out, so nothing but the real caption can be trained on. (Training the
+same images: ``KEY.syn.json``, ``KEY.qcap.json``, the tagged captioners' ``KEY.syn_tags.json`` /
+``KEY.qcap_tags.json``, Apple's teacher data (``npz``, ``pth.gz``, ``paug.json``) and qcap
+reinforce's ``KEY.reinforce.json`` are left out, so nothing but the real caption can be trained on. (Training the
 DR folder with ``qcap train --caption-source real`` reads the same captions; the separate folder
 makes each rung of the ladder its own dataset, with its own card and uid list, that cannot be
 trained on synthetic captions by mistake.)
@@ -77,7 +78,7 @@ SUMMARY_FILE = "subset_summary.json"
 UIDS_FILE = "uids.npy"
 BIN_BITS = 16
 # Members that belong to the synthetic captions (and Apple's teacher data); --captions real drops them.
-SYNTHETIC_MEMBERS = ("npz", "pth.gz", "paug.json")
+SYNTHETIC_MEMBERS = ("npz", "pth.gz", "paug.json", "reinforce.json", "syn_tags.json", "qcap_tags.json")
 _MASK = (1 << 64) - 1
 
 
@@ -91,7 +92,9 @@ class SubsetConfig:
     num_samples: int | None = arg(None, help="number of samples to keep (instead of --fraction)")
     seed: int = arg(0, help="ranking seed: with one seed, smaller subsets are nested in larger ones")
     captions: Literal["keep", "real"] = arg("keep", help="keep: copy samples as they are; real: the DataComp variant "
-                                                         "(drop syn.json, qcap.json and Apple's npz/paug.json)")
+                                                         "(drop syn.json, qcap.json, the tagged captioners' "
+                                                         "syn_tags.json/qcap_tags.json, Apple's npz/pth.gz/paug.json "
+                                                         "and qcap reinforce's reinforce.json)")
     samples_per_shard: int | None = arg(None, help="about this many samples per output shard (default: the largest input shard)")
     num_workers: int = arg(1, help="processes writing output shards")
     card: bool = arg(True, help="write the dataset card (README.md, preview.html, card/*.png)")
@@ -274,6 +277,7 @@ def strip_synthetic(sample) -> None:
     """The DataComp variant of a sample: its real caption only."""
     sample.syn_text = None
     sample.syn_provenance = None
+    sample.syn_keys = None  # Apple's further captioners' keys in syn.json
     sample.extras = {ext: data for ext, data in sample.extras.items() if ext not in SYNTHETIC_MEMBERS}
     sample.meta = {k: v for k, v in sample.meta.items() if k != "num_syn"}
 
