@@ -72,6 +72,28 @@ class TrainRunConfig:
     resume: bool = arg(False, help="continue the newest RUN/step-*/ checkpoint exactly")
     stop_at_step: int | None = arg(None, help="stop after this step with a checkpoint (a job's time limit); resume later")
     record_uids: bool = arg(False, help="write the uids each process trained on to RUN/seen/rank-R.tsv")
+    # DataCompDR (dataset reinforcement): the DR loss on qcap reinforce's output or Apple's DataCompDR
+    distill_loss_weights: tuple[float, ...] | None = arg(
+        None, help="train with the DR loss w0*CLIP + w1*KD on reinforced shards (Apple's --distill-loss-weights "
+                   "0.25 0.75; 0 1: KD only); unset: plain CLIP"
+    )
+    dr_mode: str = arg("dual", help="DR captions: dual (image with its real and one synthetic caption, Apple's) or "
+                                    "mix:R (a synthetic caption instead of the real one with probability R)")
+    dr_augmentation: Literal["uniform", "sequential"] = arg(
+        "uniform", help="stored augmentation per sample: uniform (a random one) or sequential (epoch %% N)"
+    )
+    syn_text_key_regex: str = arg(
+        r"^syn_text.*$", help="DR: synthetic caption keys to draw from (Apple's "
+                              "--dataset-reinforcement-syn-text-key-regex; syn_text, syn_text_<tag>)"
+    )
+    dr_teacher_dims: tuple[int, ...] | None = arg(
+        None, help="DR: each teacher's embedding width (default: the folder's reinforce_config.json, else equal halves)"
+    )
+    dr_teacher_logit_scales: tuple[float, ...] | None = arg(
+        None, help="DR: each teacher's logit scale (default: reinforce_config.json, else Apple's 100 100)"
+    )
+    dr_augment_size: int = arg(224, help="DR: crop side the stored augmentations were drawn for when the folder "
+                                         "records none (Apple's DataCompDR: 224)")
 
     def __post_init__(self) -> None:
         from train.captions import parse_caption_source
@@ -87,6 +109,24 @@ class TrainRunConfig:
             raise ValueError(f"samples_seen: must be positive, got {self.samples_seen}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.distill_loss_weights is not None:
+            self.dr_settings()  # raises ValueError naming the field
+        if self.dr_augment_size <= 0:
+            raise ValueError(f"dr_augment_size: must be positive, got {self.dr_augment_size}")
+
+    def dr_settings(self):
+        """The :class:`train.distill.DRSettings` of a DR run (None for plain CLIP/CoCa training).
+
+        Built from fields only (train.distill imports torch: imported here, not at module level)."""
+        if self.distill_loss_weights is None:
+            return None
+        from train.distill import DRSettings
+
+        return DRSettings(weights=tuple(self.distill_loss_weights), mode=self.dr_mode,
+                          augmentation=self.dr_augmentation, syn_key_regex=self.syn_text_key_regex,
+                          teacher_dims=tuple(self.dr_teacher_dims) if self.dr_teacher_dims else None,
+                          teacher_scales=tuple(self.dr_teacher_logit_scales) if self.dr_teacher_logit_scales else None,
+                          augment_size=self.dr_augment_size)
 
 
 def _tiny() -> TrainRunConfig:

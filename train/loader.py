@@ -35,6 +35,7 @@ process would keep 1/world of its own share) or read everything on rank 0 and sc
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -235,8 +236,11 @@ class ShardIterable(IterableDataset):
         skip_limit = int(self.plan.sizes.sum())
         in_a_row = 0
         chunk = start_chunk
+        # an encoder that takes the epoch (train.distill's, for --dr-augmentation sequential) gets it
+        takes_epoch = "epoch" in inspect.signature(self.encoder.encode).parameters
         while True:
             shards = self.plan.chunk(logical, chunk)
+            epoch = self.plan.epoch_of(logical, chunk)
             rng = random.Random(mix64(seed, rank, logical, chunk, 0xB0FF))
             drawn = 0
             samples = buffered_shuffle(iter_samples(shards), self.shuffle_buffer, rng)
@@ -258,7 +262,9 @@ class ShardIterable(IterableDataset):
                 if chunk == start_chunk and drawn <= start_drawn:
                     continue  # replaying a resumed chunk: already trained on
                 try:
-                    item = self.encoder.encode(sample, mix64(seed, rank, logical, chunk, drawn))
+                    position_seed = mix64(seed, rank, logical, chunk, drawn)
+                    item = (self.encoder.encode(sample, position_seed, epoch=epoch) if takes_epoch
+                            else self.encoder.encode(sample, position_seed))
                 except SkipSample as skip:
                     skipped[skip.reason] += 1
                     in_a_row += 1

@@ -148,20 +148,46 @@ def train(cfg: TrainRunConfig) -> dict:
         raise ConfigError(f"pretrained: {err}") from err
     except RuntimeError as err:  # open_clip: an unknown model name or pretrained tag
         raise ConfigError(f"model: {' '.join(str(err).split())[:300]}") from err
-    # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
-    # for full-size decodes, and the crop still downsamples (no upsampling blur).
-    encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source, draft=2 * input_side(loaded.model))
     loader_cfg = LoaderConfig(data=cfg.data, batch_size=cfg.batch_size // world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, chunk_shards=cfg.chunk_shards,
                               resampled=cfg.resampled, seed=cfg.seed)
-    stream = ShardStream(loader_cfg, encoder, rank=rank, world_size=world, record_uids=record)
+    dr_settings = cfg.dr_settings()  # None: plain CLIP/CoCa; else the DR loss on reinforced shards
+    teachers: tuple[list[int], list[float]] | None = None
+    if dr_settings is not None:
+        from train.distill import reinforced_stream
+
+        if is_coca(cfg.model, loaded.model):
+            raise ConfigError(f"distill_loss_weights: the DR loss trains CLIP students; {cfg.model!r} is a CoCa model")
+        source = dr_settings.caption_source()
+        stream, dims, scales = reinforced_stream(loader_cfg, loaded, dr_settings, rank=rank, world_size=world,
+                                                 record_uids=record)
+        teachers = (dims, scales)
+    else:
+        # JPEGs decode at no less than twice the model's input side: a 64-pixel model does not pay
+        # for full-size decodes, and the crop still downsamples (no upsampling blur).
+        encoder = ImageTextEncoder(loaded.preprocess_train, loaded.tokenizer, source,
+                                   draft=2 * input_side(loaded.model))
+        stream = ShardStream(loader_cfg, encoder, rank=rank, world_size=world, record_uids=record)
     first = peek_sample(stream.shards)
     if first is not None and first.image is None:
         raise ShardError(
             f"{stream.shards[0]}: samples carry no image (a caption-only folder, such as qcap caption's output?); "
             "train on image shards: curated shards, or DR shards from qcap build-dr"
         )
-    if source.needs_synthetic and first is not None and not first.syn_text:
+    if dr_settings is not None and source.needs_synthetic and first is not None:
+        import re
+
+        from curate.multicaption import all_captions
+
+        pattern = re.compile(dr_settings.syn_key_regex)
+        keys = sorted(all_captions(first))
+        if not any(pattern.match(key) for key in keys):
+            raise ShardError(
+                f"{stream.shards[0]}: no synthetic caption key matches --syn-text-key-regex "
+                f"{dr_settings.syn_key_regex!r} (the sample holds {keys or 'none'}); --dr-mode {dr_settings.mode} "
+                "needs one"
+            )
+    elif source.needs_synthetic and first is not None and not first.syn_text:
         raise ShardError(
             f"{stream.shards[0]}: samples carry no synthetic captions (KEY.syn.json); --caption-source "
             f"{source.name} needs DR shards (qcap build-dr), or use --caption-source real"
@@ -196,7 +222,14 @@ def train(cfg: TrainRunConfig) -> dict:
         task_kwargs.update(caption_loss_weight=cfg.coca_caption_loss_weight,
                            contrastive_loss_weight=cfg.coca_contrastive_loss_weight)
     try:
-        task = TASKS[kind](**task_kwargs)
+        if teachers is not None:
+            from train.distill import DistillTask
+
+            task_kwargs.pop("source")  # DistillTask's captions follow --dr-mode
+            kind = "clip-dr"
+            task = DistillTask(settings=dr_settings, dims=teachers[0], scales=teachers[1], **task_kwargs)
+        else:
+            task = TASKS[kind](**task_kwargs)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -215,7 +248,8 @@ def train(cfg: TrainRunConfig) -> dict:
                     num_shards=len(stream.shards), num_samples=stream.num_samples, task=kind,
                     loader_workers=stream.num_workers, torch_threads=torch.get_num_threads(), precision=precision,
                     versions={"torch": torch.__version__, "open_clip": open_clip.__version__,
-                              "accelerate": accelerate.__version__})
+                              "accelerate": accelerate.__version__},
+                    **({"dr_teachers": {"dims": teachers[0], "logit_scales": teachers[1]}} if teachers else {}))
     log.info("training %s (%s) for %d steps of %d samples on %d process(es); %d samples in %d shards",
              loaded.name, kind, total_steps, cfg.batch_size, world, stream.num_samples, len(stream.shards))
     trainer = Trainer(task, stream, trainer_cfg, out_dir=out, accelerator=accelerator, run_config=cfg,
