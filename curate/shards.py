@@ -702,6 +702,8 @@ def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
     import fsspec
 
     try:
+        fs, stripped = _fs(tar_path)
+        total = _known_size(fs, stripped)
         with fsspec.open(tar_path, "rb") as handle:
             try:
                 tar = tarfile.open(fileobj=handle, mode="r|*")
@@ -714,6 +716,14 @@ def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
                 try:
                     for info in tar:
                         key, ext, problem = _member_name(tar_path, info, max_member_bytes)
+                        if total is not None and info.isfile() and info.offset_data + info.size > total:
+                            # A header claiming more bytes than the file holds: the stream reader would
+                            # skip it by reading block after block past the end (hours for 10**12 bytes).
+                            message = (f"{tar_path}: member {info.name!r} claims {info.size} bytes, past the end of "
+                                       f"the {total}-byte tar; the samples after it are lost")
+                            yield key, ext, None, f"{TRUNCATED}: {message}"
+                            _shard_problem(tar_path, message, problems)
+                            return
                         if key is None:
                             if skipped is not None:
                                 skipped.append(f"{info.name!r}: {_skipped_kind(info)}")
@@ -743,6 +753,15 @@ def _tar_events(tar_path: str, max_member_bytes: int, problems: list[str] | None
         _shard_problem(tar_path, f"{tar_path}: no such shard", problems)
     except OSError as err:
         _shard_problem(tar_path, f"{tar_path}: unreadable ({err})", problems)
+
+
+def _known_size(fs, path: str) -> int | None:
+    """A file's size from its filesystem, without touching an open stream (None if unknown)."""
+    try:
+        size = fs.size(path)
+    except (OSError, ValueError):
+        return None
+    return int(size) if size is not None else None
 
 
 def _safe_size(handle) -> int | None:
