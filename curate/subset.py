@@ -41,6 +41,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -151,10 +152,11 @@ class ShardKeys:
     lo: np.ndarray
     valid: np.ndarray  # bool: the success has a valid uid (others are never selected)
     keys: list[str]  # each success's sample key: the tar's samples are matched to rows by key
+    duplicates: int = 0  # later rows of a uid already listed in this shard (never selected: the first copy is)
 
     @property
     def missing_uid(self) -> int:
-        return int((~self.valid).sum())
+        return int((~self.valid).sum()) - self.duplicates
 
 
 def shard_keys(tar: str, seed: int) -> ShardKeys:
@@ -170,7 +172,14 @@ def shard_keys(tar: str, seed: int) -> ShardKeys:
     hi = np.zeros(len(uids), dtype=np.uint64)  # 0 where the uid is missing: never selected (valid is False)
     lo = np.zeros(len(uids), dtype=np.uint64)
     hi[valid], lo[valid] = valid_hi, valid_lo
-    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=valid, keys=keys)
+    # a uid twice in one shard: the first row is the sample, later ones are never selected
+    where = np.flatnonzero(valid)
+    pairs = np.rec.fromarrays([hi[where], lo[where]], names="hi,lo")
+    _, first = np.unique(pairs, return_index=True)
+    repeat = np.ones(len(where), dtype=bool)
+    repeat[first] = False
+    valid[where[repeat]] = False
+    return ShardKeys(rank=rank_keys(seed, hi, lo), hi=hi, lo=lo, valid=valid, keys=keys, duplicates=int(repeat.sum()))
 
 
 @dataclass(frozen=True)
@@ -202,22 +211,28 @@ def selected_mask(keys: ShardKeys, shard: int, threshold: Threshold | None) -> n
     return keys.valid & (below | (equal & (hi_lt | (hi_eq & (lo_lt | (lo_eq & tail))))))
 
 
-def select(tars: list[str], seed: int, n: int, progress: bool) -> tuple[Threshold | None, list[int], dict[str, int]]:
-    """The threshold key selecting exactly ``n`` samples, and the selected count per shard."""
+def select(tars: list[str], seed: int, size: Callable[[int], int], progress: bool
+           ) -> tuple[Threshold | None, list[int], dict[str, int]]:
+    """The threshold key selecting exactly ``size(number of rankable samples)`` samples, and the
+    selected count per shard. The count comes from the Parquets' successes (one per uid and
+    shard), not from sizes.json, so a lying sizes.json cannot shrink a 100% subset."""
     from tqdm import tqdm
 
     shift = np.uint64(64 - BIN_BITS)
     histogram = np.zeros(1 << BIN_BITS, dtype=np.int64)
     valid_per_shard = []
-    missing = 0
+    missing = duplicates = 0
     for tar in tqdm(tars, desc="rank", unit="shard", disable=not progress):
         keys = shard_keys(tar, seed)
         ok = keys.valid
         histogram += np.bincount((keys.rank[ok] >> shift).astype(np.int64), minlength=1 << BIN_BITS)
         valid_per_shard.append(int(ok.sum()))
         missing += keys.missing_uid
+        duplicates += keys.duplicates
     total = int(histogram.sum())
-    counts = {"num_input": total + missing, "num_ranked": total, "missing_uid": missing}
+    n = size(total)
+    counts = {"num_input": total + missing + duplicates, "num_ranked": total, "missing_uid": missing,
+              "duplicate_uid_rows": duplicates, "num_selected": n}
     if n > total:
         raise UsageError(f"{n} samples asked for, but only {total} input samples have a uid")
     if n == total:
@@ -399,8 +414,7 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
 
     started = time.time()
     tars = expand_shards(cfg.shards)
-    total = num_samples(cfg.shards)
-    n = target_size(cfg, total)
+    claimed = num_samples(cfg.shards)  # sizes.json: checked against the Parquets below
     ident = _identity(cfg, tars)
     _check_output(cfg, ident)
     out = Path(cfg.out)
@@ -409,10 +423,15 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         saved = _saved_plan(plan_path)
         try:
             threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
-        except KeyError as err:
+            n, total = int(saved["num_selected"]), int(saved["num_input"])
+        except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"{plan_path}: lacks {err}; use --overwrite to start over") from err
     else:
-        threshold, per_shard, counts = select(tars, cfg.seed, n, cfg.progress)
+        threshold, per_shard, counts = select(tars, cfg.seed, lambda ranked: target_size(cfg, ranked), cfg.progress)
+        n, total = counts["num_selected"], counts["num_ranked"]
+        if total != claimed:
+            log.warning("subset: sizes.json of %s claims %d samples, the Parquets list %d with a uid (the subset "
+                        "follows the Parquets; 'qcap shards verify' names the wrong entries)", cfg.shards, claimed, total)
         threshold_json = None if threshold is None else {
             "rank": threshold.rank, "hi": threshold.hi, "lo": threshold.lo, "shard": threshold.shard, "pos": threshold.pos}
         target = cfg.samples_per_shard or max(1, max(_read_sizes(tars).values(), default=1))
@@ -455,6 +474,12 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         arrays.append(uids_to_array(success, sort=False))  # 16 bytes a sample, not Python strings
     uids = np.concatenate(arrays)
     num_unique = save_uids(out / UIDS_FILE, uids)
+    if num_unique != len(uids):  # a uid in two input shards (one shard's repeats are dropped when ranking)
+        values, counts_of = np.unique(uids, return_counts=True)
+        twice = values[counts_of > 1][0]
+        raise ShardError(f"{cfg.shards}: uid {int(twice['f0']):016x}{int(twice['f1']):016x} is a sample of two input "
+                         "shards, so the subset holds it twice; make one row per uid first (qcap reshard or build-dr keep "
+                         "the first copy) and run subset again with --overwrite")
     num_not_copied = sum(not_copied.values())
     if num_not_copied:
         log.warning("subset: %d selected samples could not be copied (%s); they are rows with that status in %s",
