@@ -48,7 +48,10 @@ READ_CHUNK = 256  # samples per block out of the reader
 # Settings that change the captions: a folder holds captions made with one of each.
 _FINGERPRINT = ("backend", "model", "pretrained", "checkpoint", "num_captions", "decoding", "top_p", "top_k",
                 "temperature", "num_beams", "num_beam_groups", "repetition_penalty", "seq_len", "min_seq_len",
-                "seed", "first_sentence", "output_format", "scorer_model", "scorer_pretrained", "scorer_checkpoint")
+                "seed", "first_sentence", "output_format", "scorer_model", "scorer_pretrained", "scorer_checkpoint",
+                "num_candidates", "select", "diversity", "tag")
+# Fingerprint fields added later: a folder captioned before they existed holds their defaults.
+_FINGERPRINT_DEFAULTS = {"num_candidates": 0, "select": "score", "diversity": 0.5, "tag": None}
 
 
 @dataclass(kw_only=True)
@@ -62,6 +65,13 @@ class CaptionConfig:
     checkpoint: str | None = arg(None, help="a checkpoint folder (qcap/open_clip local-dir, a training run, an HF folder) or weights file")
     backend: Literal["open_clip", "hf"] = arg("open_clip", help="captioner family: open_clip CoCa, or hf image-to-text (BLIP, GIT)")
     num_captions: int = arg(5, help="captions per image (DataCompDR: 5)")
+    num_candidates: int = arg(0, help="over-generate: decode this many candidates per image and keep --num-captions "
+                                      "of them by --select (LAION-COCO: 40 -> 5); 0: decode --num-captions")
+    select: Literal["score", "diverse"] = arg("score", help="over-generation's choice: score (highest CLIP score, "
+                                                            "needs --scorer-model) or diverse (score - λ·word overlap)")
+    diversity: float = arg(0.5, help="--select diverse: λ, the weight of the overlap with the captions kept")
+    tag: str | None = arg(None, help="captioner tag: write the captions under syn_text_<tag> (KEY.syn_tags.json, "
+                                     "provenance KEY.qcap_tags.json) instead of Apple's syn_text")
     decoding: Literal["greedy", "top_k", "top_p", "beam"] = arg("top_p", help="decoding (DataCompDR: top_p)")
     top_p: float = arg(0.9, help="top_p: nucleus mass")
     top_k: int = arg(1, help="top_k: tokens kept")
@@ -108,11 +118,35 @@ class CaptionConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.gpus_per_worker <= 0 or self.cpus_per_worker <= 0:
             raise ValueError("gpus_per_worker/cpus_per_worker: must be > 0")
+        if self.num_candidates < 0:
+            raise ValueError(f"num_candidates: must be >= 0, got {self.num_candidates}")
+        if self.overgenerates:
+            if self.decoding == "beam":
+                raise ValueError("num_candidates: beam search gives one caption per image; over-generate with "
+                                 "--decoding top_p or top_k")
+            if self.select == "score" and not self.has_scorer:
+                raise ValueError("select: --select score ranks the candidates by CLIP score; give --scorer-model, "
+                                 "or use --select diverse")
+        elif self.num_candidates:
+            raise ValueError(f"num_candidates: {self.num_candidates} candidates cannot give {self.num_captions} "
+                             "captions; give more than --num-captions, or 0")
+        if self.diversity < 0:
+            raise ValueError(f"diversity: must be >= 0, got {self.diversity}")
+        from curate.multicaption import key_of
+
+        try:
+            key_of(self.tag)
+        except ValueError as err:
+            raise ValueError(f"tag: {err}") from err
         self.decode_params()  # its own checks, named by field
+
+    @property
+    def overgenerates(self) -> bool:
+        return self.num_candidates > self.num_captions
 
     def decode_params(self) -> DecodeParams:
         return DecodeParams(
-            decoding=self.decoding, num_captions=self.num_captions,
+            decoding=self.decoding, num_captions=max(self.num_captions, self.num_candidates),
             seq_len=self.seq_len, top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
             num_beams=self.num_beams, num_beam_groups=self.num_beam_groups,
             repetition_penalty=self.repetition_penalty, min_seq_len=self.min_seq_len,
@@ -141,6 +175,10 @@ class JobContext:
     max_pixels: int
     pixel_shape: tuple[int, ...]
     scorer_pixel_shape: tuple[int, ...] | None
+    keep: int | None = None  # over-generation: captions kept of params.num_captions candidates
+    select: str = "score"
+    diversity: float = 0.5
+    tag: str | None = None  # captioner tag: captions under syn_text_<tag>
 
 
 def main(argv: list[str], prog: str = "qcap caption") -> int:
@@ -233,6 +271,7 @@ def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> No
         raise UsageError(f"{path}: not a caption config (a JSON object); add --overwrite to start over")
     previous = saved.get("config", {})
     current = _fingerprint(cfg)
+    previous = {**_FINGERPRINT_DEFAULTS, **previous}
     changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items() if previous.get(key) != value]
     old_sha = (saved.get("captioner") or {}).get("weights_sha256")
     if old_sha != captioner.get("weights_sha256"):
@@ -324,6 +363,8 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
             device=device, autocast=autocast, threads=max(1, int(cfg.cpus_per_worker)), scorer=parts["scorer"],
             captioner=parts["captioner"], scorer_identity=parts["scorer_identity"], decoding=parts["decoding"],
             max_pixels=cfg.max_pixels, pixel_shape=parts["pixel_shape"], scorer_pixel_shape=parts["scorer_pixel_shape"],
+            keep=cfg.num_captions if cfg.overgenerates else None, select=cfg.select, diversity=cfg.diversity,
+            tag=cfg.tag,
         )
         num_workers = cfg.num_workers or default_workers(device, cfg)
         save_config(cfg, Path(cfg.out) / CONFIG_FILE, captioner=context.captioner, scorer=context.scorer_identity,
@@ -622,7 +663,21 @@ class CaptionActor:
                        zip(batch["kind"], batch["status"], strict=True)], dtype=bool)
         results = [""] * len(ok)
         index = np.flatnonzero(ok)
-        if len(index):
+        if len(index) and context.keep is not None:
+            from captioning.overgen import overgenerate
+
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
+            seeds = [image_seed(context.seed, uid) for uid in batch["uid"][index]]
+            scorer_pixels = (torch.from_numpy(np.ascontiguousarray(batch["scorer_pixels"][index]))
+                             if self.scorer is not None else None)
+            chosen = overgenerate(self.captioner, self.scorer, pixels, scorer_pixels, context.params, seeds,
+                                  keep=context.keep, rule=context.select, diversity=context.diversity,
+                                  first_sentence=context.first_sentence, autocast_dtype=self.autocast)
+            for j, i in enumerate(index.tolist()):
+                kept, record = chosen[j]
+                results[i] = json.dumps({"syn_text": [c.text for c in kept], "image_seed": seeds[j],
+                                         "captions": [c.as_json() for c in kept], "overgenerate": record})
+        elif len(index):
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
             seeds = [image_seed(context.seed, uid) for uid in batch["uid"][index]]
             raw = self.captioner.caption(pixels, context.params, seeds, autocast_dtype=self.autocast)
@@ -729,7 +784,13 @@ def provenance(context: JobContext, result: dict[str, Any]) -> dict[str, Any]:
     """qcap's ``KEY.qcap.json`` for one image."""
     import qcap
 
+    extra: dict[str, Any] = {}
+    if result.get("overgenerate") is not None:  # every candidate, its score and flags: overgen.reselect redoes it
+        extra["overgenerate"] = result["overgenerate"]
+    if context.tag:
+        extra["tag"] = context.tag
     return {
+        **extra,
         "captioner": context.captioner,
         "decoding": context.decoding,
         "seed": context.seed,
@@ -773,6 +834,15 @@ def write_webdataset(out: Path, shard_id: int, rows: list[dict], context: JobCon
                 continue
             result = json.loads(row["result"])
             meta["num_syn"] = len(result["syn_text"])
+            if context.tag:  # a tagged captioner: syn_text_<tag> in KEY.syn_tags.json (curate.multicaption)
+                from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
+
+                key = key_of(context.tag)
+                extras = {TAGS_MEMBER: encode_tags({key: result["syn_text"]}),
+                          TAGS_PROVENANCE_MEMBER: json.dumps({key: provenance(context, result)}, ensure_ascii=False,
+                                                             sort_keys=True).encode("utf-8")}
+                writer.write(Sample(key=row["key"], uid=row["uid"], meta=meta, extras=extras))
+                continue
             writer.write(Sample(key=row["key"], uid=row["uid"], syn_text=result["syn_text"],
                                 syn_provenance=provenance(context, result), meta=meta))
         writer.close(extra_stats=_shard_stats(rows))
