@@ -38,7 +38,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,8 @@ def attention(demo: Path, seeds: Sequence[int], alpha: float) -> dict[str, Any] 
     from finetune.attention_test import claim_test, read_pair
 
     files = [(s, demo / "attention" / f"s{s}" / "attention_distance.json") for s in seeds]
-    pairs = [read_pair(path, seed) for seed, path in files if path.is_file()]
+    # sources relative to the run folder, as every other number's file in science.json
+    pairs = [replace(read_pair(path, seed), source=path.relative_to(demo).as_posix()) for seed, path in files if path.is_file()]
     if not pairs:
         return None
     return claim_test(pairs, alpha=alpha)

@@ -58,8 +58,8 @@ def check_science_folder(folder: Path) -> dict:
     test = payload["attention_test"]
     assert test is not None and test["n_seeds"] == len(seeds)
     for entry in test["per_seed"]:
-        pair = json.loads(Path(entry["source"]).read_text())["models"]
-        assert entry["mean_per_block_dr"] == [sum(r) / len(r) for r in pair[0]["distance_px"]]
+        pair = json.loads((folder / entry["source"]).read_text())["models"]
+        assert entry["mean_per_block_dr"] == pytest.approx([sum(r) / len(r) for r in pair[0]["distance_px"]], rel=1e-12)
     assert payload["premise"]["holds"] is not None
     assert text.index("## 2. Positive control") < text.index("## 4. The paper's directions")
     assert (folder / "report.md").is_file()
