@@ -203,58 +203,81 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
     syn_dropped: Counter[str] = Counter()
     sha_mismatch = 0
     uids = [f"{int(r['hi']):016x}{int(r['lo']):016x}" for r in plan]
-    at_position = {int(r["pos"]): i for i, r in enumerate(plan)}
+    table = read_table(image_tar, columns=["key", "uid", "status"], require_uid=False)
+    success = [(k, u) for k, u, st in zip(table.column("key").to_pylist(), table.column("uid").to_pylist(),
+                                          table.column("status").to_pylist(), strict=True) if st == "success"]
+    row_of_pos = {int(r["pos"]): i for i, r in enumerate(plan)}
+    # every success row of the image Parquet is one output row: a plan row (valid uid) or a row
+    # whose uid is no DataComp uid (written as missing_uid)
+    by_key: dict[str, int] = {}
+    for pos, (key, _) in enumerate(success):
+        by_key.setdefault(key, pos)
     by_uid: dict[str, list[int]] = {}
     for i, uid in enumerate(uids):
         by_uid.setdefault(uid, []).append(i)
-    consumed = np.zeros(len(plan), dtype=bool)
+    done = np.zeros(len(success), dtype=bool)  # by position among the successes
     matched_unreadable = 0  # matched to captions, but the image or caption sample could not be read
+    unlisted: Counter[str] = Counter()  # tar samples the Parquet does not list (junk members, repeats)
 
-    def claim(position: int, sample: Sample) -> int | None:
-        """The index row of a tar sample: the row at its position when the uids agree, else the
-        first unclaimed row of its uid; a hostile sample (no trustworthy uid) takes its position's."""
-        i = at_position.get(position)
-        if i is not None and not consumed[i] and (uids[i] == sample.uid or not sample.ok):
-            return i
-        return next((j for j in by_uid.get(sample.uid or "", ()) if not consumed[j]), None)
+    def claim(order: int, sample: Sample) -> int | None:
+        """The success position of a tar sample: the open row with its key, else the open row at
+        its place when the uids agree (or the sample has none to trust), else the first open row
+        of its uid."""
+        trusted = sample.ok and is_uid(sample.uid)
+        pos = by_key.get(sample.key)
+        if pos is not None and not done[pos]:
+            return pos
+        if order < len(success) and not done[order] and (success[order][1] == sample.uid or not trusted):
+            return order
+        if trusted:
+            return next((int(plan[j]["pos"]) for j in by_uid.get(sample.uid, ()) if not done[int(plan[j]["pos"])]), None)
+        return None
 
     try:
         with ShardWriter(cfg.out, shard_id) as writer:
             keys_used: set[str] = set()
 
-            def key_for(key: str | None) -> str:
-                """The sample's own key, or a stand-in where it cannot name one (hostile or repeated)."""
-                if not key or "." in key or "/" in key or key in keys_used:
-                    key = f"row{len(keys_used):06d}"
+            def named(pos: int) -> tuple[str, dict[str, Any]]:
+                """An output row's key: its image Parquet row's key (the tar may split a dotted key
+                otherwise), or a stand-in where that cannot name a sample, the original kept as
+                ``source_key``."""
+                source = success[pos][0]
+                key = source
+                if not isinstance(key, str) or not key or "." in key or "/" in key or key in keys_used:
+                    key = f"row{pos:06d}"
                 keys_used.add(key)
-                return key
+                return key, ({"source_key": source} if key != source else {})
 
-            for position, sample in enumerate(iter_samples([image_tar])):
-                i = claim(position, sample)
-                meta = dict(sample.meta)
-                if i is None:
-                    if sample.ok and not is_uid(sample.uid):
-                        writer.write(Sample(key=key_for(sample.key), uid=None, meta=meta, status="missing_uid",
-                                            error_message=f"KEY.json uid is {sample.uid!r}, not a 32-hex DataComp uid"))
-                    else:  # a sample the image shard's Parquet does not list (or lists fewer times)
-                        writer.write(Sample(key=key_for(sample.key), uid=sample.uid if is_uid(sample.uid) else None,
-                                            meta=meta, status=sample.status if not sample.ok else "not_in_index",
-                                            error_message=sample.error_message or f"{image_tar}: sample {sample.key!r} is "
-                                            "not among the successes of its Parquet (qcap shards verify)"))
+            for order, sample in enumerate(iter_samples([image_tar])):
+                pos = claim(order, sample)
+                if pos is None:
+                    unlisted[sample.status if not sample.ok else "not_in_parquet"] += 1
                     continue
-                consumed[i] = True
+                done[pos] = True
+                key, renamed = named(pos)
+                meta = {**sample.meta, **renamed}
+                i = row_of_pos.get(pos)
+                if i is None:  # the Parquet's uid for it is no DataComp uid
+                    writer.write(Sample(key=key, uid=None, meta=meta, status="missing_uid",
+                                        error_message=f"uid {success[pos][1]!r} is not a 32-hex DataComp uid"))
+                    continue
                 row = plan[i]
                 uid = uids[i]
-                matched_unreadable += int(row["verdict"]) == MATCHED and not (sample.ok and sample.image is not None)
+                matched_unreadable += int(row["verdict"]) == MATCHED and not (
+                    sample.ok and sample.image is not None and (sample.uid == uid or not is_uid(sample.uid)))
                 if not sample.ok:  # the reader's status: bad_json, bad_member, duplicate_key, truncated
-                    writer.write(Sample(key=key_for(sample.key), uid=uid, meta={}, status=sample.status,
+                    writer.write(Sample(key=key, uid=uid, meta=renamed, status=sample.status,
                                         error_message=sample.error_message))
                     continue
                 if sample.image is None:
-                    writer.write(Sample(key=key_for(sample.key), uid=uid, meta=meta, status="no_image",
+                    writer.write(Sample(key=key, uid=uid, meta=meta, status="no_image",
                                         error_message=f"{image_tar}: sample {sample.key!r} has no image member"))
                     continue
-                key = key_for(sample.key)
+                if is_uid(sample.uid) and sample.uid != uid:
+                    writer.write(Sample(key=key, uid=uid, meta=renamed, status="uid_mismatch",
+                                        error_message=f"{image_tar}: sample {sample.key!r} has uid {sample.uid}, its "
+                                                      f"Parquet says {uid} (qcap shards verify)"))
+                    continue
                 verdict = int(row["verdict"])
                 if verdict != MATCHED:
                     writer.write(Sample(key=key, uid=uid, meta=meta, status=VERDICTS[verdict],
@@ -294,20 +317,21 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
                 writer.write(out)
                 syn["kept"] += len(kept)
                 caption_stats.add(out)
-            if not consumed.all():  # listed as successes by the Parquet, absent from the tar
-                table = read_table(image_tar, columns=["key", "status"], require_uid=False)
-                success_keys = [k for k, st in zip(table.column("key").to_pylist(), table.column("status").to_pylist(),
-                                                   strict=True) if st == "success"]
-                for i in np.flatnonzero(~consumed):
-                    pos = int(plan[i]["pos"])
-                    matched_unreadable += int(plan[i]["verdict"]) == MATCHED
-                    writer.write(Sample(key=key_for(success_keys[pos] if pos < len(success_keys) else None), uid=uids[i],
-                                        status="missing_from_tar",
-                                        error_message=f"{image_tar}: its Parquet lists this success, the tar does not "
-                                                      "hold it (qcap shards verify)"))
+            for pos in np.flatnonzero(~done):  # listed as successes by the Parquet, absent from the tar
+                i = row_of_pos.get(int(pos))
+                matched_unreadable += i is not None and int(plan[i]["verdict"]) == MATCHED
+                key, renamed = named(int(pos))
+                writer.write(Sample(key=key, uid=uids[i] if i is not None else None, meta=renamed,
+                                    status="missing_from_tar" if i is not None else "missing_uid",
+                                    error_message=f"{image_tar}: its Parquet lists this success, the tar does not "
+                                                  "hold it (qcap shards verify)"))
+            if unlisted:
+                log.warning("%s: %d tar sample(s) its Parquet does not list were left out (%s); qcap shards verify "
+                            "shows them", image_tar, sum(unlisted.values()), dict(unlisted))
             extra = {"num_input": writer.stats.count, "syn_in": syn["in"], "syn_kept": syn["kept"],
                      "syn_dropped": dict(sorted(syn_dropped.items())), "syn_unscored_kept": syn["unscored_kept"],
-                     "sha256_mismatch": sha_mismatch, "matched_unreadable": matched_unreadable, "image_shard": image_tar, "caption_stats": caption_stats.as_json()}
+                     "sha256_mismatch": sha_mismatch, "matched_unreadable": matched_unreadable,
+                     "unlisted_tar_samples": dict(unlisted), "image_shard": image_tar, "caption_stats": caption_stats.as_json()}
             stats = writer.close(extra_stats=extra)
     finally:
         reader.close()
