@@ -194,7 +194,7 @@ $(foreach r,$(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json): $(CONTROL_SUMMARIES)
 # 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image);
 # (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
 $(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain-mae $(BIN)/python -m train.mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
+	@$(TIMED) pretrain-mae $(QCAP) mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
 	  --samples-seen $(CLIP_SAMPLES) --resume
 $(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \

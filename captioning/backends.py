@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from captioning.params import DecodeParams
+from curate.config import ConfigError
 from curate.models import weights_sha256
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,13 @@ class OpenClipCaptioner(Captioner):
         check_coca(loaded.model)
         self.loaded = loaded
         self.model = loaded.model
-        tokenizer = loaded.tokenizer
-        self.sot = getattr(tokenizer, "sot_token_id", None) or 49406
-        self.eot = getattr(tokenizer, "eot_token_id", None) or 49407
+        from captioning.vocab import special_token_ids
+
+        try:  # from the model's own tokenizer: CLIP's (49406/49407) or a fitted one (captioning.vocab)
+            ids = special_token_ids(loaded.tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"captioner {loaded.name}: {err}") from err
+        self.sot, self.eot = ids["sot"], ids["eot"]
         if loaded.source == "random":
             log.warning("captioner %s has random weights: its captions are noise (give --pretrained or --checkpoint)",
                         loaded.name)

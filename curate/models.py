@@ -45,14 +45,23 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+MODEL_CONFIGS_ENV = "QCAP_MODEL_CONFIGS"  # more config files/folders, os.pathsep-separated (captioning.vocab's)
+
+
 def register_model_configs() -> None:
-    """Add qcap's tiny model configs to open_clip's registry (idempotent)."""
+    """Add qcap's tiny model configs to open_clip's registry (idempotent), and the config files or
+    folders named in ``$QCAP_MODEL_CONFIGS`` (e.g. a captioner with a vocabulary fitted to the
+    world, ``python -m captioning.vocab``); a named path that does not exist is a ValueError."""
     global _registered
     if _registered:
         return
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
+    for extra in filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep)):
+        if not os.path.exists(extra):
+            raise ValueError(f"{MODEL_CONFIGS_ENV}: {extra}: no such model config file or folder")
+        open_clip.add_model_config(extra)
     _registered = True
 
 
@@ -365,10 +374,18 @@ def save_checkpoint_dir(model: Any, model_name: str, folder: str | os.PathLike, 
     save_file(state, str(tmp / WEIGHTS_FILE))
     visual = getattr(unwrap(model), "visual", None)
     preprocess = getattr(visual, "preprocess_cfg", None) or {}
+    cfg = model_config(model_name)
     atomic_write_json(
         tmp / CONFIG_FILE,
-        {"model_cfg": model_config(model_name), "preprocess_cfg": dict(preprocess), "model_name": model_name, **extra},
+        {"model_cfg": cfg, "preprocess_cfg": dict(preprocess), "model_name": model_name, **extra},
     )
+    # open_clip loads a local-dir: model's HF tokenizer from the folder itself: carry a local one along
+    # (a vocabulary fitted by captioning.vocab); hub tokenizer names are left to open_clip
+    tokenizer_dir = cfg.get("text_cfg", {}).get("hf_tokenizer_name") or ""
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        for item in sorted(Path(tokenizer_dir).iterdir()):
+            if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(item, tmp / item.name)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

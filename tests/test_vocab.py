@@ -83,3 +83,32 @@ def test_clip_tokenizer_ids_and_bad_world(tmp_path):
     run = subprocess.run([sys.executable, "-m", "captioning.vocab", "--world", str(tmp_path), "--out", str(tmp_path / "v")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and "truth.parquet: missing" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_fitted_vocab_captioner_trains_with_qcap_train_and_captions_with_its_own_ids(vocab, tmp_path):
+    """QCAP_MODEL_CONFIGS registers the fitted config; the checkpoint carries the tokenizer path; the
+    captioner backend takes its start/end ids from that tokenizer (not CLIP's 49406/49407)."""
+    import os
+
+    from captioning.backends import CaptionerSpec, OpenClipCaptioner
+    from captioning.params import DecodeParams
+
+    folder, summary = vocab
+    world = folder.parent / "w"
+    env = {**os.environ, "QCAP_MODEL_CONFIGS": str(folder / "qcap-tiny-coca-world.json")}
+    qcap = str(Path(sys.executable).parent / "qcap")
+    run = subprocess.run([qcap, "train", "--preset", "tiny-coca", "--model", "qcap-tiny-coca-world", "--data",
+                          str(world / "clean"), "--out", str(tmp_path / "cap"), "--samples-seen", "16", "--batch-size",
+                          "8", "--workers", "0", "--threads", "1", "--tracker", "none"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    captioner = OpenClipCaptioner(CaptionerSpec(checkpoint=str(tmp_path / "cap")))  # no env var needed here
+    assert (captioner.sot, captioner.eot) == (summary["special_ids"]["sot"], summary["special_ids"]["eot"])
+    pixels = torch.randn(2, 3, 64, 64)
+    raw = captioner.caption(pixels, DecodeParams(decoding="top_p", num_captions=5, top_p=0.9, seq_len=20), seeds=[1, 2])
+    assert [len(r) for r in raw] == [5, 5]
+    assert all(isinstance(c.text, str) and "<" not in c.text for r in raw for c in r)
+    bad = subprocess.run([qcap, "train", "--preset", "tiny-coca", "--model", "qcap-tiny-coca-world", "--data",
+                          str(world / "clean"), "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env={**os.environ, "QCAP_MODEL_CONFIGS": str(tmp_path / "nothing.json")})
+    assert bad.returncode != 0 and "QCAP_MODEL_CONFIGS" in bad.stderr and "Traceback" not in bad.stderr

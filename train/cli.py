@@ -15,6 +15,7 @@ from curate.cli import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
     "train": Command("train CLIP or CoCa on shards with Accelerate (checkpoints, exact resume, eval)", "train.run:main"),
+    "mae": Command("MAE pretraining (transformers' ViTMAE) of a CLIP model's image tower; exports an open_clip folder", "train.mae:main"),
 }
 
 DESCRIPTION = "train: CLIP and CoCa pretraining on shards, with Hugging Face Accelerate."

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m train.mae --data LADDER/datacomp-100 --out runs/mae --samples-seen 19200 [--seed 0]
+    qcap mae --data LADDER/datacomp-100 --out runs/mae --samples-seen 19200 [--seed 0]   # or python -m train.mae
     qcap finetune seg --checkpoint runs/mae --data W/eval/seg --out runs/mae-seg   # like any CLIP run
 
 The model is Hugging Face ``transformers``' ``ViTMAEForPreTraining`` (He et al. 2022, masked
@@ -301,7 +301,7 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
             "last_metrics": result.last_metrics}
 
 
-def main(argv: list[str], prog: str = "python -m train.mae") -> int:
+def main(argv: list[str], prog: str = "qcap mae") -> int:
     cfg = parse_config(MaeRunConfig, argv, prog=prog)
     summary = train_mae(cfg)
     loss = summary["last_metrics"].get("loss")
