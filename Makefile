@@ -151,9 +151,17 @@ $(RAW)/manifest.json: $(W)/world.json
 $(FILTERS)/basic.npy: $(RAW)/manifest.json
 	@$(TIMED) filter-basic $(QCAP) filter basic --shards $(RAW) --out $@
 
-# 3. the captioner: a CoCa trained on the clean split; its contrastive towers are the CLIP-score filter (DFN-style)
-$(CAPTIONER)/eval.json: $(W)/world.json
-	@$(TIMED) captioner $(QCAP) train --preset tiny-coca --data $(W)/clean --out $(CAPTIONER) \
+# 3. the captioner: a CoCa trained on the clean split; its contrastive towers are the CLIP-score filter (DFN-style).
+# CAPTIONER_VOCAB=1: a BPE vocabulary fitted to the world's text (qcap fit-vocab; ~800 tokens instead of CLIP's 49,408:
+# a 5x cheaper captioner step) -- the checkpoint carries its tokenizer, so the later stages need nothing else
+CAPTIONER_VOCAB ?= 0
+VOCAB := $(DEMO)/vocab
+CAPTIONER_MODEL := $(if $(filter 1,$(CAPTIONER_VOCAB)),qcap-tiny-coca-world)
+$(VOCAB)/qcap-tiny-coca-world.json: $(W)/world.json
+	@$(TIMED) vocab $(QCAP) fit-vocab --world $(W) --out $(VOCAB)
+$(CAPTIONER)/eval.json: $(W)/world.json $(if $(CAPTIONER_MODEL),$(VOCAB)/qcap-tiny-coca-world.json)
+	@$(if $(CAPTIONER_MODEL),QCAP_MODEL_CONFIGS=$(VOCAB)/qcap-tiny-coca-world.json) $(TIMED) captioner $(QCAP) train \
+	  --preset tiny-coca $(if $(CAPTIONER_MODEL),--model $(CAPTIONER_MODEL)) --data $(W)/clean --out $(CAPTIONER) \
 	  --samples-seen $(CAPTIONER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 
 # 4. CLIP-score and dedup filters on the basic survivors, their intersection, reshard
@@ -249,9 +257,11 @@ SCI_SEEDS ?= 3
 SCI_FRACTIONS ?= 1.0 0.3 0.1
 SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
+SCI_CAPTIONER_VOCAB ?= 0
 .PHONY: science
-science: setup ## positive controls, MAE, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS JOBS PORT)
+science: setup ## positive controls, MAE, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
 	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
+	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) \
 	  $(SCI)/science.md
 	@echo "science: $(SCI)/science.md (every number's source in $(SCI)/science.json; the demo's report beside it)"

@@ -14,6 +14,7 @@ COMMANDS: dict[str, Command] = {
                        "captioning.job:main"),
     "build-dr": Command("join curated images and synthetic captions (qcap's or Apple's DataCompDR) by uid into DR shards",
                         "captioning.dr:main"),
+    "fit-vocab": Command("fit a BPE vocabulary to a world's text and write an open_clip captioner config that uses it", "captioning.vocab:main"),
     "reinforce": Command("store N augmentations per image and a teacher ensemble's embeddings of them and every "
                          "caption (DataCompDR reinforcement), on Ray", "captioning.reinforce:main"),
 }

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m captioning.vocab --world W --out W/vocab [--vocab-size 1024] [--base qcap-tiny-coca]
+    qcap fit-vocab --world W --out W/vocab [--vocab-size 1024] [--base qcap-tiny-coca]
+    QCAP_MODEL_CONFIGS=W/vocab/qcap-tiny-coca-world.json qcap train --preset tiny-coca --model qcap-tiny-coca-world ...
 
 The tiny CoCa decodes over CLIP's 49,408-token vocabulary while the world's text uses a few
 hundred words, so most of the captioner's compute is the vocabulary projection (and its
@@ -156,7 +157,7 @@ def build(cfg: VocabConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str], prog: str = "python -m captioning.vocab") -> int:
+def main(argv: list[str], prog: str = "qcap fit-vocab") -> int:
     cfg = parse_config(VocabConfig, argv, prog=prog)
     summary = build(cfg)
     print(f"{cfg.out}: vocabulary of {summary['vocab_size']} tokens from {summary['texts']} texts "
