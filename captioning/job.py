@@ -507,7 +507,7 @@ def build_dataset(pending, context: JobContext, parts: dict[str, Any], cfg: Capt
 
 # Columns that every stage carries. kind: "sample", "end" (index = the shard's sample count)
 # or "error" (the shard could not be read; error_message says why).
-_ROW_COLUMNS = ("shard_id", "index", "kind", "key", "uid", "sha256", "status", "error_message")
+_ROW_COLUMNS = ("shard_id", "index", "kind", "key", "source_key", "uid", "sha256", "status", "error_message")
 
 
 def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
@@ -528,7 +528,22 @@ def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
         keys: set[str] = set()
         uids: set[str] = set()
         try:
-            for sample in iter_samples([str(path)]):
+            listed = _listed_successes(str(path))
+        except ShardError as err:
+            yield _columns([_marker(shard_id, -1, "error", str(err))])
+            continue
+        by_key = {key: i for i, (key, _) in reversed(list(enumerate(listed or [])))}
+        seen: set[int] = set()
+        problems: list[str] = []
+        unlisted = 0
+        try:
+            for sample in iter_samples([str(path)], problems=problems if listed is not None else None):
+                if listed is not None:  # the Parquet's successes are the shard's samples: one row each
+                    place = by_key.get(sample.key)
+                    if place is None or place in seen:
+                        unlisted += 1  # a stray member or a repeat the Parquet does not list: not a sample
+                        continue
+                    seen.add(place)
                 rows.append(_sample_row(shard_id, count, sample, keys, uids))
                 count += 1
                 if len(rows) == chunk:
@@ -538,8 +553,48 @@ def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
             rows.append(_marker(shard_id, -1, "error", str(err)))
             yield _columns(rows)
             continue
+        for place, (key, uid) in enumerate(listed or []):
+            if place in seen:
+                continue
+            cause = problems[0] if problems else f"{path}: its Parquet lists this success, the tar does not hold it"
+            rows.append(_missing_row(shard_id, count, key, uid, cause, keys))
+            count += 1
+        if unlisted:
+            log.warning("%s: %d tar sample(s) its Parquet does not list were left out (qcap shards verify shows them)",
+                        path, unlisted)
         rows.append(_marker(shard_id, count, "end", ""))
         yield _columns(rows)
+
+
+def _listed_successes(path: str) -> list[tuple[str, str]] | None:
+    """``(key, uid)`` of the successes a shard's Parquet lists, in order; None for a tar that
+    has no Parquet (then the tar's own samples are the input)."""
+    from curate.shards import ShardError, read_table, sibling
+
+    try:
+        table = read_table(path, columns=["key", "uid", "status"], require_uid=False)
+    except ShardError:
+        import fsspec
+
+        fs, stripped = fsspec.core.url_to_fs(sibling(path, ".parquet"))
+        if not fs.exists(stripped):
+            return None
+        raise
+    return [(k, u) for k, u, st in zip(table.column("key").to_pylist(), table.column("uid").to_pylist(),
+                                       table.column("status").to_pylist(), strict=True) if st == "success"]
+
+
+def _missing_row(shard_id: int, index: int, key, uid, cause: str, keys: set[str]) -> dict:
+    """The row of a success its Parquet lists but the tar cannot give (cut before it, or absent)."""
+    from curate.shards import is_uid
+
+    name = key if isinstance(key, str) and key and "." not in key and "/" not in key and key not in keys else f"row{index:06d}"
+    while name in keys:
+        name += "x"
+    keys.add(name)
+    return {"shard_id": shard_id, "index": index, "kind": "sample", "key": name,
+            "source_key": str(key) if name != key and key is not None else "", "uid": uid if is_uid(uid) else "",
+            "sha256": "", "status": "missing_from_tar", "error_message": cause, "image": b""}
 
 
 def _sample_row(shard_id: int, index: int, sample, keys: set[str], uids: set[str]) -> dict:
@@ -574,13 +629,14 @@ def _sample_row(shard_id: int, index: int, sample, keys: set[str], uids: set[str
         uids.add(uid)
     meta = sample.meta if isinstance(sample.meta, dict) else {}
     sha = meta.get("sha256")
-    return {"shard_id": shard_id, "index": index, "kind": "sample", "key": key, "uid": uid,
+    return {"shard_id": shard_id, "index": index, "kind": "sample", "key": key,
+            "source_key": str(sample.key) if key != sample.key and sample.key is not None else "", "uid": uid,
             "sha256": sha if isinstance(sha, str) else "", "status": status, "error_message": error,
             "image": (sample.image or b"") if status == "success" else b""}
 
 
 def _marker(shard_id: int, index: int, kind: str, error: str) -> dict:
-    return {"shard_id": shard_id, "index": index, "kind": kind, "key": "", "uid": "", "sha256": "",
+    return {"shard_id": shard_id, "index": index, "kind": kind, "key": "", "source_key": "", "uid": "", "sha256": "",
             "status": kind, "error_message": error, "image": b""}
 
 
@@ -828,6 +884,8 @@ def write_webdataset(out: Path, shard_id: int, rows: list[dict], context: JobCon
     with ShardWriter(out, shard_id) as writer:
         for row in rows:
             meta = {"sha256": row["sha256"]} if row["sha256"] else {}
+            if row.get("source_key"):  # the input's key, where it could not name an output sample
+                meta["source_key"] = row["source_key"]
             if row["status"] != "success":
                 writer.write(Sample(key=row["key"], uid=row["uid"] or None, meta=meta, status=row["status"],
                                     error_message=row["error_message"]))
@@ -858,6 +916,7 @@ def parquet_schema():
         ("syn_flags", pa.list_(pa.list_(pa.string()))),
         ("syn_scores", pa.list_(pa.float64())),
         ("qcap", pa.string()),
+        ("source_key", pa.string()),  # the input's key where it could not name an output sample (else null)
     ])
 
 
@@ -870,7 +929,8 @@ def write_parquet(out: Path, shard_id: int, rows: list[dict], context: JobContex
     for row in rows:
         record = {"key": row["key"], "uid": row["uid"] or None, "status": row["status"],
                   "error_message": row["error_message"] or None, "sha256": row["sha256"] or None,
-                  "syn_text": None, "syn_flags": None, "syn_scores": None, "qcap": None}
+                  "syn_text": None, "syn_flags": None, "syn_scores": None, "qcap": None,
+                  "source_key": row.get("source_key") or None}
         if row["status"] == "success":
             result = json.loads(row["result"])
             record.update(
