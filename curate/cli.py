@@ -56,10 +56,21 @@ class _StderrHandler(logging.StreamHandler):
         return
 
 
+OWN_LOGGERS = ("qcap", "curate", "captioning", "train", "finetune", "__main__")
+
+
 def setup_logging(level: str | None = None) -> None:
+    """qcap's own loggers at ``QCAP_LOG_LEVEL`` (INFO); everything else at WARNING unless DEBUG
+    is asked for — open_clip logs every checkpoint lookup at INFO on the root logger, which
+    buried a command's one-line error under a dozen lines of its chatter."""
     level = (level or os.environ.get("QCAP_LOG_LEVEL", "INFO")).upper()
     root = logging.getLogger()
-    root.setLevel(level)
+    numeric = logging.getLevelName(level)
+    if not isinstance(numeric, int):
+        numeric, level = logging.INFO, "INFO"
+    root.setLevel(min(numeric, logging.DEBUG) if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))

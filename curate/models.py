@@ -18,6 +18,7 @@ Weights are read with safetensors, or ``torch.load(weights_only=True)``; never p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -142,7 +143,8 @@ def load_model(
         elif model.startswith(("hf-hub:", "local-dir:")):  # open_clip loads these ids' weights itself
             source = model
     try:
-        net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_id, **kwargs)
+        with _quiet_random_init(source == "random"):
+            net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_id, **kwargs)
     except RuntimeError as err:
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise ValueError(f"checkpoint {source} does not fit model {name!r}: {_squashed(err, 400)}") from err
@@ -161,6 +163,30 @@ def load_model(
     tokenizer = open_clip.get_tokenizer(model_id)
     net.eval()
     return LoadedModel(net, preprocess_train, preprocess_val, tokenizer, name or model_id, source)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(asked: bool):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root
+    logger; when random initialisation is what was asked for (``--random``, a fresh model to
+    train) that is no news, and it stood before a command's one-line result."""
+    if not asked:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    handlers = list(root.handlers)
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 def _one_line(err: BaseException | str, limit: int = 300) -> str:

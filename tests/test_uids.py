@@ -69,7 +69,7 @@ def test_bad_files_are_clear_errors(tmp_path, capsys):
     (tmp_path / "text.npy").write_text("not numpy")
     uid_file(tmp_path / "ok.npy", range(3))
     for name, message in (("ints.npy", "expected DataComp's"), ("unsorted.npy", "not sorted"),
-                          ("text.npy", "not a readable .npy")):
+                          ("text.npy", "not a .npy file")):
         with pytest.raises(ShardError, match=message):
             load_uids(tmp_path / name)
         code = qcap(["uids", "intersect", str(tmp_path / "ok.npy"), str(tmp_path / name), "--out", str(tmp_path / "o.npy")])

@@ -98,6 +98,8 @@ class ClipScoreConfig(FilterConfig):
             raise ValueError("cpus_per_worker/gpus_per_worker: must be > 0")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("num_cpus: must be >= 1")
+        if self.decode_size is not None and self.decode_size < 1:
+            raise ValueError(f"decode_size: must be >= 1 pixel, got {self.decode_size}")
 
     def scores_path(self) -> Path:
         return self.scores if self.scores is not None else self.out.with_suffix(".scores.parquet")
