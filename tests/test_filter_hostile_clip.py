@@ -127,8 +127,7 @@ def test_a_failure_inside_ray_is_one_line(ray_two_cpus):
     for func, kind, message in [(raise_shard_error, ShardError, "x.tar: truncated or corrupt tar (unexpected end of data)"),
                                 (raise_value_error, UsageError, "a bad value in a read task")]:
         with pytest.raises(RayError) as caught:
-            for _ in ray.data.from_items([{"tar": "x.tar"}]).flat_map(func).iter_batches(batch_size=None):
-                pass
+            list(ray.data.from_items([{"tar": "x.tar"}]).flat_map(func).iter_batches(batch_size=None))
         assert len(str(caught.value).splitlines()) > 1  # what the user saw before
         with pytest.raises(kind) as converted:
             reraise_ray_error(caught.value)
