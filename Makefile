@@ -102,6 +102,9 @@ SCIENCE ?= 0
 CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),$(foreach p,$(PCTS),oracle-$(p)) clean-100)
 PRETRAINED := $(RUNGS) $(CONTROL_RUNGS)
 BASELINES := random $(if $(filter 1,$(SCIENCE)),mae)
+# dense tasks each backbone is finetuned on; make science adds detection (Mask R-CNN on the world's COCO-layout
+# eval/det), which the 15-minute demo leaves out
+FT_TASKS := seg depth $(if $(filter 1,$(SCIENCE)),det)
 
 QCAP := $(BIN)/qcap
 W := $(DEMO)/world
@@ -121,7 +124,7 @@ export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
 
 LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
 CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(PRETRAINED) $(filter mae,$(BASELINES)),$(CLIP)/$(r)-s$(s)/eval.json))
-FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,$(BASELINES) $(PRETRAINED),$(foreach t,seg depth,$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
+FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,$(BASELINES) $(PRETRAINED),$(foreach t,$(FT_TASKS),$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
 SCORE_SUMMARIES := $(foreach r,$(RUNGS) $(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json)
 ATTENTION := $(DEMO)/attention/attention_distance.json
 ATTENTION_SEEDS := $(foreach s,$(SEED_LIST),$(DEMO)/attention/s$(s)/attention_distance.json)
@@ -137,7 +140,7 @@ demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/re
 # 1. the world: a DataComp-style pool served over loopback, a clean-caption split, eval sets
 $(W)/world.json: | $(STAMP)
 	@$(TIMED) world $(QCAP) world --out $(W) --num-samples $(POOL_SAMPLES) --clean-samples $(CLEAN_SAMPLES) \
-	  --eval-samples $(EVAL_SAMPLES) --base-url http://127.0.0.1:$(PORT)
+	  --eval-samples $(EVAL_SAMPLES) --base-url http://127.0.0.1:$(PORT) $(if $(filter det,$(FT_TASKS)),--det-samples $(EVAL_SAMPLES))
 
 # 2. download it with img2dataset on Ray (the server runs only while the download does), basic filter
 $(RAW)/manifest.json: $(W)/world.json
@@ -215,12 +218,17 @@ $(FT)/random-s%/seg/metrics.json: $(W)/world.json
 	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-clip --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
 $(FT)/random-s%/depth/metrics.json: $(W)/world.json
 	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-clip --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
+$(FT)/random-s%/det/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune det --random qcap-tiny-clip --seed $* --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
 $(FT)/%/seg/metrics.json: $(CLIP)/%/eval.json
 	@$(TIMED) finetune $(QCAP) finetune seg --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
 	  --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
 $(FT)/%/depth/metrics.json: $(CLIP)/%/eval.json
 	@$(TIMED) finetune $(QCAP) finetune depth --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
 	  --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
+$(FT)/%/det/metrics.json: $(CLIP)/%/eval.json
+	@$(TIMED) finetune $(QCAP) finetune det --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
+	  --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
 
 $(SCORES)/%/summary.json: $(LADDER_SUMMARIES)
 	@$(TIMED) score-captions $(QCAP) score-captions --world $(W) --captions $(LADDER_DEMO)/$* \

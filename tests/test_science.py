@@ -81,10 +81,12 @@ def test_science_graph_adds_controls_mae_and_attention_per_seed_and_demo_stays_a
             assert f"--data {tmp_path}/s/dr-ladder/oracle-{pct} --out {tmp_path}/s/clip/oracle-{pct}-s{seed}" in sci
     assert "control-rung --kind clean --like" in sci
     assert sci.count("qcap mae --data") == 2 and sci.count("attention-distance") == 3  # s0, s1 and the demo's
-    assert sci.count("qcap finetune ") == 2 * 2 * 9  # seeds x tasks x (random, mae, 2 x datacomp/dr/oracle, clean-100)
+    assert sci.count("qcap finetune ") == 2 * 3 * 9  # seeds x tasks x (random, mae, 2 x datacomp/dr/oracle, clean-100)
+    assert sci.count("qcap finetune det ") == 2 * 9 and "--det-samples" in sci  # detection: make science only
     assert "science-report" in sci and "--fractions 100 50" in sci
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")
     assert "control-rung" not in demo and "qcap mae" not in demo and "science-report" not in demo
+    assert "finetune det" not in demo and "--det-samples" not in demo
     assert demo.count("qcap finetune ") == 2 * 5  # random + 4 rungs, seg and depth, one seed
 
 
