@@ -41,8 +41,11 @@ def test_killed_clip_score_resumes_from_its_parts(tmp_path_factory, tmp_path):
     resumed = subprocess.run(argv, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((tmp_path / "clip.report" / "report.json").read_text())
-    total = report["settings"]["num_scored"]
+    # every candidate row is computed once: in the killed run (its parts) or now — rows that get a
+    # status instead of a score (no_caption, undecodable) included, which num_scored leaves out
+    total = report["counts"]["num_candidates"]
     assert report["settings"]["num_computed_now"] == total - sum(finished.values())
+    assert report["settings"]["num_scored"] <= total
     assert not parts.exists()  # folded into the scores file
 
     # the same scores as one uninterrupted run
