@@ -222,11 +222,14 @@ def discover_seeds(demo: Path) -> list[int]:
     return sorted(seeds)
 
 
-def collect_table(reader: Reader, seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
+def collect_table(reader: Reader, seeds: Sequence[int], rows: Sequence[Row] = ROWS,
+                  columns: Sequence[Column] | None = None) -> dict[str, dict[str, Cell]]:
+    """Every (row, column) cell: its values over the seeds and the file + key of each
+    (``columns`` default: the report's, det included when its metrics exist)."""
     table: dict[str, dict[str, Cell]] = {}
-    for row in ROWS:
+    for row in rows:
         table[row.key] = {}
-        for column in columns_for(reader.root):
+        for column in columns if columns is not None else columns_for(reader.root):
             cell = Cell()
             for seed in seeds if column.per_seed else seeds[:1]:
                 where = column.locate(row, seed)

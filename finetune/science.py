@@ -51,6 +51,7 @@ from finetune.report import (
     Reader,
     Row,
     beats,
+    collect_table,
     compare,
     discover_seeds,
     fmt,
@@ -99,22 +100,7 @@ def science_rows(fractions: Sequence[int]) -> list[Row]:
 
 
 def collect(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
-    table: dict[str, dict[str, Cell]] = {}
-    for row in rows:
-        table[row.key] = {}
-        for column in COLUMNS:
-            cell = Cell()
-            for seed in seeds if column.per_seed else seeds[:1]:
-                where = column.locate(row, seed)
-                if where is None:
-                    continue
-                rel, key = where
-                value = reader.value(rel, key)
-                if value is not None:
-                    cell.values.append(value)
-                    cell.sources.append({"file": rel, "key": key, "value": value} | ({"seed": seed} if column.per_seed else {}))
-            table[row.key][column.key] = cell
-    return table
+    return collect_table(reader, seeds, rows=rows, columns=COLUMNS)
 
 
 def _present(table: dict[str, dict[str, Cell]], key: str) -> bool:
