@@ -9,7 +9,6 @@ the real CLI.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -20,26 +19,13 @@ from pathlib import Path
 import pytest
 from conftest import make_uid
 from test_caption_job import coca_dir, ray_address, run_cli, write_shards  # noqa: F401 - fixtures
+from test_train_hostile import rewrite_members
 
 from captioning import job
 from curate.shards import iter_samples, read_tables
 
 QCAP = Path(sys.executable).parent / "qcap"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rewrite_members(tar_path: Path, replace: dict[str, bytes | None]) -> None:
-    """Rewrite a tar with some members' bytes replaced (None: member dropped)."""
-    with tarfile.open(tar_path) as tar:
-        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
-    with tarfile.open(tar_path, "w") as tar:
-        for info, data in members:
-            if info.name in replace:
-                data = replace[info.name]
-                if data is None:
-                    continue
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def hostile_shards(folder: Path) -> Path:
