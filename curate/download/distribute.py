@@ -33,7 +33,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from curate.download.fetch import ShardJob, ShardResult, execute
+from curate.download.fetch import ProgressFn, ShardJob, ShardResult, fetch_into
+from curate.download.merge import retry_shard
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,17 @@ def _watch_driver(driver_pid: int, pidfd: int | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # mid-shard: only hidden temporaries are left behind
 
 
+def execute(job: ShardJob, progress: ProgressFn | None = None) -> ShardResult:
+    """Run one job in this process (a pool worker or a Ray task): a download is fetched
+    (:mod:`curate.download.fetch`), a retry re-fetched and merged in (:mod:`curate.download.merge`).
+    The dispatcher lives here, with the distributor, so fetch and merge do not import each other."""
+    if job.kind == "download":
+        return fetch_into(job.table, job.out, job.shard_id, job.settings, progress)
+    if job.kind == "retry":
+        return retry_shard(job, progress)
+    raise ValueError(f"unknown job kind {job.kind!r}")
+
+
 def _mp_init(progress_queue, driver_pid: int) -> None:
     global _QUEUE
     _die_with_driver(driver_pid)
@@ -165,7 +177,7 @@ def _mp_execute(job: ShardJob) -> ShardResult:
 
 # Imported once by the fork server, so workers start as forks that already hold them
 # (img2dataset pulls in torch through webdataset: seconds per worker if each imported it).
-FORKSERVER_PRELOAD = ["curate.download.fetch", "img2dataset.downloader", "img2dataset.resizer", "img2dataset.blurrer"]
+FORKSERVER_PRELOAD = ["curate.download.fetch", "curate.download.merge", "img2dataset.downloader", "img2dataset.resizer", "img2dataset.blurrer"]
 
 
 def _context(multiprocessing):

@@ -111,17 +111,6 @@ class ShardResult:
     shard_successes: int = 0  # successes in the shard written
 
 
-def execute(job: ShardJob, progress: ProgressFn | None = None) -> ShardResult:
-    """Run one job in this process (a pool worker or a Ray task)."""
-    if job.kind == "download":
-        return fetch_into(job.table, job.out, job.shard_id, job.settings, progress)
-    if job.kind == "retry":
-        from curate.download.merge import retry_shard
-
-        return retry_shard(job, progress)
-    raise ValueError(f"unknown job kind {job.kind!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Output schema
 
