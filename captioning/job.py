@@ -473,9 +473,9 @@ def versions() -> dict[str, str]:
     import ray
     import torch
 
-    import qcap
+    from curate.versions import qcap_version
 
-    return {"qcap_version": qcap.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+    return {"qcap_version": qcap_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
             "ray": ray.__version__, "python": sys.version.split()[0]}
 
 
@@ -838,7 +838,7 @@ class Collector:
 
 def provenance(context: JobContext, result: dict[str, Any]) -> dict[str, Any]:
     """qcap's ``KEY.qcap.json`` for one image."""
-    import qcap
+    from curate.versions import qcap_version
 
     extra: dict[str, Any] = {}
     if result.get("overgenerate") is not None:  # every candidate, its score and flags: overgen.reselect redoes it
@@ -854,7 +854,7 @@ def provenance(context: JobContext, result: dict[str, Any]) -> dict[str, Any]:
         "postprocess": "first_sentence" if context.first_sentence else "clean",
         "scorer": context.scorer_identity,
         "captions": result["captions"],
-        "qcap_version": qcap.__version__,
+        "qcap_version": qcap_version(),
     }
 
 

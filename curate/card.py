@@ -599,7 +599,7 @@ def write_card(
     folder; returns the card's numbers. ``lineage``: one dict per step that made the folder
     (``step``, ``title`` and any facts); ``dropped_captions``: synthetic captions dropped by
     reason when the folder was built (shown in quality.png)."""
-    import qcap
+    from curate.versions import qcap_version
 
     folder = Path(folder)
     figures_dir = folder / CARD_DIR
@@ -630,7 +630,7 @@ def write_card(
         "usage": usage,
         "figures": figures,
         "preview": [{"uid": s.uid, "key": s.key, "text": s.text, "syn_text": s.syn_text} for s in samples],
-        "qcap_version": qcap.__version__,
+        "qcap_version": qcap_version(),
     }
     # not sorted: the lineage's facts keep their order in the cards of folders made from this one
     atomic_write_bytes(figures_dir / CARD_JSON, json.dumps(card, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
