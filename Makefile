@@ -100,8 +100,16 @@ FT_EXTRA ?=
 # and the science report; 0 (make demo) is the demo's graph alone
 SCIENCE ?= 0
 CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),$(foreach p,$(PCTS),oracle-$(p)) clean-100)
-PRETRAINED := $(RUNGS) $(CONTROL_RUNGS)
-BASELINES := random $(if $(filter 1,$(SCIENCE)),mae)
+# the reinforced rung (DataCompDR's dataset reinforcement, MobileCLIP's DR loss): drr-P is dr-P with stored
+# augmentations and the embeddings of a teacher CLIP trained on the clean split (qcap reinforce), pretrained with
+# --distill-loss-weights at the same samples seen. make demo: drr-100 only (its 15 minutes); make science: every fraction
+DRR_PCTS := $(if $(filter 1,$(SCIENCE)),$(PCTS),100)
+DRR_RUNGS := $(foreach p,$(DRR_PCTS),drr-$(p))
+# (SCIENCE=1) the backbone architecture: MobileCLIP's MCi (qcap-tiny-mci, a FastViT image tower) pretrained on the
+# DR and real 100% rungs and a random-init MCi, beside the ViT rows; the demo stays ViT-only
+MCI_RUNGS := $(if $(filter 1,$(SCIENCE)),mci-dr-100 mci-datacomp-100)
+PRETRAINED := $(RUNGS) $(DRR_RUNGS) $(CONTROL_RUNGS) $(MCI_RUNGS)
+BASELINES := random $(if $(filter 1,$(SCIENCE)),mae mci-random)
 # dense tasks each backbone is finetuned on; make science adds detection (Mask R-CNN on the world's COCO-layout
 # eval/det), which the 15-minute demo leaves out
 FT_TASKS := seg depth $(if $(filter 1,$(SCIENCE)),det)
@@ -123,6 +131,7 @@ TIMED = tools/timed.sh $(DEMO)/timings.tsv
 export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
 
 LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
+DRR_SUMMARIES := $(foreach r,$(DRR_RUNGS),$(LADDER_DEMO)/$(r)/reinforce_summary.json)
 CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(PRETRAINED) $(filter mae,$(BASELINES)),$(CLIP)/$(r)-s$(s)/eval.json))
 FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,$(BASELINES) $(PRETRAINED),$(foreach t,$(FT_TASKS),$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
 SCORE_SUMMARIES := $(foreach r,$(RUNGS) $(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json)
@@ -202,11 +211,37 @@ $(LADDER_DEMO)/clean-100/control_summary.json: $(LADDER_DEMO)/datacomp-100/subse
 $(foreach r,$(CONTROL_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(CONTROL_SUMMARIES)
 $(foreach r,$(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json): $(CONTROL_SUMMARIES)
 
+# 6c. the reinforced rung: a teacher CLIP (qcap-tiny-clip) trained on the clean split's human captions, then
+# qcap reinforce over dr-P: DRR_AUGMENTATIONS stored crops + RandAugment per image at the student's 64 px, the
+# teacher's embeddings of each and of every caption (per-uid seeds: drr-10's images hold drr-100's augmentations)
+TEACHER := $(DEMO)/teacher
+TEACHER_SAMPLES := $(call scaled,9600,256)
+DRR_AUGMENTATIONS ?= 10
+$(TEACHER)/eval.json: $(W)/world.json
+	@$(TIMED) teacher $(QCAP) train --preset tiny --data $(W)/clean --out $(TEACHER) --caption-source real --seed 0 \
+	  --samples-seen $(TEACHER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
+$(LADDER_DEMO)/drr-%/reinforce_summary.json: $(LADDER_SUMMARIES) $(TEACHER)/eval.json
+	@$(TIMED) reinforce $(QCAP) reinforce --shards $(LADDER_DEMO)/dr-$* --out $(@D) --teachers $(TEACHER) \
+	  --num-augmentations $(DRR_AUGMENTATIONS) --size 64 --num-workers 1 --cpus-per-worker 1
+$(foreach r,$(DRR_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(DRR_SUMMARIES)
+
 # 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image);
 # (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
 $(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain-mae $(QCAP) mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
 	  --samples-seen $(CLIP_SAMPLES) --resume
+# the reinforced rungs: MobileCLIP's DR loss (0.25 CLIP + 0.75 distillation), the web and one synthetic caption per
+# image as on dr-P (--dr-mode dual), a stored augmentation drawn per sample
+$(CLIP)/drr-%/eval.json: $(LADDER_SUMMARIES)
+	@$(TIMED) pretrain-drr $(QCAP) train --preset tiny --data $(LADDER_DEMO)/drr-$(firstword $(subst -s, ,$*)) \
+	  --out $(@D) --distill-loss-weights 0.25 0.75 --dr-mode dual --caption-source dual \
+	  --seed $(lastword $(subst -s, ,$*)) --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval \
+	  --retrieval-data $(W)/eval/retrieval --resume
+# (SCIENCE=1) the MCi image tower on a rung, same recipe and samples seen as the ViT
+$(CLIP)/mci-%/eval.json: $(LADDER_SUMMARIES)
+	@$(TIMED) pretrain-mci $(QCAP) train --preset tiny --model qcap-tiny-mci --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) \
+	  --out $(@D) --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
+	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 $(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
 	  --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
@@ -220,6 +255,12 @@ $(FT)/random-s%/depth/metrics.json: $(W)/world.json
 	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-clip --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
 $(FT)/random-s%/det/metrics.json: $(W)/world.json
 	@$(TIMED) finetune $(QCAP) finetune det --random qcap-tiny-clip --seed $* --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
+$(FT)/mci-random-s%/seg/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-mci --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
+$(FT)/mci-random-s%/depth/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-mci --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
+$(FT)/mci-random-s%/det/metrics.json: $(W)/world.json
+	@$(TIMED) finetune $(QCAP) finetune det --random qcap-tiny-mci --seed $* --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
 $(FT)/%/seg/metrics.json: $(CLIP)/%/eval.json
 	@$(TIMED) finetune $(QCAP) finetune seg --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
 	  --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
