@@ -51,16 +51,137 @@ def test_console_script_and_unknown_command():
     assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr
 
 
+# The floors, bottom up: a package may import only those named for it (DESIGN.md, "Packages").
+# ``qcap`` is the top: it dispatches to every stage, and no stage imports it.
+FLOORS = {"curate": set(), "captioning": {"curate"}, "train": {"curate"}, "finetune": {"curate", "train"},
+          "qcap": {"curate", "captioning", "train", "finetune"}}
+# Import circles being removed now, each named with who removes it; empty when none is left.
+KNOWN_CIRCLES: list[set[str]] = []
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of every package (each subpackage included), by dotted name."""
+    found = {}
+    for package in FLOORS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def _import_graph(*, command_targets: bool = False) -> dict[str, dict[str, int]]:
+    """module -> {imported module of ours: line}, from every import statement in the file.
+
+    Every import counts — at module level, inside a function, under ``if TYPE_CHECKING``: a
+    function-level import is still a dependency, only a later one (``fetch`` imported ``merge``
+    inside a function while ``merge`` imported ``fetch`` at the top: a circle all the same).
+    ``from package import name`` is an edge to ``package.name`` when that is a module.
+    ``command_targets``: a command table's ``"package.module:function"`` strings count too (the
+    dispatcher imports them when the command runs): for the floors, not for circles — a
+    stage's ``cli`` names its commands' modules, and they import the shared CLI plumbing back."""
+    import ast
+    import re
+
+    modules = _modules()
+    target = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+)*):[a-z_0-9]+$")
+    graph: dict[str, dict[str, int]] = {name: {} for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package the file is in (or is)
+                    package = name.split(".") if is_package else name.split(".")[:-1]
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            elif command_targets and isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and target.match(node.value):
+                names = [node.value.split(":")[0]]
+            for imported in names:
+                while imported and imported not in modules:  # import a.b.c of a non-module name: its module
+                    imported = imported.rpartition(".")[0]
+                if imported and imported != name:
+                    graph[name].setdefault(imported, node.lineno)
+    return graph
+
+
+def _circles(graph: dict[str, dict[str, int]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(component)
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return circles
+
+
 def test_stage_imports_flow_one_way():
-    """curate imports no other stage; nothing imports finetune (DESIGN.md, "Packages")."""
-    allowed = {"curate": set(), "captioning": {"curate"}, "train": {"curate"}, "finetune": {"curate", "train"}}
-    for stage, ok in allowed.items():
-        for path in (ROOT / stage).rglob("*.py"):
-            text = path.read_text()
-            for other in set(allowed) - {stage} - ok:
-                assert f"from {other}" not in text and f"import {other}" not in text.replace(f"import {other}_", ""), (
-                    f"{path.relative_to(ROOT)} imports {other}"
-                )
+    """Each package imports only the floors below it: curate no other stage, nothing finetune,
+    no stage the top-level qcap package (its version comes from the package metadata)."""
+    modules = _modules()
+    assert {"curate.download.fetch", "captioning.job", "train.loop", "finetune.run", "qcap.cli"} <= set(modules)
+    wrong = []
+    for name, imported in _import_graph(command_targets=True).items():
+        floor = name.split(".")[0]
+        for other, line in imported.items():
+            if other.split(".")[0] not in FLOORS[floor] | {floor}:
+                wrong.append(f"{modules[name].relative_to(ROOT)}:{line} imports {other}")
+    assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or around a longer circle."""
+    graph = _import_graph()
+    circles = [c for c in _circles(graph) if c not in KNOWN_CIRCLES]
+    described = [" <-> ".join(sorted(c)) + ": " + ", ".join(
+        f"{a} imports {b} (line {graph[a][b]})" for a in sorted(c) for b in sorted(graph[a]) if b in c) for c in circles]
+    assert not circles, "import circles:\n" + "\n".join(described)
+
+
+def test_the_import_graph_sees_a_circle_and_a_function_level_import(tmp_path, monkeypatch):
+    """The checks above can fail: a circle through a function-level import, and an import of
+    qcap from a lower floor, are both found in a planted copy of a package."""
+    import shutil
+
+    fake = tmp_path / "root"
+    for package in FLOORS:
+        shutil.copytree(ROOT / package, fake / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (fake / "curate" / "shards.py").write_text((ROOT / "curate" / "shards.py").read_text(encoding="utf-8")
+                                              + "\n\ndef _planted():\n    from curate.reshard import select\n\n"
+                                              "    import qcap\n", encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    graph = _import_graph()
+    assert "qcap" in graph["curate.shards"] and "curate.reshard" in graph["curate.shards"]
+    assert any({"curate.shards", "curate.reshard"} <= c for c in _circles(graph))
+    with pytest.raises(AssertionError, match="curate/shards.py:.* imports qcap"):
+        test_stage_imports_flow_one_way()
 
 
 def test_shards_command_reports_a_folder(tmp_path):
