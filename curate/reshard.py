@@ -170,19 +170,25 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 
 
 # What reshard writes in --out, and so all that --overwrite removes (anything else is the user's).
-_OWN_FILE_RE = re.compile(r"^(?:\d+(?:\.tar|\.parquet|_stats\.json|\.done)|\.\d+[._].*\.tmp-[0-9a-f]{12})$")
+# The shard pattern is every shard-writing stage's: NNNNN.tar/.parquet/_stats.json/.done and the
+# hidden temporaries ShardWriter and atomic_write_* leave behind when killed.
+SHARD_FILE_RE = re.compile(r"^(?:\d+(?:\.tar|\.parquet|_stats\.json|\.done)|\.\d+[._].*\.tmp-[0-9a-f]{12})$")
 _OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
 
 
-def _remove_own_files(out: Path) -> list[str]:
-    """Remove what reshard writes in ``out`` (its shards, their markers and temporaries, sizes.json,
-    reshard.json, config.json, report.json, and their temporaries); returns the names removed."""
+def remove_own_files(out: Path, own_files: tuple[str, ...]) -> list[str]:
+    """Remove what a shard-writing stage wrote in ``out``: its shards, their markers and
+    temporaries, and the files named in ``own_files`` (with their temporaries). Only plain
+    files at the top of ``out``; every other file and every folder is left. Markers go first, so
+    a kill half-way leaves no shard that reads as complete. Returns the names removed."""
+    if not out.is_dir():
+        return []
     removed = []
-    for path in sorted(out.iterdir()):
+    for path in sorted(out.iterdir(), key=lambda p: (not p.name.endswith(".done"), p.name)):
         name = path.name
-        own = _OWN_FILE_RE.match(name) or name in _OWN_FILES or any(
-            name.startswith(f".{own}.tmp-") for own in _OWN_FILES)
-        if own and path.is_file():
+        own = SHARD_FILE_RE.match(name) or name in own_files or any(
+            name.startswith(f".{own}.tmp-") for own in own_files)
+        if own and path.is_file() and not path.is_symlink():
             path.unlink()
             removed.append(name)
     return removed
@@ -194,7 +200,7 @@ def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the curated shards")
     if cfg.out.is_dir() and cfg.overwrite:
-        removed = _remove_own_files(cfg.out)
+        removed = remove_own_files(cfg.out, _OWN_FILES)
         if removed:
             log.info("--overwrite: removed %d files reshard had written in %s", len(removed), cfg.out)
     if plan.exists():

@@ -27,7 +27,7 @@ finished shards, a re-run with other settings is refused (``--overwrite``).
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
+
+log = logging.getLogger(__name__)
 
 CONTROL_FILE = "control.json"
 SUMMARY_FILE = "control_summary.json"  # written last: a finished rung has it
@@ -73,16 +75,40 @@ class ControlConfig:
 
 
 def _check_output(cfg: ControlConfig, identity: dict[str, Any]) -> None:
+    """Refuse a folder holding a rung made with other settings unless ``--overwrite``, which
+    removes only what control-rung writes (its shards with their markers and temporaries,
+    ``sizes.json``, ``control.json``, ``control_summary.json``; a clean rung's subset files are
+    ``qcap subset``'s to remove, with the same flag); every other file and folder stays."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the control rung")
     path = cfg.out / CONTROL_FILE
     if not path.is_file():
+        if cfg.out.is_dir() and any(cfg.out.glob("*.tar")):
+            if not cfg.overwrite:
+                raise UsageError(f"{cfg.out}: holds shards but no {CONTROL_FILE}: not a control rung; use another "
+                                 "--out or --overwrite")
+            _remove_own(cfg.out)
         return
-    saved = json.loads(path.read_text(encoding="utf-8")).get("identity")
-    if saved == identity:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        if not cfg.overwrite:
+            raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
+        saved = None
+    if isinstance(saved, dict) and saved.get("identity") == identity:
         return
     if not cfg.overwrite:
         raise UsageError(f"{cfg.out}: holds a control rung made with other settings ({path}); use --overwrite "
                          "or another --out")
-    shutil.rmtree(cfg.out)
+    _remove_own(cfg.out)
+
+
+def _remove_own(out: Path) -> None:
+    from curate.reshard import remove_own_files
+    from curate.shards import SIZES_FILE
+
+    removed = remove_own_files(out, (SIZES_FILE, CONTROL_FILE, SUMMARY_FILE))
+    log.info("--overwrite: removed %d file(s) control-rung had written in %s", len(removed), out)
 
 
 def true_descriptions(world: Path) -> dict[str, str]:
@@ -176,7 +202,7 @@ def build_clean(cfg: ControlConfig) -> dict[str, Any]:
                 "clean": [str(Path(t).resolve()) for t in expand_shards(str(clean))]}
     _check_output(cfg, identity)
     result = subset(SubsetConfig(shards=str(clean), out=cfg.out, num_samples=wanted, seed=cfg.seed, captions="real",
-                                 card=False, progress=False))
+                                 card=False, progress=False, overwrite=cfg.overwrite))
     summary = {"kind": "clean", "world": str(cfg.world), "like": cfg.like, "out": str(cfg.out), "num_written":
                result["num_written"], "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like),
                "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
