@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.shards import ShardError, iter_samples, read_pool
+from curate.cli import UsageError
+from curate.shards import iter_samples, read_pool
 from curate.world.config import FAULTS, WorldConfig
 from curate.world.generate import generate_world, jobs_of, run_job
 from curate.world.server import WorldServer
@@ -165,7 +166,7 @@ def test_an_interrupted_world_resumes_to_the_same_bytes(tmp_path):
     assert _files(cfg.out) == _files(reference)
     # a finished world is reused; other parameters are refused, not mixed in
     assert generate_world(cfg, progress=False)["counts"]["splits"]["pool"] == 64
-    with pytest.raises(ShardError, match="other parameters"):
+    with pytest.raises(UsageError, match="other parameters"):
         generate_world(tiny_config(tmp_path / "cut", num_samples=65, chunk_size=16), progress=False)
 
 

@@ -50,7 +50,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from PIL import Image
 
-from curate.shards import Sample, ShardError, ShardWriter, atomic_write_bytes, atomic_write_json, finalize_folder
+from curate.cli import UsageError
+from curate.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, finalize_folder
 from curate.world.alttext import alt_text, draw_kind, parse_text_mix, text_rates
 from curate.world.config import FAULTS, GENERATOR_VERSION, UNSERVED_FAULTS, WorldConfig
 from curate.world.describe import clean_captions, describe
@@ -733,47 +734,79 @@ def _worker(args: tuple[dict, str, Job]) -> str:
     return run_job(cfg, Path(out), job)
 
 
+# What a world writes in W, and so all that --overwrite removes: these names at the top of W
+# (images/, clean/, eval/ and .parts/ are the world's own folders, made whole by it); any other
+# file or folder in W is the user's and stays.
 GENERATED = ("world.json", "pool.parquet", "truth.parquet", "images", "clean", "eval", PARTS, "preview.png")
 
 
+def _remove_generated(out: Path) -> None:
+    """Remove the world's own entries (:data:`GENERATED`) from ``out``; a symlink under one of
+    those names is unlinked, never followed."""
+    for name in GENERATED:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
+    for path in out.glob(".*.tmp*"):  # temporaries: _stream's .pool.parquet.tmp, atomic_write_*'s .world.json.tmp-ID
+        if path.name[1:].partition(".tmp")[0] in GENERATED and path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
 def _prepare(cfg: WorldConfig, out: Path) -> bool:
-    """Check ``out``; returns True when the world there is already complete and identical."""
+    """Check ``out``; returns True when the world there is already complete and identical.
+
+    A folder holding a world made with other parameters (finished or not) is refused with a
+    UsageError, like every stage's output folder, unless ``--overwrite``, which removes only
+    the world's own entries (:data:`GENERATED`)."""
     identity = {"generator": "qcap-world", "version": GENERATOR_VERSION, "config": cfg.identity()}
     world_file = out / WORLD_FILE
     if cfg.overwrite:
-        for name in GENERATED:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        _remove_generated(out)
     if world_file.exists():
-        existing = json.loads(world_file.read_text())
+        existing = _read_json(world_file)
         if {k: existing.get(k) for k in identity} == identity:
             if (out / PARTS).exists():  # killed after world.json, before the parts were removed
                 shutil.rmtree(out / PARTS)
             return True
-        raise ShardError(
+        raise UsageError(
             f"{out}: holds a world made with other parameters (see {world_file}); "
             "choose another --out or pass --overwrite"
         )
     parts = out / PARTS
     stamp = parts / "identity.json"
     if stamp.exists():
-        if json.loads(stamp.read_text()) != identity:
-            raise ShardError(f"{out}: holds an unfinished world made with other parameters; pass --overwrite to restart")
+        if _read_json(stamp) != identity:
+            raise UsageError(f"{out}: holds an unfinished world made with other parameters; pass --overwrite to restart")
     else:
         if out.exists() and any(p.name in GENERATED for p in out.iterdir()):
-            raise ShardError(f"{out}: holds world files but no {PARTS}/identity.json; pass --overwrite to replace them")
+            raise UsageError(f"{out}: holds world files but no {PARTS}/identity.json; pass --overwrite to replace them")
         parts.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp, identity)
     return False
 
 
+def _read_json(path: Path) -> dict:
+    """A world's own JSON record; an unreadable one is a UsageError that says how to start over."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}); pass --overwrite to start over") from err
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: not a world record (a JSON object); pass --overwrite to start over")
+    return value
+
+
 def generate_world(cfg: WorldConfig, *, progress: bool = True) -> dict:
     """Make (or finish) the world described by ``cfg``; returns the contents of world.json."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the world")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
     if _prepare(cfg, out):
         log.info("%s: world already complete", out)
         return json.loads((out / WORLD_FILE).read_text())
