@@ -26,6 +26,12 @@ stage wrote, and ``report.json`` names that file and key for every number.
 Rungs are ``datacomp-P`` (real captions) and ``dr-P`` (real + synthetic, DataCompDR) at P = 10
 and 100 percent, the folder names ``make subsets`` writes. A missing file leaves its cell
 empty and is listed under "Missing" (the report is still written).
+
+Rows shown only when the folder holds their runs (``clip/<key>-s*`` or ``finetune/<key>-s*``):
+``drr-P`` (DR + distillation: ``qcap reinforce`` over ``dr-P`` with a teacher CLIP, pretrained
+with ``--distill-loss-weights``; compared with ``dr-P``), and the MCi image tower
+(``mci-random``, ``mci-datacomp-100``, ``mci-dr-100``; ``make science``), which adds the
+"backbone architecture: ViT vs MCi" comparison: DR against real captions on each architecture.
 """
 
 from __future__ import annotations
@@ -71,10 +77,17 @@ class ReportConfig:
 class Row:
     key: str  # folder name: "random" or a rung of the ladder
     label: str
-    captions: str | None  # "real", "dr" or None (no pretraining)
+    captions: str | None  # "real", "dr", "drr" (DR + distillation) or None (no pretraining)
     percent: int | None
+    arch: str = "vit"  # the image tower: "vit" (qcap-tiny-clip) or "mci" (qcap-tiny-mci, MobileCLIP's FastViT)
+    data: str | None = None  # the ladder rung whose captions it trained on, when not ``key`` (caption scores)
+
+    @property
+    def rung(self) -> str:
+        return self.data or self.key
 
 
+# the demo's rows, always shown (a missing file is an empty cell, listed under Missing)
 ROWS = (
     Row("random", "random init", None, None),
     Row("datacomp-10", "real 10%", "real", 10),
@@ -82,7 +95,36 @@ ROWS = (
     Row("dr-10", "DR 10%", "dr", 10),
     Row("dr-100", "DR 100%", "dr", 100),
 )
-ROW_BY_KEY = {row.key: row for row in ROWS}
+# rows shown only when the folder holds their runs: the reinforced rungs, the MCi tower (make science)
+OPTIONAL_ROWS = (
+    Row("drr-10", "DR + distillation 10%", "drr", 10, data="dr-10"),
+    Row("drr-100", "DR + distillation 100%", "drr", 100, data="dr-100"),
+    Row("mci-random", "MCi random init", None, None, arch="mci"),
+    Row("mci-datacomp-100", "MCi real 100%", "real", 100, arch="mci", data="datacomp-100"),
+    Row("mci-dr-100", "MCi DR 100%", "dr", 100, arch="mci", data="dr-100"),
+)
+ROW_BY_KEY = {row.key: row for row in (*ROWS, *OPTIONAL_ROWS)}
+# per architecture: (random init, real 100%, DR 100%) — the rows the ViT vs MCi comparison reads
+ARCHITECTURES = {"vit": ("ViT (qcap-tiny-clip)", ("random", "datacomp-100", "dr-100")),
+                 "mci": ("MCi (qcap-tiny-mci)", ("mci-random", "mci-datacomp-100", "mci-dr-100"))}
+
+
+def has_runs(root: Path, key: str) -> bool:
+    """Whether ``root`` holds a training or finetuning run of row ``key`` (``clip/`` or ``finetune/<key>-s<seed>``)."""
+    for parent in (root / "clip", root / "finetune"):
+        if parent.is_dir() and any(re.fullmatch(rf"{re.escape(key)}-s\d+", p.name) and p.is_dir() for p in parent.iterdir()):
+            return True
+    return False
+
+
+def rows_for(root: Path, optional: Sequence[Row] = OPTIONAL_ROWS, rows: Sequence[Row] = ROWS) -> tuple[Row, ...]:
+    """The report's rows: ``rows``, then each of ``optional`` whose runs the folder holds."""
+    return (*rows, *(row for row in optional if has_runs(root, row.key)))
+
+
+def baseline_of(row: Row) -> str:
+    """The random-init row a pretrained row is checked against: the same image tower."""
+    return "mci-random" if row.arch == "mci" else "random"
 
 
 @dataclass(frozen=True)
@@ -104,9 +146,9 @@ def _clip_eval(metric: str) -> Callable[[Row, int], tuple[str, str] | None]:
 
 def _caption_score(field_name: str, metric: str) -> Callable[[Row, int], tuple[str, str] | None]:
     def locate(row: Row, seed: int) -> tuple[str, str] | None:
-        if row.captions is None or (field_name == "syn_text" and row.captions != "dr"):
+        if row.captions is None or (field_name == "syn_text" and row.captions not in ("dr", "drr")):
             return None
-        return f"scores/{row.key}/summary.json", f"by_field.{field_name}.{metric}"
+        return f"scores/{row.rung}/summary.json", f"by_field.{field_name}.{metric}"
 
     return locate
 
@@ -134,6 +176,10 @@ def columns_for(root: Path) -> tuple[Column, ...]:
     """The report's columns: the detection ones only when the demo finetuned on detection."""
     has_det = any((root / "finetune").glob("*/det/metrics.json")) if (root / "finetune").is_dir() else False
     return (*COLUMNS, *DET_COLUMNS) if has_det else COLUMNS
+
+
+def table_column_keys(table: dict[str, dict[str, Any]]) -> set[str]:
+    return set().union(*(cells.keys() for cells in table.values())) if table else set()
 
 
 def table_columns(table: dict[str, dict[str, Any]]) -> list[Column]:
@@ -319,14 +365,94 @@ def verdicts(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
     return out
 
 
-def sanity(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
-    """Did pretraining teach the backbones anything? Each pretrained row against random init."""
+def sanity(table: dict[str, dict[str, Cell]], rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
+    """Did pretraining teach the backbones anything? Each pretrained row against random init of its tower."""
     out = []
-    for row in ROWS[1:]:
+    for row in rows:
+        if row.captions is None or baseline_of(row) not in table:
+            continue
         for column in ("miou", "rmse"):
-            c = compare(table, column, row.key, "random")
+            c = compare(table, column, row.key, baseline_of(row))
             out.append({"row": row.label, "column": column, "verdict": beats(c), "comparison": c.as_json()})
     return out
+
+
+def dense_columns(table: dict[str, dict[str, Cell]]) -> list[tuple[str, str]]:
+    """(column, task) of the finetuned dense tasks the table holds: seg, depth, and detection when measured."""
+    tasks = [("miou", "segmentation (mIoU)"), ("rmse", "depth (RMSE)"), ("box_ap", "detection (box AP)"),
+             ("mask_ap", "detection (mask AP)")]
+    present = {c.key for c in table_columns(table)}
+    return [(column, task) for column, task in tasks if column in present]
+
+
+def reinforced(table: dict[str, dict[str, Cell]], rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Does distillation add to the synthetic captions? Each drr-P row against dr-P (same images and captions)."""
+    out = []
+    for row in rows:
+        if row.captions != "drr" or row.rung not in table:
+            continue
+        for column, task in dense_columns(table):
+            c = compare(table, column, row.key, row.rung)
+            out.append({"claim": f"DR + distillation beats DR (captions only) on {task} at {row.percent}%",
+                        "verdict": beats(c), "comparison": c.as_json()})
+    return out
+
+
+def beyond_noise(c: Comparison) -> str:
+    """Does ``a`` beat ``b`` beyond 2 SE over seeds? 'inside the noise' when the difference is within it."""
+    if c.better is None:
+        return "not measured"
+    if c.spread is None:
+        return f"direction only (one seed): {'better' if c.better > 0 else 'not better'}"
+    if c.better > c.spread:
+        return "yes, beyond 2 SE"
+    if c.better < -c.spread:
+        return "no: the opposite, beyond 2 SE"
+    return "no: inside the noise"
+
+
+def architecture(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
+    """ViT vs MCi on the same DR and real rungs: per architecture and dense task, random init, real 100% and
+    DR 100% (mean, sd, n over seeds) and whether DR beats real beyond 2 SE. Empty without MCi rows."""
+    if not any(key in table for key in ARCHITECTURES["mci"][1]):
+        return []
+    out = []
+    for arch, (name, keys) in ARCHITECTURES.items():
+        if not any(key in table for key in keys):
+            continue
+        random_key, real_key, dr_key = keys
+        # a row the folder lacks (e.g. no random-init MCi) is an empty cell, not a missing comparison
+        view = {key: table.get(key) or {column: Cell() for column in table_column_keys(table)} for key in keys}
+        for column, task in dense_columns(table):
+            c = compare(view, column, dr_key, real_key)
+            out.append({"claim": f"{name}: DR beats real captions on {task} at 100%",
+                        "arch": arch, "architecture": name, "column": column, "task": task,
+                        "cells": {role: view[key][column].as_json()
+                                  for role, key in (("random", random_key), ("real", real_key), ("dr", dr_key))},
+                        "rows": {"random": random_key, "real": real_key, "dr": dr_key},
+                        "dr_beats_real": beyond_noise(c), "verdict": beats(c), "comparison": c.as_json()})
+    return out
+
+
+def architecture_markdown(entries: Sequence[dict[str, Any]], digits: int = 3) -> list[str]:
+    """The "backbone architecture: ViT vs MCi" section's lines (table + one verdict per architecture and task)."""
+    if not entries:
+        return []
+
+    def cell(data: dict[str, Any]) -> str:
+        if data["mean"] is None:
+            return "—"
+        return fmt(data["mean"], digits) + ("" if data["sd"] is None else f" ± {fmt(data['sd'], digits)}") + f" (n={data['n']})"
+
+    lines = [markdown_table(["architecture", "task", "random init", "real 100%", "DR 100%", "DR − real", "2 SE",
+                             "DR > real beyond 2 SE?"],
+                            [[e["architecture"], e["task"], cell(e["cells"]["random"]), cell(e["cells"]["real"]),
+                              cell(e["cells"]["dr"]), fmt(e["comparison"]["better"], digits),
+                              fmt(e["comparison"]["spread"], digits), e["dr_beats_real"]] for e in entries]), "",
+             "Same rungs, recipe and samples seen for both towers; DR − real is signed so that positive favours DR "
+             "(lower is better for RMSE). Attention distance is measured for the ViT only (MCi has no attention "
+             "maps in its convolutional stages).", ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------- timings
@@ -460,8 +586,9 @@ def plot_data_efficiency(table: dict[str, dict[str, Cell]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
     for ax, column in zip(axes, ("miou", "rmse"), strict=True):
         for captions, colour, label in (("real", "tab:blue", "real captions (DataComp)"),
-                                         ("dr", "tab:orange", "real + synthetic (DR)")):
-            rows = [row for row in ROWS if row.captions == captions]
+                                         ("dr", "tab:orange", "real + synthetic (DR)"),
+                                         ("drr", "tab:green", "DR + distillation")):
+            rows = [ROW_BY_KEY[key] for key in table if ROW_BY_KEY[key].captions == captions and ROW_BY_KEY[key].arch == "vit"]
             points = [(row.percent, table[row.key][column]) for row in rows if table[row.key][column].mean is not None]
             if points:
                 ax.errorbar([p for p, _ in points], [c.mean for _, c in points],
@@ -577,12 +704,14 @@ FUNNEL = (
 )
 
 
-def funnel(reader: Reader) -> list[dict[str, Any]]:
+def funnel(reader: Reader, rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
     out = []
     for label, rel, key in FUNNEL:
         if (reader.root / rel).is_file():
             out.append({"label": label, "file": rel, "key": key, "value": reader.value(rel, key)})
-    for row in ROWS[1:]:
+    for row in rows:
+        if row.captions is None or row.arch != "vit":  # the MCi rows train on the ViT rows' rungs
+            continue
         rel = f"dr-ladder/{row.key}/sizes.json"
         if (reader.root / rel).is_file():
             sizes = read_sizes(reader.root / "dr-ladder" / row.key)
@@ -591,16 +720,20 @@ def funnel(reader: Reader) -> list[dict[str, Any]]:
     return out
 
 
-def training_facts(reader: Reader, seeds: Sequence[int]) -> list[dict[str, Any]]:
+def training_facts(reader: Reader, seeds: Sequence[int], rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
     out = []
-    for row in ROWS[1:]:
+    for row in rows:
+        if row.captions is None:
+            continue
         for seed in seeds[:1]:
             rel = f"clip/{row.key}-s{seed}/config.json"
             if (reader.root / rel).is_file():
                 data = reader.load(rel)
+                config = data.get("config", {})
                 out.append({"row": row.label, "file": rel, "samples_seen": data.get("samples_seen"),
                             "steps": data.get("total_steps"), "num_samples": data.get("num_samples"),
-                            "caption_source": data.get("config", {}).get("caption_source")})
+                            "caption_source": config.get("caption_source"), "model": config.get("model"),
+                            "distill_loss_weights": config.get("distill_loss_weights")})
     return out
 
 
@@ -618,9 +751,10 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
     seeds = discover_seeds(demo)
     if not seeds:
         raise UsageError(f"{demo}: no clip/*-s<seed> or finetune/*-s<seed> runs; nothing to report")
-    table = collect_table(reader, seeds)
+    rows = rows_for(demo)
+    table = collect_table(reader, seeds, rows=rows)
     claims = verdicts(table)
-    checks = sanity(table)
+    checks = sanity(table, rows)
     timings = read_timings(demo / TIMINGS_FILE)
     stages = stage_timings(timings)
 
@@ -641,20 +775,22 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "demo": str(demo),
         "seeds": seeds,
-        "rows": [row.__dict__ for row in ROWS],
+        "rows": [row.__dict__ for row in rows],
         "columns": [{"key": c.key, "title": c.title, "higher_is_better": c.higher_is_better} for c in table_columns(table)],
         "table": {row: {col: cell.as_json() for col, cell in cells.items()} for row, cells in table.items()},
         "claims": claims,
         "pretraining_vs_random": checks,
-        "funnel": funnel(reader),
-        "training": training_facts(reader, seeds),
+        "reinforced": reinforced(table, rows),
+        "architecture": architecture(table),
+        "funnel": funnel(reader, rows),
+        "training": training_facts(reader, seeds, rows),
         "attention": _attention_summary(attention),
         "timings": {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages), 1),
                     "commands": sum(s["commands"] for s in stages), "runs": run_spans(timings), "rows": timings},
         "figures": written | ({"attention_distance": str(attention_png)} if attention_png.is_file() else {}),
         "missing": sorted(reader.missing),
     }
-    text = render(payload, table, out)
+    text = render(payload, table, out, rows)
     atomic_write_bytes(out, text.encode("utf-8"))
     atomic_write_json(out.with_name(JSON_FILE), payload)
     return payload
@@ -679,7 +815,7 @@ def _attention_summary(data: Any) -> list[dict[str, Any]]:
             for m in data.get("models", [])]
 
 
-def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path) -> str:
+def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path, rows: Sequence[Row] = ROWS) -> str:
     seeds = payload["seeds"]
     lines = [
         "# qcap demo: caption quality and CLIP pretraining, in miniature",
@@ -692,7 +828,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
         "## Result",
         "",
         markdown_table(["backbone"] + [c.title for c in table_columns(table)],
-                       [[row.label] + [fmt_cell(table[row.key][c.key]) for c in table_columns(table)] for row in ROWS]),
+                       [[row.label] + [fmt_cell(table[row.key][c.key]) for c in table_columns(table)] for row in rows]),
         "",
         "- seg mIoU / depth RMSE: `qcap finetune seg|depth` of each backbone on the world's `eval/seg`, `eval/depth` "
         "(`finetune/<backbone>-s<seed>/<task>/metrics.json`).",
@@ -730,6 +866,14 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
                   f"{'holds' if premise == 'better' else 'does not hold'} here: on the DR 100% set the synthetic "
                   f"captions score F1 {f1_syn:.3f} against {f1_real:.3f} for the real ones "
                   f"(`scores/dr-100/summary.json`)."]
+    if payload["reinforced"]:
+        lines += ["", "## Does distillation add to the synthetic captions?", "",
+                  "DR + distillation (`qcap reinforce` over the DR rung with a teacher CLIP trained on the clean split, "
+                  "then `qcap train --distill-loss-weights`, MobileCLIP's DR loss) against the same DR rung trained on "
+                  "its captions only, at the same samples seen:", ""]
+        lines += [f"- **{e['claim']}: {e['verdict']}.** {describe_comparison(e['comparison'])}." for e in payload["reinforced"]]
+    if payload["architecture"]:
+        lines += ["", "## Backbone architecture: ViT vs MCi", ""] + architecture_markdown(payload["architecture"])
     lines += ["", "## Figures", ""]
     figures = payload["figures"]
     rel = _relative_to(out.parent)
@@ -749,8 +893,11 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
         lines += [markdown_table(["step", "samples", "source"],
                                  [[f["label"], fmt(f["value"], 0), f"`{f['file']}` {f['key']}"] for f in payload["funnel"]]), ""]
     if payload["training"]:
-        lines += [markdown_table(["backbone", "caption source", "images", "samples seen", "steps", "source"],
-                                 [[t["row"], str(t["caption_source"]), str(t["num_samples"]), str(t["samples_seen"]),
+        lines += [markdown_table(["backbone", "model", "caption source", "loss", "images", "samples seen", "steps", "source"],
+                                 [[t["row"], str(t["model"]), str(t["caption_source"]),
+                                   "CLIP" if not t["distill_loss_weights"] else
+                                   "DR loss, weights " + " / ".join(f"{w:g}" for w in t["distill_loss_weights"]),
+                                   str(t["num_samples"]), str(t["samples_seen"]),
                                    str(t["steps"]), f"`{t['file']}`"] for t in payload["training"]]), ""]
     lines += ["## Timings", ""]
     stages = payload["timings"]["stages"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_jpeg, make_uid
 
 from curate.shards import Sample, ShardWriter, finalize_folder
-from finetune.report import ROWS, read_timings, stage_timings
+from finetune.report import ROW_BY_KEY, ROWS, read_timings, stage_timings
 
 RUNGS = ("datacomp-10", "datacomp-100", "dr-10", "dr-100")
 # per backbone: (mIoU, RMSE) for seeds 0, 1, 2 — DR clearly better on seg at 100%, depth a toss-up
@@ -71,7 +71,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] in {row.label for row in ROWS}:
+        if line.startswith("|") and cells[0] in {row.label for row in ROW_BY_KEY.values()}:
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -122,6 +122,10 @@ def test_report_table_verdicts_and_sources(tmp_path):
     assert "| pretrain | 2 | 102.0 | 1.00–1.70 | 1 |" in text
     assert (demo / "report" / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert payload["missing"] == []
+    # no reinforced or MCi runs in the folder: none of their rows, files or sections
+    assert [r["key"] for r in payload["rows"]] == [row.key for row in ROWS]
+    assert payload["reinforced"] == [] and payload["architecture"] == []
+    assert "distillation" not in text and "MCi" not in text
 
 
 def test_one_seed_says_so_and_a_worse_result_is_not_reproduced(tmp_path):
@@ -195,3 +199,52 @@ def test_a_match_with_a_backbone_no_better_than_random_is_vacuous(tmp_path):
         "vacuous (real 100% does not clearly beat random init on segmentation (mIoU): "
         "inconclusive (within the seed spread))")
     assert claims["DR at 10% matches real captions at 100% on depth (RMSE)"].startswith("reproduced")
+
+
+# DR + distillation 100% (drr-100): seg clearly better than DR 100% (0.40 ± 0.01), depth a toss-up
+DRR = ([0.45, 0.46, 0.44], [0.72, 0.49, 0.90])
+
+
+def add_drr(demo: Path, seeds=(0, 1, 2)) -> Path:
+    miou, rmse = DRR
+    for seed in seeds:
+        write_json(demo / f"finetune/drr-100-s{seed}/seg/metrics.json", {"task": "seg", "metrics": {"mIoU": miou[seed]}})
+        write_json(demo / f"finetune/drr-100-s{seed}/depth/metrics.json", {"task": "depth", "metrics": {"rmse": rmse[seed]}})
+        write_json(demo / f"clip/drr-100-s{seed}/eval.json", {k: v + 0.02 + 0.01 * seed for k, v in EVAL.items()})
+        write_json(demo / f"clip/drr-100-s{seed}/config.json",
+                   {"samples_seen": 6400, "total_steps": 100, "num_samples": 1000, "task": "clip-dr",
+                    "config": {"caption_source": "dual", "model": "qcap-tiny-clip", "distill_loss_weights": [0.25, 0.75]}})
+    return demo
+
+
+def test_the_reinforced_rung_is_a_row_beside_dr_with_its_columns_and_its_comparison(tmp_path):
+    demo = add_drr(make_demo(tmp_path / "demo"))
+    assert run_report([str(demo)]) == 0
+    text = (demo / "report.md").read_text()
+    payload = json.loads((demo / "report.json").read_text())
+    rows = table_rows(text)
+    assert list(rows) == [row.label for row in ROWS] + ["DR + distillation 100%"]  # after the DR rows
+    miou, rmse = DRR
+    cells = rows["DR + distillation 100%"]
+    assert cells[0] == f"{statistics.mean(miou):.3f} ± {statistics.stdev(miou):.3f}"
+    assert cells[1] == f"{statistics.mean(rmse):.3f} ± {statistics.stdev(rmse):.3f}"
+    top1 = [EVAL["zeroshot/top1"] + 0.02 + 0.01 * s for s in (0, 1, 2)]
+    assert cells[2] == f"{statistics.mean(top1):.3f} ± {statistics.stdev(top1):.3f}"
+    # it trained on dr-100's captions: their scores, from dr-100's file
+    assert cells[5:7] == ["0.400", "0.560"]
+    assert payload["table"]["drr-100"]["f1_syn"]["sources"] == [
+        {"file": "scores/dr-100/summary.json", "key": "by_field.syn_text.score", "value": 0.56}]
+    claims = {e["claim"]: e for e in payload["reinforced"]}
+    seg = claims["DR + distillation beats DR (captions only) on segmentation (mIoU) at 100%"]
+    assert seg["verdict"] == "reproduced" and seg["comparison"]["b"] == "dr-100"
+    assert seg["comparison"]["better"] == pytest.approx(statistics.mean(miou) - statistics.mean(FINETUNE["dr-100"][0]))
+    assert claims["DR + distillation beats DR (captions only) on depth (RMSE) at 100%"]["verdict"].startswith("inconclusive")
+    assert "## Does distillation add to the synthetic captions?" in text
+    assert f"**{seg['claim']}: reproduced.** DR + distillation 100% 0.450 vs DR 100% 0.400" in text
+    assert {"row": "DR + distillation 100%", "column": "miou"} in [{"row": c["row"], "column": c["column"]}
+                                                                    for c in payload["pretraining_vs_random"]]
+    training = {t["row"]: t for t in payload["training"]}
+    assert training["DR + distillation 100%"]["distill_loss_weights"] == [0.25, 0.75]
+    assert "| DR + distillation 100% | qcap-tiny-clip | dual | DR loss, weights 0.25 / 0.75 | 1000 | 6400 |" in text
+    assert len(payload["claims"]) == 6  # the paper's verdicts are unchanged
+    assert payload["missing"] == []
