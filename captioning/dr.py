@@ -5,6 +5,7 @@ Usage::
     qcap build-dr --images runs/demo/curated --captions runs/demo/syn --out runs/demo/dr
     qcap build-dr --images datacomp12m/shards --apple-syn DataCompDR-12M/ --out dr12m --num-workers 16
     qcap build-dr ... --drop-flags degenerate truncated --min-score 0.2 --min-syn-captions 2
+    qcap build-dr --images curated --captions syn-l14 --tagged-captions coca_b=syn-b coca_dfn=syn-dfn --out dr
 
 Output shard ``i`` holds the images of image shard ``i`` (same id, same keys, same order), each
 with its real caption (``KEY.txt``), its synthetic captions (Apple's ``KEY.syn.json``), qcap's
@@ -13,6 +14,17 @@ were dropped) and, from Apple's shards, ``KEY.paug.json``/``KEY.npz``/``KEY.url.
 image appears in the output Parquet; the ones that could not be built are rows with a status
 (``no_caption``, ``caption_failed``, ``too_few_captions``, ``duplicate_uid``, ``missing_uid``).
 Caption-side uids without an image are counted and listed (``captions_without_images.npy``).
+
+Several captioners per image (MobileCLIP2): each ``--tagged-captions TAG=DIR`` source is indexed
+and joined by uid on its own (``DR/.build-dr/tagged/syn_text_<TAG>/``, the same memory bound) and
+its captions of a kept image, after the same caption filters, are stored under
+``syn_text_<TAG>`` (``KEY.syn_tags.json``, that source's provenance with its ``dr`` block in
+``KEY.qcap_tags.json``; :mod:`curate.multicaption`). A source's captions are its ``syn_text``, or
+for ``qcap caption --tag`` output its one tagged key. An image a tagged source lacks is kept
+(only ``--captions`` decides which images are kept) and counted per source and outcome; the
+summary reconciles each source on its own. Training picks keys by regex
+(``qcap train --syn-text-key-regex``); run ``qcap reinforce`` after build-dr so the teacher text
+embeddings cover every key.
 
 The join is by uid only — keys and sha256 do not survive a re-download. It is built for
 folders that are large and not co-sorted, in four resumable steps under ``DR/.build-dr/``,
@@ -55,6 +67,7 @@ from captioning.apple import provenance as apple_provenance
 from captioning.apple import realign_embeddings
 from captioning.dr_join import (
     MATCHED,
+    NO_CAPTION,
     VERDICT_MESSAGES,
     VERDICTS,
     index_and_join,
@@ -68,6 +81,7 @@ from captioning.quality import DEGENERATE, FLAGS
 from curate.card import CaptionStats, trace_lineage, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
+from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
 from curate.shards import (
     Sample,
     ShardError,
@@ -87,6 +101,7 @@ from curate.shards import (
     shard_name,
     uid_halves,
 )
+from curate.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +125,11 @@ class BuildDRConfig:
     captions: str | None = arg(None, help="qcap caption output folder (webdataset or --format parquet side tables)")
     apple_syn: str | None = arg(None, help="instead of --captions: a folder of Apple's DataCompDR caption/embedding tars")
     out: Path = arg(help="output DR shard folder (shard i holds image shard i's samples)", metavar="DR")
+    tagged_captions: tuple[str, ...] = arg(
+        (), help="further caption sources, TAG=FOLDER each (qcap caption output of other captioners, MobileCLIP2-style): "
+                 "joined by uid like --captions, stored under syn_text_<TAG> (KEY.syn_tags.json, provenance per tag in "
+                 "KEY.qcap_tags.json); the caption filters apply to each; an image one of them lacks is kept and counted",
+        metavar="TAG=DIR")
     drop_flags: tuple[str, ...] = arg(("degenerate",), help="drop synthetic captions with these flags: "
                                       "'degenerate' (empty, too_short, no_letters, repeated_*, low_diversity), "
                                       "single flags (e.g. too_short truncated), or 'none'")
@@ -126,6 +146,7 @@ class BuildDRConfig:
     def __post_init__(self) -> None:
         if (self.captions is None) == (self.apple_syn is None):
             raise ValueError("captions: give exactly one of --captions (qcap caption output) or --apple-syn (Apple's shards)")
+        self.tagged()  # TAG=FOLDER, valid tags, no tag twice
         known = set(FLAGS) | {"degenerate", "none"}
         unknown = [f for f in self.drop_flags if f not in known]
         if unknown:
@@ -135,6 +156,22 @@ class BuildDRConfig:
         for name in ("min_syn_captions", "num_workers", "partition_rows", "open_files"):
             if getattr(self, name) < (0 if name == "min_syn_captions" else 1):
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+
+    def tagged(self) -> list[tuple[str, str]]:
+        """``--tagged-captions`` as (caption key ``syn_text_<TAG>``, folder), in the given order."""
+        out: list[tuple[str, str]] = []
+        for item in self.tagged_captions:
+            tag, sep, folder = item.partition("=")
+            if not sep or not folder:
+                raise ValueError(f"tagged_captions: {item!r} is not TAG=FOLDER (e.g. coca_l14=runs/syn-l14)")
+            try:
+                key = key_of(tag)
+            except ValueError as err:
+                raise ValueError(f"tagged_captions: {err}") from err
+            if any(key == k for k, _ in out):
+                raise ValueError(f"tagged_captions: tag {tag!r} is given twice")
+            out.append((key, folder))
+        return out
 
     def dropped_flag_set(self) -> frozenset[str]:
         flags: set[str] = set()
@@ -198,6 +235,8 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
     plan = load_shard_plan(Path(task["work"]), n, task["num_partitions"])
     drop = cfg.dropped_flag_set()
     reader = source.reader(cfg.open_files)
+    tagged = [TaggedPlan(key, tsource, load_shard_plan(Path(twork), n, tparts), tsource.reader(cfg.open_files))
+              for key, tsource, twork, tparts in task.get("tagged", ())]
     caption_stats = CaptionStats()
     syn: Counter[str] = Counter()
     syn_dropped: Counter[str] = Counter()
@@ -309,6 +348,8 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
 
                     extras.update(realign_embeddings(record.extras, kept, len(record.syn_text), where))
                 meta["num_syn"] = len(kept)
+                if tagged:
+                    extras.update(tagged_members(tagged, pos, uid, drop, cfg.min_score))
                 out = Sample(key=key, uid=uid, image=sample.image, image_ext=sample.image_ext, text=sample.text,
                              syn_text=[record.syn_text[i] for i in kept],
                              syn_provenance=dr_provenance(record, kept, dropped, source.kind,
@@ -328,14 +369,68 @@ def write_output_shard(task: dict[str, Any]) -> dict[str, Any]:
             if unlisted:
                 log.warning("%s: %d tar sample(s) its Parquet does not list were left out (%s); qcap shards verify "
                             "shows them", image_tar, sum(unlisted.values()), dict(unlisted))
-            extra = {"num_input": writer.stats.count, "syn_in": syn["in"], "syn_kept": syn["kept"],
+            extra = {"tagged": {t.key: t.as_json() for t in tagged}} if tagged else {}
+            extra |= {"num_input": writer.stats.count, "syn_in": syn["in"], "syn_kept": syn["kept"],
                      "syn_dropped": dict(sorted(syn_dropped.items())), "syn_unscored_kept": syn["unscored_kept"],
                      "sha256_mismatch": sha_mismatch, "matched_unreadable": matched_unreadable,
                      "unlisted_tar_samples": dict(unlisted), "image_shard": image_tar, "caption_stats": caption_stats.as_json()}
             stats = writer.close(extra_stats=extra)
     finally:
         reader.close()
+        for t in tagged:
+            t.reader.close()
     return {"shard_id": shard_id, "count": stats.count}
+
+
+class TaggedPlan:
+    """One ``--tagged-captions`` source within one output shard: its join verdicts by image
+    position, its reader, and what became of its captions (counts per outcome)."""
+
+    OUTCOMES = ("with_captions", "all_dropped", "unreadable", "no_caption", "caption_failed")
+
+    def __init__(self, key: str, source: CaptionSource, plan: np.ndarray, reader) -> None:
+        self.key, self.source, self.reader = key, source, reader
+        self.row_of_pos = {int(r["pos"]): r for r in plan}
+        self.counts: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+
+    def as_json(self) -> dict[str, Any]:
+        return {**{k: self.counts.get(k, 0) for k in ("images", *self.OUTCOMES, "captions_in", "captions_kept")},
+                "dropped": dict(sorted(self.dropped.items()))}
+
+
+def tagged_members(tagged: list[TaggedPlan], pos: int, uid: str, drop: frozenset[str],
+                   min_score: float | None) -> dict[str, bytes]:
+    """``KEY.syn_tags.json`` and ``KEY.qcap_tags.json`` of a kept image: each tagged source's
+    captions of it (after the caption filters) under its key, with that source's provenance."""
+    captions: dict[str, list[str]] = {}
+    provenance: dict[str, Any] = {}
+    for t in tagged:
+        t.counts["images"] += 1
+        row = t.row_of_pos.get(pos)
+        verdict = int(row["verdict"]) if row is not None else NO_CAPTION
+        if verdict != MATCHED:  # a duplicate image was dropped before: only no_caption or caption_failed here
+            t.counts[VERDICTS[verdict]] += 1
+            continue
+        cshard = int(row["cshard"])
+        record = t.reader.read(cshard, int(row["a"]), int(row["b"]), uid)
+        if record.status != "success":
+            t.counts["unreadable"] += 1
+            continue
+        kept, dropped, _ = choose_captions(record, drop, min_score)
+        t.counts["captions_in"] += len(record.syn_text)
+        t.counts["captions_kept"] += len(kept)
+        t.dropped.update(dropped)
+        if not kept:
+            t.counts["all_dropped"] += 1
+            continue
+        t.counts["with_captions"] += 1
+        captions[t.key] = [record.syn_text[i] for i in kept]
+        provenance[t.key] = dr_provenance(record, kept, dropped, t.source.kind, os.path.basename(t.source.shards[cshard]))
+    if not captions:
+        return {}
+    return {TAGS_MEMBER: encode_tags(captions),
+            TAGS_PROVENANCE_MEMBER: json.dumps(provenance, ensure_ascii=False, sort_keys=True).encode("utf-8")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,15 +455,36 @@ def _file_size(path: str) -> int:
     return int(fs.size(stripped))
 
 
-def identity(cfg: BuildDRConfig, images: list[tuple[int, str]], source: CaptionSource) -> dict[str, Any]:
-    """What the output depends on: settings, and every input shard's name and size."""
+def _caption_files(source: CaptionSource) -> list[list[Any]]:
+    return [[os.path.relpath(p, source.folder) if "://" not in p else p, _file_size(p)] for p in source.shards]
+
+
+def identity(cfg: BuildDRConfig, images: list[tuple[int, str]], source: CaptionSource,
+             tagged: list[tuple[str, CaptionSource]] = ()) -> dict[str, Any]:
+    """What the output depends on: settings, and every input shard's name and size (tagged
+    sources only when there are any, so a folder built before they existed still resumes)."""
     values = to_dict(cfg)
-    return {
+    ident = {
         "settings": {key: values[key] for key in _FINGERPRINT},
         "images": [[os.path.basename(p), _file_size(p)] for _, p in images],
-        "captions": [[os.path.relpath(p, source.folder) if "://" not in p else p, _file_size(p)] for p in source.shards],
+        "captions": _caption_files(source),
         "caption_kind": source.kind,
     }
+    if tagged:
+        ident["settings"]["tagged_captions"] = list(values["tagged_captions"])
+        ident["tagged"] = {key: {"kind": t.kind, "captions": _caption_files(t)} for key, t in tagged}
+    return ident
+
+
+def open_tagged(cfg: BuildDRConfig) -> list[tuple[str, CaptionSource]]:
+    """The ``--tagged-captions`` sources, each a qcap caption folder (tars or side tables)."""
+    out = []
+    for key, folder in cfg.tagged():
+        try:
+            out.append((key, open_source(folder, None)))
+        except ShardError as err:
+            raise ShardError(f"--tagged-captions {key.removeprefix('syn_text_')}={folder}: {err}") from err
+    return out
 
 
 def _check_output(cfg: BuildDRConfig, ident: dict[str, Any]) -> None:
@@ -403,40 +519,6 @@ def _clear(out: Path) -> None:
             shutil.rmtree(folder)
 
 
-class Workers:
-    """``--num-workers`` processes (spawned once per build, reused by every step), or this process."""
-
-    def __init__(self, num_workers: int) -> None:
-        self.num_workers = num_workers
-        self.pool = None
-
-    def __enter__(self) -> Workers:
-        if self.num_workers > 1:
-            import multiprocessing
-
-            self.pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            if exc[0] is not None:
-                self.pool.terminate()
-            else:
-                self.pool.close()
-            self.pool.join()
-
-    def map(self, func, tasks: list[dict[str, Any]], bar, weight=None, parallel: bool = True) -> list:
-        results = []
-        if self.pool is not None and parallel and len(tasks) > 1:
-            outputs = self.pool.imap_unordered(func, tasks)
-        else:
-            outputs = (func(task) for task in tasks)
-        for result in outputs:
-            results.append(result)
-            bar.update(weight(result) if weight else 1)
-        return results
-
-
 def _work(cfg: BuildDRConfig) -> Path:
     return Path(cfg.out) / WORK_DIR
 
@@ -448,12 +530,15 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     started = time.time()
     images = image_shards(cfg.images)
     source = open_source(cfg.captions, cfg.apple_syn)
-    ident = identity(cfg, images, source)
+    tagged = open_tagged(cfg)
+    ident = identity(cfg, images, source, tagged)
     _check_output(cfg, ident)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_FILE, {"config": to_dict(cfg), "config_class": f"{__name__}.BuildDRConfig",
-                                          "identity": ident, "captions": source.describe(), **_versions()})
+                                          "identity": ident, "captions": source.describe(),
+                                          **({"tagged_captions": {k: t.describe() for k, t in tagged}} if tagged else {}),
+                                          **_versions()})
     ids = {shard_id for shard_id, _ in images}
     stale = sorted(completed_shards(out) - ids)
     if stale:
@@ -467,19 +552,27 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
             join_counts, index_counts = index_and_join(images, source, work, workers,
                                                        partition_rows=cfg.partition_rows, progress=cfg.progress)
             num_partitions = len(join_counts)
+            tag_joins: dict[str, Any] = {}
+            tag_tasks = []
+            for key, tsource in tagged:  # each tagged source: its own index and join (same memory bound)
+                counts, tindex = index_and_join(images, tsource, work / "tagged" / key, workers,
+                                                partition_rows=cfg.partition_rows, progress=cfg.progress)
+                tag_joins[key] = {"join": sum_counts(counts), "index": tindex["captions"]}
+                tag_tasks.append((key, tsource, str(work / "tagged" / key), len(counts)))
             sizes = read_sizes(cfg.images) if os.path.isdir(cfg.images) else {}
             total = sum(sizes.get(os.path.basename(p), 0) for _, _, p in pending) or None
             bar = tqdm(total=total, desc="build-dr", unit="img", disable=not cfg.progress or not pending,
                        dynamic_ncols=True)
             tasks = [{"cfg": cfg, "source": source, "n": n, "shard_id": shard_id, "path": path, "work": str(work),
-                      "num_partitions": num_partitions} for n, shard_id, path in pending]
+                      "num_partitions": num_partitions, "tagged": tag_tasks} for n, shard_id, path in pending]
             workers.map(write_output_shard, tasks, bar, weight=lambda r: r["count"])
             bar.close()
         _write_uid_lists(out, work, num_partitions)
-        join_summary = {"join": sum_counts(join_counts), "index": index_counts}
+        join_summary = {"join": sum_counts(join_counts), "index": index_counts, "tagged": tag_joins}
     else:  # finished before: the join's counts are in the summary (the work folder is gone)
         previous = json.loads((out / SUMMARY_FILE).read_text())
-        join_summary = {"join": previous["join"], "index": previous["index"]}
+        join_summary = {"join": previous["join"], "index": previous["index"],
+                        "tagged": {k: {"join": v["join"], "index": v["index"]} for k, v in previous.get("tagged", {}).items()}}
     finalize_folder(out)
     summary = summarize(cfg, images, source, join_summary, resumed, time.time() - started)
     atomic_write_json(out / SUMMARY_FILE, summary)
@@ -517,6 +610,8 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
     syn_dropped: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     missing = []
+    tag_totals: dict[str, Counter] = {key: Counter() for key in join_summary.get("tagged", {})}
+    tag_dropped: dict[str, Counter] = {key: Counter() for key in join_summary.get("tagged", {})}
     for shard_id, _ in images:
         if not is_complete(cfg.out, shard_id):
             missing.append(shard_name(shard_id))
@@ -524,6 +619,9 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
         stats = read_shard_stats(f"{cfg.out}/{shard_name(shard_id)}.tar")
         statuses.update(stats["status_dict"])
         syn_dropped.update(stats["syn_dropped"])
+        for key, counts in stats.get("tagged", {}).items():
+            tag_dropped.setdefault(key, Counter()).update(counts.pop("dropped", {}))
+            tag_totals.setdefault(key, Counter()).update(counts)
         totals.update({"images_in": stats["num_input"], "syn_in": stats["syn_in"], "syn_kept": stats["syn_kept"],
                        "syn_unscored_kept": stats["syn_unscored_kept"], "sha256_mismatch": stats["sha256_mismatch"],
                        "matched_unreadable": stats.get("matched_unreadable", 0)})
@@ -551,6 +649,21 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
             join["caption_ok_rows"] == join["matched"] + join["captions_without_images"] + join["caption_duplicates"],
         "synthetic: in = kept + dropped": totals["syn_in"] == totals["syn_kept"] + sum(syn_dropped.values()),
     }
+    tagged: dict[str, Any] = {}
+    for key, side in join_summary.get("tagged", {}).items():
+        counts, tjoin = tag_totals.get(key, Counter()), side["join"]
+        outcomes = {k: counts.get(k, 0) for k in TaggedPlan.OUTCOMES}
+        checks[f"{key}: kept images = " + " + ".join(outcomes)] = counts.get("images", 0) == kept == sum(outcomes.values())
+        checks[f"{key}: captions in = kept + dropped"] = (
+            counts.get("captions_in", 0) == counts.get("captions_kept", 0) + sum(tag_dropped[key].values()))
+        checks[f"{key}: caption uids = matched + without image + duplicates"] = (
+            tjoin["caption_ok_rows"] == tjoin["matched"] + tjoin["captions_without_images"] + tjoin["caption_duplicates"])
+        tagged[key] = {"images": outcomes, "captions_in": counts.get("captions_in", 0),
+                       "captions_kept": counts.get("captions_kept", 0),
+                       "captions_dropped": dict(sorted(tag_dropped[key].items())),
+                       "caption_rows_by_status": side["index"].get("status_counts", {}),
+                       "captions_without_images": tjoin["captions_without_images"],
+                       "caption_duplicates": tjoin["caption_duplicates"], "join": tjoin, "index": side["index"]}
     return {
         "out": str(cfg.out),
         "images": cfg.images,
@@ -584,6 +697,7 @@ def summarize(cfg: BuildDRConfig, images, source: CaptionSource, join_summary: d
         "reconciled": all(checks.values()) and not missing,
         "join": join,
         "index": index,
+        **({"tagged": tagged} if tagged else {}),
         "seconds": round(seconds, 3),
     }
 
@@ -599,6 +713,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  caption samples ({summary['caption_kind']}): {summary['captions_matched']} matched, "
         f"{summary['captions_without_images']} without an image, {summary['caption_duplicates']} duplicate uids",
         f"  synthetic captions: {summary['synthetic_kept']} of {summary['synthetic_in']} kept; dropped: {syn_dropped}",
+    ]
+    for key, t in summary.get("tagged", {}).items():
+        lost = ", ".join(f"{k} {v}" for k, v in t["images"].items() if k != "with_captions" and v) or "none"
+        lines.append(f"  {key}: {t['images']['with_captions']} of {summary['images_kept']} kept images "
+                     f"({t['captions_kept']} of {t['captions_in']} captions kept; without: {lost}; "
+                     f"{t['captions_without_images']} caption samples without an image)")
+    lines += [
         f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + str(summary['checks'])}",
     ]
     lines += [f"  note: {note}" for note in summary["notes"]]
@@ -608,9 +729,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _versions() -> dict[str, Any]:
-    import qcap
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"qcap_version": qcap.__version__}
+    try:  # the installed distribution's version: the stages never import the top package
+        return {"qcap_version": version("qcap")}
+    except PackageNotFoundError:
+        return {"qcap_version": "unknown"}
 
 
 def write_dr_card(cfg: BuildDRConfig, source: CaptionSource, summary: dict[str, Any]) -> dict[str, Any]:

@@ -29,15 +29,23 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from curate.shards import UID_DTYPE, ShardError, atomic_write_bytes, atomic_write_json, read_table, uid_halves
 
 if TYPE_CHECKING:
-    from captioning.dr import Workers
-    from captioning.dr_sources import CaptionSource
+    from curate.workers import Workers
+
+
+class IndexedSource(Protocol):
+    """What the join needs of a caption source (:class:`captioning.dr_sources.CaptionSource`):
+    its shards, and one shard's index rows (:func:`caption_index_rows`) with its counts."""
+
+    shards: list[str]
+
+    def index_shard(self, n: int) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 # Verdicts of the join for each image sample, and what they mean.
 MATCHED, NO_CAPTION, CAPTION_FAILED, DUPLICATE = 0, 1, 2, 3
@@ -255,7 +263,7 @@ def _keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return keys
 
 
-def index_and_join(images: list[tuple[int, str]], source: CaptionSource, work: Path, workers: Workers, *,
+def index_and_join(images: list[tuple[int, str]], source: IndexedSource, work: Path, workers: Workers, *,
                    partition_rows: int, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Steps 1 and 2 over every input shard and partition (each resumes from its marker);
     returns the partitions' counts and the summed index counts."""

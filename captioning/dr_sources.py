@@ -29,6 +29,7 @@ import numpy as np
 from captioning.apple import CARRIED, DOCUMENTED, ORIGIN, list_tars
 from captioning.dr_join import caption_index_rows
 from captioning.quality import caption_flags
+from curate.multicaption import TAGS_PROVENANCE_MEMBER, tagged_captions
 from curate.shards import ShardError, expand_shards, iter_sample_spans, read_sample_span, read_table
 
 
@@ -140,10 +141,31 @@ class _QcapSpanReader(_SpanReader):
         sample = self.sample(shard, a, b, uid)
         if not sample.ok:
             return unreadable(uid, sample)
-        syn = sample.syn_text or []
-        flags, scores = _info_from_provenance(sample.syn_provenance, syn)
+        syn, provenance = sample.syn_text or [], sample.syn_provenance
+        if not syn:  # qcap caption --tag: the captioner's one key in KEY.syn_tags.json
+            syn, provenance = _tagged_only(sample)
+        flags, scores = _info_from_provenance(provenance, syn)
         return CaptionRecord(uid=uid, syn_text=syn, flags=flags, scores=scores,
-                             provenance=sample.syn_provenance, extras={}, sha256=sample.meta.get("sha256"))
+                             provenance=provenance, extras={}, sha256=sample.meta.get("sha256"))
+
+
+def _tagged_only(sample) -> tuple[list[str], dict[str, Any] | None]:
+    """The captions and provenance of a sample written by ``qcap caption --tag`` (no ``syn.json``,
+    one ``syn_text_<tag>`` key): a source's captions, whichever key its captioner wrote them under."""
+    tagged = tagged_captions(sample)
+    if len(tagged) != 1:
+        return [], None
+    (key, captions), = tagged.items()
+    provenance = None
+    data = sample.extras.get(TAGS_PROVENANCE_MEMBER)
+    if data:
+        try:
+            value = json.loads(data)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get(key), dict):
+            provenance = value[key]
+    return captions, provenance
 
 
 class _AppleSpanReader(_SpanReader):

@@ -75,3 +75,21 @@ def test_overgenerate_then_select_and_a_tagged_captioner(tmp_path, ray_address, 
         assert provenance["tag"] == "coca_tiny" and provenance["overgenerate"]["select"] == "diverse"
         assert reselect(provenance["overgenerate"], 2)[0] == captions and len(captions) == 2
         assert list(all_captions(sample)) == ["syn_text_coca_tiny"]
+
+    # both captioners joined by build-dr: syn_text from the first, syn_text_coca_tiny from the tagged one
+    from captioning.dr import main as build_dr
+
+    dr = tmp_path / "dr"
+    assert build_dr(["--images", str(shards), "--captions", str(out), "--tagged-captions", f"coca_tiny={tagged}",
+                     "--out", str(dr), "--no-progress", "--no-card", "--drop-flags", "none"]) == 0
+    assert "syn_text_coca_tiny: 5 of 5 kept images" in capsys.readouterr().out
+    first = {s.uid: s.syn_text for s in written}
+    second = {s.uid: tagged_captions(s)["syn_text_coca_tiny"] for s in iter_samples(str(tagged))}
+    merged = list(iter_samples(str(dr)))
+    assert len(merged) == 5
+    for sample in merged:
+        assert sample.syn_text == first[sample.uid]
+        assert tagged_captions(sample) == {"syn_text_coca_tiny": second[sample.uid]}
+        provenance = json.loads(sample.extras[TAGS_PROVENANCE_MEMBER])["syn_text_coca_tiny"]
+        assert provenance["tag"] == "coca_tiny" and provenance["dr"]["kept"] == [0, 1]
+        assert reselect(provenance["overgenerate"], 2)[0] == second[sample.uid]  # candidates kept through the join
