@@ -450,8 +450,8 @@ def architecture_markdown(entries: Sequence[dict[str, Any]], digits: int = 3) ->
                               cell(e["cells"]["dr"]), fmt(e["comparison"]["better"], digits),
                               fmt(e["comparison"]["spread"], digits), e["dr_beats_real"]] for e in entries]), "",
              "Same rungs, recipe and samples seen for both towers; DR − real is signed so that positive favours DR "
-             "(lower is better for RMSE). Attention distance is measured for the ViT only (MCi has no attention "
-             "maps in its convolutional stages).", ""]
+             "(lower is better for RMSE). Attention distance is the ViT's only: `qcap attention-distance` refuses "
+             "the MCi tower by design.", ""]
     return lines
 
 
