@@ -70,7 +70,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -298,6 +297,39 @@ class DedupFilter(BaseFilter):
     def _part(self, label: str) -> Path:
         return self.hashes_dir() / f"{label_stem(label)}.parquet"
 
+    @staticmethod
+    def _clear_stale_hashes(folder: Path) -> None:
+        """A hash folder made with other hash settings loses dedup's own files (``settings.json``,
+        the per-shard ``*.parquet`` parts, their temporaries) and is hashed again; any other file
+        stays. A folder holding files but no ``settings.json`` is not dedup's: a UsageError."""
+        from curate.cli import UsageError
+
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise UsageError(f"--hashes {folder}: is a file; the dedup hashes are a folder")
+        settings = folder / SETTINGS_FILE
+
+        def own(path: Path) -> bool:
+            return path.is_file() and not path.is_symlink() and (
+                path.name == SETTINGS_FILE or path.suffix == ".parquet" or path.name.startswith(".") and ".tmp" in path.name)
+
+        if not settings.exists():
+            if any(not (own(p) and p.name.startswith(".")) for p in folder.iterdir()):  # a kill leaves only temporaries
+                raise UsageError(f"--hashes {folder}: holds files but no {SETTINGS_FILE}, so dedup did not make it; "
+                                 "choose another --hashes (or an empty folder)")
+            return
+        try:
+            same = json.loads(settings.read_text(encoding="utf-8")) == HASH_SETTINGS
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            same = False
+        if same:
+            return
+        log.info("dedup: %s was made with other hash settings; hashing again", folder)
+        for path in list(folder.iterdir()):
+            if own(path):
+                path.unlink()
+
     def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None
                   ) -> tuple[list[tuple[str, list[int], list[str], list[str]]], dict[tuple[str, str], dict[str, Any]]]:
         """Hash every candidate not hashed yet; returns (tar, candidate rows, their keys, their uids) per
@@ -306,10 +338,8 @@ class DedupFilter(BaseFilter):
         from tqdm import tqdm
 
         folder = self.hashes_dir()
+        self._clear_stale_hashes(folder)
         settings = folder / SETTINGS_FILE
-        if folder.exists() and (not settings.exists() or json.loads(settings.read_text()) != HASH_SETTINGS):
-            log.info("dedup: %s was made with other hash settings; hashing again", folder)
-            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(settings, HASH_SETTINGS)
         labels = shard_labels(shards)
