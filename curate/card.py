@@ -639,6 +639,30 @@ def write_card(
     return card
 
 
+CARD_FIGURES = ("caption_lengths.png", "quality.png", "scores.png", "preview_grid.png")
+
+
+def remove_card(folder: str | os.PathLike) -> list[str]:
+    """Remove what :func:`write_card` writes in ``folder`` (``README.md``, ``preview.html``,
+    ``card/card.json``, ``card/*.png`` of its figures, and their temporaries), and ``card/``
+    itself when that leaves it empty; any other file stays. Returns the paths removed,
+    relative to ``folder``."""
+    folder = Path(folder)
+    removed = []
+    for where, names in ((folder, ("README.md", "preview.html")), (folder / CARD_DIR, (CARD_JSON, *CARD_FIGURES))):
+        if not where.is_dir() or where.is_symlink():
+            continue
+        for path in sorted(where.iterdir()):
+            own = path.name in names or any(path.name.startswith(f".{name}.tmp-") for name in names)
+            if own and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(str(path.relative_to(folder)))
+    cards = folder / CARD_DIR
+    if cards.is_dir() and not cards.is_symlink() and not any(cards.iterdir()):
+        cards.rmdir()
+    return removed
+
+
 def read_card(folder: str | os.PathLike) -> dict[str, Any] | None:
     """A folder's ``card/card.json`` (its lineage feeds the cards of folders made from it)."""
     path = Path(folder) / CARD_DIR / CARD_JSON

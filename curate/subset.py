@@ -48,10 +48,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curate.card import CaptionStats, read_card, write_card
+from curate.card import CaptionStats, read_card, remove_card, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
 from curate.shards import (
+    SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
@@ -378,8 +379,6 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
 
 
 def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
-    import shutil
-
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the subset's shards")
@@ -389,12 +388,12 @@ def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
         return
     if not cfg.overwrite:
         raise UsageError(f"{out} holds another dataset (other inputs or settings); use another --out or --overwrite")
-    for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.done", "sizes.json", "subset*.json", "*.npy",
-                    "README.md", "preview.html", ".*.tmp-*"):
-        for stale in out.glob(pattern):
-            stale.unlink()
-    if (out / "card").is_dir():
-        shutil.rmtree(out / "card")
+    # only what subset writes: its shards (NNNNN.*, markers, temporaries), sizes.json, subset.json,
+    # subset_summary.json, uids.npy and the card; a user's my.tar, notes.npy or folder stays
+    from curate.reshard import remove_own_files
+
+    removed = remove_own_files(out, (SIZES_FILE, CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)) + remove_card(out)
+    log.info("--overwrite: removed %d file(s) subset had written in %s", len(removed), out)
 
 
 def _saved_plan(path: Path) -> dict[str, Any]:
