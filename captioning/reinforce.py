@@ -88,6 +88,8 @@ class ReinforceConfig:
     ray_address: str | None = arg(None, help="join this Ray cluster (default: a local one, or the one already running)")
     max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
     progress: bool = arg(True, help="show a progress bar")
+    overwrite: bool = arg(False, help="start over: remove what qcap reinforce wrote in --out (its shards, markers, "
+                                      "sizes.json, config and summary); other files are left alone")
 
     def __post_init__(self) -> None:
         from captioning.teachers import parse_teachers
@@ -156,6 +158,10 @@ def run(cfg: ReinforceConfig) -> dict[str, Any]:
     if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
         raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
     teachers = resolve_teachers(cfg)  # every teacher loads here, before any work: one line if one cannot
+    if cfg.overwrite:
+        removed = remove_reinforce_outputs(out)
+        if removed:
+            log.info("--overwrite: removed %d file(s) qcap reinforce wrote in %s", len(removed), out)
     check_resume(out, cfg, teachers["identities"])
     out.mkdir(parents=True, exist_ok=True)
     pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
@@ -184,14 +190,39 @@ def resolve_teachers(cfg: ReinforceConfig) -> dict[str, Any]:
             "logit_scales": ensemble.logit_scales, "fingerprint": fingerprint}
 
 
+def remove_reinforce_outputs(out: Path) -> list[str]:
+    """What ``qcap reinforce`` wrote in ``out`` — its shards (``NNNNN.tar/.parquet/_stats.json``),
+    markers, their temporaries, ``sizes.json``, ``reinforce_config.json``,
+    ``reinforce_summary.json`` — removed, markers first; anything else stays. A folder with shard
+    files but no ``reinforce_config.json`` was not written by qcap reinforce: UsageError, nothing
+    removed."""
+    from curate.reshard import SHARD_FILE_RE, remove_own_files
+    from curate.shards import SIZES_FILE
+
+    if not out.is_dir():
+        return []
+    ours = sorted(p.name for p in out.iterdir() if SHARD_FILE_RE.match(p.name) and p.is_file())
+    if ours and not (out / CONFIG_FILE).is_file():
+        raise UsageError(f"--overwrite: {out} holds shard files ({ours[0]}, ...) but no {CONFIG_FILE}: qcap reinforce "
+                         "did not write them; choose another --out")
+    return remove_own_files(out, (SIZES_FILE, SUMMARY_FILE, CONFIG_FILE))
+
+
 def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any]]) -> None:
+    """Refuse to add reinforcement made with other settings (or other teacher weights) to a
+    folder that already holds some (``--overwrite`` starts over)."""
     from curate.config import to_dict
     from curate.shards import completed_shards
 
     path = out / CONFIG_FILE
     if not path.is_file() or not completed_shards(out):
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not readable JSON ({err}); add --overwrite to start over") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
+        raise UsageError(f"{path}: not a reinforce config (a JSON object); add --overwrite to start over")
     previous, current = saved.get("config", {}), to_dict(cfg)
     changed = [f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in _FINGERPRINT
                if previous.get(key) != current[key]]
@@ -201,7 +232,7 @@ def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any
         changed.append(f"teacher weights sha256: {old} -> {new}")
     if changed:
         raise UsageError(f"{out} holds reinforcement made with other settings ({'; '.join(changed)}); "
-                         "use another --out, or the same settings to resume")
+                         "use another --out, the same settings to resume, or --overwrite to start over")
 
 
 # --------------------------------------------------------------------------------------------
