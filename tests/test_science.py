@@ -36,7 +36,8 @@ def check_science_folder(folder: Path) -> dict:
     assert len(seeds) >= 2
     rows = {r["key"] for r in payload["rows"]}
     pcts = payload["fractions"]
-    expected = {"random", "mae", "clean-100"} | {f"{k}-{p}" for p in pcts for k in ("datacomp", "dr", "oracle")}
+    expected = ({"random", "mae", "clean-100", "mci-random", "mci-datacomp-100", "mci-dr-100"}
+                | {f"{k}-{p}" for p in pcts for k in ("datacomp", "dr", "drr", "oracle")})
     assert rows == expected, rows ^ expected
     numbers = 0
     for key, cells in payload["table"].items():
@@ -49,12 +50,23 @@ def check_science_folder(folder: Path) -> dict:
         for column in ("miou", "rmse"):
             assert payload["table"][key][column]["n"] == len(seeds), (key, column)
     # every comparison's means are the table's means
-    for group in ("pretraining_vs_random", "controls", "claims", "mae"):
+    for group in ("pretraining_vs_random", "controls", "claims", "mae", "reinforced"):
         assert payload[group], group
         for entry in payload[group]:
             c = entry["comparison"]
             assert c["a_mean"] == payload["table"][c["a"]][c["column"]]["mean"]
             assert c["b_mean"] == payload["table"][c["b"]][c["column"]]["mean"]
+    # ViT vs MCi: every dense task (det included) for both towers, each cell the table's
+    arch = {(e["arch"], e["column"]) for e in payload["architecture"]}
+    assert arch == {(a, c) for a in ("vit", "mci") for c in ("miou", "rmse", "box_ap", "mask_ap")}, arch
+    for entry in payload["architecture"]:
+        for role, key in entry["rows"].items():
+            assert entry["cells"][role]["n"] == len(seeds), (entry["claim"], role)
+            if entry["column"] in payload["table"][key]:  # seg and depth: the main table's cell (det: its own)
+                assert entry["cells"][role]["mean"] == payload["table"][key][entry["column"]]["mean"]
+            for source in entry["cells"][role]["sources"]:
+                assert _value(folder, source["file"], source["key"]) == source["value"], source
+    assert "## 6. Backbone architecture: ViT vs MCi" in text
     test = payload["attention_test"]
     assert test is not None and test["n_seeds"] == len(seeds)
     for entry in test["per_seed"]:
@@ -75,19 +87,51 @@ def _dry_run(*args: str) -> str:
 
 def test_science_graph_adds_controls_mae_and_attention_per_seed_and_demo_stays_as_it_was(tmp_path):
     sci = _dry_run("science", f"SCI={tmp_path}/s", *SMALLEST)
+    s = f"{tmp_path}/s"
+    # the reinforced rungs: one teacher on the clean split, drr-P reinforced from dr-P at every fraction, trained with
+    # the DR loss at the demo's samples seen, finetuned on every task
+    assert sci.count("qcap train --preset tiny --data " + f"{s}/world/clean --out {s}/teacher") == 1
+    for pct in ("100", "50"):
+        assert f"reinforce --shards {s}/dr-ladder/dr-{pct} --out {s}/dr-ladder/drr-{pct} --teachers {s}/teacher" in sci
+        for seed in (0, 1):
+            assert (f"--data {s}/dr-ladder/drr-{pct} \\\n  --out {s}/clip/drr-{pct}-s{seed} "
+                    "--distill-loss-weights 0.25 0.75") in sci
+            for task in ("seg", "depth", "det"):
+                assert f"--out {s}/finetune/drr-{pct}-s{seed}/{task} " in sci
+    # the MCi tower: pretrained on dr-100 and datacomp-100 per seed, a random-init MCi, finetuned on every task;
+    # no attention distance for it
+    for seed in (0, 1):
+        for rung in ("dr-100", "datacomp-100"):
+            assert (f"--model qcap-tiny-mci --data {s}/dr-ladder/{rung} \\\n  --out {s}/clip/mci-{rung}-s{seed} "
+                    f"--caption-source {'dual' if rung.startswith('dr') else 'real'}") in sci
+        for task in ("seg", "depth", "det"):
+            assert f"finetune {task} --random qcap-tiny-mci --seed {seed} --data {s}/world/eval/{task} --out {s}/finetune/mci-random-s{seed}/{task} " in sci
+            for rung in ("dr-100", "datacomp-100"):
+                assert f"finetune {task} --checkpoint {s}/clip/mci-{rung}-s{seed} --seed {seed}" in sci
+    assert "qcap mae --data" in sci and "mci" not in "".join(line for line in sci.splitlines() if "attention-distance" in line)
     for pct in ("100", "50"):
         assert f"control-rung --kind oracle --shards {tmp_path}/s/dr-ladder/datacomp-{pct}" in sci
         for seed in (0, 1):
             assert f"--data {tmp_path}/s/dr-ladder/oracle-{pct} --out {tmp_path}/s/clip/oracle-{pct}-s{seed}" in sci
     assert "control-rung --kind clean --like" in sci
     assert sci.count("qcap mae --data") == 2 and sci.count("attention-distance") == 3  # s0, s1 and the demo's
-    assert sci.count("qcap finetune ") == 2 * 3 * 9  # seeds x tasks x (random, mae, 2 x datacomp/dr/oracle, clean-100)
-    assert sci.count("qcap finetune det ") == 2 * 9 and "--det-samples" in sci  # detection: make science only
+    # seeds x tasks x (random, mae, 2 x datacomp/dr/drr/oracle, clean-100, mci-random, mci-dr-100, mci-datacomp-100)
+    assert sci.count("qcap finetune ") == 2 * 3 * 14
+    assert sci.count("qcap finetune det ") == 2 * 14 and "--det-samples" in sci  # detection: make science only
     assert "science-report" in sci and "--fractions 100 50" in sci
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")
     assert "control-rung" not in demo and "qcap mae" not in demo and "science-report" not in demo
     assert "finetune det" not in demo and "--det-samples" not in demo
-    assert demo.count("qcap finetune ") == 2 * 5  # random + 4 rungs, seg and depth, one seed
+    assert demo.count("qcap finetune ") == 2 * 6  # random + 4 rungs + drr-100, seg and depth, one seed
+    d = f"{tmp_path}/d"
+    # the demo's reinforced rung: drr-100 only, at the other rungs' samples seen; no MCi
+    assert demo.count("qcap reinforce ") == 1 and f"--shards {d}/dr-ladder/dr-100 --out {d}/dr-ladder/drr-100" in demo
+    assert f"--out {d}/teacher" in demo and f"--out {d}/clip/drr-100-s0 --distill-loss-weights 0.25 0.75" in demo
+    assert "drr-10-" not in demo and "drr-10 " not in demo
+    commands = [c for c in demo.replace("\\\n", " ").splitlines() if " train --preset tiny " in c and f"{d}/clip/" in c]
+    assert len(commands) == 5 and any("/clip/drr-100-s0" in c for c in commands)
+    assert {c.split("--samples-seen ")[1].split()[0] for c in commands} == {"19200"}  # every rung, drr-100 too
+    assert "mci" not in demo
 
 
 @pytest.mark.slow
