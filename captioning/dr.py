@@ -82,6 +82,7 @@ from curate.card import CaptionStats, trace_lineage, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
 from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
+from curate.raykit import RAY_ADDRESS_HELP
 from curate.shards import (
     Sample,
     ShardError,
@@ -137,6 +138,7 @@ class BuildDRConfig:
     min_syn_captions: int = arg(1, help="images left with fewer synthetic captions are dropped (status too_few_captions)")
     partition_rows: int = arg(2_000_000, help="join memory bound: about this many index rows per side per partition")
     num_workers: int = arg(1, help="processes indexing and writing shards")
+    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP + "; the join runs on this node, partition by partition")
     open_files: int = arg(16, help="caption shards kept open per writer (LRU)")
     keep_work: bool = arg(False, help=f"keep the index and join files in DR/{WORK_DIR} when done")
     overwrite: bool = arg(False, help="replace a DR folder built from other inputs or settings")
@@ -548,7 +550,8 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     resumed = len(images) - len(pending)
     if pending or not (out / SUMMARY_FILE).is_file():
         # every step resumes from its markers: a finished index or join is only read back
-        with Workers(cfg.num_workers) as workers:
+        with Workers(cfg.num_workers, ray_address=cfg.ray_address) as workers:
+            where = workers.where
             join_counts, index_counts = index_and_join(images, source, work, workers,
                                                        partition_rows=cfg.partition_rows, progress=cfg.progress)
             num_partitions = len(join_counts)
@@ -571,10 +574,12 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
         join_summary = {"join": sum_counts(join_counts), "index": index_counts, "tagged": tag_joins}
     else:  # finished before: the join's counts are in the summary (the work folder is gone)
         previous = json.loads((out / SUMMARY_FILE).read_text())
+        where = previous.get("ran_on", "local")
         join_summary = {"join": previous["join"], "index": previous["index"],
                         "tagged": {k: {"join": v["join"], "index": v["index"]} for k, v in previous.get("tagged", {}).items()}}
     finalize_folder(out)
     summary = summarize(cfg, images, source, join_summary, resumed, time.time() - started)
+    summary["ran_on"] = where
     atomic_write_json(out / SUMMARY_FILE, summary)
     _write_dr_uids(out)
     if cfg.card:

@@ -1,28 +1,45 @@
-"""A local worker pool for shard-parallel stages: ``--num-workers`` spawned processes, reused by
-every step of one run, or this process when there is one worker.
+"""The pool that runs a shard-parallel stage's tasks: ``--num-workers`` local processes, or the
+nodes of a Ray cluster (``--ray-address``, :mod:`curate.raykit`).
 
 ``map`` runs a module-level function over task records, updating a progress bar as results come
 back (``weight`` turns a result into bar units, e.g. the samples a shard wrote); ``parallel=False``
-runs a step one task at a time in this process (a step whose tasks are each memory-bound).
-Spawned (not forked) processes: a stage may already hold threads (pyarrow, torch) when it starts
-the pool.
+runs a step one task at a time in this process (a step whose tasks are each memory-bound). Local
+processes are spawned (not forked): a stage may already hold threads (pyarrow, torch) when it
+starts the pool. On Ray every task is retried when its worker or node dies; tasks write their
+output atomically with a marker last, so a retry redoes a shard, never loses or doubles one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from typing import Any
 
 
 class Workers:
-    """``num_workers`` processes (spawned once, reused by every ``map``), or this process."""
+    """``num_workers`` processes (spawned once, reused by every ``map``), this process (one
+    worker), or Ray tasks on the cluster at ``ray_address``."""
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, ray_address: str | None = None, max_retries: int | None = None) -> None:
         self.num_workers = num_workers
+        self.ray_address = ray_address
+        self.max_retries = max_retries
         self.pool = None
+        self._stack = ExitStack()
+
+    @property
+    def where(self) -> str:
+        """Where the tasks run, for the run record: ``local (N processes)`` or ``ray (ADDRESS)``."""
+        if self.ray_address is not None:
+            return f"ray ({self.ray_address})"
+        return f"local ({self.num_workers} process{'es' if self.num_workers > 1 else ''})"
 
     def __enter__(self) -> Workers:
-        if self.num_workers > 1:
+        if self.ray_address is not None:
+            from curate.raykit import ray_session
+
+            self._stack.enter_context(ray_session(self.ray_address))
+        elif self.num_workers > 1:
             import multiprocessing
 
             self.pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
@@ -35,13 +52,18 @@ class Workers:
             else:
                 self.pool.close()
             self.pool.join()
+        self._stack.close()
 
     def map(self, func: Callable[[Any], Any], tasks: list[Any], bar, weight: Callable[[Any], int] | None = None,
             parallel: bool = True) -> list:
         """``func`` over ``tasks`` (results in completion order), the bar advanced per result."""
         results = []
         outputs: Iterable[Any]
-        if self.pool is not None and parallel and len(tasks) > 1:
+        if self.ray_address is not None and parallel and tasks:
+            from curate.raykit import DEFAULT_RETRIES, ray_map
+
+            outputs = ray_map(func, tasks, max_retries=DEFAULT_RETRIES if self.max_retries is None else self.max_retries)
+        elif self.pool is not None and parallel and len(tasks) > 1:
             outputs = self.pool.imap_unordered(func, tasks)
         else:
             outputs = (func(task) for task in tasks)

@@ -1,0 +1,86 @@
+"""Scale-out on a real two-node Ray cluster on loopback (a head and a worker node, one CPU each):
+each shard-parallel stage run with ``--ray-address`` on the cluster writes what its local run
+writes (same uids per shard, the same bytes), and a worker node whose raylet is SIGKILLed mid-run
+costs task retries, not data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dr_data import write_images, write_qcap_captions
+from raycluster import BIN, ENV, two_node_cluster
+
+NUM_SHARDS, PER_SHARD = 12, 6
+# files that hold run facts (wall time, where it ran) rather than data
+RUN_RECORDS = {"build_dr.json", "build_dr_summary.json"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with two_node_cluster() as running:
+        yield running
+
+
+def qcap(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def digest(folder: Path, skip: set[str] = RUN_RECORDS) -> dict[str, str]:
+    """sha256 of every file a stage wrote (its run records aside), by path relative to ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="module")
+def dr_inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scaleout-dr")
+    layout = [list(range(s * PER_SHARD, (s + 1) * PER_SHARD)) for s in range(NUM_SHARDS)]
+    captions = [[n for n in range(NUM_SHARDS * PER_SHARD) if n % 3 == k and n % 11] for k in range(3)]
+    return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions)}
+
+
+def build_dr(inputs: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return qcap("build-dr", "--images", str(inputs["images"]), "--captions", str(inputs["syn"]), "--out", str(out),
+                "--no-progress", "--no-card", "--partition-rows", "20", *extra)
+
+
+def test_build_dr_on_the_cluster_writes_what_the_local_run_writes(cluster, dr_inputs, tmp_path):
+    local = build_dr(dr_inputs, tmp_path / "local", "--num-workers", "2")
+    assert local.returncode == 0, local.stderr[-2000:]
+    remote = build_dr(dr_inputs, tmp_path / "ray", "--ray-address", cluster.address)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert "counts reconcile: yes" in remote.stdout
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
+    assert len([p for p in (tmp_path / "ray").glob("*.tar")]) == NUM_SHARDS
+    summary = json.loads((tmp_path / "ray" / "build_dr_summary.json").read_text())
+    assert summary["ran_on"] == f"ray ({cluster.address})"
+
+
+def test_a_worker_node_killed_mid_run_costs_retries_not_data(dr_inputs, tmp_path):
+    reference = build_dr(dr_inputs, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "ray"
+    with two_node_cluster() as running:
+        command = [str(BIN / "qcap"), "build-dr", "--images", str(dr_inputs["images"]), "--captions",
+                   str(dr_inputs["syn"]), "--out", str(out), "--no-progress", "--no-card", "--partition-rows", "20",
+                   "--ray-address", running.address]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        deadline = time.monotonic() + 240
+        # kill when the write step has begun and a task is running on the worker node
+        while proc.poll() is None and not (list(out.glob("*.done")) and running.worker_node_running("_call")):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the kill: make the input larger"
+        done_at_kill = len(list(out.glob("*.done")))
+        killed = running.kill_worker_node()  # with a task of this run in flight there
+        stdout, stderr = proc.communicate(timeout=300)
+        assert running.worker_raylet() is None or running.worker_raylet().pid != killed
+    assert done_at_kill < NUM_SHARDS
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "counts reconcile: yes" in stdout
+    assert digest(out) == digest(tmp_path / "reference")
