@@ -11,7 +11,7 @@ output atomically with a marker last, so a retry redoes a shard, never loses or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -54,20 +54,36 @@ class Workers:
             self.pool.join()
         self._stack.close()
 
+    def imap(self, func: Callable[[Any], Any], tasks: list[Any], parallel: bool = True) -> Iterator[Any]:
+        """``func`` over ``tasks``, each result as it is done (completion order)."""
+        if self.ray_address is not None and parallel and tasks:
+            from curate.raykit import DEFAULT_RETRIES, ray_map
+
+            yield from ray_map(func, tasks, max_retries=DEFAULT_RETRIES if self.max_retries is None else self.max_retries)
+        elif self.pool is not None and parallel and len(tasks) > 1:
+            yield from self.pool.imap_unordered(func, tasks)
+        else:
+            yield from (func(task) for task in tasks)
+
     def map(self, func: Callable[[Any], Any], tasks: list[Any], bar, weight: Callable[[Any], int] | None = None,
             parallel: bool = True) -> list:
         """``func`` over ``tasks`` (results in completion order), the bar advanced per result."""
         results = []
-        outputs: Iterable[Any]
-        if self.ray_address is not None and parallel and tasks:
-            from curate.raykit import DEFAULT_RETRIES, ray_map
-
-            outputs = ray_map(func, tasks, max_retries=DEFAULT_RETRIES if self.max_retries is None else self.max_retries)
-        elif self.pool is not None and parallel and len(tasks) > 1:
-            outputs = self.pool.imap_unordered(func, tasks)
-        else:
-            outputs = (func(task) for task in tasks)
-        for result in outputs:
+        for result in self.imap(func, tasks, parallel):
             results.append(result)
             bar.update(weight(result) if weight else 1)
         return results
+
+
+def in_order(results: Iterable[Any], index: Callable[[Any], int]) -> Iterator[Any]:
+    """Results that arrive in completion order, yielded in task order (``index(result)`` = 0, 1, …);
+    only the ones that came early are held."""
+    early: dict[int, Any] = {}
+    upcoming = 0
+    for result in results:
+        early[index(result)] = result
+        while upcoming in early:
+            yield early.pop(upcoming)
+            upcoming += 1
+    if early:
+        raise RuntimeError(f"results {sorted(early)[:5]} arrived without result {upcoming}")

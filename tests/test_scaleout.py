@@ -84,3 +84,28 @@ def test_a_worker_node_killed_mid_run_costs_retries_not_data(dr_inputs, tmp_path
     assert proc.returncode == 0, stderr[-3000:]
     assert "counts reconcile: yes" in stdout
     assert digest(out) == digest(tmp_path / "reference")
+
+
+def comparable_report(path: Path) -> dict:
+    """A filter's report without its run facts (wall time, output paths)."""
+    report = json.loads(path.read_text())
+    report.pop("seconds")
+    report.pop("outputs")
+    return report
+
+
+def test_filter_basic_on_the_cluster_decides_what_the_local_run_decides(cluster, tmp_path_factory, tmp_path):
+    from test_filter_support import shared_world
+
+    _, raw = shared_world(tmp_path_factory)  # 240 samples of the world in 5 shards, every planted fault
+    runs = {}
+    for name, extra in (("local", []), ("pool", ["--num-workers", "2"]), ("ray", ["--ray-address", cluster.address])):
+        out = tmp_path / name / "basic.npy"
+        done = qcap("filter", "basic", "--shards", str(raw), "--out", str(out), "--no-progress", "--no-preview",
+                    "--no-histograms", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = out.with_name("basic.report")
+        runs[name] = (out.read_bytes(), (report / "decisions.parquet").read_bytes(),
+                      comparable_report(report / "report.json"))
+    assert runs["ray"] == runs["local"] and runs["pool"] == runs["local"]
+    assert runs["local"][2]["counts"]["total"] == 240 and runs["local"][2]["settings"]["top_languages"]

@@ -118,6 +118,11 @@ class BaseFilter(abc.ABC):
     name: ClassVar[str] = "filter"
     # Extra measurement columns of decisions.parquet: name -> pyarrow type name.
     value_types: ClassVar[dict[str, str]] = {}
+    # True: a shard's decisions need nothing of the other shards (no global ``prepare``), so its
+    # shards may be decided in other processes or on other nodes (``--num-workers``, ``--ray-address``)
+    shard_parallel: ClassVar[bool] = False
+    # Counter attributes that ``annotate``/``keep`` add to (for ``summary``): summed over the shards
+    state_counters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
@@ -356,11 +361,28 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     counts = FilterCounts()
     kept_uids: list[str] = []
     writer = DecisionWriter(report_dir / DECISIONS_FILE, {**COMMON_VALUES, **filt.value_types})
+    num_workers, ray_address = getattr(cfg, "num_workers", 1), getattr(cfg, "ray_address", None)
+    remote = filt.shard_parallel and (num_workers > 1 or ray_address is not None)
+    bar = tqdm(total=len(tars), desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress)
     try:
-        for tar in tqdm(tars, desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress):
-            rows = filt.read_rows(tar)
-            rows.label = labels[tar]
-            _decide_shard(filt, rows, subset, counts, kept_uids, histograms, writer)
+        if remote:  # each shard decided by a task of its own (a fresh filter there); merged here in shard order
+            from curate.workers import Workers, in_order
+
+            tasks = [FilterShardTask(index=i, filter_class=type(filt), cfg=cfg, tar=tar, label=labels[tar],
+                                     subset=str(cfg.subset) if cfg.subset is not None else None)
+                     for i, tar in enumerate(tars)]
+            with Workers(num_workers, ray_address=ray_address) as workers:
+                for result in in_order(workers.imap(decide_shard_task, tasks), lambda r: r.index):
+                    _merge(result, filt, counts, kept_uids, histograms, writer, state=True)
+                    bar.update(1)
+        else:  # this process, with the filter that did the global work
+            for i, tar in enumerate(tars):
+                rows = filt.read_rows(tar)
+                rows.label = labels[tar]
+                result = decide_shard(filt, rows, subset, histograms, i)
+                _merge(result, filt, counts, kept_uids, histograms, writer, state=False)
+                bar.update(1)
+        bar.close()
         writer.close()
     except BaseException:
         writer.abort()
@@ -401,10 +423,74 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     return report
 
 
-def _decide_shard(
-    filt: BaseFilter, rows: ShardRows, subset: np.ndarray | None, counts: FilterCounts, kept_uids: list[str],
-    histograms: dict[str, Histogram], writer: DecisionWriter,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class FilterShardTask:
+    """One shard for a shard-parallel filter: decided by a fresh ``filter_class(cfg)``."""
+
+    index: int
+    filter_class: type
+    cfg: FilterConfig
+    tar: str
+    label: str
+    subset: str | None  # the --subset uid file, loaded once per process
+
+
+@dataclass(slots=True)
+class ShardDecisions:
+    """What one shard's decisions add to the run: decision rows, counts, kept uids (row order),
+    histogram counts, and the filter's counters (``state_counters``) as that shard moved them."""
+
+    index: int
+    decisions: list[dict[str, Any]]
+    counts: FilterCounts
+    kept_uids: list[str]
+    histograms: dict[str, Histogram]
+    state: dict[str, Counter] = field(default_factory=dict)
+
+
+_SUBSETS: dict[str, np.ndarray] = {}
+
+
+def decide_shard_task(task: FilterShardTask) -> ShardDecisions:
+    """A Ray task or pool process: one shard's decisions."""
+    filt = task.filter_class(task.cfg)
+    subset = None
+    if task.subset is not None:
+        if task.subset not in _SUBSETS:
+            _SUBSETS.clear()  # one subset per process at a time
+            _SUBSETS[task.subset] = load_subset(Path(task.subset))
+        subset = _SUBSETS[task.subset]
+    histograms = {h.name: h for h in filt.histograms()}
+    for hist in default_histograms():
+        histograms.setdefault(hist.name, hist)
+    rows = filt.read_rows(task.tar)
+    rows.label = task.label
+    result = decide_shard(filt, rows, subset, histograms, task.index)
+    result.state = {name: getattr(filt, name) for name in filt.state_counters}
+    return result
+
+
+def _merge(result: ShardDecisions, filt: BaseFilter, counts: FilterCounts, kept_uids: list[str],
+           histograms: dict[str, Histogram], writer: DecisionWriter, *, state: bool) -> None:
+    counts.total += result.counts.total
+    counts.kept += result.counts.kept
+    counts.dropped.update(result.counts.dropped)
+    counts.failed.update(result.counts.failed)
+    kept_uids.extend(result.kept_uids)
+    for name, hist in result.histograms.items():
+        histograms[name].merge(hist)
+    if state:
+        for name, counter in result.state.items():
+            getattr(filt, name).update(counter)
+    writer.write(result.decisions)
+
+
+def decide_shard(filt: BaseFilter, rows: ShardRows, subset: np.ndarray | None, templates: dict[str, Histogram],
+                 index: int = 0) -> ShardDecisions:
+    """One shard's decisions; the histograms' counts are this shard's alone (``templates`` give the bins)."""
+    counts = FilterCounts()
+    kept_uids: list[str] = []
+    histograms = {name: hist.empty_like() for name, hist in templates.items()}
     usable, inside = candidate_mask(rows, subset)
     records: list[FilterRecord] = []
     decisions: list[dict[str, Any]] = []
@@ -450,7 +536,7 @@ def _decide_shard(
                 record.failed.append(reason)
     for name, hist in histograms.items():
         hist.add([r.values.get(name) for r in records], kept_flags, [r.failed for r in records])
-    writer.write(decisions)
+    return ShardDecisions(index=index, decisions=decisions, counts=counts, kept_uids=kept_uids, histograms=histograms)
 
 
 def _verdict(filt: BaseFilter, record: FilterRecord) -> tuple[bool, str]:

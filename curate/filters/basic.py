@@ -57,9 +57,22 @@ class LanguageDetector:
         return str(result[0]["lang"]), float(result[0]["score"])
 
 
+_DETECTOR: LanguageDetector | None = None
+
+
+def language_detector() -> LanguageDetector:
+    """The process's one lid.176 model (loaded once, shared by every shard it decides)."""
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = LanguageDetector()
+    return _DETECTOR
+
+
 class BasicFilter(BaseFilter):
     name = "basic"
     value_types: ClassVar[dict[str, str]] = {"language": "string", "language_score": "float32"}
+    shard_parallel = True  # every check is of one sample alone
+    state_counters = ("fails_by_check", "languages")
 
     def __init__(self, cfg: BasicConfig) -> None:
         super().__init__(cfg)
@@ -81,7 +94,7 @@ class BasicFilter(BaseFilter):
         if not self.cfg.language:
             return
         if self._detect is None:
-            self._detect = LanguageDetector()
+            self._detect = language_detector()
         for record in records:
             if self._bad_caption(record):
                 continue

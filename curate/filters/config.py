@@ -44,9 +44,14 @@ class BasicConfig(FilterConfig):
     text_column: str | None = arg(None, help="caption column of the shards' Parquet (default: 'text', else 'caption')")
     width_column: str = arg("original_width", help="Parquet column with the image width before any resize")
     height_column: str = arg("original_height", help="Parquet column with the image height before any resize")
+    num_workers: int = arg(1, help="processes deciding shards side by side (the output is the same for any number)")
+    ray_address: str | None = arg(None, help="decide the shards as Ray tasks on an existing cluster: 'auto' or HOST:PORT "
+                                             "of its head (its nodes must see the shards; the output is the same)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be at least 1, got {self.num_workers}")
         if not 0.0 <= self.min_language_score <= 1.0:
             raise ValueError("min_language_score: must be in [0, 1]")
         for name in ("min_words", "min_chars", "min_image_side"):

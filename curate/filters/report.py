@@ -69,6 +69,19 @@ class Histogram:
         np.add.at(self.dropped_here, index[present & ~kept & here], 1)
         np.add.at(self.dropped_other, index[present & ~kept & ~here], 1)
 
+    def empty_like(self) -> Histogram:
+        """The same bins and marks, no counts (a shard's histogram, merged later)."""
+        return Histogram(self.name, self.title, self.edges, self.cutoffs, self.log_x, self.reason)
+
+    def merge(self, other: Histogram) -> None:
+        """Add another histogram's counts (same bins) to this one."""
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError(f"histogram {self.name}: cannot merge counts of other bins")
+        self.kept += other.kept
+        self.dropped_here += other.dropped_here
+        self.dropped_other += other.dropped_other
+        self.num_missing += other.num_missing
+
     @property
     def dropped(self) -> np.ndarray:
         return self.dropped_here + self.dropped_other
