@@ -97,6 +97,7 @@ from curate.shards import (
     read_shard_stats,
     read_sizes,
     read_table,
+    remove_own_files,
     save_uids,
     shard_id_of,
     shard_name,
@@ -511,14 +512,17 @@ def _check_output(cfg: BuildDRConfig, ident: dict[str, Any]) -> None:
 
 
 def _clear(out: Path) -> None:
-    """Remove what build-dr writes (and only that) from ``out``."""
-    for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.done", "sizes.json", "build_dr*.json", "*.npy",
-                    "README.md", "preview.html", ".*.tmp-*"):
-        for path in out.glob(pattern):
-            path.unlink()
-    for folder in (out / WORK_DIR, out / "card"):
-        if folder.is_dir():
-            shutil.rmtree(folder)
+    """Remove what build-dr writes (and only that) from ``out``: its shards, its named files, the
+    card's files and its own work folder; a user's file or folder there stays."""
+    from curate.card import remove_card
+
+    removed = remove_own_files(out, (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS,
+                                     CAPTIONS_WITHOUT_IMAGES, "sizes.json"))
+    removed += remove_card(out)
+    work = out / WORK_DIR
+    if work.is_dir() and not work.is_symlink():
+        shutil.rmtree(work)  # build-dr's own folder (the index and join files), never the user's
+    log.info("--overwrite: removed %d files build-dr had written in %s", len(removed), out)
 
 
 def _work(cfg: BuildDRConfig) -> Path:

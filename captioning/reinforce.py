@@ -196,8 +196,7 @@ def remove_reinforce_outputs(out: Path) -> list[str]:
     ``reinforce_summary.json`` — removed, markers first; anything else stays. A folder with shard
     files but no ``reinforce_config.json`` was not written by qcap reinforce: UsageError, nothing
     removed."""
-    from curate.reshard import SHARD_FILE_RE, remove_own_files
-    from curate.shards import SIZES_FILE
+    from curate.shards import SHARD_FILE_RE, SIZES_FILE, remove_own_files
 
     if not out.is_dir():
         return []

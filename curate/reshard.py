@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from curate.shards import (
     iter_samples,
     load_uids,
     read_table,
+    remove_own_files,
     shard_name,
     uid_membership,
 )
@@ -169,29 +169,9 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
     return {"subset_sha256": digest, "samples_per_shard": cfg.samples_per_shard, "inputs": inputs}
 
 
-# What reshard writes in --out, and so all that --overwrite removes (anything else is the user's).
-# The shard pattern is every shard-writing stage's: NNNNN.tar/.parquet/_stats.json/.done and the
-# hidden temporaries ShardWriter and atomic_write_* leave behind when killed.
-SHARD_FILE_RE = re.compile(r"^(?:\d+(?:\.tar|\.parquet|_stats\.json|\.done)|\.\d+[._].*\.tmp-[0-9a-f]{12})$")
+# What reshard writes in --out, and so all that --overwrite removes (anything else is the user's):
+# its shards (curate.shards.remove_own_files) and these.
 _OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
-
-
-def remove_own_files(out: Path, own_files: tuple[str, ...]) -> list[str]:
-    """Remove what a shard-writing stage wrote in ``out``: its shards, their markers and
-    temporaries, and the files named in ``own_files`` (with their temporaries). Only plain
-    files at the top of ``out``; every other file and every folder is left. Markers go first, so
-    a kill half-way leaves no shard that reads as complete. Returns the names removed."""
-    if not out.is_dir():
-        return []
-    removed = []
-    for path in sorted(out.iterdir(), key=lambda p: (not p.name.endswith(".done"), p.name)):
-        name = path.name
-        own = SHARD_FILE_RE.match(name) or name in own_files or any(
-            name.startswith(f".{own}.tmp-") for own in own_files)
-        if own and path.is_file() and not path.is_symlink():
-            path.unlink()
-            removed.append(name)
-    return removed
 
 
 def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:

@@ -1420,3 +1420,30 @@ def uid_membership(uids: Sequence[str], subset: np.ndarray) -> np.ndarray:
     index = np.searchsorted(subset, query)
     index = np.clip(index, 0, len(subset) - 1)
     return subset[index] == query
+
+
+# What every shard-writing stage writes in its --out, so all its --overwrite removes besides the
+# files it names: NNNNN.tar/.parquet/_stats.json/.done and the hidden temporaries ShardWriter and
+# atomic_write_* leave behind when killed.
+SHARD_FILE_RE = re.compile(r"^(?:\d+(?:\.tar|\.parquet|_stats\.json|\.done)|\.\d+[._].*\.tmp-[0-9a-f]{12})$")
+
+
+def remove_own_files(out: str | os.PathLike, own_files: tuple[str, ...]) -> list[str]:
+    """Remove what a shard-writing stage wrote in ``out``: its shards, their markers and
+    temporaries, and the files named in ``own_files`` (with their temporaries). Only plain
+    files at the top of ``out``; every other file and every folder is left. Markers go first, so
+    a kill half-way leaves no shard that reads as complete. Returns the names removed."""
+    from pathlib import Path
+
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    removed = []
+    for path in sorted(out.iterdir(), key=lambda p: (not p.name.endswith(".done"), p.name)):
+        name = path.name
+        own = SHARD_FILE_RE.match(name) or name in own_files or any(
+            name.startswith(f".{own}.tmp-") for own in own_files)
+        if own and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    return removed

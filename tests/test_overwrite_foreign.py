@@ -113,10 +113,20 @@ def test_subset_and_its_card(images, tmp_path, capsys):
 def test_build_dr(images, tmp_path, capsys):
     captions = write_qcap_captions(tmp_path / "syn", [[6, 5, 4], [3, 2, 1, 0]])
     out = tmp_path / "dr"
-    argv = ["build-dr", "--images", str(images), "--captions", str(captions), "--out", str(out), "--no-progress",
-            "--no-card"]
-    refused_then_overwritten(argv, ["--min-syn-captions", "2"], out, capsys, refusal="other inputs or settings")
+    argv = ["build-dr", "--images", str(images), "--captions", str(captions), "--out", str(out), "--no-progress"]
+    code, _, stderr = qcap(argv, capsys)
+    assert code == 0, stderr
+    assert (out / "card" / "card.json").is_file() and (out / "README.md").is_file()
+    # shaped like what build-dr writes, not build-dr's: a tar, a uid file, a figure in its card folder
+    (out / "my.tar").write_bytes(b"a tar of mine")
+    (out / "notes.npy").write_bytes(b"a uid file of mine")
+    (out / "card" / "my-figure.png").write_bytes(b"drawn by hand")
+    refused_then_overwritten(argv, ["--min-syn-captions", "2", "--no-card"], out, capsys,
+                             refusal="other inputs or settings")
     assert json.loads((out / "build_dr_summary.json").read_text())["reconciled"]
+    assert not (out / "README.md").exists() and not (out / "card" / "card.json").exists()  # the old card went
+    assert (out / "my.tar").read_bytes() == b"a tar of mine" and (out / "notes.npy").read_bytes() == b"a uid file of mine"
+    assert (out / "card" / "my-figure.png").read_bytes() == b"drawn by hand"
 
 
 def test_caption(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
