@@ -405,6 +405,43 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def check_shared_out_dir(self) -> None:
+        """Every process must see the run folder the main process writes, or the run stops now.
+
+        A checkpoint is one ``step-*/`` folder filled by several processes (the main process's
+        model and optimizer, every process's ``rng-R.pt`` and ``data-R.json``), and a resume
+        reads it back on every process; so on several machines ``--out`` must be one shared
+        filesystem (NFS, Lustre, a cloud file share). With a run folder per machine (a local
+        disk each) the other machines trained until the first checkpoint and then failed on a
+        missing ``.step-*.partial`` folder (an internal error), and a resume would restart them
+        from scratch while the main machine resumed. The main process writes a file of a random
+        name; every process looks for it; all stop with the same one-line ConfigError if any
+        cannot see it.
+        """
+        if self.world_size <= 1:
+            return
+        import secrets
+
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        acc = self.accelerator
+        name = [f".shared-{secrets.token_hex(8)}" if acc.is_main_process else None]
+        if acc.is_main_process:
+            (self.out_dir / name[0]).write_text(f"{self.out_dir.resolve()}\n", encoding="utf-8")
+        broadcast_object_list(name)  # after the write: the file exists before anyone looks
+        marker = self.out_dir / name[0]
+        seen = gather_object([(self.rank, marker.is_file())])
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            marker.unlink(missing_ok=True)
+        blind = sorted(rank for rank, ok in seen if not ok)
+        if blind:
+            raise ConfigError(
+                f"{self.out_dir}: process(es) {blind} of {self.world_size} do not see the run folder the main process "
+                "writes; on several machines the output folder must be one shared filesystem (NFS, Lustre, a cloud "
+                "file share) that every machine mounts at the same path: a checkpoint gathers every process's files"
+            )
+
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore a ``step-*/`` folder written by :meth:`save_checkpoint` (safe loads only).
 
@@ -499,6 +536,7 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        self.check_shared_out_dir()
         latest = self.latest_checkpoint()
         if latest is not None and not cfg.resume:
             raise FileExistsError(
