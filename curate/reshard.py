@@ -11,14 +11,17 @@ subset, and assigns them, in input order (shard by shard, row by row), to output
 ``i // samples_per_shard``. The assignment depends on the inputs alone, so a re-run after a
 kill (SIGKILL, any moment) recomputes the same plan, skips output shards whose completion
 marker exists and redoes the others; a half-written shard never becomes visible
-(:class:`curate.shards.ShardWriter`).
+(:class:`curate.shards.ShardWriter`). Output shards are written by ``--num-workers`` local
+processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`curate.workers`): the
+same bytes either way, and a task lost with its worker or node is retried.
 
 Samples are copied verbatim (image bytes, caption, extra members) under a new key
 ``{shard:05d}{index:04d}``; ``KEY.json`` records where each came from (``source_shard``,
 ``source_key``), and every column of the input Parquet row is carried into the output Parquet.
 
-``CURATED/`` holds the shards, ``sizes.json``, ``reshard.json`` (config, inputs, plan identity)
-and ``report.json``: the subset's uids found as successes, as failures (by status), not found
+``CURATED/`` holds the shards, ``sizes.json``, ``reshard.json`` (config, inputs, plan identity;
+where it runs is no part of the identity, so a run resumed with or without Ray is accepted)
+and ``report.json`` (with ``ran_on``): the subset's uids found as successes, as failures (by status), not found
 at all, repeated (a uid appearing twice: the first copy is kept); expected and written counts
 per shard, checked equal. Output from other inputs is refused unless ``--overwrite``, which
 removes only what reshard writes (shard files, ``sizes.json``, ``reshard.json``,
@@ -50,6 +53,7 @@ import numpy as np
 
 from curate.cli import UsageError
 from curate.config import arg, parse_config, save_config, to_dict
+from curate.raykit import RAY_ADDRESS_HELP
 from curate.shards import (
     SIZES_FILE,
     Sample,
@@ -68,6 +72,7 @@ from curate.shards import (
     shard_name,
     uid_membership,
 )
+from curate.workers import Workers
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "reshard.json"
@@ -83,6 +88,7 @@ class ReshardConfig:
     out: Path = arg(help="output shard folder", metavar="CURATED")
     samples_per_shard: int = arg(10000, help="samples per output shard (DataComp's resharder: 10000)")
     num_workers: int = arg(1, help="processes writing output shards")
+    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP)
     overwrite: bool = arg(False, help="replace an output folder made from other inputs")
     progress: bool = arg(True, help="show a progress bar")
 
@@ -300,16 +306,11 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
         for j, items in enumerate(plan) if not is_complete(cfg.out, j)
     ]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="reshard", unit="shard", disable=not cfg.progress)
-    if cfg.num_workers > 1 and len(todo) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(min(cfg.num_workers, len(todo))) as pool:
-            for _ in pool.imap_unordered(write_shard, todo):
-                bar.update(1)
-    else:
-        for task in todo:
-            write_shard(task)
-            bar.update(1)
+    # one task per output shard, on a local pool or a Ray cluster; each writes its shard atomically,
+    # marker last, so a retried task (a worker or node lost) redoes a shard, never doubles one
+    with Workers(min(cfg.num_workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as workers:
+        ran_on = workers.where if todo else "nowhere (every shard was already written)"
+        workers.map(write_shard, todo, bar)
     bar.close()
     sizes = finalize_folder(cfg.out)
     # every planned item is one output row: a success, or the status saying why it was not copied
@@ -333,7 +334,7 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
         "not_copied": dict(not_copied.most_common()),
         "expected_equals_written": sum(sizes.values()) + sum(not_copied.values()) == len(selection.items),
         "resumed_shards": len(plan) - len(todo), "sizes_file": str(cfg.out / SIZES_FILE),
-        "seconds": round(time.time() - started, 3),
+        "ran_on": ran_on, "seconds": round(time.time() - started, 3),
     }
     atomic_write_json(cfg.out / REPORT_FILE, report)
     return report

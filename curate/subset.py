@@ -26,7 +26,9 @@ trained on synthetic captions by mistake.)
 bins of their top 16 bits, a second collects the one bin that holds the ``N``-th key and finds
 the exact threshold; memory stays ``O(bins + N/65536)``. The copy then streams the input shards
 once, packed whole into output shards of about ``--samples-per-shard`` samples (default: the
-largest input shard), resumable per output shard.
+largest input shard), resumable per output shard; the shards are written by ``--num-workers``
+local processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`curate.workers`):
+the same bytes either way, and where they ran is no part of the settings a resume checks.
 
 ``DIR/`` holds the shards with ``sizes.json``, ``uids.npy`` (DataComp's sorted uid file of the
 subset), ``subset.json`` (settings, the threshold, the plan), ``subset_summary.json`` (counts
@@ -51,6 +53,7 @@ import numpy as np
 from curate.card import CaptionStats, read_card, remove_card, write_card
 from curate.cli import UsageError
 from curate.config import arg, parse_config, to_dict
+from curate.raykit import RAY_ADDRESS_HELP
 from curate.shards import (
     SIZES_FILE,
     Sample,
@@ -72,6 +75,7 @@ from curate.shards import (
     uid_halves,
     uids_to_array,
 )
+from curate.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class SubsetConfig:
                                                          "and qcap reinforce's reinforce.json)")
     samples_per_shard: int | None = arg(None, help="about this many samples per output shard (default: the largest input shard)")
     num_workers: int = arg(1, help="processes writing output shards")
+    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP)
     card: bool = arg(True, help="write the dataset card (README.md, preview.html, card/*.png)")
     overwrite: bool = arg(False, help="replace an output folder made with other inputs or settings")
     progress: bool = arg(True, help="show progress bars")
@@ -451,15 +456,11 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
             for j, inputs in enumerate(plan) if not is_complete(out, j)]
     bar = tqdm(total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",
                disable=not cfg.progress, dynamic_ncols=True)
-    if cfg.num_workers > 1 and len(todo) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(min(cfg.num_workers, len(todo))) as pool:
-            for result in pool.imap_unordered(write_shard, todo):
-                bar.update(result["count"])
-    else:
-        for task in todo:
-            bar.update(write_shard(task)["count"])
+    # one task per output shard, on a local pool or a Ray cluster; each writes its shard atomically,
+    # marker last, so a retried task (a worker or node lost) redoes a shard, never doubles one
+    with Workers(min(cfg.num_workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as workers:
+        ran_on = workers.where if todo else "nowhere (every shard was already written)"
+        workers.map(write_shard, todo, bar, weight=lambda result: result["count"])
     bar.close()
     sizes = finalize_folder(out)
     expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
@@ -491,7 +492,7 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         "num_input": total, "num_selected": n, "num_written": sum(sizes.values()), "not_copied": dict(not_copied),
         "num_output_shards": len(plan),
         "resumed_shards": len(plan) - len(todo), "input_counts": counts, "threshold": threshold_json,
-        "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()),
+        "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()), "ran_on": ran_on,
         "seconds": round(time.time() - started, 3),
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
