@@ -20,7 +20,7 @@ from curate.config import parse_config
 from curate.world.config import ScoreConfig, ServeConfig, WorldConfig
 
 # Flags that do not change what a world holds: with only these, an existing world is reused.
-_VIEW_FLAGS = {"--out", "--preview", "--no-preview", "--workers"}
+_VIEW_FLAGS = {"--out", "--preview", "--no-preview", "--workers", "--ray-address"}
 
 
 def world_main(argv: list[str], prog: str = "qcap world") -> int:

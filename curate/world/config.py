@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from curate.config import arg
+from curate.raykit import RAY_ADDRESS_HELP
 
 GENERATOR_VERSION = "1"
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
@@ -82,6 +83,7 @@ class WorldConfig:
     stall_seconds: float = arg(60.0, help="how long a stalled URL holds its connection (the server's shutdown cuts it short)")
     chunk_size: int = arg(500, help="samples per work unit (an image folder, a shard, a Parquet row group)")
     workers: int = arg(0, help="processes (0 = one per core); the output does not depend on it")
+    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP + "; the output does not depend on it")
     preview: bool = arg(False, help="also write W/preview.png: a grid of pool samples, alt-text against truth")
     overwrite: bool = arg(False, help="replace an existing world in --out")
 
@@ -120,14 +122,14 @@ class WorldConfig:
         return {name: float(getattr(self, f"rate_{name}")) for name in FAULTS}
 
     def identity(self) -> dict:
-        """Every field that changes the output (not workers, preview, overwrite or out).
+        """Every field that changes the output (not workers, ray_address, preview, overwrite or out).
 
         ``det_samples`` appears only when set: a world without a detection set records exactly
         what it recorded before the option existed (world.json stays byte-identical)."""
         from curate.config import to_dict
 
         data = to_dict(self)
-        for name in ("out", "workers", "preview", "overwrite"):
+        for name in ("out", "workers", "ray_address", "preview", "overwrite"):
             data.pop(name)
         if not data["det_samples"]:
             data.pop("det_samples")

@@ -22,7 +22,9 @@ per-sample seeds alone (any sample can be re-made by itself), writes its images 
 leaves its rows in ``W/.parts/``. The parent then streams the parts into ``pool.parquet`` and
 ``truth.parquet`` one row group per chunk, so memory stays flat in N, and writes
 ``world.json`` last: a world without it is unfinished, and the same command resumes it (done
-chunks are skipped). The output does not depend on the number of workers.
+chunks are skipped). Chunks are made by ``--workers`` local processes or, with
+``--ray-address``, as tasks on a Ray cluster; the output depends on neither (nor on the order
+chunks finish in), and neither is part of the world's identity.
 
 Usage::
 
@@ -825,26 +827,23 @@ def generate_world(cfg: WorldConfig, *, progress: bool = True) -> dict:
 
 
 def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: bool) -> None:
+    """Make the chunks of ``todo``: in this process, on ``workers`` local (spawned) processes or
+    as tasks on the Ray cluster at ``cfg.ray_address`` (:mod:`curate.workers`). Every chunk is
+    made from per-sample seeds alone and written under its own names, and the parts are merged
+    in job order (:func:`_assemble`), so neither the pool nor the completion order changes a
+    byte; a chunk lost with its worker or node is made again by the retry."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
+    from curate.config import to_dict
+    from curate.workers import Workers
+
     bar = tqdm(total=len(todo), desc="world chunks", unit="chunk", disable=not progress or not todo)
-    if workers <= 1 or len(todo) <= 1:
-        for job in todo:
-            run_job(cfg, out, job)
-            bar.update(1)
-    else:
-        import multiprocessing as mp
-        from dataclasses import replace
-
-        from curate.config import to_dict
-
-        cfg_dict = to_dict(replace(cfg, workers=1, preview=False, overwrite=False))
-        # fork where there is one: workers need no re-import of the caller's __main__ (spawn
-        # would re-run an unguarded script), and they run no threads of their own
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(min(workers, len(todo))) as pool:
-            for _ in pool.imap_unordered(_worker, [(cfg_dict, str(out), job) for job in todo]):
-                bar.update(1)
+    cfg_dict = to_dict(replace(cfg, workers=1, ray_address=None, preview=False, overwrite=False))
+    tasks = [(cfg_dict, str(out), job) for job in todo]
+    with Workers(min(workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as pool:
+        pool.map(_worker, tasks, bar)
     bar.close()
 
 
