@@ -9,6 +9,10 @@ How a stream is laid out (per process ``rank`` of ``world_size``, per DataLoader
   list; process ``rank`` takes every ``world_size``-th shard of it, and its worker ``w`` of
   ``W`` every ``W``-th of those. Each sample is therefore read by exactly one process and one
   worker per epoch; epochs follow each other without end (the trainer stops at its step count).
+  The split is by shard, not by sample: with a shard count that does not divide by the
+  processes (or shards of unequal sizes) the processes' shares differ in size; each trains the
+  same number of samples per step, so a smaller share comes round sooner and the processes'
+  epochs drift apart (nothing is dropped or padded; samples seen follow the step count).
   With ``resampled=True`` (DataComp's ``--dataset-resampled``, a fixed samples-seen budget)
   each worker instead draws shards with replacement, weighted by their sample counts.
 - **Chunks and shuffle buffer.** A worker reads its shards ``chunk_shards`` at a time; within

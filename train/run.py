@@ -12,6 +12,17 @@ On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2 -m 
 starts two processes and qcap picks Accelerate's multi-CPU mode (gloo); Accelerate's
 ``--cpu --num_processes 2`` starts a single process unless MPI is configured.
 
+Several machines: the same command on each, ``--num_processes`` counting the processes of all
+machines together, ``--machine_rank`` 0 on the main machine::
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 2 --machine_rank R \
+        --main_process_ip HOST0 --main_process_port 29500 -m train ... --out /shared/runs/x
+
+``--out`` must be one folder that every machine mounts at the same path (NFS, Lustre, a cloud
+file share): a checkpoint gathers every process's files in one ``step-*/`` folder and a resume
+reads them back everywhere; a run whose machines do not all see the main process's folder
+stops before its first step. (tests/test_train_multinode.py runs two machines on loopback.)
+
 The run folder gets ``config.json`` (the resolved config), ``metrics.jsonl``, ``logs/`` (the
 tracker), ``step-NNNNNN/`` checkpoints, ``final/`` (an open_clip ``local-dir:`` model:
 ``open_clip.create_model_and_transforms("local-dir:RUN/final")``) and ``eval.json``.
