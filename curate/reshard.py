@@ -301,8 +301,10 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
     if stale:
         raise ShardError(f"{cfg.out}: completed shards {stale[:5]} beyond the plan's {len(plan)}; pass --overwrite")
     width = max(4, len(str(n - 1)))
+    # the task's paths are absolute (expand_shards gives local shards so): a Ray worker's working
+    # folder is not this process's
     todo = [
-        {"tars": tars, "items": items, "shard_id": j, "out": str(cfg.out), "key_width": width}
+        {"tars": tars, "items": items, "shard_id": j, "out": os.path.abspath(cfg.out), "key_width": width}
         for j, items in enumerate(plan) if not is_complete(cfg.out, j)
     ]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="reshard", unit="shard", disable=not cfg.progress)

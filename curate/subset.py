@@ -451,8 +451,9 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     stale = sorted(completed_shards(out) - set(range(len(plan))))
     if stale:
         raise UsageError(f"{out}: holds shards {stale[:5]} beyond the plan's {len(plan)}; use --overwrite")
-    todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": str(out), "seed": cfg.seed, "threshold": threshold_json,
-             "captions": cfg.captions, "expected": {str(i): per_shard[i] for i in inputs}}
+    # the task's paths are absolute: a Ray worker's working folder is not this process's
+    todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": os.path.abspath(out), "seed": cfg.seed,
+             "threshold": threshold_json, "captions": cfg.captions, "expected": {str(i): per_shard[i] for i in inputs}}
             for j, inputs in enumerate(plan) if not is_complete(out, j)]
     bar = tqdm(total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",
                disable=not cfg.progress, dynamic_ncols=True)

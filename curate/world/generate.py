@@ -841,7 +841,7 @@ def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: b
 
     bar = tqdm(total=len(todo), desc="world chunks", unit="chunk", disable=not progress or not todo)
     cfg_dict = to_dict(replace(cfg, workers=1, ray_address=None, preview=False, overwrite=False))
-    tasks = [(cfg_dict, str(out), job) for job in todo]
+    tasks = [(cfg_dict, os.path.abspath(out), job) for job in todo]  # a Ray worker's working folder is not ours
     with Workers(min(workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as pool:
         pool.map(_worker, tasks, bar)
     bar.close()
