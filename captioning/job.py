@@ -346,12 +346,10 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
 
 def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: dict[str, Any]) -> dict[int, str]:
     """Run the Ray pipeline over ``pending`` shards; returns the shards that failed (id → why)."""
-    import ray
-
+    from curate.raykit import clean_error, ray_session
     from curate.shards import shard_size
 
-    started = start_ray(cfg.ray_address)
-    try:
+    with ray_session(cfg.ray_address):
         device = resolve_device(cfg.device)
         autocast = None
         if device == "cuda":
@@ -383,46 +381,6 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
             collector.bar.close()
             raise clean from None
         return collector.finish()
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def clean_error(err: BaseException) -> Exception | None:
-    """The user-facing error inside a Ray failure, as one line: Ray re-raises a task's
-    ShardError/ConfigError/UsageError as a class that is both RayTaskError and the original
-    (its message the whole remote traceback, ~170 lines), and Ray Data wraps user code errors
-    again. Returns a fresh error of the original class with the original message, or None when
-    nothing in ``err``'s chain is such an error (a bug: let its traceback through)."""
-    from curate.config import ConfigError
-    from curate.shards import ShardError
-
-    wanted = (ShardError, ConfigError, UsageError)
-    seen: set[int] = set()
-    stack = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)  # RayTaskError: the original exception object
-        if isinstance(cause, BaseException):
-            stack.append(cause)
-        if isinstance(current, wanted) and not _is_ray_wrapper(current):
-            message = " ".join(str(current).split())  # one line, whatever the original held
-            for base in wanted:
-                if isinstance(current, base):
-                    return base(message)
-        stack.extend([current.__cause__, current.__context__])
-    return None
-
-
-def _is_ray_wrapper(err: BaseException) -> bool:
-    try:
-        from ray.exceptions import RayError
-    except ImportError:
-        return False
-    return isinstance(err, RayError)
 
 
 def _expected_size(path: str, shard_size) -> int | None:
@@ -432,20 +390,6 @@ def _expected_size(path: str, shard_size) -> int | None:
         return shard_size(path)
     except ShardError:
         return None  # the reader will say what is wrong with the shard
-
-
-def start_ray(address: str | None) -> bool:
-    """Join ``address``, reuse a running Ray, or start a local one; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
-    return True
 
 
 def resolve_device(device: str) -> str:

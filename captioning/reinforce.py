@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -244,17 +243,10 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
     from tqdm import tqdm
 
     from captioning.job import resolve_device, versions
+    from curate.raykit import ray_session
     from curate.shards import ShardError, shard_size
 
-    started = False
-    if not ray.is_initialized():
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
-        started = True
-    try:
+    with ray_session(cfg.ray_address):
         device = resolve_device(cfg.device)
         autocast = None
         if device == "cuda":
@@ -300,9 +292,6 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
             bar.set_postfix({"images/s": f"{images / max(time.monotonic() - start, 1e-9):.1f}"}, refresh=False)
         bar.close()
         return failed
-    finally:
-        if started:
-            ray.shutdown()
 
 
 class ReinforceActor:

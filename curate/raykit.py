@@ -14,6 +14,7 @@ shared filesystem or an fsspec URL), as on any Ray cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,23 +26,70 @@ RAY_ADDRESS_HELP = ("run on an existing Ray cluster: 'auto' (the cluster this no
 
 
 @contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Join ``address``, start a local Ray with an explicit CPU count, or reuse a running one."""
+def ray_session(address: str | None, num_cpus: int | None = None, *,
+                object_store_memory: int | None = None) -> Iterator[None]:
+    """Join ``address``, start a local Ray with an explicit CPU count, or reuse a running one.
+
+    The one way every qcap stage starts Ray. Without ``address`` a new local instance starts
+    (``address="local"``: never attaching by surprise to a cluster someone else started on this
+    machine) with ``num_cpus`` (default: all) and no dashboard; the driver's logs stay quiet
+    (``log_to_driver=False``, Ray's own at WARNING) so qcap's one-line errors and bars are what
+    the user sees. Ray started here is shut down (a joined cluster: disconnected) at the end."""
     import ray
 
     if ray.is_initialized():  # a caller owns Ray: use it, leave it up
         yield
         return
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is not None:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")
+        if object_store_memory is not None:
+            options["object_store_memory"] = object_store_memory
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def clean_error(err: BaseException) -> Exception | None:
+    """The user-facing error inside a Ray failure, as one line: Ray re-raises a task's
+    ShardError/ConfigError/UsageError as a class that is both RayTaskError and the original
+    (its message the whole remote traceback, ~170 lines), and Ray Data wraps user code errors
+    again. Returns a fresh error of the original class with the original message, or None when
+    nothing in ``err``'s chain is such an error (a bug: let its traceback through)."""
+    from curate.cli import UsageError
+    from curate.config import ConfigError
+    from curate.shards import ShardError
+
+    wanted = (ShardError, ConfigError, UsageError)
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError: the original exception object
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+        if isinstance(current, wanted) and not _is_ray_wrapper(current):
+            message = " ".join(str(current).split())  # one line, whatever the original held
+            for base in wanted:
+                if isinstance(current, base):
+                    return base(message)
+        stack.extend([current.__cause__, current.__context__])
+    return None
+
+
+def _is_ray_wrapper(err: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayError
+    except ImportError:
+        return False
+    return isinstance(err, RayError)
 
 
 def cluster_cpus() -> int:
@@ -78,8 +126,11 @@ def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int 
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
     except ray.exceptions.RayTaskError as err:
-        cause = err.as_instanceof_cause()
-        raise (cause.cause if getattr(cause, "cause", None) is not None else cause) from None
+        clean = clean_error(err)
+        if clean is not None:
+            raise clean from None
+        cause = getattr(err, "cause", None)  # a bug in the task: its own exception, not Ray's wrapper
+        raise (cause if isinstance(cause, BaseException) else err) from None
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -94,6 +94,7 @@ def test_overwrite_refuses_a_folder_of_shards_caption_did_not_write(tmp_path, co
 def test_an_error_inside_ray_is_one_line(ray_address):  # noqa: F811
     import ray
 
+    from curate.raykit import clean_error
     from curate.shards import ShardError
 
     @ray.remote(max_retries=0)
@@ -103,9 +104,9 @@ def test_an_error_inside_ray_is_one_line(ray_address):  # noqa: F811
     with pytest.raises(ShardError) as info:
         ray.get(read_bad.remote())
     assert len(str(info.value).splitlines()) > 3  # Ray's own message: the remote traceback
-    clean = job.clean_error(info.value)
+    clean = clean_error(info.value)
     assert type(clean) is ShardError and str(clean) == "shard 00007.tar: KEY.json is not valid JSON"
-    assert job.clean_error(RuntimeError("a bug")) is None
+    assert clean_error(RuntimeError("a bug")) is None
 
 
 def test_a_hugging_face_folder_asking_for_remote_code_is_refused_without_a_prompt(tmp_path):

@@ -293,17 +293,13 @@ class RayBackend:
     def __init__(self, *, processes: int, ray_address: str | None, shard_retries: int, max_in_flight: int, **_ignored) -> None:
         import ray
 
+        from curate.raykit import ray_session
+
         self.ray = ray
-        self.owned = not ray.is_initialized()
-        if self.owned:
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if ray_address:
-                ray.init(address=ray_address, **options)
-            else:  # "local": never attach by surprise to a cluster someone else started here
-                ray.init(
-                    address="local", num_cpus=processes,
-                    object_store_memory=max(256 << 20, max_in_flight * (32 << 20)), **options,
-                )
+        # joined, started (a local one: never attaching by surprise to a cluster someone else started), or reused
+        self.session = ray_session(ray_address or None, processes,
+                                   object_store_memory=max(256 << 20, max_in_flight * (32 << 20)))
+        self.session.__enter__()
         self.task = ray.remote(_ray_execute).options(num_cpus=1, max_retries=shard_retries, retry_exceptions=True)
         self.actor = ray.remote(num_cpus=0)(_ProgressActor).remote()
         resources = ray.cluster_resources()
@@ -339,8 +335,7 @@ class RayBackend:
             return []
 
     def close(self, *, abort: bool = False) -> None:
-        if self.owned:  # shutting down (or disconnecting) Ray ends this job's tasks
-            self.ray.shutdown()
+        self.session.__exit__(None, None, None)  # Ray we started (or joined) ends: so do this job's tasks
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {

@@ -43,7 +43,6 @@ the run; a request for more CPUs or GPUs than Ray has is refused before any work
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -224,24 +223,6 @@ def _write_part(path: Path, rows: dict[str, list], identity: dict[str, Any]) -> 
 # The Ray Data pipeline
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Join ``address``, start a local Ray with an explicit CPU count, or reuse a running one."""
-    import ray
-
-    if ray.is_initialized():  # a caller (a notebook, a test session) owns Ray: use it, leave it up
-        yield
-        return
-    if address is not None:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _read_shard(item: dict[str, Any], *, transform, tokenizer, text_column: str | None,
                 decode_size: int | None) -> Iterator[dict[str, Any]]:
     """One shard's candidate samples, decoded and preprocessed (a Ray Data flat_map).
@@ -404,6 +385,8 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], labels: dic
     todo = {tar: sorted(set(keys)) for tar, keys in todo.items()}  # a key twice in a Parquet is one sample
     expected = {labels[tar]: len(keys) for tar, keys in todo.items()}
     items = [{"tar": tar, "label": labels[tar], "keys": keys, "pixel_shape": pixel_shape} for tar, keys in todo.items()]
+    from curate.raykit import ray_session
+
     with ray_session(cfg.ray_address, cfg.num_cpus):
         resources = ray.cluster_resources()
         check_resources(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
