@@ -246,3 +246,38 @@ def test_machines_without_a_shared_run_folder_stop_before_training(tmp_path, mac
     main = cwds[0] / "run"
     assert not list(main.glob("step-*")) and not list(main.glob(".step-*")) and not (main / "metrics.jsonl").exists()
     assert not list(main.glob(".shared-*"))  # the marker is removed
+
+
+@pytest.mark.slow  # ~90 s: two pairs of machines
+def test_finetune_on_two_machines_stops_resumes_and_writes_metrics_once(tmp_path, machines):
+    """qcap finetune seg on two machines: the same Trainer, a MapStream split by global rank."""
+    import numpy as np
+    from PIL import Image
+    from test_finetune_data import make_seg_folder
+
+    data = make_seg_folder(tmp_path / "seg", num_train=8, num_val=5)  # 5 eval images: shards of 3 and 2
+    out = tmp_path / "ft"
+    args = ["-m", "finetune", "finetune", "seg", "--random", "qcap-tiny-clip", "--data", str(data), "--out", str(out),
+            "--preset", "tiny", "--batch-size", "2", "--steps", "4", "--checkpoint-every", "2", "--workers", "0",
+            "--num-examples", "1"]
+    pair = machines(tmp_path / "logs-stopped", [*args, "--stop-at-step", "2"])  # as a job time limit would
+    assert pair.wait() == [0, 0], pair.stderr(0) + pair.stderr(1)
+    checkpoint = out / "step-000002"
+    assert {p.name for p in checkpoint.glob("data-*.json")} == {"data-0.json", "data-1.json"}
+    assert {p.name for p in checkpoint.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    assert json.loads((checkpoint / "trainer.json").read_text())["world_size"] == 2
+    assert not (out / "metrics.json").exists() and not (out / "final").exists()  # not finished: no results yet
+    mark_metrics(out)
+
+    pair = machines(tmp_path / "logs-resumed", [*args, "--resume"])
+    assert pair.wait() == [0, 0], pair.stderr(0) + pair.stderr(1)
+    assert_resumed_from(out, 2)
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["training"]["steps"] == 4 and result["training"]["processes"] == 2
+    assert result["training"]["samples_seen"] == 4 * 2 * 2  # both machines' batches, before and after the stop
+    labelled = sum(int((np.asarray(Image.open(p)) != 255).sum()) for p in (data / "annotations" / "validation").glob("*.png"))
+    assert result["metrics"]["num_pixels"] == labelled  # both machines' evaluation shards were summed
+    assert (out / "final" / "model.safetensors").exists() and (out / "examples.png").exists()
+    assert sorted(p.name for p in out.glob("metrics*")) == ["metrics.json", "metrics.jsonl"]  # one, no partial copy
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
