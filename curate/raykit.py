@@ -98,7 +98,11 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _call(func: Callable[[Any], Any], task: Any) -> Any:
+def _call(func: Callable[[Any], Any], task: Any, cwd: str) -> Any:
+    """One task on a worker: in the driver's working folder when this node has it (a shared
+    filesystem mounted at the same place), so relative paths mean what they meant to the user."""
+    if os.getcwd() != cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
     return func(task)
 
 
@@ -110,6 +114,7 @@ def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int 
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)(_call)
     limit = max_in_flight or 2 * cluster_cpus()
     func_ref = ray.put(func)
+    cwd = os.getcwd()
     pending: list = []
     queue = iter(tasks)
     exhausted = False
@@ -120,7 +125,7 @@ def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int 
                 if task is None:
                     exhausted = True
                     break
-                pending.append(remote.remote(func_ref, task))
+                pending.append(remote.remote(func_ref, task, cwd))
             if not pending:
                 break
             done, pending = ray.wait(pending, num_returns=1)

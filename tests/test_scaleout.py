@@ -26,8 +26,9 @@ def cluster():
         yield running
 
 
-def qcap(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=ENV, timeout=timeout)
+def qcap(*argv: str, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=ENV, timeout=timeout,
+                          cwd=cwd)
 
 
 def digest(folder: Path, skip: set[str] = RUN_RECORDS) -> dict[str, str]:
@@ -44,15 +45,16 @@ def dr_inputs(tmp_path_factory) -> dict[str, Path]:
     return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions)}
 
 
-def build_dr(inputs: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+def build_dr(inputs: dict[str, Path], out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return qcap("build-dr", "--images", str(inputs["images"]), "--captions", str(inputs["syn"]), "--out", str(out),
-                "--no-progress", "--no-card", "--partition-rows", "20", *extra)
+                "--no-progress", "--no-card", "--partition-rows", "20", *extra, cwd=cwd)
 
 
 def test_build_dr_on_the_cluster_writes_what_the_local_run_writes(cluster, dr_inputs, tmp_path):
     local = build_dr(dr_inputs, tmp_path / "local", "--num-workers", "2")
     assert local.returncode == 0, local.stderr[-2000:]
-    remote = build_dr(dr_inputs, tmp_path / "ray", "--ray-address", cluster.address)
+    # a relative --out, as a user types it: the tasks on the cluster write where the driver means
+    remote = build_dr(dr_inputs, Path("ray"), "--ray-address", cluster.address, cwd=tmp_path)
     assert remote.returncode == 0, remote.stderr[-2000:]
     assert "counts reconcile: yes" in remote.stdout
     assert digest(tmp_path / "ray") == digest(tmp_path / "local")
