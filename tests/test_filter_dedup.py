@@ -11,8 +11,10 @@ import pytest
 from test_filter_support import assert_datacomp_uids, shared_world, truth_table
 
 from curate.filters.config import DedupConfig
-from curate.filters.dedup import block_difference, image_hashes, lsh_parameters, main, pairs_brute_force, pairs_lsh
+from curate.filters.dedup import block_difference, image_hashes, lsh_parameters, main, pairs_brute_force
+from curate.filters.near import pairs_lsh_partitioned
 from curate.shards import array_to_uids, save_uids
+from curate.workers import Workers
 
 
 def run(raw: Path, out: Path, **overrides) -> dict:
@@ -136,11 +138,27 @@ def test_hash_and_verification_units(tmp_path):
     flips = np.array([np.uint64(sum(1 << int(b) for b in rng.choice(64, 3, replace=False))) for _ in range(50)],
                      dtype=np.uint64)
     hashes = np.concatenate([base, base[:50] ^ flips])
-    exact, _ = pairs_brute_force(hashes, 4)
+    exact, nearest = pairs_brute_force(hashes, 4)
     bits, tables, recall = lsh_parameters(len(hashes), 4, 0.999)
-    found, _ = pairs_lsh(hashes, 4, bits, tables, seed=1)
     assert recall >= 0.999 and {tuple(p) for p in exact} >= {(i, 400 + i) for i in range(50)}
+    # the partitioned search (one process; then 37 partitions of 3 chunks): the same pairs as brute force
+    with Workers(1) as workers:
+        found, near_found, layout = pairs_lsh_partitioned(hashes, 4, bits, tables, seed=1, work=tmp_path / "a",
+                                                          workers=workers, partition_rows=10**9, chunk_rows=10**9)
+        split, near_split, split_layout = pairs_lsh_partitioned(hashes, 4, bits, tables, seed=1, work=tmp_path / "b",
+                                                                workers=workers, partition_rows=len(hashes) * tables // 37,
+                                                                chunk_rows=160)
+    assert layout == {"partitions": 1, "chunks": 1} and split_layout["chunks"] == 3 and split_layout["partitions"] >= 37
     assert {tuple(p) for p in found} == {tuple(p) for p in exact}
+    assert np.array_equal(split, found) and np.array_equal(near_split, near_found)
+    close = nearest <= 4  # a hash with a neighbour within the radius shares a bucket with it: the same nearest
+    assert np.array_equal(near_found[close], nearest[close]) and np.all(near_found >= nearest)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # the work folders are removed
+    # few tables: a subset of the exact pairs, whatever the partitioning
+    few = [pairs_lsh_partitioned(hashes, 4, bits, 2, seed=1, work=tmp_path / f"c{k}", workers=Workers(1),
+                                 partition_rows=rows, chunk_rows=chunks)[0] for k, (rows, chunks) in
+           enumerate([(10**9, 10**9), (50, 100)])]
+    assert np.array_equal(few[0], few[1]) and {tuple(p) for p in few[0]} < {tuple(p) for p in exact}
 
 
 def test_config_errors():

@@ -111,3 +111,26 @@ def test_filter_basic_on_the_cluster_decides_what_the_local_run_decides(cluster,
                       comparable_report(report / "report.json"))
     assert runs["ray"] == runs["local"] and runs["pool"] == runs["local"]
     assert runs["local"][2]["counts"]["total"] == 240 and runs["local"][2]["settings"]["top_languages"]
+
+
+def test_dedup_on_the_cluster_hashes_and_searches_partitions_as_the_local_run_does(cluster, tmp_path_factory, tmp_path):
+    from test_filter_support import shared_world
+
+    _, raw = shared_world(tmp_path_factory)  # planted exact and near copies in 5 shards
+    runs = {}
+    for name, extra in (("local", []), ("ray", ["--ray-address", cluster.address])):
+        out = tmp_path / name / "dedup.npy"
+        # LSH even at this size, its search split into partitions of ~200 (table, hash) rows: many tasks
+        done = qcap("filter", "dedup", "--shards", str(raw), "--out", str(out), "--no-progress", "--no-preview",
+                    "--no-histograms", "--brute-force-below", "0", "--near-partition-rows", "200", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = out.with_name("dedup.report")
+        facts = comparable_report(report / "report.json")
+        assert facts["settings"].pop("hashes") == str(out.with_name("dedup.hashes"))  # where, not what
+        runs[name] = (out.read_bytes(), (report / "decisions.parquet").read_bytes(), facts,
+                      digest(out.with_name("dedup.hashes")))
+        assert not (report / ".near-search").exists()
+    assert runs["ray"] == runs["local"]
+    settings = runs["local"][2]["settings"]
+    assert settings["candidates_by"] == "lsh" and settings["lsh_partitions"] > 10
+    assert runs["local"][2]["counts"]["dropped"].get("near_duplicate", 0) > 0

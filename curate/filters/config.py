@@ -125,7 +125,12 @@ class DedupConfig(FilterConfig):
     lsh_recall: float = arg(0.99, help="LSH: wanted chance that a pair at --max-distance shares a bucket somewhere")
     keep: Literal["smallest_uid", "largest_image"] = arg("smallest_uid", help="which member of a duplicate group survives")
     hashes: Path | None = arg(None, help="folder of per-shard hash parts, reused across runs and settings (default: OUT.hashes)", metavar="DIR")
-    num_workers: int = arg(1, help="processes that hash the shards")
+    num_workers: int = arg(1, help="processes that hash the shards and search the LSH partitions")
+    ray_address: str | None = arg(None, help="hash the shards and search the LSH partitions as Ray tasks on an existing "
+                                             "cluster: 'auto' or HOST:PORT of its head (its nodes must see the shards "
+                                             "and the output folder; the output is the same)")
+    near_partition_rows: int = arg(4_000_000, help="LSH search: about this many (table, hash) rows per partition task, "
+                                                   "the memory bound of one task (the pairs found do not depend on it)")
     seed: int = arg(0, help="seed of the LSH bit choices")
 
     def __post_init__(self) -> None:
@@ -138,5 +143,5 @@ class DedupConfig(FilterConfig):
             raise ValueError("lsh_bits/lsh_tables: bits in 0..64 (0 = auto), tables >= 0 (0 = auto)")
         if not 0.0 < self.lsh_recall < 1.0:
             raise ValueError("lsh_recall: must be in (0, 1)")
-        if self.num_workers < 1 or self.brute_force_below < 0:
-            raise ValueError("num_workers: must be >= 1; brute_force_below: >= 0")
+        if self.num_workers < 1 or self.brute_force_below < 0 or self.near_partition_rows < 1:
+            raise ValueError("num_workers, near_partition_rows: must be >= 1; brute_force_below: >= 0")

@@ -43,10 +43,15 @@ How it scales (100M images):
    T sorts of N keys plus ~8 pair checks per image per table. The radius sets T: at 100M and
    99% recall, ``--max-distance 4`` needs 30 tables, 6 needs 88, 10 needs 821 — at that scale
    choose 4–6 (re-encoded copies mostly land within 4 bits; the world's worst case is 10).
+   The search is partitioned (:mod:`curate.filters.near`): every bucket falls in one of ``P``
+   partitions, each searched by its own task holding about ``--near-partition-rows`` rows, on
+   the ``--num-workers`` pool or the nodes of a Ray cluster (``--ray-address``, as the hashing);
+   the pairs found do not depend on ``P`` or on where the tasks ran.
 4. Verification reads thumbnails only of images in candidate pairs.
 
-Memory: per image the uid, digest, hash and a few integers (~100 bytes: ~10 GB at 100M);
-thumbnails only for candidates.
+Memory: in the driver, per image the uid, digest, hash and a few integers (~100 bytes: ~10 GB at
+100M); thumbnails only for candidates. The LSH search holds no table of every hash: a task holds
+its partition.
 
 Per row, not per uid: the same uid can be in a folder twice (two overlapping downloads of one
 pool row); each row is a member of the groups on its own, so two rows of one uid with the same
@@ -77,9 +82,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, run_filter
+from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, report_dir_of, run_filter
 from curate.filters.config import DedupConfig
 from curate.filters.members import UNREADABLE_SHARD, SampleProblem, label_stem, read_wanted, shard_labels
+from curate.filters.near import hamming, pairs_lsh_partitioned
 from curate.filters.report import Histogram, linear_edges
 from curate.shards import atomic_write_bytes, atomic_write_json, decode_image
 
@@ -94,6 +100,7 @@ UNDECODABLE = "undecodable_image"
 HASH_SETTINGS = {"version": 2, "phash_hash_size": HASH_SIZE, "decode_draft": DECODE_DRAFT, "thumb_side": THUMB_SIDE,
                  "thumb_blur": THUMB_BLUR}
 SETTINGS_FILE = "settings.json"
+NEAR_CHUNK_ROWS = 1_000_000  # hashes per bucketing task of the partitioned LSH search
 PART_COLUMNS = ("key", "sha256", "phash", "width", "height", "thumb", "thumb_width", "thumb_height", "reason", "error")
 
 
@@ -146,11 +153,11 @@ def sample_hashes(sample) -> dict[str, Any]:
     return image_hashes(data)
 
 
-def hash_shard(task: tuple[str, list[str], str]) -> tuple[int, list[dict[str, Any]]]:
+def hash_shard(task: tuple[str, list[str], str]) -> tuple[str, int, list[dict[str, Any]]]:
     """Hash ``keys`` of one shard into its part (rows already there for other keys are kept).
 
-    Returns (keys done, rows not stored): a sample past the point where the tar breaks is not
-    stored in the part (a re-downloaded tar gets hashed again), it is returned instead."""
+    Returns (tar, keys done, rows not stored): a sample past the point where the tar breaks is
+    not stored in the part (a re-downloaded tar gets hashed again), it is returned instead."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -167,7 +174,7 @@ def hash_shard(task: tuple[str, list[str], str]) -> tuple[int, list[dict[str, An
         sink = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=_part_schema()), sink)
         atomic_write_bytes(part, sink.getvalue())
-    return len(keys), transient
+    return tar, len(keys), transient
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +196,6 @@ class UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int16)
 
 
 def pairs_brute_force(hashes: np.ndarray, max_distance: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -222,35 +225,6 @@ def lsh_parameters(n: int, max_distance: int, recall: float, bits: int = 0, tabl
     if tables <= 0:
         tables = 1 if p >= recall else int(math.ceil(math.log(1 - recall) / math.log(1 - p)))
     return bits, tables, 1 - (1 - p) ** tables
-
-
-def pairs_lsh(hashes: np.ndarray, max_distance: int, bits: int, tables: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs within ``max_distance`` that share a bucket in some table; nearest distance among them."""
-    n = len(hashes)
-    rng = np.random.default_rng(seed)
-    nearest = np.full(n, 64, dtype=np.int16)
-    codes: list[np.ndarray] = []
-    for _ in range(tables):
-        positions = rng.choice(64, size=bits, replace=False).astype(np.uint64)
-        keys = np.zeros(n, dtype=np.uint64)
-        for k, pos in enumerate(positions):
-            keys |= ((hashes >> pos) & np.uint64(1)) << np.uint64(k)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], n]
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = order[s:e]
-            dist = hamming(hashes[members, None], hashes[None, members])
-            np.fill_diagonal(dist, 99)
-            nearest[members] = np.minimum(nearest[members], dist.min(axis=1))
-            i, j = np.nonzero(np.triu(dist <= max_distance, 1))
-            a, b = members[i], members[j]
-            codes.append(np.minimum(a, b) * n + np.maximum(a, b))
-    if not codes:
-        return np.zeros((0, 2), np.int64), nearest
-    unique = np.unique(np.concatenate(codes))
-    return np.stack([unique // n, unique % n], axis=1).astype(np.int64), nearest
 
 
 def block_difference(a: tuple[bytes, int, int], b: tuple[bytes, int, int]) -> float:
@@ -330,7 +304,7 @@ class DedupFilter(BaseFilter):
             if own(path):
                 path.unlink()
 
-    def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None
+    def _hash_all(self, shards: Sequence[str], subset: np.ndarray | None, workers
                   ) -> tuple[list[tuple[str, list[int], list[str], list[str]]], dict[tuple[str, str], dict[str, Any]]]:
         """Hash every candidate not hashed yet; returns (tar, candidate rows, their keys, their uids) per
         shard, and the rows of samples the tar broke before (not stored), by (tar, key)."""
@@ -359,27 +333,25 @@ class DedupFilter(BaseFilter):
         self.facts["num_hashed_now"] = total
         bar = tqdm(total=total, desc="dedup: hashing", unit="img", disable=not self.cfg.progress or not tasks)
         transient: dict[tuple[str, str], dict[str, Any]] = {}
-        if self.cfg.num_workers > 1 and len(tasks) > 1:
-            import multiprocessing
-
-            with multiprocessing.get_context("spawn").Pool(min(self.cfg.num_workers, len(tasks))) as pool:
-                for task, (done, unstored) in zip(tasks, pool.imap(hash_shard, tasks), strict=True):
-                    transient.update({(task[0], r["key"]): r for r in unstored})
-                    bar.update(done)
-        else:
-            for task in tasks:
-                done, unstored = hash_shard(task)
-                transient.update({(task[0], r["key"]): r for r in unstored})
-                bar.update(done)
+        for tar, done, unstored in workers.imap(hash_shard, tasks):  # a local pool or Ray tasks
+            transient.update({(tar, r["key"]): r for r in unstored})
+            bar.update(done)
         bar.close()
         return per_shard, transient
 
     # ---- grouping
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
+        from curate.workers import Workers
+
+        cfg = self.cfg
+        with Workers(cfg.num_workers, ray_address=cfg.ray_address) as workers:
+            self._prepare(shards, subset, workers)
+
+    def _prepare(self, shards: Sequence[str], subset: np.ndarray | None, workers) -> None:
         import pyarrow.parquet as pq
 
         cfg = self.cfg
-        per_shard, transient = self._hash_all(shards, subset)
+        per_shard, transient = self._hash_all(shards, subset, workers)
         labels = shard_labels(shards)
         # one entry per candidate *row* (a uid or a key can repeat): its place and hashes
         places: list[tuple[str, int]] = []  # (tar, row in its Parquet): the result's key
@@ -458,9 +430,12 @@ class DedupFilter(BaseFilter):
                 self.facts["candidates_by"] = "all pairs"
             else:
                 bits, tables, recall = lsh_parameters(len(reps), cfg.max_distance, cfg.lsh_recall, cfg.lsh_bits, cfg.lsh_tables)
-                pairs, near_rep = pairs_lsh(hashes, cfg.max_distance, bits, tables, cfg.seed)
+                pairs, near_rep, layout = pairs_lsh_partitioned(
+                    hashes, cfg.max_distance, bits, tables, cfg.seed, work=report_dir_of(cfg.out) / ".near-search",
+                    workers=workers, partition_rows=cfg.near_partition_rows, chunk_rows=NEAR_CHUNK_ROWS)
                 self.facts.update(candidates_by="lsh", lsh_bits=bits, lsh_tables=tables,
-                                  lsh_recall_at_max_distance=round(recall, 6))
+                                  lsh_recall_at_max_distance=round(recall, 6), lsh_partitions=layout["partitions"],
+                                  lsh_chunks=layout["chunks"])
             nearest[reps] = near_rep
             pairs = reps[pairs]
             aspect = np.array(aspects)
