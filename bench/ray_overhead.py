@@ -1,0 +1,154 @@
+"""Ray's overhead per shard-parallel stage: the same command on the same cores, on the local
+process pool (``--num-workers C``) and as Ray tasks on a one-node cluster of ``C`` CPUs
+(``ray start --head --num-cpus C``, joined with ``--ray-address``), in one run.
+
+Each stage runs ``--repeats`` times per backend, alternating, each run into a fresh output folder
+and as its own process (start-up, Ray's driver connection and import costs included: what a
+user pays). Printed per stage: median wall seconds of each and the ratio Ray / local (the goal:
+at most 1.2). The outputs of the two backends are checked equal, byte for byte.
+
+Inputs (made once, in a temporary folder): curated image shards and caption shards for build-dr,
+and a raw pool of the embedded world (with its planted faults and duplicates) for the filters.
+
+Run::
+
+    python bench/ray_overhead.py                       # 2 CPUs, 3 repeats, the default sizes
+    python bench/ray_overhead.py --scale 0.25 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' data makers: the same inputs the scale-out tests use
+ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1",
+           NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1")
+RUN_RECORDS = {"build_dr.json", "build_dr_summary.json", "report.json", "config.json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_head(cpus: int, temp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(temp / "head.log", "w")  # noqa: SIM115 - lives as long as the head
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard", "false",
+                             "--temp-dir", str(temp / "ray"), "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in (temp / "head.log").read_text():
+        if head.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"ray start failed: {(temp / 'head.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    return head, f"127.0.0.1:{port}"
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in RUN_RECORDS}
+
+
+def make_inputs(root: Path, scale: float) -> dict[str, Path]:
+    from dr_data import write_images, write_qcap_captions
+    from test_filter_support import raw_shards_from_world, world_config
+
+    from curate.world.generate import generate_world
+
+    shards, per_shard = max(4, int(80 * scale)), 125
+    layout = [list(range(s * per_shard, (s + 1) * per_shard)) for s in range(shards)]
+    numbers = [n for n in range(shards * per_shard) if n % 7]
+    captions = [numbers[i::max(1, shards // 2)] for i in range(max(1, shards // 2))]
+    world = root / "world"
+    generate_world(world_config(world, num_samples=max(400, int(4000 * scale)), plant_each=4), progress=False)
+    return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions),
+            "raw": raw_shards_from_world(world, root / "raw", shard_size=100)}
+
+
+def stages(inputs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
+    """stage -> (argv without --out and backend flags, the output flag's target name)."""
+    return {
+        "build-dr": (["build-dr", "--images", str(inputs["images"]), "--captions", str(inputs["syn"]), "--no-progress",
+                      "--no-card"], "dr"),
+        "filter basic": (["filter", "basic", "--shards", str(inputs["raw"]), "--no-progress", "--no-preview",
+                          "--no-histograms"], "basic.npy"),
+        "filter dedup": (["filter", "dedup", "--shards", str(inputs["raw"]), "--no-progress", "--no-preview",
+                          "--no-histograms"], "dedup.npy"),
+    }
+
+
+def run(argv: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=ENV)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"qcap {' '.join(argv)} failed: {done.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0)
+    args = parser.parse_args()
+    temp = Path(tempfile.mkdtemp(prefix="qro", dir="/tmp"))
+    try:
+        print(f"making inputs (scale {args.scale}) in {temp} ...", flush=True)
+        inputs = make_inputs(temp, args.scale)
+        head, address = start_head(args.cpus, temp)
+        rows = []
+        try:
+            for name, (argv, target) in stages(inputs).items():
+                times: dict[str, list[float]] = {"local": [], "ray": []}
+                outputs: dict[str, Path] = {}
+                for repeat in range(args.repeats):
+                    for backend, flags in (("local", ["--num-workers", str(args.cpus)]),
+                                           ("ray", ["--ray-address", address])):
+                        folder = temp / "runs" / f"{name.replace(' ', '-')}-{backend}-{repeat}"
+                        folder.mkdir(parents=True)
+                        out = folder / target
+                        times[backend].append(run([*argv, "--out", str(out), *flags]))
+                        outputs[backend] = folder
+                same = digest(outputs["local"]) == digest(outputs["ray"])
+                local, ray = statistics.median(times["local"]), statistics.median(times["ray"])
+                rows.append((name, local, ray, ray / local, same))
+                print(f"  {name}: local {local:.2f} s, ray {ray:.2f} s, ratio {ray / local:.2f}, same output: {same}",
+                      flush=True)
+        finally:
+            stop_head(head)
+        load = os.getloadavg()[0]
+        print(f"\nRay overhead on {args.cpus} CPUs (medians of {args.repeats}; load average now {load:.1f})")
+        print(f"{'stage':<14} {'local pool':>11} {'Ray':>9} {'Ray/local':>10}  same output")
+        for name, local, ray, ratio, same in rows:
+            print(f"{name:<14} {local:>10.2f}s {ray:>8.2f}s {ratio:>10.2f}  {'yes' if same else 'NO'}")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
