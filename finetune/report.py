@@ -184,7 +184,7 @@ def table_column_keys(table: dict[str, dict[str, Any]]) -> set[str]:
 
 def table_columns(table: dict[str, dict[str, Any]]) -> list[Column]:
     """The columns a collected table holds, in report order."""
-    present = set().union(*(cells.keys() for cells in table.values())) if table else set()
+    present = table_column_keys(table)
     return [c for c in (*COLUMNS, *DET_COLUMNS) if c.key in present]
 
 
