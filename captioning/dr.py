@@ -59,7 +59,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -80,7 +80,7 @@ from captioning.dr_sources import CaptionRecord, CaptionSource, open_source
 from captioning.quality import DEGENERATE, FLAGS
 from curate.card import CaptionStats, trace_lineage, write_card
 from curate.cli import UsageError
-from curate.config import arg, parse_config, to_dict
+from curate.config import arg, output_settings, parse_config, to_dict
 from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
 from curate.raykit import RAY_ADDRESS_HELP
 from curate.shards import (
@@ -115,18 +115,18 @@ UIDS_FILE = "uids.npy"
 WORK_DIR = ".build-dr"
 # Severity order: a caption with several flags is counted under the first of these it has.
 FLAG_ORDER = ("empty", "no_letters", "repeated_word", "repeated_phrase", "low_diversity", "too_short", "truncated")
-# Settings that change what the output holds; a folder is built with one of each.
-_FINGERPRINT = ("images", "captions", "apple_syn", "drop_flags", "min_score", "min_syn_captions")
 
 
 @dataclass(kw_only=True)
 class BuildDRConfig:
     """Join curated image shards and synthetic captions by uid into DataCompDR shards (resumable)."""
 
+    STAGE: ClassVar[str] = "build-dr"  # its name in dataset cards' lineage
+
     images: str = arg(help="curated image shards: folder, brace pattern or glob (tar + Parquet, with uids)")
     captions: str | None = arg(None, help="qcap caption output folder (webdataset or --format parquet side tables)")
     apple_syn: str | None = arg(None, help="instead of --captions: a folder of Apple's DataCompDR caption/embedding tars")
-    out: Path = arg(help="output DR shard folder (shard i holds image shard i's samples)", metavar="DR")
+    out: Path = arg(shapes_output=False, help="output DR shard folder (shard i holds image shard i's samples)", metavar="DR")
     tagged_captions: tuple[str, ...] = arg(
         (), help="further caption sources, TAG=FOLDER each (qcap caption output of other captioners, MobileCLIP2-style): "
                  "joined by uid like --captions, stored under syn_text_<TAG> (KEY.syn_tags.json, provenance per tag in "
@@ -137,14 +137,14 @@ class BuildDRConfig:
                                       "single flags (e.g. too_short truncated), or 'none'")
     min_score: float | None = arg(None, help="drop synthetic captions whose image-text score is below this (unscored ones are kept and counted)")
     min_syn_captions: int = arg(1, help="images left with fewer synthetic captions are dropped (status too_few_captions)")
-    partition_rows: int = arg(2_000_000, help="join memory bound: about this many index rows per side per partition")
-    num_workers: int = arg(1, help="processes indexing and writing shards")
-    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP + "; the join runs on this node, partition by partition")
-    open_files: int = arg(16, help="caption shards kept open per writer (LRU)")
-    keep_work: bool = arg(False, help=f"keep the index and join files in DR/{WORK_DIR} when done")
-    overwrite: bool = arg(False, help="replace a DR folder built from other inputs or settings")
-    card: bool = arg(True, help="write the dataset card (README.md, preview.html, card/*.png)")
-    progress: bool = arg(True, help="show progress bars")
+    partition_rows: int = arg(2_000_000, shapes_output=False, help="join memory bound: about this many index rows per side per partition")
+    num_workers: int = arg(1, shapes_output=False, help="processes indexing and writing shards")
+    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP + "; the join runs on this node, partition by partition")
+    open_files: int = arg(16, shapes_output=False, help="caption shards kept open per writer (LRU)")
+    keep_work: bool = arg(False, shapes_output=False, help=f"keep the index and join files in DR/{WORK_DIR} when done")
+    overwrite: bool = arg(False, shapes_output=False, help="replace a DR folder built from other inputs or settings")
+    card: bool = arg(True, shapes_output=False, help="write the dataset card (README.md, preview.html, card/*.png)")
+    progress: bool = arg(True, shapes_output=False, help="show progress bars")
 
     def __post_init__(self) -> None:
         if (self.captions is None) == (self.apple_syn is None):
@@ -466,15 +466,16 @@ def identity(cfg: BuildDRConfig, images: list[tuple[int, str]], source: CaptionS
              tagged: list[tuple[str, CaptionSource]] = ()) -> dict[str, Any]:
     """What the output depends on: settings, and every input shard's name and size (tagged
     sources only when there are any, so a folder built before they existed still resumes)."""
-    values = to_dict(cfg)
+    settings = output_settings(cfg)  # the fields BuildDRConfig declares to shape the output
+    if not tagged:
+        settings.pop("tagged_captions")
     ident = {
-        "settings": {key: values[key] for key in _FINGERPRINT},
+        "settings": settings,
         "images": [[os.path.basename(p), _file_size(p)] for _, p in images],
         "captions": _caption_files(source),
         "caption_kind": source.kind,
     }
     if tagged:
-        ident["settings"]["tagged_captions"] = list(values["tagged_captions"])
         ident["tagged"] = {key: {"kind": t.kind, "captions": _caption_files(t)} for key, t in tagged}
     return ident
 

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from captioning.params import DecodeParams
 from curate.cli import UsageError
@@ -45,11 +45,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "caption_config.json"
 SUMMARY_FILE = "caption_summary.json"
 READ_CHUNK = 256  # samples per block out of the reader
-# Settings that change the captions: a folder holds captions made with one of each.
-_FINGERPRINT = ("backend", "model", "pretrained", "checkpoint", "num_captions", "decoding", "top_p", "top_k",
-                "temperature", "num_beams", "num_beam_groups", "repetition_penalty", "seq_len", "min_seq_len",
-                "seed", "first_sentence", "output_format", "scorer_model", "scorer_pretrained", "scorer_checkpoint",
-                "num_candidates", "select", "diversity", "tag")
+# A folder holds captions made with one value of each field that shapes them (declared on CaptionConfig).
 # Fingerprint fields added later: a folder captioned before they existed holds their defaults.
 _FINGERPRINT_DEFAULTS = {"num_candidates": 0, "select": "score", "diversity": 0.5, "tag": None}
 
@@ -58,8 +54,10 @@ _FINGERPRINT_DEFAULTS = {"num_candidates": 0, "select": "score", "diversity": 0.
 class CaptionConfig:
     """Write N synthetic captions per image of a shard folder (DataCompDR), resumably, on Ray."""
 
-    shards: str = arg(help="input shards: a folder, brace pattern or glob of .tar shards (curated output)")
-    out: Path = arg(help="output folder; shard i of the input becomes shard i here")
+    STAGE: ClassVar[str] = "caption"  # its name in dataset cards' lineage
+
+    shards: str = arg(shapes_output=False, help="input shards: a folder, brace pattern or glob of .tar shards (curated output)")
+    out: Path = arg(shapes_output=False, help="output folder; shard i of the input becomes shard i here")
     model: str | None = arg(None, help="open_clip CoCa name (coca_ViT-L-14, qcap-tiny-coca) or, for --backend hf, a hub id or folder")
     pretrained: str | None = arg(None, help="open_clip pretrained tag or weights file (e.g. mscoco_finetuned_laion2B-s13B-b90k)")
     checkpoint: str | None = arg(None, help="a checkpoint folder (qcap/open_clip local-dir, a training run, an HF folder) or weights file")
@@ -86,18 +84,18 @@ class CaptionConfig:
     scorer_model: str | None = arg(None, help="score each caption against its image with this open_clip CLIP (optional)")
     scorer_pretrained: str | None = arg(None, help="the scorer's pretrained tag or weights file")
     scorer_checkpoint: str | None = arg(None, help="the scorer's checkpoint folder or weights file")
-    num_workers: int = arg(0, help="captioning actors, one model each (0: one per GPU, or CPUs - 1 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", help="where the captioners run (auto: cuda when the cluster has GPUs)")
-    gpus_per_worker: float = arg(1.0, help="GPUs per captioning actor (cuda)")
-    cpus_per_worker: float = arg(1.0, help="CPUs per captioning actor (also its torch threads on cpu)")
-    batch_size: int = arg(64, help="images per captioning call")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
-    ray_address: str | None = arg(None, help="join this Ray cluster (default: a local one, or the one already running)")
+    num_workers: int = arg(0, shapes_output=False, help="captioning actors, one model each (0: one per GPU, or CPUs - 1 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", shapes_output=False, help="where the captioners run (auto: cuda when the cluster has GPUs)")
+    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per captioning actor (cuda)")
+    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs per captioning actor (also its torch threads on cpu)")
+    batch_size: int = arg(64, shapes_output=False, help="images per captioning call")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", shapes_output=False, help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
+    ray_address: str | None = arg(None, shapes_output=False, help="join this Ray cluster (default: a local one, or the one already running)")
     output_format: Literal["webdataset", "parquet"] = arg("webdataset", flag="--format",
                                                           help="caption-only tar shards, or one Parquet side table per shard")
-    max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
-    progress: bool = arg(True, help="show a progress bar")
-    overwrite: bool = arg(False, help="start over: remove what qcap caption wrote in --out (its shards, markers, "
+    max_pixels: int = arg(89_478_485, shapes_output=False, help="images with more pixels are refused undecoded (decompression bombs)")
+    progress: bool = arg(True, shapes_output=False, help="show a progress bar")
+    overwrite: bool = arg(False, shapes_output=False, help="start over: remove what qcap caption wrote in --out (its shards, markers, "
                                       "sizes.json, config and summary); other files are left alone")
 
     def __post_init__(self) -> None:
@@ -284,10 +282,9 @@ def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> No
 
 
 def _fingerprint(cfg: CaptionConfig) -> dict[str, Any]:
-    from curate.config import to_dict
+    from curate.config import output_settings
 
-    values = to_dict(cfg)
-    return {key: values[key] for key in _FINGERPRINT}
+    return output_settings(cfg)
 
 
 def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from curate.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
 from curate.cli import UsageError
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "reinforce_config.json"
 SUMMARY_FILE = "reinforce_summary.json"
-_FINGERPRINT = ("teachers", "teacher_logit_scales", "num_augmentations", "size", "interpolation", "rand_augment",
-                "rand_augment_p", "num_ops", "magnitude", "seed", "embeddings", "scale_min", "scale_max")
 
 
 @dataclass(kw_only=True)
@@ -61,8 +59,10 @@ class ReinforceConfig:
     """Store N augmentations per image and a teacher ensemble's embeddings of them and of every
     caption (DataCompDR's dataset reinforcement), resumably, on Ray."""
 
-    shards: str = arg(help="input image shards (DR shards from qcap build-dr, or curated shards)")
-    out: Path = arg(help="output folder; shard i of the input becomes shard i here, members copied plus paug.json/npz")
+    STAGE: ClassVar[str] = "reinforce"  # its name in dataset cards' lineage
+
+    shards: str = arg(shapes_output=False, help="input image shards (DR shards from qcap build-dr, or curated shards)")
+    out: Path = arg(shapes_output=False, help="output folder; shard i of the input becomes shard i here, members copied plus paug.json/npz")
     teachers: str = arg(help="comma-separated teachers: MODEL:TAG, hf-hub:ID, local-dir:PATH or a checkpoint folder "
                              "(Apple: ViT-L-14:openai,ViT-L-14:datacomp_xl_s13b_b90k)")
     teacher_logit_scales: str | None = arg(None, help="comma-separated logit scale per teacher (default: each model's "
@@ -78,16 +78,16 @@ class ReinforceConfig:
     magnitude: int = arg(9, help="RandAugment magnitude bin")
     seed: int = arg(0, help="parameter seed; each image's draws derive from it and the uid")
     embeddings: Literal["npz", "pth.gz"] = arg("npz", help="npz (fp32, DataCompDR-12M) or pth.gz (bf16, DataCompDR-12M-bf16)")
-    num_workers: int = arg(0, help="Ray actors, one teacher ensemble each (0: one per GPU, or CPUs - 1 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", help="where the teachers run (auto: cuda when the cluster has GPUs)")
-    gpus_per_worker: float = arg(1.0, help="GPUs per actor (cuda)")
-    cpus_per_worker: float = arg(1.0, help="CPUs per actor (also its torch threads on cpu)")
-    batch_size: int = arg(256, help="augmented images per teacher call")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
-    ray_address: str | None = arg(None, help="join this Ray cluster (default: a local one, or the one already running)")
-    max_pixels: int = arg(89_478_485, help="images with more pixels are refused undecoded (decompression bombs)")
-    progress: bool = arg(True, help="show a progress bar")
-    overwrite: bool = arg(False, help="start over: remove what qcap reinforce wrote in --out (its shards, markers, "
+    num_workers: int = arg(0, shapes_output=False, help="Ray actors, one teacher ensemble each (0: one per GPU, or CPUs - 1 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", shapes_output=False, help="where the teachers run (auto: cuda when the cluster has GPUs)")
+    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per actor (cuda)")
+    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs per actor (also its torch threads on cpu)")
+    batch_size: int = arg(256, shapes_output=False, help="augmented images per teacher call")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", shapes_output=False, help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
+    ray_address: str | None = arg(None, shapes_output=False, help="join this Ray cluster (default: a local one, or the one already running)")
+    max_pixels: int = arg(89_478_485, shapes_output=False, help="images with more pixels are refused undecoded (decompression bombs)")
+    progress: bool = arg(True, shapes_output=False, help="show a progress bar")
+    overwrite: bool = arg(False, shapes_output=False, help="start over: remove what qcap reinforce wrote in --out (its shards, markers, "
                                       "sizes.json, config and summary); other files are left alone")
 
     def __post_init__(self) -> None:
@@ -209,7 +209,7 @@ def remove_reinforce_outputs(out: Path) -> list[str]:
 def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any]]) -> None:
     """Refuse to add reinforcement made with other settings (or other teacher weights) to a
     folder that already holds some (``--overwrite`` starts over)."""
-    from curate.config import to_dict
+    from curate.config import output_settings
     from curate.shards import completed_shards
 
     path = out / CONFIG_FILE
@@ -221,9 +221,9 @@ def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any
         raise UsageError(f"{path}: not readable JSON ({err}); add --overwrite to start over") from err
     if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
         raise UsageError(f"{path}: not a reinforce config (a JSON object); add --overwrite to start over")
-    previous, current = saved.get("config", {}), to_dict(cfg)
-    changed = [f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in _FINGERPRINT
-               if previous.get(key) != current[key]]
+    previous, current = saved.get("config", {}), output_settings(cfg)  # the fields declared to shape the output
+    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items()
+               if previous.get(key) != value]
     old = [t.get("weights_sha256") for t in saved.get("teachers", [])]
     new = [t.get("weights_sha256") for t in identities]
     if old != new:

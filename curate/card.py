@@ -674,13 +674,6 @@ def read_card(folder: str | os.PathLike) -> dict[str, Any] | None:
         raise ShardError(f"{path}: not valid JSON ({err})") from err
 
 
-# Settings that say nothing about the data (how a run was executed, where it wrote).
-_RUN_ONLY = {"progress", "overwrite", "num_workers", "processes", "threads", "ray_address", "workers", "out",
-             "histograms", "card", "keep_work", "open_files", "max_in_flight", "distributor"}
-_STEP_NAMES = {"ReshardConfig": "reshard", "DownloadConfig": "download", "CaptionConfig": "caption",
-               "BuildDRConfig": "build-dr", "SubsetConfig": "subset"}
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object that a stage left beside its output; None when there is none. One that is
     there but unreadable is logged, since the lineage then goes without that step's facts."""
@@ -763,7 +756,7 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
         return [{"step": "input", "title": "made outside qcap (no config.json beside it)", "path": str(path)}] if depth else []
     settings = config["config"]
     class_name = str(config.get("config_class") or "").rsplit(".", 1)[-1]
-    name = f"filter {config['filter']}" if config.get("filter") else _STEP_NAMES.get(class_name, class_name or "step")
+    name = f"filter {config['filter']}" if config.get("filter") else str(config.get("stage") or class_name or "step")
     upstream: list[dict[str, Any]] = []
     for field in ("pool", "shards", "subset"):
         target = _resolve(settings.get(field), config_dir)
@@ -772,7 +765,8 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
         elif target is not None:
             upstream += trace_lineage(target, seen=seen, depth=depth + 1)
     step: dict[str, Any] = {"step": name, "title": f"{path}", "config": config.get("config_class")}
-    step["settings"] = {k: v for k, v in settings.items() if k not in _RUN_ONLY and v not in (None, False, "", [])}
+    run_only = set(config.get("run_only") or ()) | {"out"}  # as the stage declared its fields (curate.config.arg)
+    step["settings"] = {k: v for k, v in settings.items() if k not in run_only and v not in (None, False, "", [])}
     for report in ([report_name] if report_name else ["report.json", "manifest.json"]):
         data = _read_json(config_dir / report)
         if data:

@@ -47,12 +47,19 @@ def arg(
     metavar: str | None = None,
     factory: Callable[[], Any] | None = None,
     positional: bool = False,
+    shapes_output: bool = True,
 ) -> Any:
     """A config field with its one-line help. Omit ``default`` for a required flag.
 
     ``positional=True`` makes it a positional argument (e.g. ``qcap serve DIR``).
+    ``shapes_output=False`` declares a field that says how a run runs or where it reads and
+    writes (workers, devices, progress, ``--overwrite``, ``--ray-address``, the output folder),
+    not what it writes: a resume or re-run may change it, and the dataset card's lineage leaves
+    it out. Every other field shapes the output: a stage's output identity, its re-run refusal
+    and its resume check are made of exactly these (:func:`output_settings`).
     """
-    metadata = {"help": help, "flag": flag, "metavar": metavar, "positional": positional}
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "positional": positional,
+                "shapes_output": shapes_output}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -266,12 +273,33 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return cls(**values)
 
 
+def output_fields(cfg_or_cls: Any) -> tuple[str, ...]:
+    """The fields that shape a stage's output (declared with ``arg``), in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cfg_or_cls) if f.metadata.get("shapes_output", True))
+
+
+def run_fields(cfg_or_cls: Any) -> tuple[str, ...]:
+    """The fields declared ``shapes_output=False``: how and where a run runs, not what it writes."""
+    return tuple(f.name for f in dataclasses.fields(cfg_or_cls) if not f.metadata.get("shapes_output", True))
+
+
+def output_settings(cfg: Any) -> dict[str, Any]:
+    """The values (as JSON) of the fields that shape ``cfg``'s output: what a re-run must match."""
+    values = to_dict(cfg)
+    return {name: values[name] for name in output_fields(cfg)}
+
+
 def save_config(cfg: Any, path: str | os.PathLike, **extra: Any) -> None:
     """Write the resolved config (plus ``extra`` facts such as versions) as JSON, atomically;
-    ``path`` may be an fsspec URL, and its folder is created."""
+    ``path`` may be an fsspec URL, and its folder is created. It records which fields are
+    run-only (``run_only``, from the fields' declarations) and the stage's name (``stage``: a
+    config class's ``STAGE``), which is all the dataset card's lineage needs of a config."""
     from curate.shards import atomic_write_json
 
-    payload = {"config": to_dict(cfg), "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}"}
+    payload = {"config": to_dict(cfg), "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+               "run_only": list(run_fields(cfg))}
+    if getattr(type(cfg), "STAGE", None):
+        payload["stage"] = type(cfg).STAGE
     payload.update(extra)
     atomic_write_json(path, payload)
 

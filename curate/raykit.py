@@ -43,6 +43,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, *,
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is not None:
+        check_reachable(address)
         ray.init(address=address, **options)
     else:
         if object_store_memory is not None:
@@ -52,6 +53,26 @@ def ray_session(address: str | None, num_cpus: int | None = None, *,
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """One line, at once, for a ``HOST:PORT`` nobody answers at (Ray itself retries for minutes,
+    printing its own warnings); ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    from curate.cli import UsageError
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--ray-address {address}: not HOST:PORT (the head's GCS port, 6379 by default) or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise UsageError(f"--ray-address {address}: no Ray head answers there ({err.strerror or err}); start one with "
+                         "'ray start --head' or check the address") from None
 
 
 def clean_error(err: BaseException) -> Exception | None:

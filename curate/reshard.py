@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -83,14 +83,16 @@ REPORT_FILE = "report.json"
 class ReshardConfig:
     """Write the successful samples whose uid is in a DataComp uid file into new shards (with sizes.json)."""
 
+    STAGE: ClassVar[str] = "reshard"  # its name in dataset cards' lineage
+
     shards: str = arg(help="raw shards: folder, brace pattern or glob (tar + Parquet of all samples)", metavar="RAW")
     subset: Path = arg(help="DataComp uid file (.npy, sorted u8,u8) of the samples to keep", metavar="UIDS.npy")
-    out: Path = arg(help="output shard folder", metavar="CURATED")
+    out: Path = arg(shapes_output=False, help="output shard folder", metavar="CURATED")
     samples_per_shard: int = arg(10000, help="samples per output shard (DataComp's resharder: 10000)")
-    num_workers: int = arg(1, help="processes writing output shards")
-    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP)
-    overwrite: bool = arg(False, help="replace an output folder made from other inputs")
-    progress: bool = arg(True, help="show a progress bar")
+    num_workers: int = arg(1, shapes_output=False, help="processes writing output shards")
+    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP)
+    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made from other inputs")
+    progress: bool = arg(True, shapes_output=False, help="show a progress bar")
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:

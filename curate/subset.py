@@ -46,13 +46,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from curate.card import CaptionStats, read_card, remove_card, write_card
 from curate.cli import UsageError
-from curate.config import arg, parse_config, to_dict
+from curate.config import arg, output_settings, parse_config, to_dict
 from curate.raykit import RAY_ADDRESS_HELP
 from curate.shards import (
     SIZES_FILE,
@@ -92,8 +92,10 @@ _MASK = (1 << 64) - 1
 class SubsetConfig:
     """Write a nested, seeded subset of a shard folder (DR or curated) as a new shard folder."""
 
+    STAGE: ClassVar[str] = "subset"  # its name in dataset cards' lineage
+
     shards: str = arg(help="input shards: folder, brace pattern or glob (a DR folder, or any shard folder)", metavar="DR")
-    out: Path = arg(help="output shard folder", metavar="DIR")
+    out: Path = arg(shapes_output=False, help="output shard folder", metavar="DIR")
     fraction: float | None = arg(None, help="share of the input's samples to keep, in (0, 1]")
     num_samples: int | None = arg(None, help="number of samples to keep (instead of --fraction)")
     seed: int = arg(0, help="ranking seed: with one seed, smaller subsets are nested in larger ones")
@@ -102,11 +104,11 @@ class SubsetConfig:
                                                          "syn_tags.json/qcap_tags.json, Apple's npz/pth.gz/paug.json "
                                                          "and qcap reinforce's reinforce.json)")
     samples_per_shard: int | None = arg(None, help="about this many samples per output shard (default: the largest input shard)")
-    num_workers: int = arg(1, help="processes writing output shards")
-    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP)
-    card: bool = arg(True, help="write the dataset card (README.md, preview.html, card/*.png)")
-    overwrite: bool = arg(False, help="replace an output folder made with other inputs or settings")
-    progress: bool = arg(True, help="show progress bars")
+    num_workers: int = arg(1, shapes_output=False, help="processes writing output shards")
+    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP)
+    card: bool = arg(True, shapes_output=False, help="write the dataset card (README.md, preview.html, card/*.png)")
+    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made with other inputs or settings")
+    progress: bool = arg(True, shapes_output=False, help="show progress bars")
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.num_samples is None):
@@ -378,8 +380,7 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
     for tar in tars:
         fs, path = fsspec.core.url_to_fs(tar)
         sizes.append([os.path.basename(tar), int(fs.size(path))])
-    values = to_dict(cfg)
-    settings = {k: values[k] for k in ("shards", "fraction", "num_samples", "seed", "captions", "samples_per_shard")}
+    settings = output_settings(cfg)  # the fields SubsetConfig declares to shape the output
     return {"settings": settings, "inputs": sizes}
 
 

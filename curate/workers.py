@@ -20,8 +20,10 @@ class Workers:
     """``num_workers`` processes (spawned once, reused by every ``map``), this process (one
     worker), or Ray tasks on the cluster at ``ray_address``."""
 
-    def __init__(self, num_workers: int, ray_address: str | None = None, max_retries: int | None = None) -> None:
+    def __init__(self, num_workers: int, ray_address: str | None = None, max_retries: int | None = None,
+                 start_method: str = "spawn") -> None:
         self.num_workers = num_workers
+        self.start_method = start_method  # "fork" for a stage whose driver holds no threads (world)
         self.ray_address = ray_address
         self.max_retries = max_retries
         self.pool = None
@@ -42,7 +44,8 @@ class Workers:
         elif self.num_workers > 1:
             import multiprocessing
 
-            self.pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+            method = self.start_method if self.start_method in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(self.num_workers)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +121,40 @@ def test_lists_of_paths_round_trip(tmp_path):
     save_config(cfg, tmp_path / "config.json")
     assert json.loads((tmp_path / "config.json").read_text())["config"]["files"] == ["a.npy", "b.npy"]
     assert load_config(FilesConfig, tmp_path / "config.json") == cfg
+
+
+def test_whether_a_field_shapes_the_output_is_declared_on_the_field_once(tmp_path):
+    """Each stage's output identity, resume check and card lineage read the fields' declarations
+    (``arg(..., shapes_output=False)`` for how and where a run runs), not hand-kept lists."""
+    from captioning.dr import BuildDRConfig, identity
+    from captioning.job import CaptionConfig, _fingerprint
+    from curate.config import output_fields, output_settings, run_fields, save_config
+    from curate.subset import SubsetConfig
+    from curate.world.config import WorldConfig
+    from train.config import TrainRunConfig, changed_fields
+
+    for cls in (CaptionConfig, BuildDRConfig, SubsetConfig, WorldConfig, TrainRunConfig):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(output_fields(cls)) | set(run_fields(cls)) == fields
+        assert not set(output_fields(cls)) & set(run_fields(cls))
+        assert {"progress", "overwrite"} & fields <= set(run_fields(cls)) or cls is TrainRunConfig
+    caption = CaptionConfig(shards="in", out=tmp_path / "syn", checkpoint="ckpt", num_workers=3)
+    assert set(_fingerprint(caption)) == set(output_fields(CaptionConfig))
+    assert "num_workers" not in _fingerprint(caption) and "top_p" in _fingerprint(caption)
+    world = WorldConfig(out=tmp_path / "w", workers=7, ray_address="auto")
+    assert world.identity() == {k: v for k, v in output_settings(world).items() if k != "det_samples"}
+    assert "workers" not in world.identity() and "seed" in world.identity()
+    old = TrainRunConfig(data="d", out=tmp_path / "r", threads=1, log_every=5)
+    assert changed_fields(old, dataclasses.replace(old, threads=4, log_every=1)) == []  # declared run-only
+    assert changed_fields(old, dataclasses.replace(old, lr=1.0)) == ["lr"]
+    dr = BuildDRConfig(images="i", captions="c", out=tmp_path / "dr", num_workers=4)
+    assert "num_workers" not in identity(dr, [], _NoShards())["settings"]
+    # save_config records what the card needs: the run-only fields and the stage's name
+    save_config(SubsetConfig(shards="s", out=tmp_path / "sub", fraction=0.5, num_workers=2), tmp_path / "c.json")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["stage"] == "subset" and set(saved["run_only"]) == set(run_fields(SubsetConfig))
+    assert "num_workers" in saved["run_only"] and "fraction" not in saved["run_only"]
+
+
+class _NoShards:
+    kind, folder, shards = "qcap-webdataset", "c", []

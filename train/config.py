@@ -15,15 +15,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from curate.config import arg
-
-# Fields a resume may change; every other field must match the run's config.json.
-RESUMABLE_CHANGES = frozenset({
-    "resume", "stop_at_step", "eval_every", "eval_data", "retrieval_data", "eval_batch_size", "tracker",
-    "checkpoint_every", "keep_checkpoints", "log_every", "threads", "record_uids",
-})
+from curate.config import arg, run_fields
 
 
 @dataclass(kw_only=True)
@@ -31,6 +25,8 @@ class TrainRunConfig:
     """CLIP or CoCa pretraining on shards with Hugging Face Accelerate (one process, or several
     under 'accelerate launch -m train ...'). Writes RUN/config.json, metrics.jsonl, step-*/
     checkpoints, final/ (an open_clip local-dir: model) and eval.json."""
+
+    STAGE: ClassVar[str] = "train"  # its name in dataset cards' lineage
 
     data: str = arg("", help="training shards: 'DIR/{00000..00009}.tar', a folder, a glob or a '::' list (required)")
     out: Path | None = arg(None, help="run folder for checkpoints, metrics and the final model (required)")
@@ -56,22 +52,22 @@ class TrainRunConfig:
     coca_caption_loss_weight: float = arg(2.0, help="CoCa: weight of the captioning loss (open_clip's default)")
     coca_contrastive_loss_weight: float = arg(1.0, help="CoCa: weight of the contrastive loss (open_clip's default)")
     workers: int = arg(1, help="data loader worker processes per training process (0: load in-process)")
-    threads: int = arg(0, help="torch threads per training process (0: the cores left after the loader workers)")
+    threads: int = arg(0, shapes_output=False, help="torch threads per training process (0: the cores left after the loader workers)")
     shuffle_buffer: int = arg(1000, help="samples in each loader worker's shuffle buffer")
     chunk_shards: int = arg(4, help="shards a loader worker shuffles together (bounds a resume's replay)")
     resampled: bool = arg(False, help="draw shards with replacement, weighted by size (DataComp's --dataset-resampled)")
     seed: int = arg(0, help="seed for initialisation, data order, augmentation and caption draws")
-    checkpoint_every: int = arg(0, help="save RUN/step-NNNNNN/ every this many steps (0: 5 per run, as DataComp)")
-    keep_checkpoints: int = arg(2, help="keep the newest this many step-*/ folders (0: keep all)")
-    eval_data: Path | None = arg(None, help="zero-shot classification folder (ImageFolder + classnames.txt), or W/eval")
-    retrieval_data: str | None = arg(None, help="held-out shards for image-text retrieval R@1/R@5")
-    eval_every: int = arg(0, help="evaluate every this many steps (0: only at the end)")
-    eval_batch_size: int = arg(64, help="images per forward pass in evaluation")
-    log_every: int = arg(10, help="log to metrics.jsonl and the tracker every this many steps")
-    tracker: Literal["tensorboard", "wandb", "none"] = arg("tensorboard", help="Accelerate tracker")
-    resume: bool = arg(False, help="continue the newest RUN/step-*/ checkpoint exactly")
-    stop_at_step: int | None = arg(None, help="stop after this step with a checkpoint (a job's time limit); resume later")
-    record_uids: bool = arg(False, help="write the uids each process trained on to RUN/seen/rank-R.tsv")
+    checkpoint_every: int = arg(0, shapes_output=False, help="save RUN/step-NNNNNN/ every this many steps (0: 5 per run, as DataComp)")
+    keep_checkpoints: int = arg(2, shapes_output=False, help="keep the newest this many step-*/ folders (0: keep all)")
+    eval_data: Path | None = arg(None, shapes_output=False, help="zero-shot classification folder (ImageFolder + classnames.txt), or W/eval")
+    retrieval_data: str | None = arg(None, shapes_output=False, help="held-out shards for image-text retrieval R@1/R@5")
+    eval_every: int = arg(0, shapes_output=False, help="evaluate every this many steps (0: only at the end)")
+    eval_batch_size: int = arg(64, shapes_output=False, help="images per forward pass in evaluation")
+    log_every: int = arg(10, shapes_output=False, help="log to metrics.jsonl and the tracker every this many steps")
+    tracker: Literal["tensorboard", "wandb", "none"] = arg("tensorboard", shapes_output=False, help="Accelerate tracker")
+    resume: bool = arg(False, shapes_output=False, help="continue the newest RUN/step-*/ checkpoint exactly")
+    stop_at_step: int | None = arg(None, shapes_output=False, help="stop after this step with a checkpoint (a job's time limit); resume later")
+    record_uids: bool = arg(False, shapes_output=False, help="write the uids each process trained on to RUN/seen/rank-R.tsv")
     # DataCompDR (dataset reinforcement): the DR loss on qcap reinforce's output or Apple's DataCompDR
     distill_loss_weights: tuple[float, ...] | None = arg(
         None, help="train with the DR loss w0*CLIP + w1*KD on reinforced shards (Apple's --distill-loss-weights "
@@ -172,9 +168,11 @@ PRESETS = {
 
 
 def changed_fields(old: TrainRunConfig, new: TrainRunConfig) -> list[str]:
-    """Fields that differ between a run's saved config and a resume's, other than those allowed."""
+    """Fields that differ between a run's saved config and a resume's, other than those a resume
+    may change (declared ``shapes_output=False`` on TrainRunConfig)."""
+    resumable = set(run_fields(TrainRunConfig))
     return [
         f.name
         for f in dataclasses.fields(TrainRunConfig)
-        if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(new, f.name)
+        if f.name not in resumable and getattr(old, f.name) != getattr(new, f.name)
     ]

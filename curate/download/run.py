@@ -44,8 +44,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from curate.cli import UsageError
-from curate.config import parse_config, save_config
-from curate.download.config import OUTPUT_SHAPING, DownloadConfig
+from curate.config import output_fields, parse_config, save_config
+from curate.download.config import DownloadConfig
 from curate.download.distribute import BACKENDS, Backend, run_jobs
 from curate.download.fetch import FetchSettings, ShardJob, ShardResult
 from curate.download.manifest import CONFIG_FILE, MANIFEST_FILE, build_manifest, low_success_banner, summary_text
@@ -371,7 +371,7 @@ def _check_compatible(fs, root: str, cfg: DownloadConfig, plan: Plan) -> None:
     reason = before.same_pool(plan)
     if reason is not None:
         raise UsageError(f"{root} was downloaded from another pool or shard size ({reason}); use another --out or --overwrite")
-    for name in OUTPUT_SHAPING:
+    for name in output_fields(cfg):  # a resumed or retried run must use the same (declared on DownloadConfig)
         old, new = saved["config"].get(name), getattr(cfg, name)
         if old != new:
             raise UsageError(

@@ -19,11 +19,11 @@ class FilterConfig:
     """Fields every filter shares."""
 
     shards: str = arg(help="raw shards: a folder, brace pattern or glob (tar + Parquet of all samples)", metavar="RAW")
-    out: Path = arg(help="output uid file (DataComp .npy); the report is written beside it", metavar="UIDS.npy")
+    out: Path = arg(shapes_output=False, help="output uid file (DataComp .npy); the report is written beside it", metavar="UIDS.npy")
     subset: Path | None = arg(None, help="start from this uid file: samples outside it are dropped as outside_subset (chains filters)", metavar="UIDS.npy")
-    histograms: bool = arg(True, help="write the report's PNG histograms (matplotlib)")
-    preview: bool = arg(True, help="write the report's preview.html: the histograms and sample images kept and dropped by each reason")
-    progress: bool = arg(True, help="show progress bars")
+    histograms: bool = arg(True, shapes_output=False, help="write the report's PNG histograms (matplotlib)")
+    preview: bool = arg(True, shapes_output=False, help="write the report's preview.html: the histograms and sample images kept and dropped by each reason")
+    progress: bool = arg(True, shapes_output=False, help="show progress bars")
 
     def __post_init__(self) -> None:
         if self.out.suffix != ".npy":
@@ -44,8 +44,8 @@ class BasicConfig(FilterConfig):
     text_column: str | None = arg(None, help="caption column of the shards' Parquet (default: 'text', else 'caption')")
     width_column: str = arg("original_width", help="Parquet column with the image width before any resize")
     height_column: str = arg("original_height", help="Parquet column with the image height before any resize")
-    num_workers: int = arg(1, help="processes deciding shards side by side (the output is the same for any number)")
-    ray_address: str | None = arg(None, help="decide the shards as Ray tasks on an existing cluster: 'auto' or HOST:PORT "
+    num_workers: int = arg(1, shapes_output=False, help="processes deciding shards side by side (the output is the same for any number)")
+    ray_address: str | None = arg(None, shapes_output=False, help="decide the shards as Ray tasks on an existing cluster: 'auto' or HOST:PORT "
                                              "of its head (its nodes must see the shards; the output is the same)")
 
     def __post_init__(self) -> None:
@@ -71,17 +71,17 @@ class ClipScoreConfig(FilterConfig):
     checkpoint: Path | None = arg(None, help="a qcap checkpoint folder, training run or weights file")
     top_fraction: float | None = arg(None, help="keep this fraction of the scored samples, best first (DataComp: 0.3)")
     threshold: float | None = arg(None, help="keep samples whose score is at least this (DataComp B/32: 0.25; LAION: 0.28)")
-    scores: Path | None = arg(None, help="scores Parquet (uid -> score) to write, or to reuse when it exists (default: OUT.scores.parquet)")
-    rescore: bool = arg(False, help="recompute the scores even if the scores Parquet or finished parts exist")
+    scores: Path | None = arg(None, shapes_output=False, help="scores Parquet (uid -> score) to write, or to reuse when it exists (default: OUT.scores.parquet)")
+    rescore: bool = arg(False, shapes_output=False, help="recompute the scores even if the scores Parquet or finished parts exist")
     text_column: str | None = arg(None, help="caption column (default: the shard's KEY.txt caption)")
-    batch_size: int = arg(256, help="images per model forward pass")
-    num_workers: int = arg(1, help="model replicas (Ray actors), one model each")
-    num_cpus: int | None = arg(None, help="CPUs of the local Ray instance (default: all); ignored with --ray-address")
-    cpus_per_worker: float = arg(1.0, help="CPUs Ray reserves per model actor (torch uses that many threads)")
-    device: Literal["cpu", "cuda"] = arg("cpu", help="where the model runs")
-    gpus_per_worker: float = arg(1.0, help="GPUs per actor with --device cuda (0.5 puts two replicas on one GPU)")
+    batch_size: int = arg(256, shapes_output=False, help="images per model forward pass")
+    num_workers: int = arg(1, shapes_output=False, help="model replicas (Ray actors), one model each")
+    num_cpus: int | None = arg(None, shapes_output=False, help="CPUs of the local Ray instance (default: all); ignored with --ray-address")
+    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs Ray reserves per model actor (torch uses that many threads)")
+    device: Literal["cpu", "cuda"] = arg("cpu", shapes_output=False, help="where the model runs")
+    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per actor with --device cuda (0.5 puts two replicas on one GPU)")
     precision: Literal["fp32", "fp16", "bf16"] = arg("fp32", help="model precision (fp16/bf16 on GPU)")
-    ray_address: str | None = arg(None, help="Ray cluster address (default: start a local Ray instance)")
+    ray_address: str | None = arg(None, shapes_output=False, help="Ray cluster address (default: start a local Ray instance)")
     decode_size: int | None = arg(None, help="decode JPEGs at a reduced DCT scale keeping both sides >= this px (faster; default: full decode, exact)")
 
     def __post_init__(self) -> None:
@@ -124,12 +124,12 @@ class DedupConfig(FilterConfig):
     lsh_tables: int = arg(0, help="LSH: number of tables (0 = enough for --lsh-recall at --max-distance)")
     lsh_recall: float = arg(0.99, help="LSH: wanted chance that a pair at --max-distance shares a bucket somewhere")
     keep: Literal["smallest_uid", "largest_image"] = arg("smallest_uid", help="which member of a duplicate group survives")
-    hashes: Path | None = arg(None, help="folder of per-shard hash parts, reused across runs and settings (default: OUT.hashes)", metavar="DIR")
-    num_workers: int = arg(1, help="processes that hash the shards and search the LSH partitions")
-    ray_address: str | None = arg(None, help="hash the shards and search the LSH partitions as Ray tasks on an existing "
+    hashes: Path | None = arg(None, shapes_output=False, help="folder of per-shard hash parts, reused across runs and settings (default: OUT.hashes)", metavar="DIR")
+    num_workers: int = arg(1, shapes_output=False, help="processes that hash the shards and search the LSH partitions")
+    ray_address: str | None = arg(None, shapes_output=False, help="hash the shards and search the LSH partitions as Ray tasks on an existing "
                                              "cluster: 'auto' or HOST:PORT of its head (its nodes must see the shards "
                                              "and the output folder; the output is the same)")
-    near_partition_rows: int = arg(4_000_000, help="LSH search: about this many (table, hash) rows per partition task, "
+    near_partition_rows: int = arg(4_000_000, shapes_output=False, help="LSH search: about this many (table, hash) rows per partition task, "
                                                    "the memory bound of one task (the pairs found do not depend on it)")
     seed: int = arg(0, help="seed of the LSH bit choices")
 

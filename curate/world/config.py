@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from curate.config import arg
 from curate.raykit import RAY_ADDRESS_HELP
@@ -48,7 +48,9 @@ EVAL_TASKS: tuple[str, ...] = ("seg", "depth", "cls", "retrieval")
 class WorldConfig:
     """Generate an embedded DataComp-style world: pool, truth, clean captions and eval sets."""
 
-    out: Path = arg(help="output folder of the world (W)", metavar="DIR")
+    STAGE: ClassVar[str] = "world"  # its name in dataset cards' lineage
+
+    out: Path = arg(shapes_output=False, help="output folder of the world (W)", metavar="DIR")
     num_samples: int = arg(2000, help="pool size N (rows of pool.parquet)")
     seed: int = arg(0, help="world seed: the same arguments give byte-identical files")
     clean_samples: int = arg(1000, help="samples of the clean-caption split (the MSCOCO stand-in), disjoint from the pool")
@@ -82,10 +84,10 @@ class WorldConfig:
     transient_failures: int = arg(1, help="requests a http_500_transient URL fails before it serves the image")
     stall_seconds: float = arg(60.0, help="how long a stalled URL holds its connection (the server's shutdown cuts it short)")
     chunk_size: int = arg(500, help="samples per work unit (an image folder, a shard, a Parquet row group)")
-    workers: int = arg(0, help="processes (0 = one per core); the output does not depend on it")
-    ray_address: str | None = arg(None, help=RAY_ADDRESS_HELP + "; the output does not depend on it")
-    preview: bool = arg(False, help="also write W/preview.png: a grid of pool samples, alt-text against truth")
-    overwrite: bool = arg(False, help="replace an existing world in --out")
+    workers: int = arg(0, shapes_output=False, help="processes (0 = one per core); the output does not depend on it")
+    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP + "; the output does not depend on it")
+    preview: bool = arg(False, shapes_output=False, help="also write W/preview.png: a grid of pool samples, alt-text against truth")
+    overwrite: bool = arg(False, shapes_output=False, help="replace an existing world in --out")
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -122,15 +124,14 @@ class WorldConfig:
         return {name: float(getattr(self, f"rate_{name}")) for name in FAULTS}
 
     def identity(self) -> dict:
-        """Every field that changes the output (not workers, ray_address, preview, overwrite or out).
+        """Every field that changes the output (declared on the fields: not workers, ray_address,
+        preview, overwrite or out).
 
         ``det_samples`` appears only when set: a world without a detection set records exactly
         what it recorded before the option existed (world.json stays byte-identical)."""
-        from curate.config import to_dict
+        from curate.config import output_settings
 
-        data = to_dict(self)
-        for name in ("out", "workers", "ray_address", "preview", "overwrite"):
-            data.pop(name)
+        data = output_settings(self)
         if not data["det_samples"]:
             data.pop("det_samples")
         return data

@@ -842,7 +842,10 @@ def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: b
     bar = tqdm(total=len(todo), desc="world chunks", unit="chunk", disable=not progress or not todo)
     cfg_dict = to_dict(replace(cfg, workers=1, ray_address=None, preview=False, overwrite=False))
     tasks = [(cfg_dict, os.path.abspath(out), job) for job in todo]  # a Ray worker's working folder is not ours
-    with Workers(min(workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as pool:
+    # a local pool forks where it can: workers need no re-import of the caller's __main__ (spawn would
+    # re-run an unguarded script), and the driver runs no threads of its own here
+    with Workers(min(workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None,
+                 start_method="fork") as pool:
         pool.map(_worker, tasks, bar)
     bar.close()
 
