@@ -134,3 +134,34 @@ def test_dedup_on_the_cluster_hashes_and_searches_partitions_as_the_local_run_do
     settings = runs["local"][2]["settings"]
     assert settings["candidates_by"] == "lsh" and settings["lsh_partitions"] > 10
     assert runs["local"][2]["counts"]["dropped"].get("near_duplicate", 0) > 0
+
+
+def test_a_ray_address_nobody_answers_at_is_one_line_at_once(dr_inputs, tmp_path):
+    from raycluster import free_port
+
+    started = time.monotonic()
+    done = build_dr(dr_inputs, tmp_path / "dr", "--ray-address", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 2 and time.monotonic() - started < 60
+    assert "no Ray head answers there" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_score_captions_on_the_cluster_scores_what_the_local_run_scores(cluster, tmp_path):
+    from test_world import tiny_config
+
+    from curate.world.generate import generate_world
+
+    world = tmp_path / "w"
+    generate_world(tiny_config(world, clean_samples=60, chunk_size=16), progress=False)
+    shards = sorted((world / "clean").glob("*.tar"))
+    assert len(shards) > 1  # several shards: several tasks
+    outputs = {}
+    for name, extra in (("local", []), ("pool", ["--num-workers", "2"]), ("ray", ["--ray-address", cluster.address])):
+        out = tmp_path / name
+        done = qcap("score-captions", "--world", str(world), "--captions", str(world / "clean"), "--field", "text",
+                    "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[name] = digest(out, skip={"config.json"})
+    assert outputs["ray"] == outputs["local"] == outputs["pool"]
+    summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert summary["overall"]["num_captions"] == 60

@@ -154,5 +154,8 @@ class ScoreConfig:
     world: Path = arg(help="world folder (holds truth.parquet)", metavar="DIR")
     captions: Path = arg(help="Parquet of uid → caption(s) or a shard folder (text and/or syn_text)", metavar="FILE")
     field: str | None = arg(None, help="caption column(s) to score, comma-separated (default: every caption column found)")
-    out: Path | None = arg(None, help="output folder for summary.json and per_caption.parquet (default: <captions>.scores)", metavar="DIR")
-    limit: int | None = arg(None, help="score at most this many captions (a quick look)")
+    out: Path | None = arg(None, shapes_output=False, help="output folder for summary.json and per_caption.parquet (default: <captions>.scores)", metavar="DIR")
+    limit: int | None = arg(None, help="score at most this many captions (a quick look; the shards are then scored here, in order)")
+    num_workers: int = arg(1, shapes_output=False, help="processes scoring shards side by side (the output is the same for any number)")
+    ray_address: str | None = arg(None, shapes_output=False, help="score the shards as Ray tasks on an existing cluster: 'auto' "
+                                                                  "or HOST:PORT of its head (its nodes must see the world and the captions)")

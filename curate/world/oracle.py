@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -370,6 +371,12 @@ class Aggregate:
                 self.sums[f"{kind}_coverage"] += result[f"{kind}_coverage"]
                 self.counts[f"{kind}_coverage"] += 1
 
+    def merge(self, other: Aggregate) -> None:
+        """Add another part's totals (parts merged in a fixed order give the same sums on any pool)."""
+        self.n += other.n
+        self.sums.update(other.sums)
+        self.counts.update(other.counts)
+
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
         out: dict[str, Any] = {
@@ -471,24 +478,10 @@ def default_out(captions: str | Path) -> Path:
     return Path(str(captions).rstrip("/") + ".scores")
 
 
-def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | None = None, out: str | Path | None = None,
-               limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Score every caption of a file or shard folder; writes summary.json and
-    per_caption.parquet into ``out`` and returns the summary."""
+def per_caption_schema():
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
 
-    from curate.shards import atomic_write_json
-
-    truth = load_truth(world)
-    out = Path(out) if out is not None else default_out(captions)
-    out.mkdir(parents=True, exist_ok=True)
-    overall = Aggregate()
-    by_field: dict[str, Aggregate] = defaultdict(Aggregate)
-    by_kind: dict[str, Aggregate] = defaultdict(Aggregate)
-    unknown = 0
-    schema = pa.schema([
+    return pa.schema([
         ("uid", pa.string()), ("field", pa.string()), ("caption_index", pa.int32()), ("caption", pa.string()),
         ("split", pa.string()), ("text_kind", pa.string()),
         *[(name, pa.bool_() if name == "belongs" else (pa.int32() if name.startswith("num_") else pa.float64()))
@@ -496,31 +489,133 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
         ("hallucinated", pa.list_(pa.string())),
         *[(f"{kind}_accuracy", pa.float64()) for kind in ATTRIBUTES],
     ])
-    tmp = out / ".per_caption.parquet.tmp"
+
+
+_TRUTH: dict[str, dict[str, dict]] = {}
+
+
+def _truth_of(world: str) -> dict[str, dict]:
+    """The world's truth, loaded once per process (a pool worker or Ray task scores many parts)."""
+    if world not in _TRUTH:
+        _TRUTH.clear()
+        _TRUTH[world] = load_truth(world)
+    return _TRUTH[world]
+
+
+@dataclass(frozen=True, slots=True)
+class ScorePart:
+    """One part of the captions to score: a shard of a folder, or the whole of a Parquet file."""
+
+    index: int
+    world: str
+    source: str
+    fields: list[str] | None
+    limit: int | None = None  # score at most this many of its captions (--limit; the parts run in order then)
+
+
+@dataclass(slots=True)
+class ScoredPart:
+    index: int
+    rows: Any  # pyarrow Table of per_caption rows (per_caption_schema)
+    overall: Aggregate
+    by_field: dict[str, Aggregate]
+    by_kind: dict[str, Aggregate]
+    unknown: int
+
+
+def score_part(part: ScorePart) -> ScoredPart:
+    """A task: every caption of one part scored against the truth, with its aggregates."""
+    import pyarrow as pa
+
+    truth = _truth_of(part.world)
+    overall, by_field, by_kind, unknown = Aggregate(), defaultdict(Aggregate), defaultdict(Aggregate), 0
     rows: list[dict] = []
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for uid, name, index, caption in tqdm(iter_captions(captions, fields), desc="scoring", unit="caption",
-                                              disable=not progress):
-            if limit is not None and overall.n >= limit:
-                break
-            row = truth.get(uid)
-            if row is None:
-                unknown += 1
-                continue
-            result = score_caption(row, caption)
-            overall.add(result)
-            by_field[name].add(result)
-            by_kind[row["text_kind"] or row["split"]].add(result)
-            rows.append({
-                "uid": uid, "field": name, "caption_index": index, "caption": caption, "split": row["split"],
-                "text_kind": row["text_kind"], **{k: result[k] for k in PER_CAPTION_FIELDS},
-                "hallucinated": result["hallucinated"], **{f"{k}_accuracy": result[f"{k}_accuracy"] for k in ATTRIBUTES},
-            })
-            if len(rows) >= 8192:
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                rows = []
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    for uid, name, index, caption in iter_captions(part.source, part.fields):
+        if part.limit is not None and overall.n >= part.limit:
+            break
+        row = truth.get(uid)
+        if row is None:
+            unknown += 1
+            continue
+        result = score_caption(row, caption)
+        overall.add(result)
+        by_field[name].add(result)
+        by_kind[row["text_kind"] or row["split"]].add(result)
+        rows.append({
+            "uid": uid, "field": name, "caption_index": index, "caption": caption, "split": row["split"],
+            "text_kind": row["text_kind"], **{k: result[k] for k in PER_CAPTION_FIELDS},
+            "hallucinated": result["hallucinated"], **{f"{k}_accuracy": result[f"{k}_accuracy"] for k in ATTRIBUTES},
+        })
+    return ScoredPart(index=part.index, rows=pa.Table.from_pylist(rows, schema=per_caption_schema()), overall=overall,
+                      by_field=dict(by_field), by_kind=dict(by_kind), unknown=unknown)
+
+
+def caption_parts(world: str | Path, captions: str | Path, fields: list[str] | None) -> list[ScorePart]:
+    """A shard folder's shards (each a part), or one part for a Parquet file."""
+    from curate.shards import ShardError, expand_shards
+
+    source = Path(captions)
+    world = os.path.abspath(world)  # a Ray worker's working folder may not be ours
+    if source.is_dir() or str(source).endswith(".tar") or "{" in str(source):
+        try:
+            tars = expand_shards(str(captions))
+        except ShardError as err:
+            raise UsageError(f"{captions}: {err}") from err
+        return [ScorePart(i, world, os.path.abspath(tar) if "://" not in tar else tar, fields)
+                for i, tar in enumerate(tars)]
+    if not source.exists():
+        raise UsageError(f"{source}: no such caption file or shard folder")
+    return [ScorePart(0, world, os.path.abspath(source), fields)]
+
+
+def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | None = None, out: str | Path | None = None,
+               limit: int | None = None, progress: bool = True, num_workers: int = 1,
+               ray_address: str | None = None) -> dict[str, Any]:
+    """Score every caption of a file or shard folder; writes summary.json and
+    per_caption.parquet into ``out`` and returns the summary.
+
+    Each shard is a task (a local pool of ``num_workers`` or Ray tasks at ``ray_address``); the
+    parts are merged in shard order, so the files are the same bytes on any pool. With ``limit``
+    the parts run here, in order, until that many captions are scored."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from curate.shards import atomic_write_json
+    from curate.workers import Workers, in_order
+
+    load_truth(world)  # a missing truth is one line here, before any task
+    parts = caption_parts(world, captions, fields)
+    out = Path(out) if out is not None else default_out(captions)
+    out.mkdir(parents=True, exist_ok=True)
+    overall = Aggregate()
+    by_field: dict[str, Aggregate] = defaultdict(Aggregate)
+    by_kind: dict[str, Aggregate] = defaultdict(Aggregate)
+    unknown = 0
+    tmp = out / ".per_caption.parquet.tmp"
+    bar = tqdm(total=len(parts), desc="scoring", unit="part", disable=not progress)
+
+    def merge(scored: ScoredPart) -> None:
+        nonlocal unknown
+        writer.write_table(scored.rows)
+        overall.merge(scored.overall)
+        for name, agg in scored.by_field.items():
+            by_field[name].merge(agg)
+        for name, agg in scored.by_kind.items():
+            by_kind[name].merge(agg)
+        unknown += scored.unknown
+        bar.update(1)
+
+    with pq.ParquetWriter(tmp, per_caption_schema()) as writer:
+        if limit is not None:  # a quick look: parts in order, here, until the limit
+            for part in parts:
+                if overall.n >= limit:
+                    break
+                merge(score_part(ScorePart(part.index, part.world, part.source, part.fields, limit - overall.n)))
+        else:
+            with Workers(num_workers, ray_address=ray_address) as workers:
+                for scored in in_order(workers.imap(score_part, parts), lambda r: r.index):
+                    merge(scored)
+    bar.close()
     tmp.replace(out / "per_caption.parquet")
     if overall.n == 0:
         raise UsageError(f"{captions}: no caption matched a uid of {world}'s truth ({unknown} unknown uids)")
@@ -571,7 +666,8 @@ def run_scoring(cfg) -> dict[str, Any]:
 
     fields = [f.strip() for f in cfg.field.split(",") if f.strip()] if cfg.field else None
     out = cfg.out or default_out(cfg.captions)
-    summary = score_file(cfg.world, cfg.captions, fields=fields, out=out, limit=cfg.limit)
+    summary = score_file(cfg.world, cfg.captions, fields=fields, out=out, limit=cfg.limit,
+                         num_workers=cfg.num_workers, ray_address=cfg.ray_address)
     save_config(cfg, out / "config.json")
     print(format_summary(summary))
     print(f"  wrote {out}/summary.json, {out}/per_caption.parquet and {out}/config.json")
