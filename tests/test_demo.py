@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNGS = ("datacomp-10", "datacomp-100", "dr-10", "dr-100")
+RUNGS = ("datacomp-10", "datacomp-100", "dr-10", "dr-100", "drr-100")  # drr: DR + distillation (qcap reinforce)
 
 
 def free_port() -> int:
@@ -32,6 +32,10 @@ def dig(data: dict, dotted: str):
     for part in dotted.split(".") if "/" not in dotted else [dotted]:
         data = data[part]
     return data
+
+
+def funnel_images(payload: dict, label: str) -> float:
+    return next(step["value"] for step in payload["funnel"] if step["label"] == label)
 
 
 def read_key(path: Path, key: str) -> float:
@@ -91,8 +95,9 @@ def test_demo_interrupted_resumes_and_reports_the_files_numbers(tmp_path):
                 checked += 1
             if cell["n"]:
                 assert cell["mean"] == pytest.approx(sum(cell["values"]) / cell["n"])
-    # 5 backbones x (seg, depth) + 4 rungs x (zero-shot, 2 retrieval) + caption scores (4 real, 2 synthetic x 2)
-    assert checked == 10 + 12 + 4 + 4
+    # 6 backbones x (seg, depth) + 5 rungs x (zero-shot, 2 retrieval) + caption scores (4 real, 2 synthetic x 2)
+    # + drr-100's caption scores (dr-100's file: real, synthetic x 2)
+    assert checked == 12 + 15 + 4 + 4 + 3
     for rung in RUNGS:
         miou = read_key(demo / f"finetune/{rung}-s0/seg/metrics.json", "metrics.mIoU")
         assert f"{miou:.3f}" in text.split("## Result", 1)[1].split("## ", 1)[0]
@@ -101,6 +106,13 @@ def test_demo_interrupted_resumes_and_reports_the_files_numbers(tmp_path):
     assert len(set(seen.values())) == 1, seen
     assert payload["table"]["dr-100"]["f1_syn"]["n"] == 1 and payload["table"]["datacomp-100"]["f1_syn"]["n"] == 0
     assert len(payload["claims"]) == 6 and all(c["verdict"] for c in payload["claims"])
+    # the reinforced rung: trained with the DR loss on qcap reinforce's output of dr-100, compared with dr-100
+    assert {e["comparison"]["b"] for e in payload["reinforced"]} == {"dr-100"} and len(payload["reinforced"]) == 2
+    drr = json.loads((demo / "clip" / "drr-100-s0" / "config.json").read_text())
+    assert drr["task"] == "clip-dr" and drr["config"]["distill_loss_weights"] == [0.25, 0.75]
+    summary = json.loads((demo / "dr-ladder" / "drr-100" / "reinforce_summary.json").read_text())
+    assert summary["reconciled"] and summary["images_reinforced"] == funnel_images(payload, "rung DR 100% (dr-100)")
+    assert "DR + distillation 100%" in text.split("## Result", 1)[1].split("## ", 1)[0]
     for name in ("report/data_efficiency.png", "report/caption_samples.png", "attention/attention_distance.png"):
         assert (demo / name).read_bytes()[:4] == b"\x89PNG", name
     # the data funnel reconciles with the pipeline's own summaries
