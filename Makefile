@@ -308,7 +308,7 @@ SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
 SCI_CAPTIONER_VOCAB ?= 0
 .PHONY: science
-science: setup ## positive controls, MAE, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
+science: setup ## positive controls, MAE, reinforced rungs, MCi vs ViT, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
 	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
 	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) \
