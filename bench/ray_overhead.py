@@ -36,7 +36,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' data makers: the same inputs the scale-out tests use
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1",
            NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1")
-RUN_RECORDS = {"build_dr.json", "build_dr_summary.json", "report.json", "config.json"}
+# run records: wall times, where it ran, output paths (the data files are compared byte for byte)
+RUN_RECORDS = {"build_dr.json", "build_dr_summary.json", "report.json", "config.json", "subset.json",
+               "subset_summary.json", "reshard.json", "world.json", "summary.json", "README.md", "preview.html"}
 
 
 def free_port() -> int:
@@ -84,9 +86,15 @@ def make_inputs(root: Path, scale: float) -> dict[str, Path]:
     numbers = [n for n in range(shards * per_shard) if n % 7]
     captions = [numbers[i::max(1, shards // 2)] for i in range(max(1, shards // 2))]
     world = root / "world"
-    generate_world(world_config(world, num_samples=max(400, int(4000 * scale)), plant_each=4), progress=False)
+    generate_world(world_config(world, num_samples=max(400, int(4000 * scale)), plant_each=4,
+                                clean_samples=max(200, int(2000 * scale)), chunk_size=100), progress=False)
+    raw = raw_shards_from_world(world, root / "raw", shard_size=100)
+    from curate.shards import read_tables, save_uids
+
+    table = read_tables(str(raw)).to_pydict()
+    save_uids(root / "keep.npy", [u for u, st in zip(table["uid"], table["status"], strict=True) if st == "success"])
     return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions),
-            "raw": raw_shards_from_world(world, root / "raw", shard_size=100)}
+            "raw": raw, "keep": root / "keep.npy", "world": world, "world_size": max(400, int(4000 * scale))}
 
 
 def stages(inputs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
@@ -98,6 +106,14 @@ def stages(inputs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
                           "--no-histograms"], "basic.npy"),
         "filter dedup": (["filter", "dedup", "--shards", str(inputs["raw"]), "--no-progress", "--no-preview",
                           "--no-histograms"], "dedup.npy"),
+        "reshard": (["reshard", "--shards", str(inputs["raw"]), "--subset", str(inputs["keep"]), "--samples-per-shard",
+                     "50", "--no-progress"], "curated"),
+        "subset": (["subset", "--shards", str(inputs["images"]), "--fraction", "0.5", "--seed", "1", "--no-progress"],
+                   "ladder"),
+        "world": (["world", "--num-samples", str(inputs["world_size"]), "--clean-samples", "0", "--eval-samples", "0",
+                   "--chunk-size", "100", "--no-preview"], "w"),
+        "score-captions": (["score-captions", "--world", str(inputs["world"]), "--captions",
+                            str(inputs["world"] / "clean"), "--field", "text"], "scores"),
     }
 
 
@@ -127,8 +143,8 @@ def main() -> None:
                 times: dict[str, list[float]] = {"local": [], "ray": []}
                 outputs: dict[str, Path] = {}
                 for repeat in range(args.repeats):
-                    for backend, flags in (("local", ["--num-workers", str(args.cpus)]),
-                                           ("ray", ["--ray-address", address])):
+                    workers = "--workers" if name == "world" else "--num-workers"
+                    for backend, flags in (("local", [workers, str(args.cpus)]), ("ray", ["--ray-address", address])):
                         folder = temp / "runs" / f"{name.replace(' ', '-')}-{backend}-{repeat}"
                         folder.mkdir(parents=True)
                         out = folder / target

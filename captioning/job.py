@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Literal
 from captioning.params import DecodeParams
 from curate.cli import UsageError
 from curate.config import arg, parse_config, save_config
+from curate.raykit import ActorJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _FINGERPRINT_DEFAULTS = {"num_candidates": 0, "select": "score", "diversity": 0.
 
 
 @dataclass(kw_only=True)
-class CaptionConfig:
+class CaptionConfig(ActorJobConfig):
     """Write N synthetic captions per image of a shard folder (DataCompDR), resumably, on Ray."""
 
     STAGE: ClassVar[str] = "caption"  # its name in dataset cards' lineage
@@ -84,13 +85,7 @@ class CaptionConfig:
     scorer_model: str | None = arg(None, help="score each caption against its image with this open_clip CLIP (optional)")
     scorer_pretrained: str | None = arg(None, help="the scorer's pretrained tag or weights file")
     scorer_checkpoint: str | None = arg(None, help="the scorer's checkpoint folder or weights file")
-    num_workers: int = arg(0, shapes_output=False, help="captioning actors, one model each (0: one per GPU, or CPUs - 1 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", shapes_output=False, help="where the captioners run (auto: cuda when the cluster has GPUs)")
-    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per captioning actor (cuda)")
-    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs per captioning actor (also its torch threads on cpu)")
     batch_size: int = arg(64, shapes_output=False, help="images per captioning call")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", shapes_output=False, help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
-    ray_address: str | None = arg(None, shapes_output=False, help="join this Ray cluster (default: a local one, or the one already running)")
     output_format: Literal["webdataset", "parquet"] = arg("webdataset", flag="--format",
                                                           help="caption-only tar shards, or one Parquet side table per shard")
     max_pixels: int = arg(89_478_485, shapes_output=False, help="images with more pixels are refused undecoded (decompression bombs)")
@@ -347,7 +342,7 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
     from curate.shards import shard_size
 
     with ray_session(cfg.ray_address):
-        device = resolve_device(cfg.device)
+        device = cfg.resolve_device()
         autocast = None
         if device == "cuda":
             autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
@@ -361,7 +356,7 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
             keep=cfg.num_captions if cfg.overgenerates else None, select=cfg.select, diversity=cfg.diversity,
             tag=cfg.tag,
         )
-        num_workers = cfg.num_workers or default_workers(device, cfg)
+        num_workers = cfg.actor_count(device)
         save_config(cfg, Path(cfg.out) / CONFIG_FILE, captioner=context.captioner, scorer=context.scorer_identity,
                     decoding=context.decoding, device=device, autocast=autocast, num_workers=num_workers,
                     **versions())
@@ -389,26 +384,6 @@ def _expected_size(path: str, shard_size) -> int | None:
         return None  # the reader will say what is wrong with the shard
 
 
-def resolve_device(device: str) -> str:
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "auto":
-        return "cuda" if gpus > 0 else "cpu"
-    if device == "cuda" and gpus <= 0:
-        raise UsageError("--device cuda: the Ray cluster has no GPUs")
-    return device
-
-
-def default_workers(device: str, cfg: CaptionConfig) -> int:
-    import ray
-
-    resources = ray.cluster_resources()
-    if device == "cuda":
-        return max(1, int(resources.get("GPU", 0) // cfg.gpus_per_worker))
-    return max(1, int((resources.get("CPU", 1) - 1) // cfg.cpus_per_worker))
-
-
 def versions() -> dict[str, str]:
     import open_clip
     import ray
@@ -433,9 +408,7 @@ def build_dataset(pending, context: JobContext, parts: dict[str, Any], cfg: Capt
         batch_format="numpy",
         fn_kwargs={"transform": parts["transform"], "scorer_transform": parts["scorer_transform"], "context": context},
     )
-    resources: dict[str, float] = {"num_cpus": cfg.cpus_per_worker}
-    if context.device == "cuda":
-        resources["num_gpus"] = cfg.gpus_per_worker
+    resources = cfg.actor_resources(context.device)
     return dataset.map_batches(
         CaptionActor,
         batch_size=cfg.batch_size,

@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Literal
 from curate.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
 from curate.cli import UsageError
 from curate.config import arg, parse_config, save_config
+from curate.raykit import ActorJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ SUMMARY_FILE = "reinforce_summary.json"
 
 
 @dataclass(kw_only=True)
-class ReinforceConfig:
+class ReinforceConfig(ActorJobConfig):
     """Store N augmentations per image and a teacher ensemble's embeddings of them and of every
     caption (DataCompDR's dataset reinforcement), resumably, on Ray."""
 
@@ -78,13 +79,7 @@ class ReinforceConfig:
     magnitude: int = arg(9, help="RandAugment magnitude bin")
     seed: int = arg(0, help="parameter seed; each image's draws derive from it and the uid")
     embeddings: Literal["npz", "pth.gz"] = arg("npz", help="npz (fp32, DataCompDR-12M) or pth.gz (bf16, DataCompDR-12M-bf16)")
-    num_workers: int = arg(0, shapes_output=False, help="Ray actors, one teacher ensemble each (0: one per GPU, or CPUs - 1 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", shapes_output=False, help="where the teachers run (auto: cuda when the cluster has GPUs)")
-    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per actor (cuda)")
-    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs per actor (also its torch threads on cpu)")
     batch_size: int = arg(256, shapes_output=False, help="augmented images per teacher call")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", shapes_output=False, help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
-    ray_address: str | None = arg(None, shapes_output=False, help="join this Ray cluster (default: a local one, or the one already running)")
     max_pixels: int = arg(89_478_485, shapes_output=False, help="images with more pixels are refused undecoded (decompression bombs)")
     progress: bool = arg(True, shapes_output=False, help="show a progress bar")
     overwrite: bool = arg(False, shapes_output=False, help="start over: remove what qcap reinforce wrote in --out (its shards, markers, "
@@ -242,12 +237,12 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from captioning.job import resolve_device, versions
+    from captioning.job import versions
     from curate.raykit import ray_session
     from curate.shards import ShardError, shard_size
 
     with ray_session(cfg.ray_address):
-        device = resolve_device(cfg.device)
+        device = cfg.resolve_device()
         autocast = None
         if device == "cuda":
             autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
@@ -257,22 +252,12 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
             autocast=autocast, threads=max(1, int(cfg.cpus_per_worker)), batch_size=cfg.batch_size,
             max_pixels=cfg.max_pixels, teachers_fingerprint=teachers["fingerprint"],
         )
-        resources = ray.cluster_resources()
-        if cfg.num_workers:
-            num_workers = cfg.num_workers
-        elif device == "cuda":
-            num_workers = max(1, int(resources.get("GPU", 0) // cfg.gpus_per_worker))
-        else:
-            num_workers = max(1, int((resources.get("CPU", 1) - 1) // cfg.cpus_per_worker))
-        num_workers = min(num_workers, len(pending))
+        num_workers = min(cfg.actor_count(device), len(pending))
         save_config(cfg, Path(cfg.out) / CONFIG_FILE, teachers=teachers["identities"], teacher_dims=teachers["dims"],
                     teacher_logit_scales=teachers["logit_scales"], teachers_fingerprint=teachers["fingerprint"],
                     augmentation=context.augment.as_json(), device=device, autocast=autocast,
                     num_workers=num_workers, **versions())
-        options: dict[str, Any] = {"num_cpus": cfg.cpus_per_worker}
-        if device == "cuda":
-            options["num_gpus"] = cfg.gpus_per_worker
-        actor_cls = ray.remote(**options)(ReinforceActor)
+        actor_cls = ray.remote(**cfg.actor_resources(device))(ReinforceActor)
         pool = ActorPool([actor_cls.remote(context) for _ in range(num_workers)])
         total = 0
         for _, path in pending:

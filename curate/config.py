@@ -140,7 +140,7 @@ def build_parser(
             help="start from this named preset; the flags given override its fields",
         )
     hints = _resolve_hints(cls)
-    for field in dataclasses.fields(cls):
+    for field in _flag_order(cls):
         if not field.init or field.name.startswith("_"):
             continue
         tp, optional = _unwrap_optional(hints[field.name])
@@ -271,6 +271,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
             value = from_dict(tp, value)
         values[key] = value
     return cls(**values)
+
+
+def _flag_order(cls: type) -> list[dataclasses.Field]:
+    """A config's fields for ``--help``: its own first, then those of the configs it extends (a
+    stage's inputs and settings before the shared run fields, e.g. raykit.ActorJobConfig)."""
+    own = set(vars(cls).get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
 
 
 def output_fields(cfg_or_cls: Any) -> tuple[str, ...]:

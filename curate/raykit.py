@@ -18,7 +18,10 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from curate.config import arg
 
 DEFAULT_RETRIES = 3
 RAY_ADDRESS_HELP = ("run on an existing Ray cluster: 'auto' (the cluster this node belongs to) or HOST:PORT of its "
@@ -160,3 +163,47 @@ def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int 
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+@dataclass(kw_only=True)
+class ActorJobConfig:
+    """The fields of a stage that runs one model set per Ray actor (caption, reinforce): how many
+    actors, on which device, with what resources, on which cluster. None shapes the output."""
+
+    num_workers: int = arg(0, shapes_output=False, help="Ray actors, one model set each (0: one per GPU, or CPUs - 1 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", shapes_output=False, help="where the models run (auto: cuda when the cluster has GPUs)")
+    gpus_per_worker: float = arg(1.0, shapes_output=False, help="GPUs per actor (cuda; 0.5 puts two actors on one GPU)")
+    cpus_per_worker: float = arg(1.0, shapes_output=False, help="CPUs per actor (also its torch threads on cpu)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", shapes_output=False, help="autocast on GPU (auto: bf16 on cuda, fp32 on cpu)")
+    ray_address: str | None = arg(None, shapes_output=False, help="join this Ray cluster: 'auto' or HOST:PORT (default: a local one, or the one already running)")
+
+    def resolve_device(self) -> str:
+        """``--device`` on the cluster joined: auto is cuda when it has GPUs; cuda without any is one line."""
+        import ray
+
+        from curate.cli import UsageError
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if self.device == "auto":
+            return "cuda" if gpus > 0 else "cpu"
+        if self.device == "cuda" and gpus <= 0:
+            raise UsageError("--device cuda: the Ray cluster has no GPUs")
+        return self.device
+
+    def actor_count(self, device: str) -> int:
+        """``--num-workers``, else one actor per GPU (cuda) or per CPU but one (cpu: the driver's)."""
+        import ray
+
+        if self.num_workers:
+            return self.num_workers
+        resources = ray.cluster_resources()
+        if device == "cuda":
+            return max(1, int(resources.get("GPU", 0) // self.gpus_per_worker))
+        return max(1, int((resources.get("CPU", 1) - 1) // self.cpus_per_worker))
+
+    def actor_resources(self, device: str) -> dict[str, float]:
+        """What Ray reserves per actor."""
+        resources = {"num_cpus": self.cpus_per_worker}
+        if device == "cuda":
+            resources["num_gpus"] = self.gpus_per_worker
+        return resources

@@ -69,6 +69,21 @@ class Cluster:
         return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
 
 
+def kill_worker_node_mid_run(cluster: Cluster, proc: subprocess.Popen, out: Path, timeout: float = 240) -> int:
+    """Wait until ``proc`` (a stage run on ``cluster``) has finished a shard in ``out`` and a task of
+    it runs on the worker node, then SIGKILL that node's raylet. Returns how many shards were
+    done at the kill (fewer than all: the kill came mid-run)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not (list(out.glob("*.done")) and cluster.worker_node_running("_call")):
+        assert time.monotonic() < deadline, "no task of the run reached the worker node"
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the kill: make the input larger"
+    done_at_kill = len(list(out.glob("*.done")))
+    killed = cluster.kill_worker_node()  # with a task of this run in flight there
+    assert cluster.worker_raylet() is None or cluster.worker_raylet().pid != killed
+    return done_at_kill
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as sink:
         return subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], stdout=sink, stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from dr_data import write_images, write_qcap_captions
-from raycluster import BIN, ENV, two_node_cluster
+from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 
 NUM_SHARDS, PER_SHARD = 12, 6
 # files that hold run facts (wall time, where it ran) rather than data
@@ -72,16 +72,8 @@ def test_a_worker_node_killed_mid_run_costs_retries_not_data(dr_inputs, tmp_path
                    str(dr_inputs["syn"]), "--out", str(out), "--no-progress", "--no-card", "--partition-rows", "20",
                    "--ray-address", running.address]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        deadline = time.monotonic() + 240
-        # kill when the write step has begun and a task is running on the worker node
-        while proc.poll() is None and not (list(out.glob("*.done")) and running.worker_node_running("_call")):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before the kill: make the input larger"
-        done_at_kill = len(list(out.glob("*.done")))
-        killed = running.kill_worker_node()  # with a task of this run in flight there
+        done_at_kill = kill_worker_node_mid_run(running, proc, out)  # the write step has begun
         stdout, stderr = proc.communicate(timeout=300)
-        assert running.worker_raylet() is None or running.worker_raylet().pid != killed
     assert done_at_kill < NUM_SHARDS
     assert proc.returncode == 0, stderr[-3000:]
     assert "counts reconcile: yes" in stdout

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_uid
 from dr_data import write_images
-from raycluster import BIN, ENV, two_node_cluster
+from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 
 from curate.shards import iter_samples, save_uids
 
@@ -186,16 +185,8 @@ def test_a_worker_node_killed_mid_reshard_costs_retries_not_data(tmp_path):
         assert reference.returncode == 0, reference.stderr[-3000:]
         proc = subprocess.Popen([str(BIN / "qcap"), *argv, "--ray-address", running.address], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=ENV, cwd=work)
-        deadline = time.monotonic() + 180
-        # kill when shards are being written and a task of this run is running on the worker node
-        while proc.poll() is None and not (list(out.glob("*.done")) and running.worker_node_running("_call")):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before the kill: make the input larger"
-        done_at_kill = len(list(out.glob("*.done")))
-        killed = running.kill_worker_node()  # with a task of this run in flight there
+        done_at_kill = kill_worker_node_mid_run(running, proc, out, timeout=180)  # shards are being written
         stdout, stderr = proc.communicate(timeout=240)
-        assert running.worker_raylet() is None or running.worker_raylet().pid != killed
     assert done_at_kill < KILL_SHARDS
     assert proc.returncode == 0, stderr[-3000:]
     assert f"wrote {3 * KILL_SHARDS} samples in {KILL_SHARDS} shards" in stdout
