@@ -157,3 +157,36 @@ def test_score_captions_on_the_cluster_scores_what_the_local_run_scores(cluster,
     assert outputs["ray"] == outputs["local"] == outputs["pool"]
     summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary["overall"]["num_captions"] == 60
+
+
+def test_caption_and_clip_score_on_the_cluster_write_what_a_local_ray_writes(cluster, tmp_path):
+    """The two model stages on Ray (caption: an actor per CoCa; clip-score: Ray Data with a CLIP
+    per actor) on the two-node cluster, against the same command on a local Ray."""
+    import torch
+    from test_caption_job import write_shards
+
+    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
+    from curate.shards import read_table
+
+    torch.manual_seed(0)
+    coca = load_model("qcap-tiny-coca").model
+    init_coca_decoder(coca, logit_scale=6.0)
+    coca_dir = save_checkpoint_dir(coca, "qcap-tiny-coca", tmp_path / "coca")
+    torch.manual_seed(3)
+    clip_dir = save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", tmp_path / "clip")
+    shards = write_shards(tmp_path / "curated", [4, 3, 3])
+    outputs = {}
+    for name, extra in (("local", ["--num-workers", "1"]), ("ray", ["--num-workers", "1", "--ray-address", cluster.address])):
+        syn = tmp_path / name / "syn"
+        done = qcap("caption", "--shards", str(shards), "--out", str(syn), "--checkpoint", str(coca_dir),
+                    "--num-captions", "2", "--seq-len", "12", "--batch-size", "4", "--no-progress", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        clip = tmp_path / name / "clip.npy"
+        done = qcap("filter", "clip-score", "--shards", str(shards), "--checkpoint", str(clip_dir), "--top-fraction",
+                    "0.5", "--out", str(clip), "--no-progress", "--no-preview", "--no-histograms", "--batch-size", "4",
+                    *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[name] = (digest(syn, skip={"caption_config.json", "caption_summary.json"}), clip.read_bytes(),
+                         read_table(str(clip.with_name("clip.scores.parquet"))).to_pydict())
+    assert outputs["ray"] == outputs["local"]
+    assert len(outputs["local"][0]) == 4 * 3 + 1  # three shards (tar, Parquet, stats, marker) and sizes.json
