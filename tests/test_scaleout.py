@@ -159,6 +159,7 @@ def test_score_captions_on_the_cluster_scores_what_the_local_run_scores(cluster,
     assert summary["overall"]["num_captions"] == 60
 
 
+@pytest.mark.slow
 def test_caption_and_clip_score_on_the_cluster_write_what_a_local_ray_writes(cluster, tmp_path):
     """The two model stages on Ray (caption: an actor per CoCa; clip-score: Ray Data with a CLIP
     per actor) on the two-node cluster, against the same command on a local Ray."""
