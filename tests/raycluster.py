@@ -79,9 +79,25 @@ def kill_worker_node_mid_run(cluster: Cluster, proc: subprocess.Popen, out: Path
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the kill: make the input larger"
     done_at_kill = len(list(out.glob("*.done")))
-    killed = cluster.kill_worker_node()  # with a task of this run in flight there
-    assert cluster.worker_raylet() is None or cluster.worker_raylet().pid != killed
+    raylet = cluster.worker_raylet()
+    cluster.kill_worker_node()  # with a task of this run in flight there
+    assert _dead(raylet), "the worker node's raylet survived SIGKILL"
     return done_at_kill
+
+
+def _dead(process, timeout: float = 30) -> bool:
+    """Whether ``process`` (a psutil.Process) is gone or a zombie within ``timeout`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

@@ -16,6 +16,7 @@ from dr_data import write_images, write_qcap_captions
 from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 
 NUM_SHARDS, PER_SHARD = 12, 6
+KILL_SHARDS = 80
 # files that hold run facts (wall time, where it ran) rather than data
 RUN_RECORDS = {"build_dr.json", "build_dr_summary.json"}
 
@@ -37,12 +38,15 @@ def digest(folder: Path, skip: set[str] = RUN_RECORDS) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
+def make_dr_inputs(root: Path, num_shards: int, per_shard: int = PER_SHARD) -> dict[str, Path]:
+    layout = [list(range(s * per_shard, (s + 1) * per_shard)) for s in range(num_shards)]
+    captions = [[n for n in range(num_shards * per_shard) if n % 3 == k and n % 11] for k in range(3)]
+    return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions)}
+
+
 @pytest.fixture(scope="module")
 def dr_inputs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("scaleout-dr")
-    layout = [list(range(s * PER_SHARD, (s + 1) * PER_SHARD)) for s in range(NUM_SHARDS)]
-    captions = [[n for n in range(NUM_SHARDS * PER_SHARD) if n % 3 == k and n % 11] for k in range(3)]
-    return {"images": write_images(root / "curated", layout), "syn": write_qcap_captions(root / "syn", captions)}
+    return make_dr_inputs(tmp_path_factory.mktemp("scaleout-dr"), NUM_SHARDS)
 
 
 def build_dr(inputs: dict[str, Path], out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -63,7 +67,9 @@ def test_build_dr_on_the_cluster_writes_what_the_local_run_writes(cluster, dr_in
     assert summary["ran_on"] == f"ray ({cluster.address})"
 
 
-def test_a_worker_node_killed_mid_run_costs_retries_not_data(dr_inputs, tmp_path):
+def test_a_worker_node_killed_mid_run_costs_retries_not_data(tmp_path):
+    # many shards, so that the write step lasts long enough to be cut by the kill, however loaded the machine
+    dr_inputs = make_dr_inputs(tmp_path / "inputs", KILL_SHARDS, per_shard=30)
     reference = build_dr(dr_inputs, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "ray"
@@ -74,7 +80,7 @@ def test_a_worker_node_killed_mid_run_costs_retries_not_data(dr_inputs, tmp_path
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         done_at_kill = kill_worker_node_mid_run(running, proc, out)  # the write step has begun
         stdout, stderr = proc.communicate(timeout=300)
-    assert done_at_kill < NUM_SHARDS
+    assert done_at_kill < KILL_SHARDS
     assert proc.returncode == 0, stderr[-3000:]
     assert "counts reconcile: yes" in stdout
     assert digest(out) == digest(tmp_path / "reference")
