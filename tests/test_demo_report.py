@@ -65,6 +65,13 @@ def run_report(argv: list[str]) -> int:
     return run_guarded(main, argv, "qcap report")
 
 
+def reported(demo: Path) -> tuple[str, dict, dict[str, list[str]]]:
+    """``qcap report DEMO`` run (exit 0), then its report.md, report.json and Result table rows."""
+    assert run_report([str(demo)]) == 0
+    text = (demo / "report.md").read_text()
+    return text, json.loads((demo / "report.json").read_text()), table_rows(text)
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """The Result table's cells by row label."""
     section = text.split("## Result", 1)[1].split("\n## ", 1)[0]
@@ -219,10 +226,7 @@ def add_drr(demo: Path, seeds=(0, 1, 2)) -> Path:
 
 def test_the_reinforced_rung_is_a_row_beside_dr_with_its_columns_and_its_comparison(tmp_path):
     demo = add_drr(make_demo(tmp_path / "demo"))
-    assert run_report([str(demo)]) == 0
-    text = (demo / "report.md").read_text()
-    payload = json.loads((demo / "report.json").read_text())
-    rows = table_rows(text)
+    text, payload, rows = reported(demo)
     assert list(rows) == [row.label for row in ROWS] + ["DR + distillation 100%"]  # after the DR rows
     miou, rmse = DRR
     cells = rows["DR + distillation 100%"]

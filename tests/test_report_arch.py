@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 import test_science_report as sci
-from test_demo_report import make_demo, run_report, table_rows, write_json
+from test_demo_report import make_demo, reported, run_report, table_rows, write_json
 
 from finetune.science import ScienceConfig, build
 
@@ -47,10 +47,7 @@ def test_report_shows_the_mci_rows_and_compares_the_towers_on_the_same_rungs(tmp
     from test_demo_report import FINETUNE
 
     demo = add_mci(make_demo(tmp_path / "demo"))
-    assert run_report([str(demo)]) == 0
-    text = (demo / "report.md").read_text()
-    payload = json.loads((demo / "report.json").read_text())
-    rows = table_rows(text)
+    text, payload, rows = reported(demo)
     assert list(rows)[-3:] == ["MCi random init", "MCi real 100%", "MCi DR 100%"]
     for key, label in (("mci-random", "MCi random init"), ("mci-datacomp-100", "MCi real 100%"), ("mci-dr-100", "MCi DR 100%")):
         miou, rmse = MCI[key]
