@@ -320,13 +320,23 @@ def compare(table: dict[str, dict[str, Cell]], column: str, a: str, b: str) -> C
     return Comparison(column, a, b, ca.mean, cb.mean, better, spread, min(ca.n, cb.n))
 
 
+# One seed has no spread: its difference is a direction, never a verdict.
+ONE_SEED_AS_CLAIMED = "direction only (one seed): as claimed"
+ONE_SEED_OPPOSITE = "direction only (one seed): the opposite"
+
+
+def holds(verdict: str) -> bool:
+    """Whether a verdict says the claim held (beyond the spread, or as a one-seed direction)."""
+    return verdict.startswith(("reproduced", ONE_SEED_AS_CLAIMED))
+
+
 def beats(c: Comparison) -> str:
     """'reproduced' when ``a`` is better by more than the seed spread; 'not reproduced' when it
-    is worse by more than that, or not better at all with one seed; 'within seed spread' between."""
+    is worse by more than that; 'within seed spread' between; with one seed, a direction only."""
     if c.better is None:
         return "not measured"
     if c.spread is None:
-        return "holds (one seed, spread unknown)" if c.better > 0 else "not reproduced (one seed)"
+        return ONE_SEED_AS_CLAIMED if c.better > 0 else ONE_SEED_OPPOSITE
     if c.better > c.spread:
         return "reproduced"
     if c.better < -c.spread:
@@ -338,11 +348,13 @@ def matches(c: Comparison) -> str:
     """'reproduced' when ``a`` is at least as good as ``b`` or worse by less than the seed spread."""
     if c.better is None:
         return "not measured"
+    if c.spread is None:
+        return ONE_SEED_AS_CLAIMED if c.better >= 0 else ONE_SEED_OPPOSITE
     if c.better >= 0:
-        return "reproduced" + (" (one seed, spread unknown)" if c.spread is None else "")
-    if c.spread is not None and -c.better <= c.spread:
+        return "reproduced"
+    if -c.better <= c.spread:
         return "reproduced (worse, but within the seed spread)"
-    return "not reproduced" + (" (one seed)" if c.spread is None else "")
+    return "not reproduced"
 
 
 def verdicts(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
@@ -358,7 +370,7 @@ def verdicts(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
         verdict = matches(c)
         # matching a backbone that is no better than random init shows nothing about data efficiency
         baseline = beats(compare(table, column, "datacomp-100", "random"))
-        if verdict.startswith("reproduced") and not baseline.startswith(("reproduced", "holds")):
+        if holds(verdict) and not holds(baseline):
             verdict = f"vacuous (real 100% does not clearly beat random init on {task}: {baseline})"
         out.append({"claim": f"DR at 10% matches real captions at 100% on {task}", "verdict": verdict,
                     "comparison": c.as_json()})
@@ -850,10 +862,11 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
     for claim in payload["claims"]:
         lines.append(f"- **{claim['claim']}: {claim['verdict']}.** {describe_comparison(claim['comparison'])}.")
     lines += ["", "Did pretraining teach the backbones anything? (each pretrained backbone against random init)", ""]
-    failing = [c for c in payload["pretraining_vs_random"] if not c["verdict"].startswith(("reproduced", "holds"))]
+    failing = [c for c in payload["pretraining_vs_random"] if not holds(c["verdict"])]
     for check in payload["pretraining_vs_random"]:
         column = COLUMN_BY_KEY[check["column"]].title
-        verdict = "better than random init" if check["verdict"].startswith(("reproduced", "holds")) else check["verdict"]
+        verdict = ("better than random init" if check["verdict"].startswith("reproduced") else
+                   "direction only (one seed): better than random init" if holds(check["verdict"]) else check["verdict"])
         lines.append(f"- {check['row']}, {column}: {verdict}. {describe_comparison(check['comparison'])}.")
     if failing:
         lines += ["", f"**{len(failing)} of {len(payload['pretraining_vs_random'])} pretrained results do not clearly "
