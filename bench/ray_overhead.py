@@ -38,7 +38,8 @@ ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DISABLE_USAGE_STATS="1", OM
            NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1")
 # run records: wall times, where it ran, output paths (the data files are compared byte for byte)
 RUN_RECORDS = {"build_dr.json", "build_dr_summary.json", "report.json", "config.json", "subset.json",
-               "subset_summary.json", "reshard.json", "world.json", "summary.json", "README.md", "preview.html"}
+               "subset_summary.json", "reshard.json", "world.json", "summary.json", "README.md", "preview.html",
+               "card.json"}
 
 
 def free_port() -> int:
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
     args = parser.parse_args()
     temp = Path(tempfile.mkdtemp(prefix="qro", dir="/tmp"))
     try:
@@ -140,6 +142,8 @@ def main() -> None:
         rows = []
         try:
             for name, (argv, target) in stages(inputs).items():
+                if args.stages and name not in args.stages:
+                    continue
                 times: dict[str, list[float]] = {"local": [], "ray": []}
                 outputs: dict[str, Path] = {}
                 for repeat in range(args.repeats):
