@@ -129,6 +129,7 @@ def test_build_dr(images, tmp_path, capsys):
     assert (out / "card" / "my-figure.png").read_bytes() == b"drawn by hand"
 
 
+@pytest.mark.slow  # ~25 s of Ray and a CoCa; caption's refusal of foreign shards is in test_caption_hostile.py
 def test_caption(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
     shards = write_shards(tmp_path / "curated", [2, 1])
     out = tmp_path / "syn"

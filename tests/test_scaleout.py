@@ -67,6 +67,7 @@ def test_build_dr_on_the_cluster_writes_what_the_local_run_writes(cluster, dr_in
     assert summary["ran_on"] == f"ray ({cluster.address})"
 
 
+@pytest.mark.slow  # ~45 s; the fast suite kills a worker node mid-reshard (test_scaleout_stages.py)
 def test_a_worker_node_killed_mid_run_costs_retries_not_data(tmp_path):
     # many shards, so that the write step lasts long enough to be cut by the kill, however loaded the machine
     dr_inputs = make_dr_inputs(tmp_path / "inputs", KILL_SHARDS, per_shard=30)
