@@ -563,6 +563,7 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
             tag_joins: dict[str, Any] = {}
             tag_tasks = []
             for key, tsource in tagged:  # each tagged source: its own index and join (same memory bound)
+                share_image_index(work, work / "tagged" / key)  # the image side is indexed once
                 counts, tindex = index_and_join(images, tsource, work / "tagged" / key, workers,
                                                 partition_rows=cfg.partition_rows, progress=cfg.progress)
                 tag_joins[key] = {"join": sum_counts(counts), "index": tindex["captions"]}
@@ -592,6 +593,20 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     if summary["reconciled"] and not cfg.keep_work and work.is_dir():
         shutil.rmtree(work)
     return summary
+
+
+def share_image_index(work: Path, other: Path) -> None:
+    """Give ``other`` (a tagged source's work folder) the image index already made in ``work``:
+    hard links (a copy where the filesystem has none), each shard's ``.npy`` before its marker."""
+    source, target = work / "index" / "images", other / "index" / "images"
+    target.mkdir(parents=True, exist_ok=True)
+    for suffix in (".npy", ".json"):
+        for path in sorted(source.glob(f"*{suffix}")):
+            if not (target / path.name).exists():
+                try:
+                    os.link(path, target / path.name)
+                except OSError:
+                    shutil.copyfile(path, target / path.name)
 
 
 def _write_uid_lists(out: Path, work: Path, num_partitions: int) -> None:
