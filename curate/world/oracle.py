@@ -583,7 +583,7 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
     from curate.shards import atomic_write_json
     from curate.workers import Workers, in_order
 
-    load_truth(world)  # a missing truth is one line here, before any task
+    _truth_of(os.path.abspath(world))  # a missing truth is one line here, before any task (kept for in-process parts)
     parts = caption_parts(world, captions, fields)
     out = Path(out) if out is not None else default_out(captions)
     out.mkdir(parents=True, exist_ok=True)
