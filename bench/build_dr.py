@@ -38,7 +38,7 @@ SHARD = 1000
 
 HAND_JOIN = r"""
 import json, resource, sys, time
-from curate.shards import ShardWriter, expand_shards, finalize_folder, iter_samples
+from base.shards import ShardWriter, expand_shards, finalize_folder, iter_samples
 images, captions, out = sys.argv[1:4]
 start = time.time()
 by_uid = {}
@@ -74,7 +74,7 @@ def make_data(root: Path, n: int) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_jpeg, make_uid
 
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     jpeg = make_jpeg(32, 24, seed=1)
     extra = max(1, n // 50)

@@ -24,7 +24,7 @@ the library versions do not touch its side. Without that environment (no network
 (:func:`patch_open_clip_generate`), enough for greedy and sampling; beam search is skipped.
 
 Models are randomly initialised; open_clip never initialises the decoder's ``text_projection``
-(``torch.empty``), so ``curate.models.init_coca_decoder`` draws it from N(0, (s/sqrt(width))^2),
+(``torch.empty``), so ``base.models.init_coca_decoder`` draws it from N(0, (s/sqrt(width))^2),
 ``s = --logit-scale`` (:func:`random_coca`). The default s = 6 gives next-token distributions
 as peaked as a trained captioner's (top-p 0.9 nuclei of a few to a few tens of tokens; the
 bench prints their size); with s = 1 every nucleus holds most of the 49,408-token vocabulary,
@@ -101,12 +101,12 @@ def patch_open_clip_generate() -> str:
 
 
 def random_coca(name: str, *, seed: int = 0, logit_scale: float = 6.0, device: str = "cpu"):
-    """An open_clip CoCa with random weights (``curate.models.load_model``), its decoder
-    initialised by ``curate.models.init_coca_decoder`` with the vocabulary projection drawn
+    """An open_clip CoCa with random weights (``base.models.load_model``), its decoder
+    initialised by ``base.models.init_coca_decoder`` with the vocabulary projection drawn
     from N(0, (logit_scale / sqrt(width))^2)."""
     import torch
 
-    from curate.models import init_coca_decoder, load_model
+    from base.models import init_coca_decoder, load_model
 
     torch.manual_seed(seed)
     loaded = load_model(name, device=device)

@@ -32,7 +32,7 @@ def make_raw(world: Path, raw: Path, shard_size: int = 100) -> int:
     """The world's fault-free pool samples as raw shards (what a download of them gives)."""
     import pyarrow.parquet as pq
 
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     if (raw / "sizes.json").exists():
         return sum(json.loads((raw / "sizes.json").read_text()).values())
@@ -52,9 +52,9 @@ def bare_forward(raw: Path, checkpoint: Path, batch_size: int, threads: int) -> 
     """Images/s of the model alone on the filter's batches (decoded and preprocessed beforehand)."""
     import torch
 
+    from base.models import load_model
+    from base.shards import decode_image, iter_samples
     from curate.filters.clip_score import score_batch
-    from curate.models import load_model
-    from curate.shards import decode_image, iter_samples
 
     torch.set_num_threads(threads)
     loaded = load_model(checkpoint=checkpoint)
@@ -75,7 +75,7 @@ def bare_forward(raw: Path, checkpoint: Path, batch_size: int, threads: int) -> 
 
 
 def filter_run(raw: Path, checkpoint: Path, out: Path, batch_size: int, cpus: int, threads: int) -> dict:
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
     from curate.filters.cli import main as filter_main
 
     started = time.perf_counter()
@@ -102,9 +102,9 @@ def main() -> None:
 
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
-    from curate.world.config import WorldConfig
-    from curate.world.generate import generate_world
+    from base.models import load_model, save_checkpoint_dir
+    from world.config import WorldConfig
+    from world.generate import generate_world
 
     world = args.work / f"world-{args.num_samples}"
     generate_world(WorldConfig(out=world, num_samples=args.num_samples, clean_samples=0, eval_samples=0, workers=1),

@@ -68,7 +68,7 @@ def free_port() -> int:
 
 def make_world(folder: Path, num_samples: int) -> Path:
     """A fault-free world (every fault rate 0, nothing planted); reused when it exists."""
-    from curate.world.config import FAULTS
+    from world.config import FAULTS
 
     argv = [str(BIN / "qcap"), "world", "--out", str(folder), "--num-samples", str(num_samples),
             "--clean-samples", "0", "--eval-samples", "0", "--plant-each", "0"]
@@ -117,7 +117,7 @@ def run_reference(pool: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def shard_figures(out: Path) -> dict:
     """Successes, and the median per-shard speed (rows / duration), from the shards' _stats.json."""
-    from curate.shards import expand_shards, read_shard_stats
+    from base.shards import expand_shards, read_shard_stats
 
     stats = [read_shard_stats(tar) for tar in expand_shards(str(out))]
     speeds = sorted(s["count"] / s["duration"] for s in stats if s.get("duration"))

@@ -80,7 +80,7 @@ def make_inputs(root: Path, scale: float) -> dict[str, Path]:
     from dr_data import write_images, write_qcap_captions
     from test_filter_support import raw_shards_from_world, world_config
 
-    from curate.world.generate import generate_world
+    from world.generate import generate_world
 
     shards, per_shard = max(4, int(80 * scale)), 125
     layout = [list(range(s * per_shard, (s + 1) * per_shard)) for s in range(shards)]
@@ -90,7 +90,7 @@ def make_inputs(root: Path, scale: float) -> dict[str, Path]:
     generate_world(world_config(world, num_samples=max(400, int(4000 * scale)), plant_each=4,
                                 clean_samples=max(200, int(2000 * scale)), chunk_size=100), progress=False)
     raw = raw_shards_from_world(world, root / "raw", shard_size=100)
-    from curate.shards import read_tables, save_uids
+    from base.shards import read_tables, save_uids
 
     table = read_tables(str(raw)).to_pydict()
     save_uids(root / "keep.npy", [u for u, st in zip(table["uid"], table["status"], strict=True) if st == "success"])

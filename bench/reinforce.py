@@ -39,7 +39,7 @@ def make_images(folder: Path, num_shards: int, per_shard: int, side: int) -> Pat
     import numpy as np
     from PIL import Image
 
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     rng = np.random.default_rng(0)
     for shard in range(num_shards):
@@ -62,7 +62,7 @@ def make_images(folder: Path, num_shards: int, per_shard: int, side: int) -> Pat
 def save_teachers(folder: Path, model: str, num: int) -> list[str]:
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     paths = []
     for seed in range(num):
@@ -75,8 +75,8 @@ def bench_step(args, reinforced: Path, teachers: list[str]) -> tuple[float, floa
     """Seconds per DR training step: stored embeddings, then teachers run online on the batch."""
     import torch
 
+    from base.models import load_model
     from captioning.teachers import TeacherEnsemble, parse_teachers
-    from curate.models import load_model
     from train.distill import DistillTask, DRSettings, reinforced_stream
     from train.evaluate import EvalConfig
     from train.loader import LoaderConfig
@@ -127,10 +127,10 @@ def bench_throughput(args, images: Path, teachers: list[str], out: Path) -> tupl
     """Images/s of qcap reinforce (end to end, and its per-shard function alone) and of the plain loop."""
     import torch
 
+    from base.augment import AugmentConfig, online_transform
+    from base.shards import decode_image, iter_samples
     from captioning.reinforce import ReinforceConfig, run
     from captioning.teachers import TeacherEnsemble, parse_teachers
-    from curate.augment import AugmentConfig, online_transform
-    from curate.shards import decode_image, iter_samples
 
     num_images = args.shards * args.per_shard
     start = time.perf_counter()

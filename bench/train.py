@@ -54,7 +54,7 @@ BIN = Path(sys.executable).parent
 # rest of argv goes to open_clip_train.main unchanged.
 REFERENCE_WRAPPER = (
     "import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
-    "from curate.models import register_model_configs; register_model_configs(); "
+    "from base.models import register_model_configs; register_model_configs(); "
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
 _OPEN_CLIP_WINDOW = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([0-9.]+)")
@@ -65,7 +65,7 @@ def make_shards(folder: Path, *, num_shards: int, per_shard: int, size: tuple[in
     import numpy as np
     from PIL import Image
 
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     rng = np.random.default_rng(seed)
     width, height = size
@@ -130,7 +130,7 @@ def run_loader(args, data: str) -> float:
     """Samples/s of qcap's stream alone (same workers, decode, augmentation and tokenization)."""
     import torch
 
-    from curate.models import load_model
+    from base.models import load_model
     from train.captions import parse_caption_source
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream
     from train.run import input_side

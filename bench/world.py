@@ -36,7 +36,7 @@ from pathlib import Path
 
 _CHILD = """
 import json, resource, sys, time
-from curate.world.cli import world_main
+from world.cli import world_main
 t = time.perf_counter()
 code = world_main(sys.argv[1:])
 wall = time.perf_counter() - t

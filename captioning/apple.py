@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from curate.shards import ShardError
+from base.shards import ShardError
 
 ORIGIN = "apple/DataCompDR"
 EMBEDDINGS = "npz"

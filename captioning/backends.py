@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from base.config import ConfigError
+from base.models import weights_sha256
 from captioning.params import DecodeParams
-from curate.config import ConfigError
-from curate.models import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class OpenClipCaptioner(Captioner):
 
     def __init__(self, spec: CaptionerSpec, device: str = "cpu") -> None:
         super().__init__(spec, device)
+        from base.models import load_model
         from captioning.decode import check_coca
-        from curate.models import load_model
 
         loaded = load_model(spec.model, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device)
         check_coca(loaded.model)

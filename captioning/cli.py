@@ -1,4 +1,4 @@
-"""The captioning stage's commands (see curate.cli for the plumbing).
+"""The captioning stage's commands (see base.cli for the plumbing).
 
 Run as ``python -m captioning --help`` or ``qcap <command> --help``.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from curate.cli import Command, dispatch
+from base.cli import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
     "caption": Command("write N synthetic captions per image of a shard folder (CoCa/HF, DataCompDR), on Ray",

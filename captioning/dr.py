@@ -19,7 +19,7 @@ Several captioners per image (MobileCLIP2): each ``--tagged-captions TAG=DIR`` s
 and joined by uid on its own (``DR/.build-dr/tagged/syn_text_<TAG>/``, the same memory bound) and
 its captions of a kept image, after the same caption filters, are stored under
 ``syn_text_<TAG>`` (``KEY.syn_tags.json``, that source's provenance with its ``dr`` block in
-``KEY.qcap_tags.json``; :mod:`curate.multicaption`). A source's captions are its ``syn_text``, or
+``KEY.qcap_tags.json``; :mod:`base.multicaption`). A source's captions are its ``syn_text``, or
 for ``qcap caption --tag`` output its one tagged key. An image a tagged source lacks is kept
 (only ``--captions`` decides which images are kept) and counted per source and outcome; the
 summary reconciles each source on its own. Training picks keys by regex
@@ -63,27 +63,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from captioning.apple import provenance as apple_provenance
-from captioning.apple import realign_embeddings
-from captioning.dr_join import (
-    MATCHED,
-    NO_CAPTION,
-    VERDICT_MESSAGES,
-    VERDICTS,
-    index_and_join,
-    load_npy,
-    load_shard_plan,
-    sum_counts,
-    uid_records,
-)
-from captioning.dr_sources import CaptionRecord, CaptionSource, open_source
-from captioning.quality import DEGENERATE, FLAGS
-from curate.card import CaptionStats, trace_lineage, write_card
-from curate.cli import UsageError
-from curate.config import arg, output_settings, parse_config, to_dict
-from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
-from curate.raykit import RAY_ADDRESS_HELP
-from curate.shards import (
+from base.card import CaptionStats, trace_lineage, write_card
+from base.cli import UsageError
+from base.config import arg, output_settings, parse_config, to_dict
+from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
+from base.raykit import RAY_ADDRESS_HELP
+from base.shards import (
     Sample,
     ShardError,
     ShardWriter,
@@ -103,7 +88,22 @@ from curate.shards import (
     shard_name,
     uid_halves,
 )
-from curate.workers import Workers
+from base.workers import Workers
+from captioning.apple import provenance as apple_provenance
+from captioning.apple import realign_embeddings
+from captioning.dr_join import (
+    MATCHED,
+    NO_CAPTION,
+    VERDICT_MESSAGES,
+    VERDICTS,
+    index_and_join,
+    load_npy,
+    load_shard_plan,
+    sum_counts,
+    uid_records,
+)
+from captioning.dr_sources import CaptionRecord, CaptionSource, open_source
+from captioning.quality import DEGENERATE, FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ def _check_output(cfg: BuildDRConfig, ident: dict[str, Any]) -> None:
 def _clear(out: Path) -> None:
     """Remove what build-dr writes (and only that) from ``out``: its shards, its named files, the
     card's files and its own work folder; a user's file or folder there stays."""
-    from curate.card import remove_card
+    from base.card import remove_card
 
     removed = remove_own_files(out, (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS,
                                      CAPTIONS_WITHOUT_IMAGES, "sizes.json"))

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from curate.shards import UID_DTYPE, ShardError, atomic_write_bytes, atomic_write_json, read_table, uid_halves
+from base.shards import UID_DTYPE, ShardError, atomic_write_bytes, atomic_write_json, read_table, uid_halves
 
 if TYPE_CHECKING:
-    from curate.workers import Workers
+    from base.workers import Workers
 
 
 class IndexedSource(Protocol):

@@ -6,7 +6,7 @@ captions back by locator as a :class:`CaptionRecord`. Sources, picked from :data
 
 - ``qcap-webdataset`` (:class:`QcapShards`): ``qcap caption --format webdataset`` — caption-only
   tars (``syn.json``, ``qcap.json``) with Parquets that also list the images whose captioning
-  failed; located by byte span (:func:`curate.shards.iter_sample_spans`), read back with one seek;
+  failed; located by byte span (:func:`base.shards.iter_sample_spans`), read back with one seek;
 - ``qcap-parquet`` (:class:`QcapSideTables`): ``qcap caption --format parquet`` — one side table
   per shard; located by row;
 - ``apple`` (:class:`AppleShards`): Apple's released DataCompDR tars (:mod:`captioning.apple`),
@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from base.multicaption import TAGS_PROVENANCE_MEMBER, tagged_captions
+from base.shards import ShardError, expand_shards, iter_sample_spans, read_sample_span, read_table
 from captioning.apple import CARRIED, DOCUMENTED, ORIGIN, list_tars
 from captioning.dr_join import caption_index_rows
 from captioning.quality import caption_flags
-from curate.multicaption import TAGS_PROVENANCE_MEMBER, tagged_captions
-from curate.shards import ShardError, expand_shards, iter_sample_spans, read_sample_span, read_table
 
 
 @dataclass(slots=True)

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from base.cli import UsageError
+from base.config import arg, parse_config, save_config
+from base.raykit import ActorJobConfig
 from captioning.params import DecodeParams
-from curate.cli import UsageError
-from curate.config import arg, parse_config, save_config
-from curate.raykit import ActorJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class CaptionConfig(ActorJobConfig):
                              "captions; give more than --num-captions, or 0")
         if self.diversity < 0:
             raise ValueError(f"diversity: must be >= 0, got {self.diversity}")
-        from curate.multicaption import key_of
+        from base.multicaption import key_of
 
         try:
             key_of(self.tag)
@@ -183,7 +183,7 @@ def main(argv: list[str], prog: str = "qcap caption") -> int:
 
 def run(cfg: CaptionConfig) -> dict[str, Any]:
     """Caption every pending shard; returns the summary (also written to the output folder)."""
-    from curate.shards import atomic_write_json, finalize_folder, is_complete
+    from base.shards import atomic_write_json, finalize_folder, is_complete
 
     tars = input_shards(cfg.shards)
     out = Path(cfg.out)
@@ -211,7 +211,7 @@ def run(cfg: CaptionConfig) -> dict[str, Any]:
 
 def input_shards(spec: str) -> dict[int, str]:
     """Input shards by id; ShardError for an empty spec or two shards with one id."""
-    from curate.shards import ShardError, expand_shards, shard_id_of
+    from base.shards import ShardError, expand_shards, shard_id_of
 
     tars: dict[int, str] = {}
     for path in expand_shards(spec):
@@ -229,7 +229,7 @@ def remove_caption_outputs(out: Path) -> list[str]:
     ``caption_config.json`` was not written by qcap caption: UsageError, nothing removed."""
     import re
 
-    from curate.shards import SIZES_FILE
+    from base.shards import SIZES_FILE
 
     if not out.is_dir():
         return []
@@ -250,7 +250,7 @@ def remove_caption_outputs(out: Path) -> list[str]:
 def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> None:
     """Refuse to add captions made with other settings (or other weights) to a folder that
     already holds some."""
-    from curate.shards import completed_shards
+    from base.shards import completed_shards
 
     path = out / CONFIG_FILE
     if not path.is_file() or not completed_shards(out):
@@ -277,7 +277,7 @@ def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> No
 
 
 def _fingerprint(cfg: CaptionConfig) -> dict[str, Any]:
-    from curate.config import output_settings
+    from base.config import output_settings
 
     return output_settings(cfg)
 
@@ -312,8 +312,8 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
     }
     del captioner
     if cfg.has_scorer:
+        from base.models import weights_sha256
         from captioning.quality import ClipScorer
-        from curate.models import weights_sha256
 
         scorer_args = {"model": cfg.scorer_model, "pretrained": cfg.scorer_pretrained, "checkpoint": cfg.scorer_checkpoint}
         try:
@@ -338,8 +338,8 @@ def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:
 
 def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: dict[str, Any]) -> dict[int, str]:
     """Run the Ray pipeline over ``pending`` shards; returns the shards that failed (id → why)."""
-    from curate.raykit import clean_error, ray_session
-    from curate.shards import shard_size
+    from base.raykit import clean_error, ray_session
+    from base.shards import shard_size
 
     with ray_session(cfg.ray_address):
         device = cfg.resolve_device()
@@ -376,7 +376,7 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
 
 
 def _expected_size(path: str, shard_size) -> int | None:
-    from curate.shards import ShardError
+    from base.shards import ShardError
 
     try:
         return shard_size(path)
@@ -389,7 +389,7 @@ def versions() -> dict[str, str]:
     import ray
     import torch
 
-    from curate.versions import qcap_version
+    from base.versions import qcap_version
 
     return {"qcap_version": qcap_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
             "ray": ray.__version__, "python": sys.version.split()[0]}
@@ -434,7 +434,7 @@ def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
     is ``missing_uid``, ``bad_uid``, ``duplicate_uid``, ``no_image``. Only ``success`` rows are
     captioned; the others are counted in the shard's Parquet, so the output reconciles with
     the input and one hostile sample never stops the job."""
-    from curate.shards import ShardError, iter_samples
+    from base.shards import ShardError, iter_samples
 
     for shard_id, path in zip(batch["shard_id"].tolist(), batch["path"].tolist(), strict=True):
         rows: list[dict] = []
@@ -483,7 +483,7 @@ def read_shards(batch: dict, chunk: int) -> Iterator[dict]:
 def _listed_successes(path: str) -> list[tuple[str, str]] | None:
     """``(key, uid)`` of the successes a shard's Parquet lists, in order; None for a tar that
     has no Parquet (then the tar's own samples are the input)."""
-    from curate.shards import ShardError, read_table, sibling
+    from base.shards import ShardError, read_table, sibling
 
     try:
         table = read_table(path, columns=["key", "uid", "status"], require_uid=False)
@@ -500,7 +500,7 @@ def _listed_successes(path: str) -> list[tuple[str, str]] | None:
 
 def _missing_row(shard_id: int, index: int, key, uid, cause: str, keys: set[str]) -> dict:
     """The row of a success its Parquet lists but the tar cannot give (cut before it, or absent)."""
-    from curate.shards import is_uid
+    from base.shards import is_uid
 
     name = key if isinstance(key, str) and key and "." not in key and "/" not in key and key not in keys else f"row{index:06d}"
     while name in keys:
@@ -516,7 +516,7 @@ def _sample_row(shard_id: int, index: int, sample, keys: set[str], uids: set[str
     The row's key is the input's, unless that key cannot name an output sample (empty, with
     '.' or '/', or a key seen earlier in the shard): then a stand-in, the input key in the
     error message."""
-    from curate.shards import is_uid
+    from base.shards import is_uid
 
     status, error = "success", ""
     uid = sample.uid if is_uid(sample.uid) else ""
@@ -577,7 +577,7 @@ def preprocess_batch(batch: dict, transform, scorer_transform, context: JobConte
     preprocessing; an image that does not decode becomes status ``decode_error``."""
     import numpy as np
 
-    from curate.shards import decode_image
+    from base.shards import decode_image
 
     n = len(batch["kind"])
     status = batch["status"].copy()
@@ -752,7 +752,7 @@ class Collector:
 
 def provenance(context: JobContext, result: dict[str, Any]) -> dict[str, Any]:
     """qcap's ``KEY.qcap.json`` for one image."""
-    from curate.versions import qcap_version
+    from base.versions import qcap_version
 
     extra: dict[str, Any] = {}
     if result.get("overgenerate") is not None:  # every candidate, its score and flags: overgen.reselect redoes it
@@ -793,7 +793,7 @@ def _shard_stats(rows: list[dict]) -> dict[str, Any]:
 def write_webdataset(out: Path, shard_id: int, rows: list[dict], context: JobContext) -> None:
     """Caption-only tar shard: KEY.json, KEY.syn.json (Apple's), KEY.qcap.json (ours); failures
     in the Parquet only."""
-    from curate.shards import Sample, ShardWriter
+    from base.shards import Sample, ShardWriter
 
     with ShardWriter(out, shard_id) as writer:
         for row in rows:
@@ -806,8 +806,8 @@ def write_webdataset(out: Path, shard_id: int, rows: list[dict], context: JobCon
                 continue
             result = json.loads(row["result"])
             meta["num_syn"] = len(result["syn_text"])
-            if context.tag:  # a tagged captioner: syn_text_<tag> in KEY.syn_tags.json (curate.multicaption)
-                from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
+            if context.tag:  # a tagged captioner: syn_text_<tag> in KEY.syn_tags.json (base.multicaption)
+                from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
 
                 key = key_of(context.tag)
                 extras = {TAGS_MEMBER: encode_tags({key: result["syn_text"]}),
@@ -836,8 +836,8 @@ def parquet_schema():
 
 def write_parquet(out: Path, shard_id: int, rows: list[dict], context: JobContext) -> None:
     """One Parquet side table per shard (every sample, failures included), its stats, then its
-    completion marker: a Parquet-only shard (:func:`curate.shards.write_parquet_shard`)."""
-    from curate.shards import write_parquet_shard
+    completion marker: a Parquet-only shard (:func:`base.shards.write_parquet_shard`)."""
+    from base.shards import write_parquet_shard
 
     records = []
     for row in rows:
@@ -869,7 +869,7 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
     against the input: images in = captioned + failed[status], shard by shard."""
     from collections import Counter
 
-    from curate.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
+    from base.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
 
     statuses: Counter[str] = Counter()
     flags: Counter[str] = Counter()

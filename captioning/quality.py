@@ -122,7 +122,7 @@ class ClipScorer:
 
     def __init__(self, model: str | None, *, pretrained: str | None = None, checkpoint: str | None = None,
                  device: str = "cpu") -> None:
-        from curate.models import load_model
+        from base.models import load_model
 
         loaded = load_model(model, pretrained=pretrained, checkpoint=checkpoint, device=device)
         self.model = loaded.model

@@ -8,7 +8,7 @@ Usage::
 
 For every image of the input shards (DR shards from ``qcap build-dr``, or any image shards) it
 draws ``--num-augmentations`` augmentations (Apple's recipe: RandomResizedCrop + RandAugment,
-:mod:`curate.augment`), runs the teacher ensemble (:mod:`captioning.teachers`) on each
+:mod:`base.augment`), runs the teacher ensemble (:mod:`captioning.teachers`) on each
 augmented image and on the real caption and every synthetic caption, and writes output shard
 ``i`` for input shard ``i``: every input member copied verbatim, plus, as Apple's DataCompDR
 holds them,
@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from curate.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
-from curate.cli import UsageError
-from curate.config import arg, parse_config, save_config
-from curate.raykit import ActorJobConfig
+from base.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
+from base.cli import UsageError
+from base.config import arg, parse_config, save_config
+from base.raykit import ActorJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ReinforceConfig(ActorJobConfig):
         return scales
 
     def augment_config(self):
-        from curate.augment import AugmentConfig
+        from base.augment import AugmentConfig
 
         return AugmentConfig(size=self.size, scale=(self.scale_min, self.scale_max), interpolation=self.interpolation,
                              rand_augment=self.rand_augment, rand_augment_p=self.rand_augment_p,
@@ -144,8 +144,8 @@ def main(argv: list[str], prog: str = "qcap reinforce") -> int:
 
 
 def run(cfg: ReinforceConfig) -> dict[str, Any]:
+    from base.shards import atomic_write_json, finalize_folder, is_complete
     from captioning.job import input_shards
-    from curate.shards import atomic_write_json, finalize_folder, is_complete
 
     tars = input_shards(cfg.shards)
     out = Path(cfg.out)
@@ -190,7 +190,7 @@ def remove_reinforce_outputs(out: Path) -> list[str]:
     ``reinforce_summary.json`` — removed, markers first; anything else stays. A folder with shard
     files but no ``reinforce_config.json`` was not written by qcap reinforce: UsageError, nothing
     removed."""
-    from curate.shards import SHARD_FILE_RE, SIZES_FILE, remove_own_files
+    from base.shards import SHARD_FILE_RE, SIZES_FILE, remove_own_files
 
     if not out.is_dir():
         return []
@@ -204,8 +204,8 @@ def remove_reinforce_outputs(out: Path) -> list[str]:
 def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any]]) -> None:
     """Refuse to add reinforcement made with other settings (or other teacher weights) to a
     folder that already holds some (``--overwrite`` starts over)."""
-    from curate.config import output_settings
-    from curate.shards import completed_shards
+    from base.config import output_settings
+    from base.shards import completed_shards
 
     path = out / CONFIG_FILE
     if not path.is_file() or not completed_shards(out):
@@ -237,9 +237,9 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
     from ray.util import ActorPool
     from tqdm import tqdm
 
+    from base.raykit import ray_session
+    from base.shards import ShardError, shard_size
     from captioning.job import versions
-    from curate.raykit import ray_session
-    from curate.shards import ShardError, shard_size
 
     with ray_session(cfg.ray_address):
         device = cfg.resolve_device()
@@ -295,7 +295,7 @@ class ReinforceActor:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
 
     def reinforce_shard(self, shard_id: int, path: str, out: str) -> dict[str, Any]:
-        from curate.shards import ShardError
+        from base.shards import ShardError
 
         try:
             return reinforce_one_shard(self.ensemble, self.context, shard_id, path, out, self.autocast)
@@ -307,7 +307,7 @@ def reinforce_one_shard(ensemble, context: ReinforceContext, shard_id: int, path
                         autocast=None) -> dict[str, Any]:
     """Stream a shard, reinforce its images a chunk at a time (at most ``batch_size`` augmented
     images held), and write output shard ``shard_id`` atomically, in input order."""
-    from curate.shards import ShardWriter, iter_samples
+    from base.shards import ShardWriter, iter_samples
 
     counts = {"num_input": 0, "num_augmentations": 0, "num_texts": 0}
     per_chunk = max(1, context.batch_size // context.num_augmentations)
@@ -328,9 +328,9 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
     """Per sample: its status, and for a success its parameters and embeddings."""
     import torch
 
-    from curate.augment import apply_pil, draw_many, to_tensor
-    from curate.multicaption import all_captions, text_layout
-    from curate.shards import decode_image
+    from base.augment import apply_pil, draw_many, to_tensor
+    from base.multicaption import all_captions, text_layout
+    from base.shards import decode_image
 
     cfg = context.augment
     rows: list[dict[str, Any]] = []
@@ -356,7 +356,7 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
         row["params"], row["image_size"] = params, list(image.size)
         row["images"] = (len(images), len(images) + len(params))
         images.extend(to_tensor(apply_pil(image, p, cfg), cfg, normalize=False) for p in params)
-        keys = all_captions(sample)  # syn_text, then each captioner tag's key (curate.multicaption)
+        keys = all_captions(sample)  # syn_text, then each captioner tag's key (base.multicaption)
         captions = [sample.text or "", *(c for key_captions in keys.values() for c in key_captions)]
         row["texts"] = (len(texts), len(texts) + len(captions))
         row["text_rows"] = text_layout(keys)
@@ -372,8 +372,8 @@ def _reinforce_chunk(ensemble, context: ReinforceContext, samples: list[Any], au
 
 
 def _write_chunk(writer, rows: list[dict[str, Any]], context: ReinforceContext, counts: dict[str, int]) -> None:
-    from curate.augment import encode_paug
-    from curate.shards import Sample
+    from base.augment import encode_paug
+    from base.shards import Sample
 
     for row in rows:
         sample = row["sample"]
@@ -413,7 +413,7 @@ def _meta_of(sample) -> dict[str, Any]:
 def summarize(out: Path, tars: dict[int, str], failed: dict[int, str]) -> dict[str, Any]:
     from collections import Counter
 
-    from curate.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
+    from base.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
 
     statuses: Counter[str] = Counter()
     totals: Counter[str] = Counter()

@@ -7,10 +7,10 @@ embeddings are concatenated, as Apple's DataCompDR stores them.
   (``ViT-L-14:openai``, ``ViT-L-14:datacomp_xl_s13b_b90k``, ``qcap-tiny-clip:/path/w.safetensors``);
 - ``hf-hub:ORG/NAME`` or ``local-dir:PATH`` — ids open_clip loads itself
   (``hf-hub:apple/DFN2B-CLIP-ViT-L-14``);
-- ``PATH`` — a checkpoint folder or a training run (``curate.models.load_model(checkpoint=...)``);
+- ``PATH`` — a checkpoint folder or a training run (``base.models.load_model(checkpoint=...)``);
 - ``MODEL`` alone — random weights (tests only).
 
-Every teacher goes through :func:`curate.models.load_model` (safe loading, one line per failure).
+Every teacher goes through :func:`base.models.load_model` (safe loading, one line per failure).
 Apple's DataCompDR-12M teachers are ``ViT-L-14:openai,ViT-L-14:datacomp_xl_s13b_b90k`` (768-d
 each, 1536-d concatenated, logit scale 100 each); MobileCLIP2 uses DFN teachers in bf16.
 
@@ -63,7 +63,7 @@ def parse_teachers(spec: str) -> list[TeacherSpec]:
 
 
 def _weights_identity(source: str) -> str | None:
-    from curate.models import weights_sha256
+    from base.models import weights_sha256
 
     return weights_sha256(source) if os.path.isfile(source) else None
 
@@ -91,7 +91,7 @@ def load_teacher(spec: TeacherSpec, *, device: str = "cpu", precision: str = "fp
     """One teacher, loaded the safe way; TeacherError (one line naming it) when it cannot be."""
     import torch
 
-    from curate.models import load_model
+    from base.models import load_model
 
     try:
         loaded = load_model(spec.model, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device,

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config
+from base.cli import UsageError
+from base.config import arg, parse_config
 
 PAD, UNK, SOT, EOT = "<pad>", "<unk>", "<start_of_text>", "<end_of_text>"
 TOKENIZER_DIR = "tokenizer"
@@ -68,7 +68,7 @@ def world_texts(world: Path) -> Iterator[str]:
     """Every description, alt-text and clean caption of a world."""
     import pyarrow.parquet as pq
 
-    from curate.shards import expand_shards, iter_samples
+    from base.shards import expand_shards, iter_samples
 
     path = world / "truth.parquet"
     if not path.is_file():
@@ -115,7 +115,7 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 
 def model_config(base: str, tokenizer_dir: Path, vocab_size: int) -> dict[str, Any]:
-    from curate.models import model_config as registry_config
+    from base.models import model_config as registry_config
 
     cfg = copy.deepcopy(registry_config(base))
     cfg["text_cfg"]["vocab_size"] = vocab_size
@@ -129,7 +129,7 @@ def register(config_path: Path) -> str:
     """Add a written config to open_clip's registry (model name = the file's stem)."""
     import open_clip
 
-    from curate.models import register_model_configs
+    from base.models import register_model_configs
 
     register_model_configs()
     open_clip.add_model_config(str(config_path))
@@ -137,7 +137,7 @@ def register(config_path: Path) -> str:
 
 
 def build(cfg: VocabConfig) -> dict[str, Any]:
-    from curate.shards import atomic_write_json
+    from base.shards import atomic_write_json
 
     texts = list(world_texts(cfg.world))
     if not texts:
@@ -167,6 +167,6 @@ def main(argv: list[str], prog: str = "qcap fit-vocab") -> int:
 
 
 if __name__ == "__main__":
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:], "python -m captioning.vocab"))

@@ -1,6 +1,4 @@
-"""qcap's curate stage: the embedded pool, download, filters, dedup, resharding.
+"""qcap's curate stage: download, filters, dedup, resharding, subsets and uid algebra.
 
-Also home of what every stage shares (curate imports no other stage): the shard module
-(:mod:`curate.shards`), the config convention (:mod:`curate.config`) and the CLI plumbing
-(:mod:`curate.cli`).
+It builds on the ground floor (:mod:`base`) and imports no other stage.
 """

@@ -1,151 +1,24 @@
-"""Command-line plumbing shared by every stage, and the curate stage's own commands.
-
-Each stage keeps a ``COMMANDS`` dict (name → :class:`Command`) in its ``cli.py``; the target
-module is imported only when its command runs, so ``--help`` stays instant and never loads
-torch, ray or open_clip. ``qcap`` (package ``qcap``) merges the stages' dicts.
+"""The curate stage's commands (see :mod:`base.cli` for the plumbing).
 
 Run as ``python -m curate --help`` or ``qcap <command> --help``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
-import os
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-
-@dataclass(frozen=True)
-class Command:
-    help: str  # one line shown in listings
-    target: str  # "package.module:function"; the function takes argv and returns an exit code
-
+from base.cli import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
     "shards": Command("inspect, verify or finalize (sizes.json) a shard folder", "curate.shardtool:main"),
-    "world": Command("generate the embedded DataComp-style world (pool, truth, clean and eval sets)", "curate.world.cli:world_main"),
-    "serve": Command("serve a world's pool over loopback HTTP, planted faults included", "curate.world.cli:serve_main"),
-    "score-captions": Command("score captions against a world's truth (objects, attributes, hallucinations)", "curate.world.cli:score_main"),
     "download": Command("download a pool into raw shards with img2dataset (Ray or processes): retries, resume, URL guard", "curate.download.run:main"),
     "filter": Command("choose samples: DataComp's basic, CLIP-score and dedup filters -> uid file + report", "curate.filters.cli:main"),
     "uids": Command("intersect, union, subtract or inspect DataComp uid files (.npy)", "curate.uidtool:main"),
     "reshard": Command("write the successful samples of a uid file into new shards (sizes.json, resumable)", "curate.reshard:main"),
     "subset": Command("nested seeded subsets of a shard folder (1% < 10% < 100%), DR or real-captions-only, with uid list and card", "curate.subset:main"),
-    "control-rung": Command("positive-control rung from a world's truth: a rung's images with true descriptions (oracle), or clean captions", "curate.world.controls:main"),
 }
 
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one clear line, exit status 2."""
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each record, not the one current when
-    logging was set up: commands run one after another in one process (tests, notebooks) swap
-    stderr, and a handler bound to the first one would write to a closed stream."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always wins
-        return
-
-
-OWN_LOGGERS = ("qcap", "curate", "captioning", "train", "finetune", "__main__")
-
-
-def setup_logging(level: str | None = None) -> None:
-    """qcap's own loggers at ``QCAP_LOG_LEVEL`` (INFO); everything else at WARNING unless DEBUG
-    is asked for — open_clip logs every checkpoint lookup at INFO on the root logger, which
-    buried a command's one-line error under a dozen lines of its chatter."""
-    level = (level or os.environ.get("QCAP_LOG_LEVEL", "INFO")).upper()
-    root = logging.getLogger()
-    numeric = logging.getLevelName(level)
-    if not isinstance(numeric, int):
-        numeric, level = logging.INFO, "INFO"
-    root.setLevel(min(numeric, logging.DEBUG) if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
-    for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(numeric)
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-
-
-def _listing(prog: str, commands: Mapping[str, Command], description: str) -> str:
-    width = max((len(name) for name in commands), default=0)
-    lines = [f"usage: {prog} <command> [options]", "", description, "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {cmd.help}" for name, cmd in commands.items()]
-    lines += ["", f"Run '{prog} <command> --help' for the options of one command."]
-    return "\n".join(lines)
-
-
-def dispatch(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | None, description: str) -> int:
-    """Run ``argv[0]``'s target with the rest of argv; print a listing for -h/--help/nothing."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_listing(prog, commands, description))
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in commands:
-        print(f"{prog}: unknown command {name!r}\n", file=sys.stderr)
-        print(_listing(prog, commands, description), file=sys.stderr)
-        return 2
-    module_name, func_name = commands[name].target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return run_guarded(func, rest, f"{prog} {name}")
-
-
-def run_guarded(func, argv: list[str], prog: str) -> int:
-    """Call a command; contract violations become one clear line and exit status 2.
-
-    Anything else that escapes a command is a bug in qcap (every bad input has its own status or
-    error): it is still one line, naming itself an internal error (exit 1), so a user never gets
-    a traceback; ``QCAP_TRACEBACK=1`` re-raises it for whoever fixes it.
-    """
-    from curate.config import ConfigError
-    from curate.shards import ShardError
-
-    setup_logging()
-    try:
-        code = func(argv, prog=prog)
-    except (ShardError, ConfigError, UsageError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `qcap shards info ... | head`: the reader left; not an error of ours
-        with contextlib.suppress(OSError):  # point stdout at /dev/null so the interpreter's final flush stays quiet
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except MemoryError:
-        print(f"{prog}: error: out of memory; lower --batch-size/--num-workers or give the job more memory", file=sys.stderr)
-        return 1
-    except Exception as err:  # the last line of defence: every known bad input has its own status or error
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} "
-              f"(a bug in qcap, not in your input; {TRACEBACK_ENV}=1 shows where)", file=sys.stderr)
-        return 1
-    return int(code or 0)
-
-
-TRACEBACK_ENV = "QCAP_TRACEBACK"
-INTERNAL_ERROR = "internal error"  # what the last-resort line says; the hostile-input tests fail on it
-
-
-def _one_line(err: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-DESCRIPTION = "curate: make, download, filter, dedup, reshard and subset a DataComp-style pool (and inspect shards)."
+DESCRIPTION = "curate: download, filter, dedup, reshard and subset a DataComp-style pool (and inspect shards)."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,8 @@ subset, and assigns them, in input order (shard by shard, row by row), to output
 ``i // samples_per_shard``. The assignment depends on the inputs alone, so a re-run after a
 kill (SIGKILL, any moment) recomputes the same plan, skips output shards whose completion
 marker exists and redoes the others; a half-written shard never becomes visible
-(:class:`curate.shards.ShardWriter`). Output shards are written by ``--num-workers`` local
-processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`curate.workers`): the
+(:class:`base.shards.ShardWriter`). Output shards are written by ``--num-workers`` local
+processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`base.workers`): the
 same bytes either way, and a task lost with its worker or node is retried.
 
 Samples are copied verbatim (image bytes, caption, extra members) under a new key
@@ -51,10 +51,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config, save_config, to_dict
-from curate.raykit import RAY_ADDRESS_HELP
-from curate.shards import (
+from base.cli import UsageError
+from base.config import arg, parse_config, save_config, to_dict
+from base.raykit import RAY_ADDRESS_HELP
+from base.shards import (
     SIZES_FILE,
     Sample,
     ShardError,
@@ -72,7 +72,7 @@ from curate.shards import (
     shard_name,
     uid_membership,
 )
-from curate.workers import Workers
+from base.workers import Workers
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "reshard.json"
@@ -178,7 +178,7 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 
 
 # What reshard writes in --out, and so all that --overwrite removes (anything else is the user's):
-# its shards (curate.shards.remove_own_files) and these.
+# its shards (base.shards.remove_own_files) and these.
 _OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
 
 

@@ -26,9 +26,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config
-from curate.shards import (
+from base.cli import UsageError
+from base.config import arg, parse_config
+from base.shards import (
     SIZES_FILE,
     ShardError,
     decode_image,

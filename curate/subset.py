@@ -27,7 +27,7 @@ bins of their top 16 bits, a second collects the one bin that holds the ``N``-th
 the exact threshold; memory stays ``O(bins + N/65536)``. The copy then streams the input shards
 once, packed whole into output shards of about ``--samples-per-shard`` samples (default: the
 largest input shard), resumable per output shard; the shards are written by ``--num-workers``
-local processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`curate.workers`):
+local processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`base.workers`):
 the same bytes either way, and where they ran is no part of the settings a resume checks.
 
 ``DIR/`` holds the shards with ``sizes.json``, ``uids.npy`` (DataComp's sorted uid file of the
@@ -50,11 +50,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from curate.card import CaptionStats, read_card, remove_card, write_card
-from curate.cli import UsageError
-from curate.config import arg, output_settings, parse_config, to_dict
-from curate.raykit import RAY_ADDRESS_HELP
-from curate.shards import (
+from base.card import CaptionStats, read_card, remove_card, write_card
+from base.cli import UsageError
+from base.config import arg, output_settings, parse_config, to_dict
+from base.raykit import RAY_ADDRESS_HELP
+from base.shards import (
     SIZES_FILE,
     Sample,
     ShardError,
@@ -75,7 +75,7 @@ from curate.shards import (
     uid_halves,
     uids_to_array,
 )
-from curate.workers import Workers
+from base.workers import Workers
 
 log = logging.getLogger(__name__)
 

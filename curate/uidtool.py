@@ -7,10 +7,10 @@ Usage::
     qcap uids minus all.npy seen.npy --out rest.npy                    # in the first, not the second
     qcap uids info final.npy [--shards runs/raw] [--json]              # count, order, and what a shard folder holds of it
 
-Every file is read with :func:`curate.shards.load_uids` (dtype, shape and order checked, as
-DataComp's resharder does) and written with :func:`curate.shards.save_uids` (sorted, unique,
+Every file is read with :func:`base.shards.load_uids` (dtype, shape and order checked, as
+DataComp's resharder does) and written with :func:`base.shards.save_uids` (sorted, unique,
 atomic). Beside an output ``C.npy`` goes ``C.npy.json``: the resolved :class:`CombineConfig`
-(:func:`curate.config.save_config`) with the operation, its inputs and counts.
+(:func:`base.config.save_config`) with the operation, its inputs and counts.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config, save_config
-from curate.shards import UID_DTYPE, array_to_uids, load_uids, save_uids
+from base.cli import UsageError
+from base.config import arg, parse_config, save_config
+from base.shards import UID_DTYPE, array_to_uids, load_uids, save_uids
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def info(path: str | os.PathLike, shards: str | None = None) -> dict[str, Any]:
         "first_uid": uids[0] if uids else None, "last_uid": uids[-1] if uids else None,
     }
     if shards is not None:
+        from base.shards import expand_shards
         from curate.reshard import select
-        from curate.shards import expand_shards
 
         out["in_shards"] = select(expand_shards(shards), array).as_json()
     return out

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config
+from base.cli import UsageError
+from base.config import arg, parse_config
 
 DEFAULT_ALPHA = 0.05
 TEST_NAME = "one-sided paired t-test over seeds (scipy.stats.ttest_rel)"
@@ -167,7 +167,7 @@ def main(argv: list[str], prog: str = "qcap attention-test") -> int:
     result = claim_test([read_pair(path, seed) for seed, path in enumerate(cfg.files)], alpha=cfg.alpha,
                         deep_from=cfg.deep_from)
     if cfg.out is not None:
-        from curate.shards import atomic_write_json
+        from base.shards import atomic_write_json
 
         atomic_write_json(cfg.out, result)
     print(f"{result['claim']}: {result['verdict']}")
@@ -175,6 +175,6 @@ def main(argv: list[str], prog: str = "qcap attention-test") -> int:
 
 
 if __name__ == "__main__":
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:], "python -m finetune.attention_test"))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curate.cli import UsageError
+from base.cli import UsageError
 
 
 class BackboneError(UsageError):
@@ -407,7 +407,7 @@ def load_backbone(source: BackboneSource, *, image_size: int | None = None, devi
     Returns the backbone and the model's eval preprocessing (its normalisation constants are
     the ones the tower was trained with). The text tower is dropped.
     """
-    from curate.models import load_model
+    from base.models import load_model
 
     try:
         if source.random is not None:

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torchvision.datasets import ImageFolder
 
-from curate.cli import UsageError
-from curate.shards import decode_image
+from base.cli import UsageError
+from base.shards import decode_image
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

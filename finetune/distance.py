@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config, save_config
+from base.cli import UsageError
+from base.config import arg, parse_config, save_config
 
 log = logging.getLogger(__name__)
 JSON_FILE = "attention_distance.json"
@@ -82,7 +82,7 @@ def measure(backbone, transform, paths: list[Path], *, batch_size: int) -> dict[
     import torch
     from tqdm.auto import tqdm
 
-    from curate.shards import decode_image
+    from base.shards import decode_image
     from finetune.attention import attention_maps, mean_attention_distance
 
     backbone.eval()
@@ -136,7 +136,7 @@ def _transform(preprocess, image_size: int | None, mean, std):
 def run(cfg: AttentionDistanceConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from curate.shards import atomic_write_json
+    from base.shards import atomic_write_json
     from finetune.attention import patch_distances
     from finetune.backbone import BackboneError, BackboneSource, load_backbone, normalisation
     from finetune.plots import plot_attention_distance

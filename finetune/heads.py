@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curate.config import arg
+from base.config import arg
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from curate.shards import atomic_write_bytes
+from base.shards import atomic_write_bytes
 
 IGNORE_COLOUR = (0, 0, 0)
 

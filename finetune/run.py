@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from curate.cli import UsageError
-from curate.config import arg, build_parser, config_from_namespace, save_config
+from base.cli import UsageError
+from base.config import arg, build_parser, config_from_namespace, save_config
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -137,7 +137,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run one finetuning job; returns the metrics.json payload (also written to OUT)."""
     from accelerate.utils import set_seed
 
-    from curate.config import to_dict
+    from base.config import to_dict
     from finetune.backbone import BackboneSource, load_backbone, normalisation
     from finetune.data import Preprocess
     from finetune.heads import HeadConfig

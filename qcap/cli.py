@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from base.cli import Command, dispatch
 from captioning.cli import COMMANDS as CAPTIONING
 from curate.cli import COMMANDS as CURATE
-from curate.cli import Command, dispatch
+from demo.cli import COMMANDS as DEMO
 from finetune.cli import COMMANDS as FINETUNE
 from train.cli import COMMANDS as TRAIN
+from world.cli import COMMANDS as WORLD
 
 DESCRIPTION = (
     "qcap builds caption-quality ablation datasets for CLIP and trains on them:\n"
@@ -23,7 +25,7 @@ DESCRIPTION = (
 
 def all_commands() -> dict[str, Command]:
     merged: dict[str, Command] = {}
-    for table in (CURATE, CAPTIONING, TRAIN, FINETUNE):
+    for table in (CURATE, WORLD, CAPTIONING, TRAIN, FINETUNE, DEMO):
         for name, command in table.items():
             if name in merged:
                 raise RuntimeError(f"command {name!r} is registered by two stages")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder
+from base.shards import Sample, ShardWriter, finalize_folder
 
 CAPTIONER = {"backend": "open_clip", "model": "qcap-tiny-coca", "source": "/models/coca", "weights_sha256": "ab" * 32}
 DECODING = {"decoding": "top_p", "top_p": 0.9, "temperature": 1.0, "num_captions": 3, "seq_len": 30,

@@ -2,7 +2,7 @@
 
 Everything here is made from scratch, with real encoders: images with PIL (every mode and
 format, plus bytes that only pretend to be images), good shards with
-:class:`curate.shards.ShardWriter`, broken shards with raw :mod:`tarfile` writes (members that
+:class:`base.shards.ShardWriter`, broken shards with raw :mod:`tarfile` writes (members that
 break webdataset's key rule, links, ``../`` names, a header claiming a huge size, a tar cut
 mid-member, a file that is no tar at all) beside a Parquet and ``_stats.json`` written with
 pyarrow/json, uid files with numpy, checkpoints with safetensors/torch/pickle, pools with pyarrow.
@@ -256,7 +256,7 @@ def write_raw_shard(folder: Path, shard_id: int, rows: list[dict[str, Any]], mem
 def write_good_shard(folder: Path, shard_id: int, n: int, *, start: int = 0, failures: int = 1) -> list[dict[str, Any]]:
     """A shard written by qcap's own writer: ``n`` good samples and ``failures`` failed downloads.
     Returns its Parquet rows."""
-    from curate.shards import Sample, ShardWriter
+    from base.shards import Sample, ShardWriter
 
     rows = []
     with ShardWriter(folder, shard_id) as writer:
@@ -278,9 +278,9 @@ def write_good_shard(folder: Path, shard_id: int, n: int, *, start: int = 0, fai
 
 
 def write_sizes(folder: Path, sizes: dict[str, int] | None = None) -> None:
-    """``sizes.json`` from the shards' stats (``curate.shards.finalize_folder``), or a lying one."""
+    """``sizes.json`` from the shards' stats (``base.shards.finalize_folder``), or a lying one."""
     if sizes is None:
-        from curate.shards import finalize_folder
+        from base.shards import finalize_folder
 
         finalize_folder(folder)
     else:
@@ -668,7 +668,7 @@ def input_rows(folder: Path) -> list[tuple[str, str]]:
 
 def write_npy_variants(folder: Path) -> dict[str, Path]:
     """Hostile uid files: 0 bytes, wrong dtype, 2-D, unsorted, a pickled object array, truncated, not npy."""
-    from curate.shards import UID_DTYPE, uids_to_array
+    from base.shards import UID_DTYPE, uids_to_array
 
     folder.mkdir(parents=True, exist_ok=True)
     good = uids_to_array([uid(i) for i in range(4)])
@@ -697,7 +697,7 @@ def write_npy_variants(folder: Path) -> dict[str, Path]:
 
 
 def uid_file(path: Path, uids: list[str]) -> Path:
-    from curate.shards import save_uids
+    from base.shards import save_uids
 
     save_uids(path, uids)
     return path
@@ -728,7 +728,7 @@ def write_checkpoint_variants(folder: Path, good_dir: Path, marker: Path) -> dic
 
     import torch
 
-    from curate.models import CONFIG_FILE, WEIGHTS_FILE
+    from base.models import CONFIG_FILE, WEIGHTS_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
@@ -814,7 +814,7 @@ def write_caption_folder(images: Path, out: Path, num_captions: int = 2) -> int:
     (same shard ids and keys, as ``qcap caption`` writes them); returns the captions written."""
     import pyarrow.parquet as pq
 
-    from curate.shards import Sample, ShardWriter, finalize_folder, is_uid
+    from base.shards import Sample, ShardWriter, finalize_folder, is_uid
 
     written = 0
     out.mkdir(parents=True, exist_ok=True)
@@ -851,7 +851,7 @@ class Result:
 
 
 def run_cli(argv: list[str], capfd, caplog) -> Result:
-    """Run ``qcap ARGV`` in-process through ``curate.cli.run_guarded`` (what ``qcap`` calls),
+    """Run ``qcap ARGV`` in-process through ``base.cli.run_guarded`` (what ``qcap`` calls),
     with the command function ``qcap.cli.all_commands()`` registers. argparse's SystemExit is an
     exit status; any other exception escaping the command fails the test, with its traceback."""
     import importlib
@@ -859,7 +859,7 @@ def run_cli(argv: list[str], capfd, caplog) -> Result:
 
     import pytest
 
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
     from qcap.cli import all_commands
 
     command = all_commands()[argv[0]]

@@ -107,12 +107,12 @@ def _register_test_configs(tmp_path):
 
 
 def test_non_vit_towers_are_refused_and_timm_vits_work(tmp_path):
-    from curate.models import save_checkpoint_dir
+    from base.models import save_checkpoint_dir
 
     _register_test_configs(tmp_path)
     with pytest.raises(BackboneError, match="has a ModifiedResNet image tower, neither a ViT nor a hierarchical timm model"):
         load_backbone(BackboneSource(random="test-tiny-rn"))
-    from curate.models import load_model
+    from base.models import load_model
 
     rn = load_model("test-tiny-rn")
     folder = save_checkpoint_dir(rn.model, "test-tiny-rn", tmp_path / "rn")

@@ -21,8 +21,8 @@ from conftest import make_uid
 from test_caption_job import coca_dir, ray_address, run_cli, write_shards  # noqa: F401 - fixtures
 from test_train_hostile import rewrite_members
 
+from base.shards import iter_samples, read_tables
 from captioning import job
-from curate.shards import iter_samples, read_tables
 
 QCAP = Path(sys.executable).parent / "qcap"
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def test_overwrite_refuses_a_folder_of_shards_caption_did_not_write(tmp_path, co
 def test_an_error_inside_ray_is_one_line(ray_address):  # noqa: F811
     import ray
 
-    from curate.raykit import clean_error
-    from curate.shards import ShardError
+    from base.raykit import clean_error
+    from base.shards import ShardError
 
     @ray.remote(max_retries=0)
     def read_bad():

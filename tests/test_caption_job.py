@@ -22,10 +22,7 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from captioning import job
-from captioning.backends import CaptionerSpec, image_seed, load_captioner
-from captioning.quality import process_caption
-from curate.shards import (
+from base.shards import (
     Sample,
     ShardWriter,
     decode_image,
@@ -35,6 +32,9 @@ from curate.shards import (
     read_table,
     read_tables,
 )
+from captioning import job
+from captioning.backends import CaptionerSpec, image_seed, load_captioner
+from captioning.quality import process_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 QCAP = Path(sys.executable).parent / "qcap"
@@ -58,7 +58,7 @@ def ray_address():
 def coca_dir(tmp_path_factory) -> Path:
     """A tiny CoCa checkpoint folder; its decoder drawn with peaked next-token distributions
     (logit scale 6), so that captions vary from image to image."""
-    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
+    from base.models import init_coca_decoder, load_model, save_checkpoint_dir
 
     torch.manual_seed(0)
     model = load_model("qcap-tiny-coca").model
@@ -239,7 +239,7 @@ def test_provenance_without_a_weights_file_to_hash_is_logged(coca_dir, caplog):
 def test_summary_checks_shards_against_the_input_and_logs_what_it_cannot_count(tmp_path, caplog):
     """No Ray: the summary over Parquet-only output shards; a size mismatch is a problem, and an
     input shard with nothing to count it by (no stats, no Parquet) is logged, not passed in silence."""
-    from curate.shards import write_parquet_shard
+    from base.shards import write_parquet_shard
 
     inputs = write_shards(tmp_path / "curated", [2, 3])
     out = tmp_path / "syn"
@@ -261,7 +261,7 @@ def test_summary_checks_shards_against_the_input_and_logs_what_it_cannot_count(t
 
 
 def test_parquet_side_table_with_scores_and_greedy_decoding(tmp_path, ray_address, coca_dir, capsys):
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     clip_dir = save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", tmp_path / "clip")
     shards = write_shards(tmp_path / "curated", [3, 2], broken={(1, 0)})
@@ -312,7 +312,7 @@ def test_caption_job_with_the_hugging_face_backend(tmp_path, ray_address, capsys
 
 
 def test_bad_checkpoints_are_clear_errors_before_any_work(tmp_path, coca_dir, capsys):
-    from curate.models import WEIGHTS_FILE, load_model, save_checkpoint_dir
+    from base.models import WEIGHTS_FILE, load_model, save_checkpoint_dir
 
     clip_dir = save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", tmp_path / "clip")
     shards = write_shards(tmp_path / "curated", [1])

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from test_caption_job import QCAP, ROOT, coca_dir, ray_address, run_cli, write_shards  # noqa: F401 - fixtures
 
+from base.shards import iter_samples
 from captioning import job
-from curate.shards import iter_samples
 
 NUM_SHARDS = 8
 

@@ -1,7 +1,7 @@
 """``qcap caption --num-candidates K --select score|diverse`` on real Ray with a real tiny CoCa
 and a real CLIP scorer: every candidate and its score in the provenance, the N kept the
 selection rule's choice (redone from provenance alone), other settings refused on re-run;
-``--tag`` writes the captions under ``syn_text_<tag>`` (curate.multicaption's members)."""
+``--tag`` writes the captions under ``syn_text_<tag>`` (base.multicaption's members)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import pytest
 import torch
 from test_caption_job import coca_dir, ray_address, run_cli, write_shards  # noqa: F401 (fixtures)
 
-from curate.shards import iter_samples
+from base.shards import iter_samples
 
 torch.set_num_threads(1)
 
 
 def test_overgenerate_then_select_and_a_tagged_captioner(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
+    from base.models import load_model, save_checkpoint_dir
+    from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, tagged_captions
+    from base.shards import decode_image
     from captioning.overgen import reselect, select
     from captioning.quality import ClipScorer
-    from curate.models import load_model, save_checkpoint_dir
-    from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, tagged_captions
-    from curate.shards import decode_image
 
     torch.manual_seed(3)
     clip_dir = save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", tmp_path / "clip")

@@ -15,8 +15,8 @@ from conftest import make_uid
 from dr_data import write_images, write_qcap_captions
 from PIL import Image
 
-from curate.card import CaptionStats, collect, trace_lineage, write_card
-from curate.shards import iter_samples, read_tables
+from base.card import CaptionStats, collect, trace_lineage, write_card
+from base.shards import iter_samples, read_tables
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -107,14 +107,14 @@ def test_card_numbers_equal_a_recount(tmp_path, capsys, caplog):
     assert recounted["captions"] == caps and recounted["caption_histograms"] == card["caption_histograms"]
     # a shard whose stats cannot be read is recounted too, and the log says why
     (out / "00001_stats.json").write_text("{cut short")
-    with caplog.at_level(logging.WARNING, logger="curate.card"):
+    with caplog.at_level(logging.WARNING, logger="base.card"):
         again = collect(out)
     assert again["recounted_shards"] == ["00000.tar", "00001.tar"] and again["captions"] == caps
     assert "00001_stats.json: not valid JSON" in caplog.text and "recounting" in caplog.text
 
 
 def test_caption_stats_merge_equals_one_pass():
-    from curate.shards import Sample
+    from base.shards import Sample
 
     samples = [Sample(key=str(i), uid=make_uid(i), text="word " * (i % 7) if i % 5 else "",
                       syn_text=[f"caption {'x ' * j}" for j in range(i % 4)],
@@ -132,12 +132,12 @@ def test_caption_stats_merge_equals_one_pass():
 
 
 def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path, caplog):
-    from curate.config import save_config
+    from base.config import save_config
+    from base.shards import save_uids
     from curate.reshard import ReshardConfig
-    from curate.shards import save_uids
     from qcap.cli import main
 
-    caplog.set_level(logging.WARNING, logger="curate.card")
+    caplog.set_level(logging.WARNING, logger="base.card")
     images = write_images(tmp_path / "curated", [[0, 1, 2]])
     (tmp_path / "raw").mkdir()
     filters = tmp_path / "filters"

@@ -24,7 +24,8 @@ def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set
 
 @pytest.mark.parametrize(
     "args",
-    [["-m", "qcap", "--help"], ["-m", "curate", "--help"], ["-m", "captioning", "--help"], ["-m", "train", "--help"], ["-m", "finetune", "--help"]],
+    [["-m", "qcap", "--help"], ["-m", "curate", "--help"], ["-m", "captioning", "--help"], ["-m", "train", "--help"], ["-m", "finetune", "--help"],
+     ["-m", "world", "--help"], ["-m", "demo", "--help"]],
 )
 def test_help_is_light(args):
     proc, modules = _imported_modules(args)
@@ -53,8 +54,9 @@ def test_console_script_and_unknown_command():
 
 # The floors, bottom up: a package may import only those named for it (DESIGN.md, "Packages").
 # ``qcap`` is the top: it dispatches to every stage, and no stage imports it.
-FLOORS = {"curate": set(), "captioning": {"curate"}, "train": {"curate"}, "finetune": {"curate", "train"},
-          "qcap": {"curate", "captioning", "train", "finetune"}}
+FLOORS = {"base": set(), "curate": {"base"}, "world": {"base", "curate"}, "captioning": {"base"}, "train": {"base"},
+          "finetune": {"base", "train"}, "demo": {"base", "train", "finetune"},
+          "qcap": {"base", "curate", "world", "captioning", "train", "finetune", "demo"}}
 # Import circles being removed now, each named with who removes it; empty when none is left.
 KNOWN_CIRCLES: list[set[str]] = []
 
@@ -146,7 +148,11 @@ def test_stage_imports_flow_one_way():
     """Each package imports only the floors below it: curate no other stage, nothing finetune,
     no stage the top-level qcap package (its version comes from the package metadata)."""
     modules = _modules()
-    assert {"curate.download.fetch", "captioning.job", "train.loop", "finetune.run", "qcap.cli"} <= set(modules)
+    assert {"base.shards", "curate.download.fetch", "world.generate", "captioning.job", "train.loop", "finetune.run",
+            "demo.report", "qcap.cli"} <= set(modules)
+    # every package at the root is a floor: a new one must be given its place here
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench", "tools"}
+    assert packages == set(FLOORS), f"packages without a floor: {sorted(packages - set(FLOORS))}"
     wrong = []
     for name, imported in _import_graph(command_targets=True).items():
         floor = name.split(".")[0]
@@ -173,21 +179,21 @@ def test_the_import_graph_sees_a_circle_and_a_function_level_import(tmp_path, mo
     fake = tmp_path / "root"
     for package in FLOORS:
         shutil.copytree(ROOT / package, fake / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (fake / "curate" / "shards.py").write_text((ROOT / "curate" / "shards.py").read_text(encoding="utf-8")
+    (fake / "base" / "shards.py").write_text((ROOT / "base" / "shards.py").read_text(encoding="utf-8")
                                               + "\n\ndef _planted():\n    from curate.reshard import select\n\n"
                                               "    import qcap\n", encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     graph = _import_graph()
-    assert "qcap" in graph["curate.shards"] and "curate.reshard" in graph["curate.shards"]
-    assert any({"curate.shards", "curate.reshard"} <= c for c in _circles(graph))
-    with pytest.raises(AssertionError, match="curate/shards.py:.* imports qcap"):
+    assert "qcap" in graph["base.shards"] and "curate.reshard" in graph["base.shards"]
+    assert any({"base.shards", "curate.reshard"} <= c for c in _circles(graph))
+    with pytest.raises(AssertionError, match="base/shards.py:.* imports qcap"):
         test_stage_imports_flow_one_way()
 
 
 def test_shards_command_reports_a_folder(tmp_path):
     from conftest import make_jpeg, make_uid
 
-    from curate.shards import Sample, ShardWriter
+    from base.shards import Sample, ShardWriter
 
     with ShardWriter(tmp_path, 0) as writer:
         writer.write(Sample(key="0", uid=make_uid(0), image=make_jpeg(), text="a"))
@@ -217,7 +223,7 @@ def _raises(error: BaseException):
 
 
 def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(capsys, monkeypatch):
-    from curate.cli import INTERNAL_ERROR, TRACEBACK_ENV, UsageError, run_guarded
+    from base.cli import INTERNAL_ERROR, TRACEBACK_ENV, UsageError, run_guarded
 
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     assert run_guarded(_raises(UsageError("--out: no such folder")), [], "qcap x") == 2
@@ -236,7 +242,7 @@ def test_output_piped_into_head_is_not_an_error():
     """`qcap ... | head`: the reader leaves early; the command ends quietly with status 0."""
     script = (
         "import sys\n"
-        "from curate.cli import run_guarded\n"
+        "from base.cli import run_guarded\n"
         "def command(argv, prog):\n"
         "    for i in range(200_000):\n"
         "        print('row', i)\n"
@@ -284,7 +290,7 @@ def test_commands_run_one_after_another_log_to_the_current_stderr(capsys):
     """A second command in one process logs to the stderr of its own time, not to the first's."""
     import logging
 
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
     def command(argv, prog):
         logging.getLogger("qcap.test").warning("hello from %s", argv[0])

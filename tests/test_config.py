@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from curate.config import ConfigError, arg, build_parser, from_dict, load_config, parse_config, save_config, to_dict
+from base.config import ConfigError, arg, build_parser, from_dict, load_config, parse_config, save_config, to_dict
 
 
 @dataclass(kw_only=True)
@@ -126,12 +126,12 @@ def test_lists_of_paths_round_trip(tmp_path):
 def test_whether_a_field_shapes_the_output_is_declared_on_the_field_once(tmp_path):
     """Each stage's output identity, resume check and card lineage read the fields' declarations
     (``arg(..., shapes_output=False)`` for how and where a run runs), not hand-kept lists."""
+    from base.config import output_fields, output_settings, run_fields, save_config
     from captioning.dr import BuildDRConfig, identity
     from captioning.job import CaptionConfig, _fingerprint
-    from curate.config import output_fields, output_settings, run_fields, save_config
     from curate.subset import SubsetConfig
-    from curate.world.config import WorldConfig
     from train.config import TrainRunConfig, changed_fields
+    from world.config import WorldConfig
 
     for cls in (CaptionConfig, BuildDRConfig, SubsetConfig, WorldConfig, TrainRunConfig):
         fields = {f.name for f in dataclasses.fields(cls)}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples, read_sizes
-from curate.world.config import WorldConfig
-from curate.world.controls import ControlConfig, build_clean, build_oracle, true_descriptions
-from curate.world.generate import generate_world
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples, read_sizes
+from world.config import WorldConfig
+from world.controls import ControlConfig, build_clean, build_oracle, true_descriptions
+from world.generate import generate_world
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 

@@ -7,7 +7,7 @@ asks for), and open_clip's code then runs as released. Beam search needs transfo
 subprocess with transformers 4.56.2.
 
 Random CoCa weights come from open_clip's initialisation, the decoder's from
-``curate.models.init_coca_decoder`` (open_clip leaves its vocabulary projection empty) at logit
+``base.models.init_coca_decoder`` (open_clip leaves its vocabulary projection empty) at logit
 scale 1 (unit-scale logits, the hardest case for near-ties) or 6 (peaked distributions like a
 trained captioner's).
 """
@@ -287,7 +287,7 @@ def test_per_image_generators_make_captions_independent_of_the_batch(peaked):
 
 
 def test_bad_arguments_are_clear_errors(tiny):
-    from curate.models import load_model
+    from base.models import load_model
 
     clip = load_model("qcap-tiny-clip").model
     with pytest.raises(ValueError, match="not an open_clip CoCa captioner"):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder
-from finetune.report import ROW_BY_KEY, ROWS, read_timings, stage_timings
+from base.shards import Sample, ShardWriter, finalize_folder
+from demo.report import ROW_BY_KEY, ROWS, read_timings, stage_timings
 
 RUNGS = ("datacomp-10", "datacomp-100", "dr-10", "dr-100")
 # per backbone: (mIoU, RMSE) for seeds 0, 1, 2 — DR clearly better on seg at 100%, depth a toss-up
@@ -59,8 +59,8 @@ def make_demo(root: Path, seeds=(0, 1, 2), *, skip: tuple[str, ...] = ()) -> Pat
 
 
 def run_report(argv: list[str]) -> int:
-    from curate.cli import run_guarded
-    from finetune.report import main
+    from base.cli import run_guarded
+    from demo.report import main
 
     return run_guarded(main, argv, "qcap report")
 

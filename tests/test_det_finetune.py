@@ -18,8 +18,8 @@ METRICS = {f"{kind}_{name}" for kind in ("bbox", "segm") for name in ("AP", "AP5
 
 @pytest.fixture(scope="module")
 def det_data(tmp_path_factory):
-    from curate.world.config import WorldConfig
-    from curate.world.generate import generate_world
+    from world.config import WorldConfig
+    from world.generate import generate_world
 
     torch.set_num_threads(1)
     world = tmp_path_factory.mktemp("w") / "world"

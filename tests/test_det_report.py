@@ -7,7 +7,7 @@ import json
 
 from test_demo_report import FINETUNE, make_demo, run_report, table_rows, write_json
 
-from finetune.report import ROWS
+from demo.report import ROWS
 
 
 def test_det_columns_appear_with_det_metrics_and_name_their_sources(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from conftest import make_jpeg, make_uid
 from dr_data import write_images
 
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
 torch.set_num_threads(1)
 
@@ -76,10 +76,10 @@ def test_the_kd_term_equals_a_direct_numpy_computation():
 def reinforced(tmp_path_factory) -> Path:
     """DR shards reinforced by the real job's shard function with two tiny random teachers
     (written by qcap reinforce's own writer; Ray is exercised in test_reinforce)."""
+    from base.models import load_model, save_checkpoint_dir
+    from base.shards import atomic_write_json
     from captioning.reinforce import ReinforceConfig, ReinforceContext, reinforce_one_shard, resolve_teachers
     from captioning.teachers import TeacherEnsemble
-    from curate.models import load_model, save_checkpoint_dir
-    from curate.shards import atomic_write_json
 
     root = tmp_path_factory.mktemp("reinforced")
     teachers = []
@@ -114,7 +114,7 @@ def reinforced(tmp_path_factory) -> Path:
 
 
 def make_trainer(data: Path, out: Path, settings, *, steps: int, batch_size: int = 8, lr: float = 1e-3):
-    from curate.models import load_model
+    from base.models import load_model
     from train.distill import DistillTask, reinforced_stream
     from train.evaluate import EvalConfig
     from train.loader import LoaderConfig
@@ -157,13 +157,13 @@ def test_training_with_the_dr_loss_runs_and_its_loss_falls(reinforced, tmp_path)
 def test_mix_mode_and_the_stored_augmentation_in_the_batch(reinforced, tmp_path):
     """mix:1 trains one synthetic caption per image; the batch's image is the stored
     augmentation re-applied (equal to re-applying it by hand) and its teacher rows match."""
-    from curate.augment import AugmentConfig, apply_params, decode_paug
-    from curate.shards import decode_image
+    from base.augment import AugmentConfig, apply_params, decode_paug
+    from base.shards import decode_image
     from train.distill import DRSettings, ReinforcedEncoder
 
     config = json.loads((reinforced / "reinforce_config.json").read_text())
     augment = AugmentConfig.from_json(config["augmentation"])
-    from curate.models import load_model
+    from base.models import load_model
 
     loaded = load_model("qcap-tiny-clip")
     encoder = ReinforcedEncoder(loaded.tokenizer, DRSettings(mode="mix:1", augmentation="sequential"), augment,
@@ -221,8 +221,8 @@ def write_apple_reinforced(folder: Path, numbers: list[int], dim: int, num_aug: 
     paug.json (parameters drawn on the images the test's image shards hold), npz [num_aug, dim] and
     [1 + 5, dim] (two hand-made unit-norm teachers of dim/2), json {uid, sha256}. Written with
     tarfile: a producer that is not qcap."""
-    from curate.augment import AugmentConfig, draw_many, encode_paug
-    from curate.shards import decode_image
+    from base.augment import AugmentConfig, draw_many, encode_paug
+    from base.shards import decode_image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

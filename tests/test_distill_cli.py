@@ -21,7 +21,7 @@ import torch
 from conftest import make_jpeg, make_uid
 from dr_data import write_images
 
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
 torch.set_num_threads(1)
 QCAP = str(Path(sys.executable).parent / "qcap")
@@ -33,7 +33,7 @@ def qcap(*argv: str) -> subprocess.CompletedProcess:
 
 
 def write_teachers(folder: Path) -> list[str]:
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     paths = []
     for seed in (1, 2):
@@ -168,11 +168,11 @@ def test_qcap_train_on_apples_datacompdr_layout_joined_by_build_dr(tmp_path):
 def test_sequential_augmentation_trains_stored_augmentation_epoch_mod_n(tmp_path):
     """Through the real loader (ShardStream): with 3 stored augmentations, the batch of epoch e
     holds augmentation e % 3 of every image, and the teacher image row of that augmentation."""
+    from base.augment import AugmentConfig, apply_params, decode_embeddings, decode_paug
+    from base.models import load_model
+    from base.shards import atomic_write_json, decode_image
     from captioning.reinforce import ReinforceConfig, ReinforceContext, reinforce_one_shard, resolve_teachers
     from captioning.teachers import TeacherEnsemble
-    from curate.augment import AugmentConfig, apply_params, decode_embeddings, decode_paug
-    from curate.models import load_model
-    from curate.shards import atomic_write_json, decode_image
     from train.distill import DRSettings, reinforced_stream
     from train.loader import LoaderConfig
 

@@ -1,6 +1,6 @@
 """qcap download on the embedded world: every planted fault, the accounting, the URL guard, retries.
 
-The world is served by its real loopback server (curate.world.server.WorldServer); downloads
+The world is served by its real loopback server (world.server.WorldServer); downloads
 run img2dataset for real, through the real CLI entry point and real worker processes. Time
 bounds are short (1 s timeout) so the planted stall costs seconds. Ray on a real local
 cluster and kill-and-resume in a subprocess are in test_download_slow.py.
@@ -23,7 +23,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.cli import run_guarded
+from base.cli import run_guarded
+from base.shards import (
+    Sample,
+    ShardError,
+    ShardWriter,
+    is_complete,
+    iter_samples,
+    read_sizes,
+    read_table,
+    read_tables,
+)
 from curate.download.distribute import run_jobs
 from curate.download.fetch import FetchSettings, ShardJob, ShardResult, fetch_into
 from curate.download.guard import (
@@ -40,19 +50,9 @@ from curate.download.merge import commit_shard, merge_shard, patch_dir, recover,
 from curate.download.plan import iter_job_tables, make_plan
 from curate.download.run import main
 from curate.download.status import RETRYABLE, STATUSES, classify
-from curate.shards import (
-    Sample,
-    ShardError,
-    ShardWriter,
-    is_complete,
-    iter_samples,
-    read_sizes,
-    read_table,
-    read_tables,
-)
-from curate.world.config import WorldConfig
-from curate.world.generate import generate_world
-from curate.world.server import WorldServer
+from world.config import WorldConfig
+from world.generate import generate_world
+from world.server import WorldServer
 
 # What each planted fault must end as, with --retries 1 (a transient 500 then succeeds).
 EXPECTED = {

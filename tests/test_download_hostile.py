@@ -115,6 +115,6 @@ def test_bad_pools_and_outputs_are_one_line_errors(tmp_path):
         assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
         assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1, proc.stderr
     assert (tmp_path / "taken").read_text() == "a file"
-    from curate.shards import open_pool
+    from base.shards import open_pool
 
     assert open_pool(tmp_path / "good").count_rows() == 2  # the .npz beside the Parquet is not the pool's

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from test_download import SMALL, make_world, run_cli, stale_pool, truth_of
 
-from curate.shards import iter_members, iter_samples, read_table, read_tables
-from curate.world.server import WorldServer
+from base.shards import iter_members, iter_samples, read_table, read_tables
+from world.server import WorldServer
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -28,8 +28,7 @@ from dr_data import (
     write_qcap_side_tables,
 )
 
-from captioning.dr import WORK_DIR
-from curate.shards import (
+from base.shards import (
     Sample,
     ShardError,
     ShardWriter,
@@ -41,6 +40,7 @@ from curate.shards import (
     read_sample_span,
     read_tables,
 )
+from captioning.dr import WORK_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 QCAP = Path(sys.executable).parent / "qcap"

@@ -16,8 +16,8 @@ import torch
 from conftest import make_uid
 from dr_data import qcap_provenance, syn_captions, write_images, write_qcap_captions, write_qcap_side_tables
 
-from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, encode_tags, tagged_captions
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples
+from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, encode_tags, tagged_captions
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
 torch.set_num_threads(1)
 LAYOUT = [[0, 1, 2], [3, 4]]  # image numbers per curated shard
@@ -64,8 +64,8 @@ def build_argv(inputs: dict[str, Path], out: Path, *tagged: str) -> list[str]:
 
 
 def test_build_dr_merges_tagged_caption_sources_by_uid(inputs, tmp_path, capsys):
+    from base.cli import run_guarded
     from captioning.dr import main
-    from curate.cli import run_guarded
 
     out = tmp_path / "dr"
     tagged = (f"blip={inputs['blip']}", f"coca={inputs['coca']}")
@@ -132,8 +132,8 @@ def test_build_dr_merges_tagged_caption_sources_by_uid(inputs, tmp_path, capsys)
     ("a=x a=y", "tag 'a' is given twice"),
 ])
 def test_bad_tagged_sources_are_one_line(inputs, tmp_path, capsys, bad, message):
+    from base.cli import run_guarded
     from captioning.dr import main
-    from curate.cli import run_guarded
 
     with pytest.raises(SystemExit) as exit_:
         run_guarded(main, build_argv(inputs, tmp_path / "dr", *bad.split()), "qcap build-dr")
@@ -143,8 +143,8 @@ def test_bad_tagged_sources_are_one_line(inputs, tmp_path, capsys, bad, message)
 
 
 def test_a_tagged_folder_that_is_not_captions_is_one_line(inputs, tmp_path, capsys):
+    from base.cli import run_guarded
     from captioning.dr import main
-    from curate.cli import run_guarded
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -156,11 +156,11 @@ def test_a_tagged_folder_that_is_not_captions_is_one_line(inputs, tmp_path, caps
 def test_tagged_keys_reinforced_then_chosen_by_regex(inputs, tmp_path):
     """The merged keys round-trip: reinforce embeds every key's captions (rows recorded per key),
     and the loader with a key regex draws only the keys it names, each with its teacher row."""
+    from base.models import load_model, save_checkpoint_dir
+    from base.shards import atomic_write_json
     from captioning.dr import main
     from captioning.reinforce import ReinforceConfig, ReinforceContext, reinforce_one_shard, resolve_teachers
     from captioning.teachers import TeacherEnsemble
-    from curate.models import load_model, save_checkpoint_dir
-    from curate.shards import atomic_write_json
     from train.distill import DRSettings, ReinforcedEncoder, reinforced_augment_config
 
     dr = tmp_path / "dr"

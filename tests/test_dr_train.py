@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dr_data import write_images, write_qcap_captions
 
-from curate.shards import array_to_uids, iter_samples, load_uids
+from base.shards import array_to_uids, iter_samples, load_uids
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 
@@ -58,7 +58,7 @@ def test_caption_build_dr_subset_train_chain(tmp_path):
     the uid join, the ladder's two rungs, and training on each."""
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     torch.manual_seed(0)
     coca = load_model("qcap-tiny-coca").model

@@ -23,7 +23,7 @@ NUM_PROCESSES = 200
 
 
 def _folder(root: Path) -> Path:
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     folder = root / "shards"
     for shard in range(3):

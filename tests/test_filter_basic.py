@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_filter_support import assert_datacomp_uids, shared_world, truth_table
 
+from base.shards import array_to_uids
 from curate.filters.basic import LanguageDetector
-from curate.shards import array_to_uids
 from qcap.cli import main as qcap
 
 QCAP = str(Path(sys.executable).parent / "qcap")

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_uid
 from test_filter_support import assert_datacomp_uids, shared_world
 
-from curate.shards import Sample, ShardWriter, array_to_uids, finalize_folder, iter_samples, read_tables, save_uids
+from base.shards import Sample, ShardWriter, array_to_uids, finalize_folder, iter_samples, read_tables, save_uids
 from qcap.cli import main as qcap
 
 DECODE = 64  # JPEGs decode at a reduced scale (both sides >= 64 px): the model sees 64 px anyway
@@ -32,7 +32,7 @@ def ray_local():
 def save_random_clip(folder: Path, seed: int) -> Path:
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     torch.manual_seed(seed)
     return save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", folder)
@@ -61,8 +61,8 @@ def direct_scores(raw: Path, checkpoint: Path) -> dict[str, float]:
     """The same model, called directly on every downloaded sample with a caption: image and caption, cosine."""
     import torch
 
-    from curate.models import load_model
-    from curate.shards import decode_image
+    from base.models import load_model
+    from base.shards import decode_image
 
     loaded = load_model(checkpoint=checkpoint)
     uids, pixels, texts = [], [], []

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from test_filter_support import assert_datacomp_uids, shared_world, truth_table
 
+from base.shards import array_to_uids, save_uids
+from base.workers import Workers
 from curate.filters.config import DedupConfig
 from curate.filters.dedup import block_difference, image_hashes, lsh_parameters, main, pairs_brute_force
 from curate.filters.near import pairs_lsh_partitioned
-from curate.shards import array_to_uids, save_uids
-from curate.workers import Workers
 
 
 def run(raw: Path, out: Path, **overrides) -> dict:

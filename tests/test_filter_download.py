@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from test_filter_support import shared_world, truth_table
 
-from curate.cli import run_guarded
+from base.cli import run_guarded
+from base.shards import array_to_uids, iter_samples, load_uids, read_tables
 from curate.download.run import main as download_main
-from curate.shards import array_to_uids, iter_samples, load_uids, read_tables
-from curate.world.server import WorldServer
+from world.server import WorldServer
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ import pytest
 from conftest import make_uid
 from test_filter_hostile_support import hostile_folder, make_image
 
-from curate.shards import Sample, ShardWriter, array_to_uids, finalize_folder, read_tables, save_uids
+from base.shards import Sample, ShardWriter, array_to_uids, finalize_folder, read_tables, save_uids
 from qcap.cli import main as qcap
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """The qcap entry in this process (run_guarded). curate.cli.setup_logging's basicConfig binds the
+    """The qcap entry in this process (run_guarded). base.cli.setup_logging's basicConfig binds the
     root handler to the sys.stderr of the first call — an earlier test's capture, closed since — so
     such a handler is pointed at this test's capture first."""
     loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
@@ -193,7 +193,7 @@ def test_clip_score_refuses_cpus_that_cannot_run_the_pipeline(hostile, tmp_path,
     now refused before Ray starts, saying what would work."""
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     folder, _ = hostile
     torch.manual_seed(0)

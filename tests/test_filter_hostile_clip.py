@@ -13,7 +13,7 @@ from conftest import make_uid
 from test_filter_hostile import assert_one_line_error, assert_reconciles, decisions_of, run_cli
 from test_filter_hostile_support import hostile_folder, make_image
 
-from curate.shards import Sample, ShardError, ShardWriter, array_to_uids, finalize_folder, read_tables
+from base.shards import Sample, ShardError, ShardWriter, array_to_uids, finalize_folder, read_tables
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def ray_two_cpus():
 def tiny_clip(tmp_path_factory) -> Path:
     import torch
 
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     torch.manual_seed(0)
     return save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", tmp_path_factory.mktemp("tiny"))
@@ -114,7 +114,7 @@ def test_a_failure_inside_ray_is_one_line(ray_two_cpus):
     import ray.data
     from ray.exceptions import RayError
 
-    from curate.cli import UsageError
+    from base.cli import UsageError
     from curate.filters.clip_score import reraise_ray_error
 
     def raise_shard_error(item):  # nested: pickled by value, so the workers need not import this test module

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder, read_tables
+from base.shards import Sample, ShardWriter, finalize_folder, read_tables
 
 
 def make_image(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> bytes:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from curate.shards import Sample, ShardWriter, decode_image, finalize_folder, read_tables
-from curate.world.config import WorldConfig
-from curate.world.generate import generate_world
+from base.shards import Sample, ShardWriter, decode_image, finalize_folder, read_tables
+from world.config import WorldConfig
+from world.generate import generate_world
 
 # Faults whose URL gives no usable image even to a downloader that retries (the server's 500s
 # for http_500, a stall past any timeout, a cut body); http_500_transient succeeds on a retry.

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_finetune_data import make_cls_folder, make_depth_folder, make_seg_folder
 
-from curate.models import load_model, save_checkpoint_dir
+from base.models import load_model, save_checkpoint_dir
 from qcap.cli import main as qcap
 
 FAST = ["--preset", "tiny", "--batch-size", "4", "--num-examples", "2"]
@@ -90,8 +90,8 @@ def test_segmentation_runs_through_the_trainer_and_reports_true_metrics(tmp_path
 def test_every_task_runs_on_the_embedded_worlds_eval_sets(tmp_path, checkpoint):
     """The world's W/eval/{seg,depth,cls} are read as the public layouts are: a few steps of each
     task, with the metrics taken over the world's own classes, depth scale and validation split."""
-    from curate.world.config import WorldConfig
-    from curate.world.generate import generate_world
+    from world.config import WorldConfig
+    from world.generate import generate_world
 
     world = tmp_path / "w"
     generate_world(WorldConfig(out=world, num_samples=40, clean_samples=4, eval_samples=12, eval_image_size=48,
@@ -260,7 +260,7 @@ def test_attention_distance_command_with_a_known_answer_and_a_comparison(tmp_pat
         assert picture.width > 1.5 * picture.height  # two panels side by side
     assert "mean distance per block" in capsys.readouterr().out
     # the resolved config beside the results: what ran, loadable as the command's config
-    from curate.config import load_config
+    from base.config import load_config
     from finetune.distance import AttentionDistanceConfig
 
     saved = load_config(AttentionDistanceConfig, out / "config.json")

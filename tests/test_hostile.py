@@ -1,6 +1,6 @@
 """Every in-process stage over every class of hostile input (``tests/hostile.py``): the reliability contract.
 
-Per case the real command runs (``curate.cli.run_guarded`` on the function ``qcap.cli.all_commands()``
+Per case the real command runs (``base.cli.run_guarded`` on the function ``qcap.cli.all_commands()``
 registers) and must either exit 0 with every input row accounted for exactly once and the hostile
 samples recorded as non-success in the stage's own accounting (decisions, report, Parquet, summary),
 or exit non-zero with a one-line ``error:``; never a Traceback, never an uncaught exception.
@@ -28,7 +28,7 @@ from hostile import (
     write_npy_variants,
 )
 
-from curate.shards import is_uid
+from base.shards import is_uid
 
 CASE_IDS = list(CASES)
 # a hang is a failure (a tar header claiming 10**12 bytes made a reader spin for minutes), not a stuck suite
@@ -47,7 +47,7 @@ def _success_uids(case) -> list[str]:
 
 
 def _tar_samples(folder: Path) -> list:
-    from curate.shards import iter_samples
+    from base.shards import iter_samples
 
     return list(iter_samples(str(folder)))
 
@@ -112,7 +112,7 @@ def check_filter_outputs(case, out: Path, *, decodes: bool) -> None:
     assert counts["total"] == len(want) == counts["kept"] + counts["num_dropped"] + counts["num_failed"]
     kept = {d["uid"] for d in decisions if d["kept"]}
     assert all(is_uid(u) for u in kept), kept
-    from curate.shards import array_to_uids, load_uids
+    from base.shards import array_to_uids, load_uids
 
     assert set(array_to_uids(load_uids(out))) == kept
     if decodes:
@@ -148,7 +148,7 @@ def test_filter_dedup(case_id, cases, tmp_path, capfd, caplog):
     if res.code == 0:
         check_filter_outputs(case, out, decodes=True)
         if case.duplicate_uids:  # one uid, two rows: the uid file still holds it once (sorted, unique)
-            from curate.shards import load_uids
+            from base.shards import load_uids
 
             array = load_uids(out)
             assert len({(int(a), int(b)) for a, b in zip(array["f0"], array["f1"], strict=True)}) == len(array)

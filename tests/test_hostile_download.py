@@ -90,7 +90,7 @@ def test_download_with_private_addresses_allowed_still_refuses_schemes(http_dir,
             assert status in {"refused_url", "bad_url"}, f"{name}: {status}"
         assert status not in {"success", "error"}, f"{name}: {status}"
     # the one success is a real sample in the tar
-    from curate.shards import iter_samples
+    from base.shards import iter_samples
 
     assert [s.uid for s in iter_samples(str(out))] == [uid(1000)]
 

@@ -26,7 +26,7 @@ from hostile import (
     write_checkpoint_variants,
 )
 
-from curate.shards import is_uid
+from base.shards import is_uid
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +70,7 @@ def folders(tmp_path_factory):
 def models(tmp_path_factory):
     import torch
 
-    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
+    from base.models import init_coca_decoder, load_model, save_checkpoint_dir
 
     root = tmp_path_factory.mktemp("hostile-ckpt")
     torch.manual_seed(0)
@@ -325,7 +325,7 @@ def one_step_run(folders, tmp_path_factory):
     """A real run folder with one checkpoint (step-000001/), to corrupt."""
     import logging
 
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
     from train.run import main
 
     folder, _ = folders["samples"]

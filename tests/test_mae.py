@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder
+from base.shards import Sample, ShardWriter, finalize_folder
 from train.mae import MaeRunConfig, converted_model_cfg, encoder_to_open_clip, mae_config
 
 ROOT = Path(__file__).parents[1]

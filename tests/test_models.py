@@ -1,11 +1,11 @@
-"""curate.models: tiny configs in open_clip's registry, checkpoint folders that open_clip loads."""
+"""base.models: tiny configs in open_clip's registry, checkpoint folders that open_clip loads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from curate.models import WEIGHTS_FILE, load_model, save_checkpoint_dir
+from base.models import WEIGHTS_FILE, load_model, save_checkpoint_dir
 
 
 def test_tiny_models_build_and_checkpoint_round_trips_through_open_clip(tmp_path):
@@ -46,7 +46,7 @@ def test_weights_sha256_is_the_sha256_of_the_whole_file(tmp_path):
     import hashlib
     import os
 
-    from curate.models import weights_sha256
+    from base.models import weights_sha256
 
     for size in (0, 1 << 22, (1 << 22) * 2 + 12345):  # empty, one whole 4 MiB block, several blocks and a tail
         data = os.urandom(size)

@@ -4,7 +4,7 @@ file, never by running its code and never with torch's advice to load with weigh
 The hostile files are made here: pickles whose ``__reduce__`` calls ``os.system`` (writing a
 marker file: the marker must never appear), truncated and garbage ``.pt``/``.bin``/
 ``.safetensors``, folders whose ``open_clip_config.json`` is no JSON or no object, wrong
-shapes. They go through :func:`curate.models.load_model` and through every command that
+shapes. They go through :func:`base.models.load_model` and through every command that
 loads a checkpoint (caption, filter clip-score, train --pretrained, finetune, attention-distance),
 by the real ``qcap`` entry point.
 """
@@ -23,8 +23,8 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from curate.models import CONFIG_FILE, WEIGHTS_FILE, load_model, save_checkpoint_dir
-from curate.shards import Sample, ShardWriter, finalize_folder
+from base.models import CONFIG_FILE, WEIGHTS_FILE, load_model, save_checkpoint_dir
+from base.shards import Sample, ShardWriter, finalize_folder
 
 QCAP = Path(sys.executable).parent / "qcap"
 ROOT = Path(__file__).resolve().parents[1]

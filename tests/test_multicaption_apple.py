@@ -1,6 +1,6 @@
 """Several captioners per image as Apple lays them out (one ``syn.json`` with ``syn_text`` and
 ``syn_text_<suffix>`` keys) and as qcap does (``syn_tags.json``/``qcap_tags.json``): read and
-written back intact by the shard layer, seen by ``curate.multicaption``, and all dropped by
+written back intact by the shard layer, seen by ``base.multicaption``, and all dropped by
 ``qcap subset --captions real`` together with the reinforcement members."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from conftest import make_jpeg, make_uid
 
-from curate.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, encode_tags, tagged_captions
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples
+from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, encode_tags, tagged_captions
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
 APPLE_SYN = {"syn_text": ["first a", "first b"], "syn_text_dfn_mscoco38k": ["dfn a", "dfn b", "dfn c"],
              "syn_text_coco": ["coco a"]}

@@ -27,12 +27,12 @@ def test_select_rules_on_hand_made_candidates():
 
 
 def test_overgenerate_keeps_the_best_scored_and_reselects_without_decoding(tmp_path):
+    from base.models import init_coca_decoder, load_model, save_checkpoint_dir
+    from base.shards import decode_image
     from captioning.backends import CaptionerSpec, image_seed, load_captioner
     from captioning.overgen import overgenerate, reselect, select
     from captioning.params import DecodeParams
     from captioning.quality import ClipScorer
-    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
-    from curate.shards import decode_image
 
     torch.manual_seed(0)
     coca = load_model("qcap-tiny-coca").model
@@ -67,10 +67,10 @@ def test_caption_keys_are_chosen_by_regex(tmp_path):
 
     import numpy as np
 
-    from curate.augment import AugmentConfig, draw_many, encode_paug
-    from curate.models import load_model
-    from curate.multicaption import TAGS_MEMBER, all_captions, encode_tags, key_of, text_layout
-    from curate.shards import Sample, decode_image
+    from base.augment import AugmentConfig, draw_many, encode_paug
+    from base.models import load_model
+    from base.multicaption import TAGS_MEMBER, all_captions, encode_tags, key_of, text_layout
+    from base.shards import Sample, decode_image
     from train.distill import DRSettings, ReinforcedEncoder
 
     image = make_jpeg(40, 30, seed=1)

@@ -20,7 +20,7 @@ from dr_data import write_images, write_qcap_captions
 from test_caption_job import coca_dir, ray_address, write_shards  # noqa: F401 - fixtures
 from test_reinforce import teachers  # noqa: F401 - fixture
 
-from curate.shards import iter_samples, read_sizes, save_uids
+from base.shards import iter_samples, read_sizes, save_uids
 
 FOREIGN_FILE = "notes.txt"
 FOREIGN_DIR = "mine"
@@ -73,7 +73,7 @@ def images(tmp_path_factory) -> Path:
 def world(tmp_path_factory) -> Path:
     from test_world import tiny_config
 
-    from curate.world.generate import generate_world
+    from world.generate import generate_world
 
     out = tmp_path_factory.mktemp("world") / "w"
     generate_world(tiny_config(out), progress=False)
@@ -191,7 +191,7 @@ def test_world_overwrite_unlinks_a_symlink_under_a_world_name_and_keeps_its_targ
 
 
 def test_control_rung_oracle_and_clean(world, tmp_path, capsys):
-    from curate.shards import Sample, ShardWriter, finalize_folder
+    from base.shards import Sample, ShardWriter, finalize_folder
 
     samples = list(iter_samples(str(world / "clean")))
     rungs = []

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder, iter_samples
+from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def write_dr(folder: Path, layout: list[list[int]], *, broken: set[int] = frozen
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> list[str]:
     """Two tiny CLIP teachers (different random weights) as checkpoint folders."""
-    from curate.models import load_model, save_checkpoint_dir
+    from base.models import load_model, save_checkpoint_dir
 
     folder = tmp_path_factory.mktemp("teachers")
     paths = []
@@ -70,7 +70,7 @@ def ray_address():
 def test_a_stored_augmentation_reapplied_gives_the_identical_tensor():
     """The parameters drawn, stored in Apple's paug.json layout and read back, re-applied to the
     image decoded again from its bytes, give exactly torchvision's online pipeline's tensor."""
-    from curate.augment import (
+    from base.augment import (
         AugmentConfig,
         apply_params,
         augmentation_seed,
@@ -79,7 +79,7 @@ def test_a_stored_augmentation_reapplied_gives_the_identical_tensor():
         encode_paug,
         online_transform,
     )
-    from curate.shards import decode_image
+    from base.shards import decode_image
 
     data = make_jpeg(56, 40, seed=3)
     cfg = AugmentConfig(size=32)
@@ -103,11 +103,11 @@ def test_a_stored_augmentation_reapplied_gives_the_identical_tensor():
 
 
 def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_address, capsys):
+    from base.augment import AugmentConfig, apply_pil, decode_paug, to_tensor
+    from base.models import weights_sha256
+    from base.shards import decode_image, read_table
     from captioning.reinforce import main
     from captioning.teachers import TeacherEnsemble, parse_teachers
-    from curate.augment import AugmentConfig, apply_pil, decode_paug, to_tensor
-    from curate.models import weights_sha256
-    from curate.shards import decode_image, read_table
 
     shards = write_dr(tmp_path / "dr", [[0, 1, 2], [3, 4]], broken={4})
     out = tmp_path / "reinforced"
@@ -159,7 +159,7 @@ def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_addre
     assert main(["--shards", str(shards), "--out", str(out), "--teachers", ",".join(teachers),
                  "--num-augmentations", "3", "--size", "32", "--num-workers", "1", "--ray-address", ray_address,
                  "--no-progress", "--batch-size", "8"]) == 0
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
     assert run_guarded(main, ["--shards", str(shards), "--out", str(out), "--teachers", ",".join(teachers),
                               "--num-augmentations", "4", "--size", "32", "--ray-address", ray_address,
@@ -170,9 +170,9 @@ def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_addre
 def test_pth_gz_holds_bf16_tensors_in_apples_layout(tmp_path, teachers):
     """``--embeddings pth.gz``: DataCompDR-12M-bf16's member, the same rows in bf16 (run on one
     shard in this process, the function each actor calls)."""
+    from base.augment import decode_embeddings
     from captioning.reinforce import ReinforceConfig, ReinforceContext, reinforce_one_shard, resolve_teachers
     from captioning.teachers import TeacherEnsemble
-    from curate.augment import decode_embeddings
 
     shards = write_dr(tmp_path / "dr", [[7, 8]], syn=5)
     cfg = ReinforceConfig(shards=str(shards), out=tmp_path / "o", teachers=",".join(teachers), num_augmentations=2,
@@ -195,8 +195,8 @@ def test_pth_gz_holds_bf16_tensors_in_apples_layout(tmp_path, teachers):
 
 
 def test_a_teacher_that_fails_to_load_stops_the_job_before_any_work(tmp_path, teachers, capsys):
+    from base.cli import run_guarded
     from captioning.reinforce import main
-    from curate.cli import run_guarded
 
     shards = write_dr(tmp_path / "dr", [[0]])
     broken = tmp_path / "broken"
@@ -223,7 +223,7 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, teachers):
     """SIGKILL the job after its first shard; the re-run's folder is byte for byte the folder of
     a run that was never interrupted."""
     shards = write_dr(tmp_path / "dr", [[i, i + 100, i + 200] for i in range(8)])
-    script = ("import sys; from curate.cli import run_guarded; from captioning.reinforce import main; "
+    script = ("import sys; from base.cli import run_guarded; from captioning.reinforce import main; "
               "sys.exit(run_guarded(main, sys.argv[1:], 'qcap reinforce'))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

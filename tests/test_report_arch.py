@@ -11,7 +11,7 @@ from pathlib import Path
 import test_science_report as sci
 from test_demo_report import make_demo, reported, run_report, table_rows, write_json
 
-from finetune.science import ScienceConfig, build
+from demo.science import ScienceConfig, build
 
 # per MCi backbone: (mIoU, RMSE) for seeds 0, 1, 2 — on MCi, DR is inside the noise of real on seg and clearly
 # better on depth; on the ViT rows of test_demo_report it is the other way round (seg clear, depth a toss-up)

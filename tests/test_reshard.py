@@ -16,8 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_filter_support import shared_world
 
-from curate.reshard import ReshardConfig, reshard
-from curate.shards import (
+from base.shards import (
     expand_shards,
     iter_samples,
     num_samples,
@@ -25,6 +24,7 @@ from curate.shards import (
     save_uids,
     shard_size,
 )
+from curate.reshard import ReshardConfig, reshard
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 

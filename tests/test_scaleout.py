@@ -148,7 +148,7 @@ def test_a_ray_address_nobody_answers_at_is_one_line_at_once(dr_inputs, tmp_path
 def test_score_captions_on_the_cluster_scores_what_the_local_run_scores(cluster, tmp_path):
     from test_world import tiny_config
 
-    from curate.world.generate import generate_world
+    from world.generate import generate_world
 
     world = tmp_path / "w"
     generate_world(tiny_config(world, clean_samples=60, chunk_size=16), progress=False)
@@ -173,8 +173,8 @@ def test_caption_and_clip_score_on_the_cluster_write_what_a_local_ray_writes(clu
     import torch
     from test_caption_job import write_shards
 
-    from curate.models import init_coca_decoder, load_model, save_checkpoint_dir
-    from curate.shards import read_table
+    from base.models import init_coca_decoder, load_model, save_checkpoint_dir
+    from base.shards import read_table
 
     torch.manual_seed(0)
     coca = load_model("qcap-tiny-coca").model

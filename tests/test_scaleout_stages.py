@@ -21,7 +21,7 @@ from conftest import make_uid
 from dr_data import write_images
 from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 
-from curate.shards import iter_samples, save_uids
+from base.shards import iter_samples, save_uids
 
 # JSON run records, and the run facts in them (not data): removed before the records are compared
 RUN_RECORDS = {"reshard.json", "config.json", "report.json", "subset.json", "subset_summary.json"}

@@ -1,4 +1,4 @@
-"""finetune.science: controls before verdicts, the oracle guard, the MAE row, the attention test — on hand-made files."""
+"""demo.science: controls before verdicts, the oracle guard, the MAE row, the attention test — on hand-made files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.science import CONTROL_FAILED, CONTROL_UNKNOWN, ScienceConfig, build
+from demo.science import CONTROL_FAILED, CONTROL_UNKNOWN, ScienceConfig, build
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_jpeg, make_uid
 
+from base.shards import Sample, ShardError, ShardWriter
 from curate import shards
-from curate.shards import Sample, ShardError, ShardWriter
 
 
 def _npz() -> bytes:
@@ -235,7 +235,7 @@ _SLOW_WRITER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     from conftest import make_jpeg, make_uid
-    from curate.shards import Sample, ShardWriter, is_complete
+    from base.shards import Sample, ShardWriter, is_complete
     out = sys.argv[1]
     if is_complete(out, 0):
         print("skipped", flush=True)
@@ -387,7 +387,7 @@ def test_decode_image_refuses_bombs_before_decoding():
     assert shards.decode_image(big, draft=200).size == (512, 384)
     assert shards.decode_image(buffer.getvalue(), max_pixels=20_000_000, draft=64).size == (4000, 4000)  # PNG: full
     # a header past twice PIL's own limit makes Image.open raise; it must still be a ValueError
-    from curate.world.generate import _bomb
+    from world.generate import _bomb
 
     with pytest.raises(ValueError, match="exceeds"):
         shards.decode_image(_bomb(make_uid(0)), max_pixels=10**12)

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_uid
 from dr_data import syn_captions, write_images, write_qcap_captions
 
-from curate.shards import array_to_uids, iter_samples, load_uids, read_sizes
+from base.shards import array_to_uids, iter_samples, load_uids, read_sizes
 from curate.subset import pack, rank_keys
 
 LAYOUT = [list(range(i * 50, i * 50 + 50)) for i in range(8)]  # 400 samples in 8 shards

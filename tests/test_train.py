@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardError, ShardWriter, finalize_folder
+from base.shards import Sample, ShardError, ShardWriter, finalize_folder
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -94,7 +94,7 @@ def assert_resumed_from(run: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from curate.models import load_model
+    from base.models import load_model
 
     return load_model("qcap-tiny-clip")
 
@@ -291,7 +291,7 @@ def test_tiny_clip_trains_evaluates_and_loads_in_open_clip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), step_model.encode_image(images))
     assert not torch.allclose(model.visual.conv1.weight, _random_tiny_clip().visual.conv1.weight)
-    from curate.models import WEIGHTS_FILE, register_model_configs
+    from base.models import WEIGHTS_FILE, register_model_configs
 
     register_model_configs()  # the weights file alone, with the architecture named (open_clip's pretrained=)
     by_file, _, _ = open_clip.create_model_and_transforms("qcap-tiny-clip", pretrained=str(run / "final" / WEIGHTS_FILE))
@@ -304,7 +304,7 @@ def test_tiny_clip_trains_evaluates_and_loads_in_open_clip(tmp_path):
 
 
 def _random_tiny_clip():
-    from curate.models import load_model
+    from base.models import load_model
 
     torch.manual_seed(0)
     return load_model("qcap-tiny-clip").model
@@ -325,7 +325,7 @@ def test_tiny_coca_trains_with_its_caption_loss(tmp_path):
     assert rows[-1]["caption_loss"] < rows[0]["caption_loss"] - 1.0, rows
     assert rows[0]["contrastive_loss"] > 0
     assert summary["data"]["data/captions_real"] == 160
-    from curate.models import load_model
+    from base.models import load_model
 
     loaded = load_model(checkpoint=run)
     assert type(loaded.model).__name__ == "CoCa"
@@ -337,7 +337,7 @@ def test_fresh_coca_decoder_is_initialised_and_trained_weights_are_kept(tmp_path
     model loaded from a checkpoint keeps its weights."""
     import open_clip
 
-    from curate.models import init_coca_decoder, load_model, register_model_configs, save_checkpoint_dir
+    from base.models import init_coca_decoder, load_model, register_model_configs, save_checkpoint_dir
 
     register_model_configs()
     bare = open_clip.create_model("qcap-tiny-coca")
@@ -408,7 +408,7 @@ def test_resume_gives_the_same_losses(tmp_path):
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
     from train.run import main
 
     make_shards(tmp_path / "real", num_shards=1, per_shard=4, synthetic=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import make_jpeg, make_uid
 
-from curate.shards import Sample, ShardWriter, finalize_folder
+from base.shards import Sample, ShardWriter, finalize_folder
 
 FORBIDDEN = ("Traceback", "DataLoader worker", "weights_only=False", "Original Traceback")
 
@@ -47,7 +47,7 @@ def rewrite_members(tar_path: Path, replace: dict[str, bytes | None]) -> None:
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
     from train.run import main
 
     code = run_guarded(main, ["--threads", "1", *argv], "qcap train")
@@ -103,7 +103,7 @@ def test_a_broken_shard_is_one_line_from_inside_loader_workers(tmp_path, capsys,
 def test_the_worker_error_unwrap_keeps_the_original_message():
     from torch.utils.data import DataLoader, IterableDataset
 
-    from curate.shards import ShardError
+    from base.shards import ShardError
     from train.loader import _unwrapped
 
     class Raises(IterableDataset):

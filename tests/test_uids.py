@@ -12,8 +12,8 @@ import pytest
 from conftest import make_uid
 from test_filter_support import assert_datacomp_uids
 
-from curate.config import load_config
-from curate.shards import ShardError, array_to_uids, load_uids, save_uids
+from base.config import load_config
+from base.shards import ShardError, array_to_uids, load_uids, save_uids
 from curate.uidtool import CombineConfig, combine
 from qcap.cli import main as qcap
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from curate.world.config import WorldConfig
-from curate.world.generate import generate_world
+from world.config import WorldConfig
+from world.generate import generate_world
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,9 +43,9 @@ def test_open_clip_loads_it_and_coca_trains_and_decodes_with_its_ids(vocab):
     from open_clip import CoCaLoss
     from open_clip.tokenizer import HFTokenizer
 
+    from base.models import load_model
     from captioning.decode import generate
     from captioning.vocab import register, special_token_ids
-    from curate.models import load_model
 
     folder, summary = vocab
     name = register(folder / "qcap-tiny-coca-world.json")

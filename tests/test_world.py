@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.cli import UsageError
-from curate.shards import iter_samples, read_pool
-from curate.world.config import FAULTS, WorldConfig
-from curate.world.generate import generate_world, jobs_of, run_job
-from curate.world.server import WorldServer
+from base.cli import UsageError
+from base.shards import iter_samples, read_pool
+from world.config import FAULTS, WorldConfig
+from world.generate import generate_world, jobs_of, run_job
+from world.server import WorldServer
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 
@@ -151,7 +151,7 @@ def test_an_interrupted_world_resumes_to_the_same_bytes(tmp_path):
     generate_world(tiny_config(reference, num_samples=64, chunk_size=16), progress=False)
     cfg = tiny_config(tmp_path / "cut", num_samples=64, chunk_size=16)
     # run every other chunk, as a killed run would leave it, then the real command finishes
-    from curate.world.generate import _prepare
+    from world.generate import _prepare
 
     cfg.out.mkdir()
     assert _prepare(cfg, cfg.out) is False

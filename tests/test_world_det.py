@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curate.world.config import WorldConfig
-from curate.world.generate import _square_scene, generate_world
-from curate.world.scenes import CLASSES, _masks, render
+from world.config import WorldConfig
+from world.generate import _square_scene, generate_world
+from world.scenes import CLASSES, _masks, render
 
 
 def _world(out: Path, **overrides) -> Path:

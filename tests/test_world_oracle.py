@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.shards import iter_samples
-from curate.world.config import WorldConfig
-from curate.world.generate import generate_world
-from curate.world.oracle import parse_caption, score_caption, score_file
+from base.shards import iter_samples
+from world.config import WorldConfig
+from world.generate import generate_world
+from world.oracle import parse_caption, score_caption, score_file
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 

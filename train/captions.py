@@ -12,7 +12,7 @@
 Sources are picked from :data:`SOURCES` by name. A source draws with uniforms it derives from
 the sample's seed, so a draw is a pure function of (run seed, position) and a resume repeats it.
 A sample without ``syn.json`` under a synthetic source breaks the dataset's contract: a
-:class:`~curate.shards.ShardError` that says how to build DR shards.
+:class:`~base.shards.ShardError` that says how to build DR shards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from curate.shards import Sample, ShardError
+from base.shards import Sample, ShardError
 
 REAL = "real"
 SYNTHETIC = "synthetic"

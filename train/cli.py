@@ -1,4 +1,4 @@
-"""The train stage's commands (see curate.cli for the plumbing).
+"""The train stage's commands (see base.cli for the plumbing).
 
 Run as ``qcap train ...``, ``python -m train train ...`` or, for several processes,
 ``accelerate launch [--num_processes N ...] -m train ...``: when the first argument is a flag
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from curate.cli import Command, dispatch
+from base.cli import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
     "train": Command("train CLIP or CoCa on shards with Accelerate (checkpoints, exact resume, eval)", "train.run:main"),

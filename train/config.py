@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from curate.config import arg, run_fields
+from base.config import arg, run_fields
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,7 @@ with probability ``r`` and keeps one term.
 
 Per sample (:class:`ReinforcedEncoder`): an augmentation index drawn uniformly (or
 ``epoch % n``, "sequential"), its stored parameters (``KEY.paug.json``) re-applied to the
-decoded image (:mod:`curate.augment`, bit for bit), one synthetic caption from the keys
+decoded image (:mod:`base.augment`, bit for bit), one synthetic caption from the keys
 matching ``syn_key_regex`` (Apple's ``--dataset-reinforcement-syn-text-key-regex``, default
 ``^syn_text.*$``), and the teacher embeddings at the same indices (``KEY.npz`` or
 ``KEY.pth.gz``). A sample whose image bytes no longer match the sha256/size recorded by
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from curate.shards import Sample
+from base.shards import Sample
 from train.captions import REAL, SYNTHETIC, CaptionSource, uniform
 from train.loader import ImageTextEncoder, SkipSample
 from train.tasks import ClipTask
@@ -179,8 +179,8 @@ def resolve_teachers(data_folder: str | Path | None, settings: DRSettings, width
 
 def caption_keys(sample: Sample) -> dict[str, list[str]]:
     """The synthetic captions of a sample by key: ``syn_text`` (Apple's) plus the per-captioner
-    keys ``syn_text_<tag>`` (:mod:`curate.multicaption`)."""
-    from curate.multicaption import all_captions
+    keys ``syn_text_<tag>`` (:mod:`base.multicaption`)."""
+    from base.multicaption import all_captions
 
     return all_captions(sample)
 
@@ -207,7 +207,7 @@ class ReinforcedEncoder(ImageTextEncoder):
                  max_pixels: int = 89_478_485) -> None:
         super().__init__(None, tokenizer, settings.caption_source(), max_pixels=max_pixels)
         self.settings = settings
-        self.augment = augment  # curate.augment.AugmentConfig of the stored parameters
+        self.augment = augment  # base.augment.AugmentConfig of the stored parameters
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.key_regex = re.compile(settings.syn_key_regex)
 
@@ -215,8 +215,8 @@ class ReinforcedEncoder(ImageTextEncoder):
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        from curate.augment import RECORD_MEMBER, AugmentError, apply_pil, decode_embeddings, decode_paug, to_tensor
-        from curate.shards import decode_image
+        from base.augment import RECORD_MEMBER, AugmentError, apply_pil, decode_embeddings, decode_paug, to_tensor
+        from base.shards import decode_image
 
         if not sample.ok:
             raise SkipSample(sample.status)
@@ -326,7 +326,7 @@ class DistillTask(ClipTask):
 def reinforced_augment_config(data_folder: str | Path | None, size: int):
     """The augmentation config the stored parameters were drawn with: the folder's
     ``reinforce_config.json``, else Apple's recipe at ``size`` (224 for Apple's shards)."""
-    from curate.augment import AugmentConfig
+    from base.augment import AugmentConfig
 
     if data_folder is not None:
         path = Path(data_folder) / REINFORCE_CONFIG
@@ -336,7 +336,7 @@ def reinforced_augment_config(data_folder: str | Path | None, size: int):
 
 
 def embedding_width(sample: Sample) -> int:
-    from curate.augment import decode_embeddings
+    from base.augment import decode_embeddings
 
     found = decode_embeddings(sample.extras)
     if found is None:
@@ -347,7 +347,7 @@ def embedding_width(sample: Sample) -> int:
 
 def peek_reinforced(shards: list[str]) -> Sample | None:
     """The first sample of the shards that carries stored augmentations."""
-    from curate.shards import iter_samples
+    from base.shards import iter_samples
 
     for tar in shards:
         for sample in iter_samples([tar]):
@@ -359,9 +359,9 @@ def peek_reinforced(shards: list[str]) -> Sample | None:
 def reinforced_stream(loader_cfg, loaded, settings: DRSettings, *, rank: int = 0, world_size: int = 1,
                       record_uids=None, input_size: int | None = None):
     """``(stream, dims, scales)`` for DR training on ``loader_cfg.data`` with the student ``loaded``
-    (a :class:`curate.models.LoadedModel`): the folder's augmentation config and teachers, the
+    (a :class:`base.models.LoadedModel`): the folder's augmentation config and teachers, the
     student's input size and normalisation. ShardError when the shards carry no reinforcement."""
-    from curate.shards import ShardError, shard_folder
+    from base.shards import ShardError, shard_folder
     from train.loader import ShardStream
 
     model = loaded.model

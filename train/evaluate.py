@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curate.shards import ShardError, decode_image, expand_shards, iter_samples
+from base.shards import ShardError, decode_image, expand_shards, iter_samples
 from train.captions import real_captions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -1,6 +1,6 @@
 """Streaming image–text batches from shards, split across processes and workers, resumable.
 
-Built on :mod:`curate.shards` (``expand_shards``, ``iter_samples``, ``read_sizes``,
+Built on :mod:`base.shards` (``expand_shards``, ``iter_samples``, ``read_sizes``,
 ``decode_image``): no sample counts by hand, one way to open a shard.
 
 How a stream is laid out (per process ``rank`` of ``world_size``, per DataLoader worker):
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curate.shards import Sample, ShardError, decode_image, expand_shards, iter_samples, read_sizes
+from base.shards import Sample, ShardError, decode_image, expand_shards, iter_samples, read_sizes
 from train.captions import CaptionSource, mix64
 
 log = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def _unwrapped(loader: Iterable[Any]) -> Iterator[Any]:
     the original one-line error. torch re-raises a worker's exception in this process as the same
     type, with 'Caught X in DataLoader worker process N' and the worker's whole traceback as its
     message; that would reach the user as a traceback."""
-    from curate.config import ConfigError
+    from base.config import ConfigError
 
     iterator = iter(loader)
     while True:

@@ -75,8 +75,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from curate.config import ConfigError
-from curate.shards import atomic_write_json
+from base.config import ConfigError
+from base.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class Trainer:
         A tampered or damaged folder — a file missing, truncated or garbage, a pickle that would
         run code, JSON that is not an object, weights of another shape — raises
         :class:`CheckpointError`: one line naming the file and what to do."""
-        from curate.models import check_weights_file, load_torch_file
+        from base.models import check_weights_file, load_torch_file
 
         folder = Path(folder)
         trainer = read_json_object(folder / TRAINER_FILE)
@@ -814,7 +814,7 @@ def _to_device(batch: Any, device) -> Any:
 def _jsonable(cfg: Any) -> Any:
     import dataclasses
 
-    from curate.config import to_dict
+    from base.config import to_dict
 
     if cfg is None:
         return None

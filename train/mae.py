@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from curate.cli import UsageError
-from curate.config import ConfigError, arg, from_dict, parse_config, save_config
+from base.cli import UsageError
+from base.config import ConfigError, arg, from_dict, parse_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class MaeRunConfig:
 
 def vision_cfg(model_name: str) -> dict[str, Any]:
     """The open_clip ``vision_cfg`` of a ViT model, checked for what the conversion supports."""
-    from curate.models import model_config
+    from base.models import model_config
 
     try:
         cfg = model_config(model_name)
@@ -171,8 +171,8 @@ def export_open_clip(mae, model_name: str, folder: Path, *, seed: int, **meta: A
     import torch
     from safetensors.torch import save_file
 
-    from curate.models import CONFIG_FILE, WEIGHTS_FILE, register_model_configs
-    from curate.shards import atomic_write_json
+    from base.models import CONFIG_FILE, WEIGHTS_FILE, register_model_configs
+    from base.shards import atomic_write_json
 
     register_model_configs()
     model_cfg = converted_model_cfg(model_name)
@@ -241,8 +241,8 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
     import torch
     from transformers import ViTMAEForPreTraining
 
-    from curate.models import load_model
-    from curate.shards import ShardError
+    from base.models import load_model
+    from base.shards import ShardError
     from train.captions import parse_caption_source
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
     from train.loop import Trainer, TrainerConfig, latest_checkpoint, make_accelerator, seed_everything
@@ -313,6 +313,6 @@ def main(argv: list[str], prog: str = "qcap mae") -> int:
 
 
 if __name__ == "__main__":
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:], "python -m train.mae"))

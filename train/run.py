@@ -37,8 +37,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from curate.cli import UsageError
-from curate.config import ConfigError, from_dict, parse_config, save_config
+from base.cli import UsageError
+from base.config import ConfigError, from_dict, parse_config, save_config
 from train.config import PRESETS, TrainRunConfig, changed_fields
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def train(cfg: TrainRunConfig) -> dict:
     """Run (or resume) one training run; returns a summary dict. Heavy imports happen here."""
     import torch
 
-    from curate.models import load_model
-    from curate.shards import ShardError
+    from base.models import load_model
+    from base.shards import ShardError
     from train.captions import parse_caption_source
     from train.evaluate import EvalConfig, resolve_eval_data
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
@@ -188,7 +188,7 @@ def train(cfg: TrainRunConfig) -> dict:
     if dr_settings is not None and source.needs_synthetic and first is not None:
         import re
 
-        from curate.multicaption import all_captions
+        from base.multicaption import all_captions
 
         pattern = re.compile(dr_settings.syn_key_regex)
         keys = sorted(all_captions(first))

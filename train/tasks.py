@@ -3,7 +3,7 @@
 ``ClipTask``: open_clip's ``ClipLoss`` on image↔text (under the ``dual`` caption source, the
 mean of image↔real and image↔synthetic; the text tower runs once on both). ``CoCaTask``:
 open_clip's ``CoCaLoss`` (contrastive + weighted captioning loss), as open_clip's trainer
-builds it. Both export open_clip ``local-dir:`` folders (``curate.models.save_checkpoint_dir``)
+builds it. Both export open_clip ``local-dir:`` folders (``base.models.save_checkpoint_dir``)
 and evaluate zero-shot classification and retrieval (:mod:`train.evaluate`).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from curate.models import WEIGHTS_FILE, save_checkpoint_dir
+from base.models import WEIGHTS_FILE, save_checkpoint_dir
 from train.captions import CaptionSource
 from train.evaluate import EvalConfig, evaluate_clip
 from train.loop import Task

@@ -2,7 +2,7 @@
 
 import sys
 
-from curate.cli import run_guarded
+from base.cli import run_guarded
 from curate.download.run import main
 
 if __name__ == "__main__":

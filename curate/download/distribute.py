@@ -293,7 +293,7 @@ class RayBackend:
     def __init__(self, *, processes: int, ray_address: str | None, shard_retries: int, max_in_flight: int, **_ignored) -> None:
         import ray
 
-        from curate.raykit import ray_session
+        from base.raykit import ray_session
 
         self.ray = ray
         # joined, started (a local one: never attaching by surprise to a cluster someone else started), or reused

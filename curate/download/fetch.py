@@ -10,7 +10,7 @@ writer (:class:`_ShardSink`), which:
   names of its own (``downloaded_width``/``downloaded_height``: the decoded size before
   resizing; ``downloaded_sha256``: sha256 of the bytes received; ``sha256_match``), so the
   pool's ``original_width``/``original_height``/``sha256`` are never overwritten;
-- writes through :class:`curate.shards.ShardWriter` (atomic; ``.done`` last) straight into the
+- writes through :class:`base.shards.ShardWriter` (atomic; ``.done`` last) straight into the
   final folder, while img2dataset's own scratch (its input feather and ``_stats.json``) lives
   in a temporary folder that never touches RAW;
 - checks at the end that every input row came back exactly once, and fails the shard (to be
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from base.shards import SHARD_DIGITS, Sample, ShardError, ShardWriter
 from curate.download.guard import UrlGuard, install_guard
 from curate.download.plan import JOB_COLUMNS
 from curate.download.status import SUCCESS, classify, qcap_tag
-from curate.shards import SHARD_DIGITS, Sample, ShardError, ShardWriter
 
 # X-Robots-Tag directives img2dataset honours by default.
 ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")

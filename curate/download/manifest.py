@@ -12,9 +12,9 @@ import logging
 import textwrap
 from typing import Any
 
+from base.shards import ShardError, is_complete, read_table, shard_name
 from curate.download.plan import Plan
 from curate.download.status import RETRYABLE, STATUSES, SUCCESS
-from curate.shards import ShardError, is_complete, read_table, shard_name
 
 log = logging.getLogger(__name__)
 

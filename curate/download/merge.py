@@ -27,15 +27,7 @@ import logging
 import time
 from typing import Any
 
-from curate.download.fetch import (
-    ProgressFn,
-    ShardJob,
-    ShardResult,
-    fetch_into,
-    img2dataset_counters,
-)
-from curate.download.status import RETRYABLE, SUCCESS
-from curate.shards import (
+from base.shards import (
     BASE_COLUMNS,
     Sample,
     ShardError,
@@ -49,6 +41,14 @@ from curate.shards import (
     remove_unfinished,
     shard_name,
 )
+from curate.download.fetch import (
+    ProgressFn,
+    ShardJob,
+    ShardResult,
+    fetch_into,
+    img2dataset_counters,
+)
+from curate.download.status import RETRYABLE, SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _sample(row: dict[str, Any], image: Sample | None) -> Sample:
 
 def commit_shard(out: str, shard_id: int) -> None:
     """Move a complete staged shard over RAW's shard S, then drop its patch (idempotent; see
-    the module doc and :func:`curate.shards.move_shard`)."""
+    the module doc and :func:`base.shards.move_shard`)."""
     move_shard(staged_dir(out), out, shard_id)
     remove_shard(patch_dir(out), shard_id)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from curate.shards import ShardError, open_pool
+from base.shards import ShardError, open_pool
 
 # Columns qcap adds to every row; a pool that already has one of them would be overwritten.
 ADDED_COLUMNS = (
@@ -138,7 +138,7 @@ def make_plan(pool: str | os.PathLike, samples_per_shard: int):
 
 def pool_files(pool: str | os.PathLike):
     """``(filesystem, sorted Parquet files)`` of a pool file or folder (local or arrow URL),
-    checked by :func:`curate.shards.open_pool`."""
+    checked by :func:`base.shards.open_pool`."""
     import pyarrow.fs as pafs
 
     dataset = open_pool(pool)

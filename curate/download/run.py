@@ -43,16 +43,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import output_fields, parse_config, save_config
-from curate.download.config import DownloadConfig
-from curate.download.distribute import BACKENDS, Backend, run_jobs
-from curate.download.fetch import FetchSettings, ShardJob, ShardResult
-from curate.download.manifest import CONFIG_FILE, MANIFEST_FILE, build_manifest, low_success_banner, summary_text
-from curate.download.merge import RETRY_DIR, recover
-from curate.download.plan import Plan, iter_job_tables, make_plan
-from curate.download.status import RETRYABLE, SUCCESS
-from curate.shards import (
+from base.cli import UsageError
+from base.config import output_fields, parse_config, save_config
+from base.shards import (
     SIZES_FILE,
     ShardError,
     atomic_write_json,
@@ -61,6 +54,13 @@ from curate.shards import (
     read_table,
     shard_name,
 )
+from curate.download.config import DownloadConfig
+from curate.download.distribute import BACKENDS, Backend, run_jobs
+from curate.download.fetch import FetchSettings, ShardJob, ShardResult
+from curate.download.manifest import CONFIG_FILE, MANIFEST_FILE, build_manifest, low_success_banner, summary_text
+from curate.download.merge import RETRY_DIR, recover
+from curate.download.plan import Plan, iter_job_tables, make_plan
+from curate.download.status import RETRYABLE, SUCCESS
 
 log = logging.getLogger("curate.download")
 

@@ -43,11 +43,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from curate.config import save_config
-from curate.filters.config import FilterConfig
-from curate.filters.members import SampleProblem, check_caption, shard_labels
-from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
-from curate.shards import (
+from base.config import save_config
+from base.shards import (
     ShardError,
     atomic_write_json,
     expand_shards,
@@ -58,6 +55,9 @@ from curate.shards import (
     shard_columns,
     uid_membership,
 )
+from curate.filters.config import FilterConfig
+from curate.filters.members import SampleProblem, check_caption, shard_labels
+from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def uid_problem(uid: Any) -> str:
 def check_outputs(paths: Sequence[Path]) -> None:
     """Refuse, before any work, output paths that cannot be written: a folder where a file goes,
     a file where a folder goes, a parent that is a file. Creates missing parent folders."""
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     for path in paths:
         path = Path(path)
@@ -285,14 +285,14 @@ def check_outputs(paths: Sequence[Path]) -> None:
 
 
 def check_file_output(path: Path) -> None:
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     if Path(path).is_dir():
         raise UsageError(f"--out {path}: is a folder; name the uid file to write (e.g. {Path(path) / 'uids.npy'})")
 
 
 def check_dir_output(path: Path) -> None:
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     if Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{path}: exists and is a file, but the filter writes a folder there; move it or choose "
@@ -300,9 +300,9 @@ def check_dir_output(path: Path) -> None:
 
 
 def load_subset(path: Path) -> np.ndarray:
-    """``--subset``: a DataComp uid file; anything else is one clear line (curate.shards.load_uids
+    """``--subset``: a DataComp uid file; anything else is one clear line (base.shards.load_uids
     lets an empty file's EOFError through, and a .npz is no uid file)."""
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     path = Path(path)
     if not path.is_file():
@@ -366,7 +366,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     bar = tqdm(total=len(tars), desc=f"filter {filt.name}", unit="shard", disable=not cfg.progress)
     try:
         if remote:  # each shard decided by a task of its own (a fresh filter there); merged here in shard order
-            from curate.workers import Workers, in_order
+            from base.workers import Workers, in_order
 
             tasks = [FilterShardTask(index=i, filter_class=type(filt), cfg=cfg, tar=tar, label=labels[tar],
                                      subset=str(cfg.subset) if cfg.subset is not None else None)

@@ -18,7 +18,7 @@ import importlib
 import json
 from dataclasses import dataclass
 
-from curate.config import parse_config
+from base.config import parse_config
 from curate.filters.config import BasicConfig, ClipScoreConfig, DedupConfig
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str], prog: str = "qcap filter") -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in FILTERS:
-        from curate.cli import UsageError
+        from base.cli import UsageError
 
         raise UsageError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
     entry = FILTERS[name]

@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from base.shards import ShardError, atomic_write_bytes, decode_image
 from curate.filters.base import (
     BaseFilter,
     FilterRecord,
@@ -67,7 +68,6 @@ from curate.filters.base import (
 from curate.filters.config import ClipScoreConfig
 from curate.filters.members import UNREADABLE_SHARD, SampleProblem, label_stem, read_wanted, shard_labels
 from curate.filters.report import Histogram, score_edges
-from curate.shards import ShardError, atomic_write_bytes, decode_image
 
 log = logging.getLogger(__name__)
 PARTS_SUFFIX = ".parts"
@@ -86,11 +86,11 @@ def model_identity(cfg: ClipScoreConfig) -> dict[str, Any]:
 
     A checkpoint that is not there, or a folder that holds none, is a UsageError here, before
     any shard is read or Ray starts."""
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     name, weights = cfg.model, cfg.pretrained
     if cfg.checkpoint is not None:
-        from curate.models import inspect_checkpoint_dir, weights_sha256
+        from base.models import inspect_checkpoint_dir, weights_sha256
 
         path = Path(cfg.checkpoint)
         if path.is_dir():
@@ -257,7 +257,7 @@ class ClipScorer:
                  precision: str, threads: int) -> None:
         import torch
 
-        from curate.models import load_model
+        from base.models import load_model
 
         torch.set_num_threads(max(1, threads))
         self.device = device
@@ -297,7 +297,7 @@ def check_resources(cfg: ClipScoreConfig, cpus: float, gpus: float, where: str) 
     stage is never scheduled and the run waits forever without a word (``--num-cpus 1`` with
     one 1-CPU actor did). Splitting one CPU into fractions behind the user's back would run
     torch on a share it cannot limit itself to, so the run is refused with what would work."""
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     actors = cfg.num_workers * cfg.cpus_per_worker
     needed = actors + READ_CPUS
@@ -329,7 +329,7 @@ def reraise_ray_error(err: BaseException) -> None:
     traceback: a ``ShardError`` is re-raised as a ShardError, a ``ValueError``/``UsageError``/
     ``ConfigError`` as a UsageError, with the original message; any other failure (an actor that
     died, memory, a bug) is a UsageError naming it, its trace left in Ray's session logs."""
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     found: list[tuple[str, str]] = []  # (exception class, message) of every non-Ray exception line
     for text in [str(err), *(str(c) for c in _chain(err)), str(getattr(err, "cause", "") or "")]:
@@ -366,7 +366,7 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], labels: dic
         check_resources(cfg, float(cfg.num_cpus or os.cpu_count() or 1), float("inf"),
                         f"--num-cpus {cfg.num_cpus}" if cfg.num_cpus else f"this machine ({os.cpu_count()} CPUs)")
 
-    from curate.models import load_model
+    from base.models import load_model
 
     checkpoint = str(cfg.checkpoint) if cfg.checkpoint is not None else None
     # The driver loads the model once: a wrong name or checkpoint fails here, before Ray starts,
@@ -374,7 +374,7 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], labels: dic
     try:
         probe = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=checkpoint)
     except (ValueError, RuntimeError) as err:  # open_clip: RuntimeError for an unknown model or pretrained tag
-        from curate.cli import UsageError
+        from base.cli import UsageError
 
         raise UsageError(f"cannot load the scoring model: {str(err)[:500]}") from err
     transform, tokenizer = probe.preprocess_val, probe.tokenizer
@@ -385,7 +385,7 @@ def compute_scores(cfg: ClipScoreConfig, todo: dict[str, list[str]], labels: dic
     todo = {tar: sorted(set(keys)) for tar, keys in todo.items()}  # a key twice in a Parquet is one sample
     expected = {labels[tar]: len(keys) for tar, keys in todo.items()}
     items = [{"tar": tar, "label": labels[tar], "keys": keys, "pixel_shape": pixel_shape} for tar, keys in todo.items()]
-    from curate.raykit import ray_session
+    from base.raykit import ray_session
 
     with ray_session(cfg.ray_address, cfg.num_cpus):
         resources = ray.cluster_resources()
@@ -480,7 +480,7 @@ class ClipScoreFilter(BaseFilter):
         path = cfg.scores_path()
         parts = path.with_name(path.name + PARTS_SUFFIX)
         if path.is_dir():
-            from curate.cli import UsageError
+            from base.cli import UsageError
 
             raise UsageError(f"--scores {path}: is a folder; name the scores Parquet file")
         if cfg.rescore:

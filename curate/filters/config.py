@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from curate.config import arg
+from base.config import arg
 
 
 @dataclass(kw_only=True)

@@ -60,7 +60,7 @@ two rows of one uid with different images are not duplicates at all. Ties in the
 order (same uid) go to the shard label, then the key, then the row: deterministic.
 
 Drop reasons: ``exact_duplicate``, ``near_duplicate``, ``undecodable_image`` (bytes that do not
-decode, or a pixel bomb: ``curate.shards.decode_image`` checks the pixel bound before decoding),
+decode, or a pixel bomb: ``base.shards.decode_image`` checks the pixel bound before decoding),
 ``no_image`` (no image member, or the tar lacks the sample its Parquet lists), ``bad_member``
 (a ``KEY.json`` that is not a JSON object, two members of one kind), ``unreadable_shard`` (the
 tar breaks before the sample), and the runner's ``bad_uid``. A sample without ``KEY.json`` is
@@ -82,12 +82,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from base.shards import atomic_write_bytes, atomic_write_json, decode_image
 from curate.filters.base import BaseFilter, FilterRecord, Keep, candidate_mask, report_dir_of, run_filter
 from curate.filters.config import DedupConfig
 from curate.filters.members import UNREADABLE_SHARD, SampleProblem, label_stem, read_wanted, shard_labels
 from curate.filters.near import hamming, pairs_lsh_partitioned
 from curate.filters.report import Histogram, linear_edges
-from curate.shards import atomic_write_bytes, atomic_write_json, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class DedupFilter(BaseFilter):
         """A hash folder made with other hash settings loses dedup's own files (``settings.json``,
         the per-shard ``*.parquet`` parts, their temporaries) and is hashed again; any other file
         stays. A folder holding files but no ``settings.json`` is not dedup's: a UsageError."""
-        from curate.cli import UsageError
+        from base.cli import UsageError
 
         if not folder.exists():
             return
@@ -341,7 +341,7 @@ class DedupFilter(BaseFilter):
 
     # ---- grouping
     def prepare(self, shards: Sequence[str], subset: np.ndarray | None) -> None:
-        from curate.workers import Workers
+        from base.workers import Workers
 
         cfg = self.cfg
         with Workers(cfg.num_workers, ray_address=cfg.ray_address) as workers:

@@ -1,10 +1,10 @@
 """The filters' own tar reader: one sample's bad member is that sample's problem, never the run's.
 
-``curate.shards.iter_samples`` turns a shard into :class:`~curate.shards.Sample` records and
+``base.shards.iter_samples`` turns a shard into :class:`~base.shards.Sample` records and
 raises on what breaks the shard contract (a ``KEY.json`` that is not JSON, two members of one
 kind) — right for a stage that writes shards, wrong for a filter, which must give each row of a
 hostile folder its own decision and go on. So the filters read members with
-``curate.shards.iter_members`` (which keeps the tar-level guards: unsafe paths, member size
+``base.shards.iter_members`` (which keeps the tar-level guards: unsafe paths, member size
 bounds, truncated tars) and interpret each sample here, lazily and per member:
 
 - ``image()``: the image bytes, or the reason there are none (``no_image``);
@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from curate.shards import IMAGE_EXTS, ShardError, iter_members
+from base.shards import IMAGE_EXTS, ShardError, iter_members
 
 NO_IMAGE = "no_image"
 NO_CAPTION = "no_caption"

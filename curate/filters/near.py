@@ -3,7 +3,7 @@
 ``pairs_lsh_partitioned`` finds the near-duplicate candidate pairs of ``qcap filter dedup``
 (seeded bit positions per table; every pair within ``max_distance`` that shares a bucket in
 some table; the nearest distance of each hash among its buckets' members), in two steps of
-tasks that a local pool or a Ray cluster runs (:class:`curate.workers.Workers`):
+tasks that a local pool or a Ray cluster runs (:class:`base.workers.Workers`):
 
 1. **bucket** (one task per chunk of ``chunk_rows`` hashes): every hash gets its key in each of
    the ``T`` tables and a partition, ``mix(table, key) mod P``, so a whole bucket lands in one
@@ -62,7 +62,7 @@ def _partition_of(table: int, keys: np.ndarray, num_partitions: int) -> np.ndarr
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    from curate.shards import atomic_write_bytes
+    from base.shards import atomic_write_bytes
 
     sink = io.BytesIO()
     np.save(sink, array, allow_pickle=False)

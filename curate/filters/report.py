@@ -125,7 +125,7 @@ def plot_histogram(hist: Histogram, path: str | os.PathLike, *, filter_name: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from curate.shards import atomic_write_bytes
+    from base.shards import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
     left, widths = hist.edges[:-1], np.diff(hist.edges)
@@ -190,9 +190,9 @@ def write_preview(path: Path, decisions: Path, labels: dict[str, str], *, filter
     member shows as a missing image or caption, never stops the page."""
     import html
 
-    from curate.card import thumbnail_b64
+    from base.card import thumbnail_b64
+    from base.shards import atomic_write_bytes
     from curate.filters.members import SampleProblem, read_wanted
-    from curate.shards import atomic_write_bytes
 
     wanted = {"kept": counts["kept"], **counts["dropped"]}
     wanted.pop("outside_subset", None)  # not this filter's decision

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from curate.world.config import DEFAULT_BASE_URL, HEALABLE_FAULTS
+from world.config import DEFAULT_BASE_URL, HEALABLE_FAULTS
 
 log = logging.getLogger(__name__)
 

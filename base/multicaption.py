@@ -6,7 +6,7 @@ trains with a key regex (``--dataset-reinforcement-syn-text-key-regex``, default
 ``^syn_text.*$``). qcap keeps Apple's ``KEY.syn.json`` = ``{"syn_text": [...]}`` for the first
 captioner and stores the others in ``KEY.syn_tags.json`` = ``{"syn_text_<tag>": [...], ...}``
 with their provenance in ``KEY.qcap_tags.json`` = ``{"syn_text_<tag>": <qcap.json of that
-captioner>}`` — members that :mod:`curate.shards` carries verbatim (``Sample.extras``). An
+captioner>}`` — members that :mod:`base.shards` carries verbatim (``Sample.extras``). An
 Apple-layout multi-captioner ``syn.json`` (``{"syn_text": [...], "syn_text_<suffix>": [...]}``)
 keeps its further keys in ``Sample.syn_keys``, written back as they were; :func:`tagged_captions`
 reads both.

@@ -1,5 +1,5 @@
 """The pool that runs a shard-parallel stage's tasks: ``--num-workers`` local processes, or the
-nodes of a Ray cluster (``--ray-address``, :mod:`curate.raykit`).
+nodes of a Ray cluster (``--ray-address``, :mod:`base.raykit`).
 
 ``map`` runs a module-level function over task records, updating a progress bar as results come
 back (``weight`` turns a result into bar units, e.g. the samples a shard wrote); ``parallel=False``
@@ -38,7 +38,7 @@ class Workers:
 
     def __enter__(self) -> Workers:
         if self.ray_address is not None:
-            from curate.raykit import ray_session
+            from base.raykit import ray_session
 
             self._stack.enter_context(ray_session(self.ray_address))
         elif self.num_workers > 1:
@@ -60,7 +60,7 @@ class Workers:
     def imap(self, func: Callable[[Any], Any], tasks: list[Any], parallel: bool = True) -> Iterator[Any]:
         """``func`` over ``tasks``, each result as it is done (completion order)."""
         if self.ray_address is not None and parallel and tasks:
-            from curate.raykit import DEFAULT_RETRIES, ray_map
+            from base.raykit import DEFAULT_RETRIES, ray_map
 
             yield from ray_map(func, tasks, max_retries=DEFAULT_RETRIES if self.max_retries is None else self.max_retries)
         elif self.pool is not None and parallel and len(tasks) > 1:

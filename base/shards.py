@@ -84,7 +84,7 @@ class Sample:
     syn_text: list[str] | None = None  # synthetic captions, member KEY.syn.json
     syn_provenance: dict[str, Any] | None = None  # qcap's provenance, member KEY.qcap.json
     # Apple's multi-captioner syn.json: its other ``syn_text*`` keys (``syn_text_dfn_mscoco38k``: [...]),
-    # carried intact through read and write; read them with curate.multicaption.tagged_captions
+    # carried intact through read and write; read them with base.multicaption.tagged_captions
     syn_keys: dict[str, list[str]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # KEY.json: url, sizes, sha256, pool columns
     extras: dict[str, bytes] = field(default_factory=dict)  # other members by extension (npz, paug.json)

@@ -38,7 +38,7 @@ def write_preview(world: str | Path, *, num: int = 12, out: str | Path | None = 
     """Write the grid to ``out`` (default ``W/preview.png``) and return its path."""
     import matplotlib
 
-    from curate.shards import atomic_write_bytes
+    from base.shards import atomic_write_bytes
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

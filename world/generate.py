@@ -29,7 +29,7 @@ chunks finish in), and neither is part of the world's identity.
 Usage::
 
     qcap world --out runs/world --num-samples 20000
-    python -c "from curate.world.generate import generate_world; ..."
+    python -c "from world.generate import generate_world; ..."
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from PIL import Image
 
-from curate.cli import UsageError
-from curate.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, finalize_folder
-from curate.world.alttext import alt_text, draw_kind, parse_text_mix, text_rates
-from curate.world.config import FAULTS, GENERATOR_VERSION, UNSERVED_FAULTS, WorldConfig
-from curate.world.describe import clean_captions, describe
-from curate.world.scenes import (
+from base.cli import UsageError
+from base.shards import Sample, ShardWriter, atomic_write_bytes, atomic_write_json, finalize_folder
+from world.alttext import alt_text, draw_kind, parse_text_mix, text_rates
+from world.config import FAULTS, GENERATOR_VERSION, UNSERVED_FAULTS, WorldConfig
+from world.describe import clean_captions, describe
+from world.scenes import (
     CLASSES,
     SEG_BACKGROUND,
     SEG_IGNORE,
@@ -729,7 +729,7 @@ def run_job(cfg: WorldConfig, out: Path, job: Job) -> str:
 
 
 def _worker(args: tuple[dict, str, Job]) -> str:
-    from curate.config import from_dict
+    from base.config import from_dict
 
     cfg_dict, out, job = args
     cfg = from_dict(WorldConfig, cfg_dict)
@@ -820,7 +820,7 @@ def generate_world(cfg: WorldConfig, *, progress: bool = True) -> dict:
     _run(cfg, out, todo, workers, progress)
     info = _assemble(cfg, out, jobs)
     if cfg.preview:
-        from curate.world.preview import write_preview
+        from world.preview import write_preview
 
         write_preview(out)
     return info
@@ -828,7 +828,7 @@ def generate_world(cfg: WorldConfig, *, progress: bool = True) -> dict:
 
 def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: bool) -> None:
     """Make the chunks of ``todo``: in this process, on ``workers`` local (spawned) processes or
-    as tasks on the Ray cluster at ``cfg.ray_address`` (:mod:`curate.workers`). Every chunk is
+    as tasks on the Ray cluster at ``cfg.ray_address`` (:mod:`base.workers`). Every chunk is
     made from per-sample seeds alone and written under its own names, and the parts are merged
     in job order (:func:`_assemble`), so neither the pool nor the completion order changes a
     byte; a chunk lost with its worker or node is made again by the retry."""
@@ -836,8 +836,8 @@ def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: b
 
     from tqdm import tqdm
 
-    from curate.config import to_dict
-    from curate.workers import Workers
+    from base.config import to_dict
+    from base.workers import Workers
 
     bar = tqdm(total=len(todo), desc="world chunks", unit="chunk", disable=not progress or not todo)
     cfg_dict = to_dict(replace(cfg, workers=1, ray_address=None, preview=False, overwrite=False))

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from curate.config import arg
-from curate.raykit import RAY_ADDRESS_HELP
+from base.config import arg
+from base.raykit import RAY_ADDRESS_HELP
 
 GENERATOR_VERSION = "1"
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
@@ -116,7 +116,7 @@ class WorldConfig:
             raise ValueError("rate_exact_dup + rate_near_dup: must be <= 1")
         if self.rate_tiny + self.rate_wide + self.rate_large > 1.0:
             raise ValueError("rate_tiny + rate_wide + rate_large: must be <= 1")
-        from curate.world.alttext import parse_text_mix, text_rates
+        from world.alttext import parse_text_mix, text_rates
 
         text_rates(self.noise, parse_text_mix(self.text_mix))  # raises ValueError naming text_mix
 
@@ -129,7 +129,7 @@ class WorldConfig:
 
         ``det_samples`` appears only when set: a world without a detection set records exactly
         what it recorded before the option existed (world.json stays byte-identical)."""
-        from curate.config import output_settings
+        from base.config import output_settings
 
         data = output_settings(self)
         if not data["det_samples"]:

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config
-from curate.shards import atomic_write_bytes, atomic_write_json, iter_samples, read_sizes
+from base.cli import UsageError
+from base.config import arg, parse_config
+from base.shards import atomic_write_bytes, atomic_write_json, iter_samples, read_sizes
 
 REPORT_FILE = "report.md"
 JSON_FILE = "report.json"

@@ -17,7 +17,7 @@ Lengths are words (whitespace-separated tokens) and characters of each caption.
 
 Usage::
 
-    from curate.card import write_card
+    from base.card import write_card
     write_card("runs/demo/dr", title="DataCompDR: demo", lineage=[...], summary=build_summary)
 """
 
@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from curate.shards import (
+from base.shards import (
     Sample,
     ShardError,
     atomic_write_bytes,
@@ -599,7 +599,7 @@ def write_card(
     folder; returns the card's numbers. ``lineage``: one dict per step that made the folder
     (``step``, ``title`` and any facts); ``dropped_captions``: synthetic captions dropped by
     reason when the folder was built (shown in quality.png)."""
-    from curate.versions import qcap_version
+    from base.versions import qcap_version
 
     folder = Path(folder)
     figures_dir = folder / CARD_DIR
@@ -765,7 +765,7 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
         elif target is not None:
             upstream += trace_lineage(target, seen=seen, depth=depth + 1)
     step: dict[str, Any] = {"step": name, "title": f"{path}", "config": config.get("config_class")}
-    run_only = set(config.get("run_only") or ()) | {"out"}  # as the stage declared its fields (curate.config.arg)
+    run_only = set(config.get("run_only") or ()) | {"out"}  # as the stage declared its fields (base.config.arg)
     step["settings"] = {k: v for k, v in settings.items() if k not in run_only and v not in (None, False, "", [])}
     for report in ([report_name] if report_name else ["report.json", "manifest.json"]):
         data = _read_json(config_dir / report)

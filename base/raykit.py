@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from curate.config import arg
+from base.config import arg
 
 DEFAULT_RETRIES = 3
 RAY_ADDRESS_HELP = ("run on an existing Ray cluster: 'auto' (the cluster this node belongs to) or HOST:PORT of its "
@@ -63,7 +63,7 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     printing its own warnings); ``auto`` and ``ray://`` addresses are left to Ray."""
     import socket
 
-    from curate.cli import UsageError
+    from base.cli import UsageError
 
     if address == "auto" or "://" in address:
         return
@@ -84,9 +84,9 @@ def clean_error(err: BaseException) -> Exception | None:
     (its message the whole remote traceback, ~170 lines), and Ray Data wraps user code errors
     again. Returns a fresh error of the original class with the original message, or None when
     nothing in ``err``'s chain is such an error (a bug: let its traceback through)."""
-    from curate.cli import UsageError
-    from curate.config import ConfigError
-    from curate.shards import ShardError
+    from base.cli import UsageError
+    from base.config import ConfigError
+    from base.shards import ShardError
 
     wanted = (ShardError, ConfigError, UsageError)
     seen: set[int] = set()
@@ -181,7 +181,7 @@ class ActorJobConfig:
         """``--device`` on the cluster joined: auto is cuda when it has GPUs; cuda without any is one line."""
         import ray
 
-        from curate.cli import UsageError
+        from base.cli import UsageError
 
         gpus = ray.cluster_resources().get("GPU", 0)
         if self.device == "auto":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 
-from curate.cli import UsageError
-from curate.config import parse_config
-from curate.world.config import ScoreConfig, ServeConfig, WorldConfig
+from base.cli import Command, UsageError, dispatch
+from base.config import parse_config
+from world.config import ScoreConfig, ServeConfig, WorldConfig
 
 # Flags that do not change what a world holds: with only these, an existing world is reused.
 _VIEW_FLAGS = {"--out", "--preview", "--no-preview", "--workers", "--ray-address"}
@@ -25,8 +26,8 @@ _VIEW_FLAGS = {"--out", "--preview", "--no-preview", "--workers", "--ray-address
 
 def world_main(argv: list[str], prog: str = "qcap world") -> int:
     cfg = parse_config(WorldConfig, argv, prog=prog)
-    from curate.world.generate import WORLD_FILE, generate_world
-    from curate.world.preview import write_preview
+    from world.generate import WORLD_FILE, generate_world
+    from world.preview import write_preview
 
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if (cfg.out / WORLD_FILE).exists() and given <= _VIEW_FLAGS:
@@ -51,7 +52,7 @@ def world_main(argv: list[str], prog: str = "qcap world") -> int:
 
 def serve_main(argv: list[str], prog: str = "qcap serve") -> int:
     cfg = parse_config(ServeConfig, argv, prog=prog)
-    from curate.world.server import WorldServer, port_of
+    from world.server import WorldServer, port_of
 
     info_path = cfg.world / "world.json"
     if not info_path.exists():
@@ -72,7 +73,21 @@ def serve_main(argv: list[str], prog: str = "qcap serve") -> int:
 
 def score_main(argv: list[str], prog: str = "qcap score-captions") -> int:
     cfg = parse_config(ScoreConfig, argv, prog=prog)
-    from curate.world.oracle import run_scoring
+    from world.oracle import run_scoring
 
     run_scoring(cfg)
     return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "world": Command("generate the embedded DataComp-style world (pool, truth, clean and eval sets)", "world.cli:world_main"),
+    "serve": Command("serve a world's pool over loopback HTTP, planted faults included", "world.cli:serve_main"),
+    "score-captions": Command("score captions against a world's truth (objects, attributes, hallucinations)", "world.cli:score_main"),
+    "control-rung": Command("positive-control rung from a world's truth: a rung's images with true descriptions (oracle), or clean captions", "world.controls:main"),
+}
+
+DESCRIPTION = "world: the embedded DataComp-style world (pool, truth, clean and eval sets), its server and caption scoring."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch("python -m world", COMMANDS, argv, DESCRIPTION)

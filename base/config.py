@@ -302,7 +302,7 @@ def save_config(cfg: Any, path: str | os.PathLike, **extra: Any) -> None:
     ``path`` may be an fsspec URL, and its folder is created. It records which fields are
     run-only (``run_only``, from the fields' declarations) and the stage's name (``stage``: a
     config class's ``STAGE``), which is all the dataset card's lineage needs of a config."""
-    from curate.shards import atomic_write_json
+    from base.shards import atomic_write_json
 
     payload = {"config": to_dict(cfg), "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
                "run_only": list(run_fields(cfg))}

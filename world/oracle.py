@@ -20,7 +20,7 @@ names, other languages, boilerplate) states no fact: it scores 0 and does not be
 
 Usage::
 
-    from curate.world.oracle import score_caption
+    from world.oracle import score_caption
     result = score_caption(truth_row, "a large red star on the left")   # truth_row: truth.parquet row
     result["score"], result["object_recall"], result["hallucinated"], result["belongs"]
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.world.describe import (
+from base.cli import UsageError
+from world.describe import (
     BACKGROUND_WORDS,
     CLASS_SYNONYMS,
     COLOUR_WORDS,
@@ -448,7 +448,7 @@ def _iter_parquet_captions(path: Path, fields: list[str] | None):
 
 
 def _iter_shard_captions(source: Path, fields: list[str] | None):
-    from curate.shards import iter_samples
+    from base.shards import iter_samples
 
     chosen = fields or ["text", "syn_text"]
     for sample in iter_samples(str(source), with_image=False):
@@ -552,7 +552,7 @@ def score_part(part: ScorePart) -> ScoredPart:
 
 def caption_parts(world: str | Path, captions: str | Path, fields: list[str] | None) -> list[ScorePart]:
     """A shard folder's shards (each a part), or one part for a Parquet file."""
-    from curate.shards import ShardError, expand_shards
+    from base.shards import ShardError, expand_shards
 
     source = Path(captions)
     world = os.path.abspath(world)  # a Ray worker's working folder may not be ours
@@ -580,8 +580,8 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from curate.shards import atomic_write_json
-    from curate.workers import Workers, in_order
+    from base.shards import atomic_write_json
+    from base.workers import Workers, in_order
 
     _truth_of(os.path.abspath(world))  # a missing truth is one line here, before any task (kept for in-process parts)
     parts = caption_parts(world, captions, fields)
@@ -662,7 +662,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def run_scoring(cfg) -> dict[str, Any]:
     """The ``qcap score-captions`` command body (``cfg``: config.ScoreConfig); the resolved
     config goes to ``config.json`` beside the scores."""
-    from curate.config import save_config
+    from base.config import save_config
 
     fields = [f.strip() for f in cfg.field.split(",") if f.strip()] if cfg.field else None
     out = cfg.out or default_out(cfg.captions)

@@ -33,7 +33,7 @@ The order of the argument, which the report keeps:
    random init); CLIP on DR vs MAE on both tasks;
 5. attention distance (§3.4): :mod:`finetune.attention_test`'s paired test over seeds.
 
-Verdicts use ``finetune.report``'s rule (a difference counts beyond 2 SE over seeds). Seeds
+Verdicts use ``demo.report``'s rule (a difference counts beyond 2 SE over seeds). Seeds
 used to tune the miniature (``--dev-seeds``) are left out of the verdicts; with one seed the
 report lists the verdicts one seed cannot give.
 """
@@ -47,10 +47,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config
-from curate.shards import atomic_write_bytes, atomic_write_json
-from finetune.report import (
+from base.cli import UsageError
+from base.config import arg, parse_config
+from base.shards import atomic_write_bytes, atomic_write_json
+from demo.report import (
     ARCHITECTURES,
     COLUMN_BY_KEY,
     COLUMNS,
@@ -354,7 +354,7 @@ def main(argv: list[str], prog: str = "qcap science-report") -> int:
 
 
 if __name__ == "__main__":
-    from curate.cli import run_guarded
+    from base.cli import run_guarded
 
-    sys.exit(run_guarded(main, sys.argv[1:], "python -m finetune.science"))
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m demo.science"))
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curate.world.describe import (
+from world.describe import (
     COUNT_TEXT,
     PLURALS,
     POSITION_PHRASE,
@@ -67,7 +67,7 @@ from curate.world.describe import (
     clean_captions,
     groups_of,
 )
-from curate.world.scenes import CLASSES, COLOURS, SIZES, Scene
+from world.scenes import CLASSES, COLOURS, SIZES, Scene
 
 TEXT_KINDS: tuple[str, ...] = (
     "faithful", "partial", "wrong_attr", "seo", "filename", "mismatch", "non_english", "empty", "one_word", "clean",

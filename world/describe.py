@@ -3,7 +3,7 @@
 The *true description* states every fact a dense task needs — each group of objects with its
 count, size, colour, texture and grid position(s), which object is in front of which where
 they overlap, and the background — in one fixed grammar, so the caption oracle
-(:mod:`curate.world.oracle`) reads it back exactly (it scores 1.0).
+(:mod:`world.oracle`) reads it back exactly (it scores 1.0).
 
 *Clean captions* are the MSCOCO stand-in: several per image, written the way careful
 annotators write — varied word order and wording, synonyms, sometimes leaving out the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.world.scenes import Scene
+from world.scenes import Scene
 
 # --------------------------------------------------------------------------------------------
 # Lexicon

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from curate.cli import UsageError
-from curate.config import arg, parse_config, to_dict
+from base.cli import UsageError
+from base.config import arg, parse_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def _check_output(cfg: ControlConfig, identity: dict[str, Any]) -> None:
 
 
 def _remove_own(out: Path) -> None:
+    from base.shards import SIZES_FILE
     from curate.reshard import remove_own_files
-    from curate.shards import SIZES_FILE
 
     removed = remove_own_files(out, (SIZES_FILE, CONTROL_FILE, SUMMARY_FILE))
     log.info("--overwrite: removed %d file(s) control-rung had written in %s", len(removed), out)
@@ -124,7 +124,7 @@ def true_descriptions(world: Path) -> dict[str, str]:
 
 def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
     """One output shard per input shard, same ids and samples, text := the true description."""
-    from curate.shards import (
+    from base.shards import (
         ShardError,
         ShardWriter,
         atomic_write_json,
@@ -178,14 +178,14 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
 
 
 def _successes(tars: list[str]) -> int:
-    from curate.shards import shard_size
+    from base.shards import shard_size
 
     return sum(shard_size(t) for t in tars)
 
 
 def build_clean(cfg: ControlConfig) -> dict[str, Any]:
     """``qcap subset`` of the clean split, at ``--like``'s size (or ``--num-samples``)."""
-    from curate.shards import atomic_write_json, expand_shards, num_samples
+    from base.shards import atomic_write_json, expand_shards, num_samples
     from curate.subset import SubsetConfig, subset
 
     clean = cfg.world / "clean"

@@ -8,7 +8,7 @@ described in ``generate`` and in ARCHITECTURE.md ("world").
 
 The main entry points are importable from here without loading anything heavy::
 
-    from curate.world import WorldConfig, generate_world, WorldServer, score_caption
+    from world import WorldConfig, generate_world, WorldServer, score_caption
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "WorldConfig": "curate.world.config",
-    "generate_world": "curate.world.generate",
-    "WorldServer": "curate.world.server",
-    "score_caption": "curate.world.oracle",
-    "load_truth": "curate.world.oracle",
-    "write_preview": "curate.world.preview",
+    "WorldConfig": "world.config",
+    "generate_world": "world.generate",
+    "WorldServer": "world.server",
+    "score_caption": "world.oracle",
+    "load_truth": "world.oracle",
+    "write_preview": "world.preview",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -29,4 +29,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'curate.world' has no attribute {name!r}")
+    raise AttributeError(f"module 'world' has no attribute {name!r}")

@@ -211,7 +211,7 @@ def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
             config = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON config ({_one_line(err)}); re-export the checkpoint "
-                         "folder (curate.models.save_checkpoint_dir)") from err
+                         "folder (base.models.save_checkpoint_dir)") from err
     if not isinstance(config, dict):
         raise ValueError(f"{path}: must hold a JSON object (model_cfg, preprocess_cfg), not {type(config).__name__}")
     if not isinstance(config.get("model_cfg"), dict):
@@ -389,7 +389,7 @@ def save_checkpoint_dir(model: Any, model_name: str, folder: str | os.PathLike, 
 
     from safetensors.torch import save_file
 
-    from curate.shards import atomic_write_json
+    from base.shards import atomic_write_json
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
