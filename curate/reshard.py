@@ -40,7 +40,6 @@ shard, counted in ``report.json``'s ``not_copied``. A uid twice in the subset fi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -51,8 +50,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from base.cli import UsageError
-from base.config import arg, parse_config, save_config, to_dict
+from base.config import arg, parse_config, to_dict
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     SIZES_FILE,
@@ -60,7 +58,6 @@ from base.shards import (
     ShardError,
     ShardWriter,
     atomic_write_json,
-    completed_shards,
     expand_shards,
     finalize_folder,
     is_complete,
@@ -68,11 +65,10 @@ from base.shards import (
     iter_samples,
     load_uids,
     read_table,
-    remove_own_files,
     shard_name,
     uid_membership,
 )
-from base.workers import Workers
+from base.stage import claim_output, make_folder, refuse_stale, run_pool, write_run_records
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "reshard.json"
@@ -182,29 +178,6 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 _OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
 
 
-def _check_output(cfg: ReshardConfig, identity: dict[str, Any]) -> None:
-    """Refuse to mix runs: an existing output must come from the same inputs (or --overwrite)."""
-    plan = cfg.out / PLAN_FILE
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the curated shards")
-    if cfg.out.is_dir() and cfg.overwrite:
-        removed = remove_own_files(cfg.out, _OWN_FILES)
-        if removed:
-            log.info("--overwrite: removed %d files reshard had written in %s", len(removed), cfg.out)
-    if plan.exists():
-        try:
-            recorded = json.loads(plan.read_text(encoding="utf-8")).get("identity")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise UsageError(f"{plan}: unreadable ({err}); pass --overwrite to start over") from err
-        if recorded != identity:
-            raise UsageError(
-                f"{cfg.out}: holds shards resharded from other inputs or another subset ({plan}); "
-                "pass --overwrite to replace them, or choose another --out"
-            )
-    elif cfg.out.exists() and any(cfg.out.glob("*.tar")):
-        raise UsageError(f"{cfg.out}: already holds shards not written by qcap reshard; pass --overwrite or another --out")
-
-
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Write output shard ``task['shard_id']`` from its planned (input index, key, uid) items.
 
@@ -282,26 +255,20 @@ def _relabel(sample: Sample, row: dict[str, Any], key: str, source: str) -> Samp
 
 def reshard(cfg: ReshardConfig) -> dict[str, Any]:
     """Run the resharder; returns the report (also ``CURATED/report.json``)."""
-    from tqdm import tqdm
-
     started = time.time()
     tars = expand_shards(cfg.shards)
     subset = load_uids(cfg.subset)
     identity = _identity(cfg, tars)
-    _check_output(cfg, identity)
+    claim_output(cfg.out, stage="reshard", identity=identity, overwrite=cfg.overwrite, own_files=_OWN_FILES,
+                 record=PLAN_FILE, what="the curated shards")
     selection = select(tars, subset)
     n = cfg.samples_per_shard
     plan = [selection.items[i:i + n] for i in range(0, len(selection.items), n)]
-    try:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {cfg.out}: cannot be made a folder ({err.strerror or err})") from err
+    make_folder(cfg.out)
     atomic_write_json(cfg.out / PLAN_FILE, {"config": to_dict(cfg), "identity": identity, "num_shards": len(plan),
                                             "num_samples": len(selection.items)})
-    save_config(cfg, cfg.out / "config.json")
-    stale = sorted(s for s in completed_shards(cfg.out) if s >= len(plan))
-    if stale:
-        raise ShardError(f"{cfg.out}: completed shards {stale[:5]} beyond the plan's {len(plan)}; pass --overwrite")
+    write_run_records(cfg.out, cfg)
+    refuse_stale(cfg.out, range(len(plan)))
     width = max(4, len(str(n - 1)))
     # the task's paths are absolute (expand_shards gives local shards so): a Ray worker's working
     # folder is not this process's
@@ -309,13 +276,9 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
         {"tars": tars, "items": items, "shard_id": j, "out": os.path.abspath(cfg.out), "key_width": width}
         for j, items in enumerate(plan) if not is_complete(cfg.out, j)
     ]
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="reshard", unit="shard", disable=not cfg.progress)
-    # one task per output shard, on a local pool or a Ray cluster; each writes its shard atomically,
-    # marker last, so a retried task (a worker or node lost) redoes a shard, never doubles one
-    with Workers(min(cfg.num_workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as workers:
-        ran_on = workers.where if todo else "nowhere (every shard was already written)"
-        workers.map(write_shard, todo, bar)
-    bar.close()
+    # one task per output shard, on a local pool or a Ray cluster
+    ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address, total=len(plan),
+                      initial=len(plan) - len(todo), desc="reshard", unit="shard", progress=cfg.progress)
     sizes = finalize_folder(cfg.out)
     # every planned item is one output row: a success, or the status saying why it was not copied
     not_copied: Counter[str] = Counter()
@@ -340,7 +303,7 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
         "resumed_shards": len(plan) - len(todo), "sizes_file": str(cfg.out / SIZES_FILE),
         "ran_on": ran_on, "seconds": round(time.time() - started, 3),
     }
-    atomic_write_json(cfg.out / REPORT_FILE, report)
+    write_run_records(cfg.out, summary=report, summary_name=REPORT_FILE)
     return report
 
 

@@ -37,7 +37,6 @@ that reconcile: selected = N exactly) and the dataset card.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,17 +49,15 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from base.card import CaptionStats, read_card, remove_card, write_card
+from base.card import CaptionStats, read_card, write_card
 from base.cli import UsageError
-from base.config import arg, output_settings, parse_config, to_dict
+from base.config import arg, output_settings, parse_config
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
-    atomic_write_json,
-    completed_shards,
     expand_shards,
     finalize_folder,
     is_complete,
@@ -75,7 +72,7 @@ from base.shards import (
     uid_halves,
     uids_to_array,
 )
-from base.workers import Workers
+from base.stage import claim_output, make_folder, refuse_stale, run_pool, write_run_records
 
 log = logging.getLogger(__name__)
 
@@ -384,48 +381,22 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
     return {"settings": settings, "inputs": sizes}
 
 
-def _check_output(cfg: SubsetConfig, ident: dict[str, Any]) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the subset's shards")
-    path = out / CONFIG_FILE
-    known = path.is_file() and _saved_plan(path).get("identity") == ident
-    if known or not (out.is_dir() and any(out.iterdir())):
-        return
-    if not cfg.overwrite:
-        raise UsageError(f"{out} holds another dataset (other inputs or settings); use another --out or --overwrite")
-    # only what subset writes: its shards (NNNNN.*, markers, temporaries), sizes.json, subset.json,
-    # subset_summary.json, uids.npy and the card; a user's my.tar, notes.npy or folder stays
-    from curate.reshard import remove_own_files
-
-    removed = remove_own_files(out, (SIZES_FILE, CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)) + remove_card(out)
-    log.info("--overwrite: removed %d file(s) subset had written in %s", len(removed), out)
-
-
-def _saved_plan(path: Path) -> dict[str, Any]:
-    """``subset.json`` as written by a previous run; a UsageError when it is not readable."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
-    if not isinstance(saved, dict):
-        raise UsageError(f"{path}: not a subset plan (a JSON object); use --overwrite to start over")
-    return saved
+# What subset writes in --out besides its shards and the card, and so all that --overwrite removes
+# (base.stage.remove_stage_files); a user's my.tar, notes.npy or folder stays.
+_OWN_FILES = (SIZES_FILE, CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)
 
 
 def subset(cfg: SubsetConfig) -> dict[str, Any]:
     """Write the subset (or finish writing it); returns the summary (also ``DIR/subset_summary.json``)."""
-    from tqdm import tqdm
-
     started = time.time()
     tars = expand_shards(cfg.shards)
     claimed = num_samples(cfg.shards)  # sizes.json: checked against the Parquets below
     ident = _identity(cfg, tars)
-    _check_output(cfg, ident)
     out = Path(cfg.out)
+    saved = claim_output(out, stage="subset", identity=ident, overwrite=cfg.overwrite, own_files=_OWN_FILES,
+                         card=True, record=CONFIG_FILE, what="the subset's shards")
     plan_path = out / CONFIG_FILE
-    if plan_path.is_file():  # resuming: the plan is the one already chosen
-        saved = _saved_plan(plan_path)
+    if saved is not None:  # resuming: the plan is the one already chosen
         try:
             threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
             n, total = int(saved["num_selected"]), int(saved["num_input"])
@@ -441,29 +412,19 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
             "rank": threshold.rank, "hi": threshold.hi, "lo": threshold.lo, "shard": threshold.shard, "pos": threshold.pos}
         target = cfg.samples_per_shard or max(1, max(_read_sizes(tars).values(), default=1))
         plan = pack(per_shard, target)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
-        atomic_write_json(plan_path, {"config": to_dict(cfg), "config_class": f"{__name__}.SubsetConfig",
-                                      "identity": ident, "num_input": total, "num_selected": n, "counts": counts,
-                                      "threshold": threshold_json, "per_shard": per_shard, "plan": plan,
-                                      "rule": "the N smallest keys (hash(seed, uid), uid, shard, position)"})
-    stale = sorted(completed_shards(out) - set(range(len(plan))))
-    if stale:
-        raise UsageError(f"{out}: holds shards {stale[:5]} beyond the plan's {len(plan)}; use --overwrite")
+        make_folder(out)
+        write_run_records(out, cfg, config_name=CONFIG_FILE, identity=ident, num_input=total, num_selected=n,
+                          counts=counts, threshold=threshold_json, per_shard=per_shard, plan=plan,
+                          rule="the N smallest keys (hash(seed, uid), uid, shard, position)")
+    refuse_stale(out, range(len(plan)))
     # the task's paths are absolute: a Ray worker's working folder is not this process's
     todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": os.path.abspath(out), "seed": cfg.seed,
              "threshold": threshold_json, "captions": cfg.captions, "expected": {str(i): per_shard[i] for i in inputs}}
             for j, inputs in enumerate(plan) if not is_complete(out, j)]
-    bar = tqdm(total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",
-               disable=not cfg.progress, dynamic_ncols=True)
-    # one task per output shard, on a local pool or a Ray cluster; each writes its shard atomically,
-    # marker last, so a retried task (a worker or node lost) redoes a shard, never doubles one
-    with Workers(min(cfg.num_workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None) as workers:
-        ran_on = workers.where if todo else "nowhere (every shard was already written)"
-        workers.map(write_shard, todo, bar, weight=lambda result: result["count"])
-    bar.close()
+    # one task per output shard, on a local pool or a Ray cluster
+    ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address,
+                      total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",
+                      progress=cfg.progress, weight=lambda result: result["count"])
     sizes = finalize_folder(out)
     expected = {f"{shard_name(j)}.tar": sum(per_shard[i] for i in inputs) for j, inputs in enumerate(plan)}
     arrays, not_copied, rows = [], Counter(), {}
@@ -497,7 +458,7 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()), "ran_on": ran_on,
         "seconds": round(time.time() - started, 3),
     }
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    write_run_records(out, summary=summary, summary_name=SUMMARY_FILE)
     if cfg.card:
         write_subset_card(cfg, summary)
     return summary

@@ -13,7 +13,7 @@ from conftest import make_jpeg, make_uid
 from dr_data import write_qcap_captions
 from test_shards_hostile import _add, _good_members, _meta, _qcap, _raw_shard
 
-from curate import shards
+from base import shards
 
 
 def _image_shard(folder) -> dict[str, str]:

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_jpeg, make_uid
 
+from base import shards
 from base.shards import Sample, ShardError, ShardWriter
-from curate import shards
 
 QCAP = str(Path(sys.executable).parent / "qcap")
 

@@ -117,7 +117,7 @@ def test_subset_resumes_and_refuses_other_settings(tmp_path, dr, capsys):
     assert summary["resumed_shards"] == num_shards - 2
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == reference
     code, _, stderr = run_cli(["subset", "--shards", str(dr), "--out", str(out), "--fraction", "0.5", "--seed", "2"], capsys)
-    assert code == 2 and "holds another dataset" in stderr
+    assert code == 2 and "other inputs or settings" in stderr
 
 
 def test_bad_subset_requests_are_clear(tmp_path, dr, capsys):

@@ -9,7 +9,7 @@ from collections import Counter
 
 from test_shards_hostile import _hostile_raw, _qcap
 
-from curate import shards
+from base import shards
 
 
 def test_subset_records_the_rows_it_cannot_copy_and_reconciles(tmp_path):

@@ -1,0 +1,304 @@
+"""The stage kit: what every shard-parallel stage's driver does around its own work.
+
+A stage claims its output folder (:func:`claim_output`: a file there is refused, a folder made
+with other output-shaping settings is refused with one :class:`~base.cli.UsageError` that names
+the differing fields, ``--overwrite`` removes only the stage's own files, a folder of shards
+the stage did not write is never touched), plans its shards, skips the finished ones
+(:func:`pending_shards`), runs the others on a pool with a bar (:func:`run_pool`), finalizes and
+reconciles, and writes its run records (:func:`write_run_records`). The actor stages (caption,
+reinforce) share one whole driver, :func:`run_shard_job`.
+
+Usage::
+
+    saved = claim_output(out, stage="reshard", identity=ident, overwrite=cfg.overwrite,
+                         own_files=(SIZES_FILE, "report.json"), record="reshard.json")
+    make_folder(out)
+    write_run_records(out, cfg, identity=ident)              # the resolved config, before any work
+    ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address,
+                      total=len(plan), initial=len(plan) - len(todo), desc="reshard", unit="shard")
+    write_run_records(out, summary=summary)                  # the summary, last
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from base.cli import UsageError
+from base.config import save_config
+from base.shards import (
+    ShardError,
+    atomic_write_json,
+    completed_shards,
+    expand_shards,
+    finalize_folder,
+    is_complete,
+    remove_own_files,
+    shard_id_of,
+)
+
+log = logging.getLogger(__name__)
+
+# The run records every stage writes beside its output: the resolved config (base.config.save_config,
+# with the output's identity) and the summary whose counts reconcile.
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+NOWHERE = "nowhere (every shard was already written)"  # where a run ran that had nothing to do
+_SHARD_FILE = re.compile(r"^\d+(?:\.tar|\.parquet|_stats\.json|\.done)$")
+_SHOWN = 80  # characters of a differing value an error shows
+
+
+# --------------------------------------------------------------------------------------------
+# The output folder
+
+
+def check_folder(out: str | os.PathLike, what: str = "the output") -> Path:
+    """``out`` as a Path; a UsageError when it is a file (a typo for a folder)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for {what}")
+    return out
+
+
+def make_folder(out: str | os.PathLike, what: str = "the output") -> Path:
+    """Make the output folder (and its parents); a UsageError when it cannot be one."""
+    out = check_folder(out, what)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
+    return out
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """A run record a previous run wrote (a JSON object); a UsageError saying how to start over
+    when it is not readable."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: not a run record (a JSON object); use --overwrite to start over")
+    return value
+
+
+def differences(recorded: Any, identity: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``field: recorded -> now`` for each field of ``identity`` whose recorded value differs
+    (nested objects by dotted name); values are shortened to a readable length."""
+    if not isinstance(recorded, Mapping):
+        return [f"{prefix or 'identity'}: none recorded"]
+    out = []
+    for name in sorted(set(identity) | set(recorded), key=lambda n: (n not in identity, str(n))):
+        old, new = recorded.get(name), identity.get(name)
+        if old == new:
+            continue
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += differences(old, new, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}: {_short(old)} -> {_short(new)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def refuse_mismatch(out: str | os.PathLike, stage: str, recorded: Any, identity: Mapping[str, Any]) -> None:
+    """The one refusal of a re-run that would mix outputs: a UsageError naming the fields."""
+    changed = differences(recorded, identity)
+    raise UsageError(f"{out}: holds {stage} output made with other inputs or settings ({'; '.join(changed)}); "
+                     "use the same settings to resume, another --out, or --overwrite to start over")
+
+
+def remove_stage_files(out: str | os.PathLike, stage: str, own_files: Sequence[str],
+                       own_dirs: Sequence[str] = (), *, card: bool = False) -> list[str]:
+    """``--overwrite``: remove what the stage wrote in ``out`` and only that: its shards, their
+    markers and temporaries, the files named in ``own_files``, the folders named in
+    ``own_dirs`` (a symlink under one of those names is unlinked, never followed) and, with
+    ``card``, the dataset card's files (:func:`base.card.remove_card`)."""
+    from base.card import remove_card
+
+    out = Path(out)
+    removed = remove_own_files(out, tuple(own_files)) + (remove_card(out) if card else [])
+    for name in own_dirs:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("--overwrite: removed %d file(s) %s had written in %s", len(removed), stage, out)
+    return removed
+
+
+def claim_output(
+    out: str | os.PathLike,
+    *,
+    stage: str,
+    identity: Mapping[str, Any],
+    overwrite: bool,
+    own_files: Sequence[str],
+    own_dirs: Sequence[str] = (),
+    card: bool = False,
+    record: str = CONFIG_FILE,
+    recorded: Callable[[dict[str, Any]], Any] | None = None,
+    what: str = "the output",
+    only_with_shards: bool = False,
+) -> dict[str, Any] | None:
+    """Claim ``out`` for a run of ``stage`` whose output is ``identity``.
+
+    - a file at ``out``: UsageError (``what`` names what belongs there);
+    - shard files but no ``record``: the stage did not write them, UsageError, nothing removed
+      (``--overwrite`` included);
+    - ``--overwrite``: the stage's own files are removed (:func:`remove_stage_files`: shards,
+      ``own_files``, ``own_dirs``, with ``card`` the dataset card), the run starts over; returns None;
+    - a ``record`` whose identity (``recorded(record)``, default its ``"identity"``) differs:
+      UsageError naming the fields (:func:`refuse_mismatch`); with ``only_with_shards`` only when
+      a shard was finished (a run killed before any shard mixes nothing);
+    - else: returns the record of the run being resumed, or None for a fresh folder.
+    """
+    out = check_folder(out, what)
+    path = out / record
+    if not path.is_file():
+        foreign = sorted(p.name for p in out.iterdir() if _SHARD_FILE.match(p.name)) if out.is_dir() else []
+        if foreign:
+            raise UsageError(f"{out} holds shard files ({foreign[0]}, ...) but no {record}: qcap {stage} did not "
+                             "write them; choose another --out")
+        if overwrite:
+            remove_stage_files(out, stage, own_files, own_dirs, card=card)
+        return None
+    if overwrite:
+        try:
+            written_by = read_record(path).get("stage", stage)
+        except UsageError:
+            written_by = stage  # the stage's own record, broken by a kill or by hand
+        if written_by != stage:
+            raise UsageError(f"--overwrite: {path} was written by qcap {written_by}, not qcap {stage}; choose "
+                             "another --out")
+        remove_stage_files(out, stage, own_files, own_dirs, card=card)
+        return None
+    if only_with_shards and not completed_shards(out):
+        return None
+    saved = read_record(path)
+    previous = recorded(saved) if recorded is not None else saved.get("identity")
+    if previous != identity:
+        refuse_mismatch(out, stage, previous, identity)
+    return saved
+
+
+def write_run_records(out: str | os.PathLike, cfg: Any = None, summary: Mapping[str, Any] | None = None, *,
+                      config_name: str = CONFIG_FILE, summary_name: str = SUMMARY_FILE, **extra: Any) -> None:
+    """The stage's run records in ``out``: the resolved config (``cfg``, with ``extra`` facts
+    such as the identity or versions, :func:`base.config.save_config`) and the ``summary``,
+    each written atomically; either may be left out (the config is written before the work,
+    the summary last)."""
+    if cfg is not None:
+        save_config(cfg, Path(out) / config_name, **extra)
+    if summary is not None:
+        atomic_write_json(Path(out) / summary_name, dict(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and the pool
+
+
+def shards_by_id(spec: str) -> dict[int, str]:
+    """The input shards of ``spec`` by shard id; ShardError for two shards with one id."""
+    shards: dict[int, str] = {}
+    for path in expand_shards(spec):
+        shard_id = shard_id_of(path)
+        if shard_id in shards:
+            raise ShardError(f"{path} and {shards[shard_id]} share shard id {shard_id}; give one folder at a time")
+        shards[shard_id] = path
+    return shards
+
+
+def pending_shards(out: str | os.PathLike, shards: Mapping[int, str]) -> list[tuple[int, str]]:
+    """The ``(id, input)`` pairs, in id order, whose output shard in ``out`` is not finished."""
+    return [(shard_id, path) for shard_id, path in sorted(shards.items()) if not is_complete(out, shard_id)]
+
+
+def refuse_stale(out: str | os.PathLike, planned: set[int] | range) -> None:
+    """A finished output shard the plan does not hold (a folder from a larger plan): UsageError."""
+    stale = sorted(set(completed_shards(out)) - set(planned))
+    if stale:
+        raise UsageError(f"{out}: holds shards {stale[:5]} beyond this run's plan of {len(planned)}; use --overwrite")
+
+
+def run_pool(func: Callable[[Any], Any], todo: list[Any], *, num_workers: int, ray_address: str | None,
+             total: int | None, desc: str, unit: str, initial: int = 0, progress: bool = True,
+             weight: Callable[[Any], int] | None = None, start_method: str = "spawn") -> str:
+    """Run module-level ``func`` over the task records ``todo`` on a local pool of
+    ``num_workers`` processes or as Ray tasks at ``ray_address`` (:class:`base.workers.Workers`),
+    with a bar; returns where it ran, for the summary. Each task writes its shard atomically,
+    marker last, so a retried task (a worker or node lost) redoes a shard, never doubles one."""
+    from tqdm import tqdm
+
+    from base.workers import Workers
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress or not todo,
+               dynamic_ncols=True)
+    with Workers(min(num_workers, max(1, len(todo))), ray_address=ray_address if todo else None,
+                 start_method=start_method) as workers:
+        ran_on = workers.where if todo else NOWHERE
+        workers.map(func, todo, bar, weight=weight)
+    bar.close()
+    return ran_on
+
+
+# --------------------------------------------------------------------------------------------
+# The actor stages' driver (caption, reinforce)
+
+
+def run_shard_job(
+    cfg: Any,
+    *,
+    stage: str,
+    resolve: Callable[[Any], dict[str, Any]],
+    identity: Callable[[dict[str, Any]], dict[str, Any]],
+    recorded: Callable[[dict[str, Any]], Any],
+    work: Callable[[Any, list[tuple[int, str]], dict[str, Any]], dict[int, str]],
+    summarize: Callable[[Path, dict[int, str], dict[int, str]], dict[str, Any]],
+    own_files: Sequence[str],
+    record: str = CONFIG_FILE,
+    summary_name: str = SUMMARY_FILE,
+    finalize: bool = True,
+) -> dict[str, Any]:
+    """Output shard ``i`` for input shard ``i`` of ``cfg.shards`` in ``cfg.out``, resumably.
+
+    The input's shards by id; an ``--out`` that is the input's folder is refused; ``resolve``
+    loads what the work needs (models: one line if one cannot load, before any work);
+    :func:`claim_output` with ``identity(resolved)`` against ``recorded(record)``; ``work(cfg,
+    pending, resolved)`` makes the pending shards (and writes the config record) and returns the
+    shards that failed (id → why); the folder is finalized (``sizes.json``), and
+    ``summarize(out, shards, failed)`` is written as the summary record and returned."""
+    shards = shards_by_id(cfg.shards)
+    out = Path(cfg.out)
+    if any(Path(path).parent.resolve() == out.resolve() for path in shards.values()):
+        raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
+    resolved = resolve(cfg)
+    claim_output(out, stage=stage, identity=identity(resolved), overwrite=cfg.overwrite, own_files=own_files,
+                 record=record, recorded=recorded, only_with_shards=True)
+    make_folder(out)
+    pending = pending_shards(out, shards)
+    failed: dict[int, str] = {}
+    if pending:
+        failed = work(cfg, pending, resolved)
+    else:
+        log.info("all %d shards of %s are done already", len(shards), out)
+    if finalize and any(is_complete(out, shard_id) for shard_id in shards):
+        finalize_folder(out)
+    summary = summarize(out, shards, failed)
+    write_run_records(out, summary=summary, summary_name=summary_name)
+    return summary
