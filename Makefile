@@ -127,7 +127,8 @@ CLIP := $(DEMO)/clip
 FT := $(DEMO)/finetune
 SCORES := $(DEMO)/scores
 # run one command as a named stage: print and log its wall time and the load
-TIMED = tools/timed.sh $(DEMO)/timings.tsv
+TIMINGS = $(DEMO)/timings.tsv
+TIMED = tools/timed.sh $(TIMINGS)
 export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
 
 LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
@@ -295,6 +296,16 @@ DEV_SEEDS ?=
 $(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES)
 	@$(TIMED) science-report $(QCAP) science-report $(DEMO) --fractions $(PCTS) \
 	  $(if $(strip $(DEV_SEEDS)),--dev-seeds $(DEV_SEEDS))
+
+# the files of this graph that the reports read, one path a line (demo/layout.py names them for the reports;
+# tests/test_demo_layout.py checks that the two agree). e.g.  make -s layout DEMO=runs/science SCIENCE=1 SEEDS=3
+.PHONY: layout
+layout: ## print every file of the demo's graph that the reports read (vars: DEMO SEEDS SCIENCE LADDER_FRACTIONS)
+	@printf '%s\n' $(CLIP_EVALS) $(patsubst %/eval.json,%/config.json,$(CLIP_EVALS)) $(FT_METRICS) $(SCORE_SUMMARIES) \
+	  $(SCORES)/dr-100/per_caption.parquet $(ATTENTION) $(ATTENTION:.json=.png) $(if $(filter 1,$(SCIENCE)),$(ATTENTION_SEEDS)) \
+	  $(LADDER_SUMMARIES) $(DRR_SUMMARIES) $(CONTROL_SUMMARIES) $(RAW)/manifest.json \
+	  $(foreach f,basic clip dedup,$(FILTERS)/$(f).report/report.json) $(CURATED)/report.json $(SYN)/caption_summary.json \
+	  $(DR_DEMO)/build_dr_summary.json $(W)/truth.parquet $(TIMINGS)
 
 # ---------------------------------------------------------------------------------------------
 # make science: the demo's graph with SCIENCE=1 at a calibrated scale, 3 seeds, a 3-fraction ladder.

@@ -21,7 +21,10 @@ stage wrote, and ``report.json`` names that file and key for every number.
   exit status, 1-minute load average before and after, command;
 - the pipeline's own summaries for the data funnel (``raw/manifest.json``,
   ``filters/*.report/report.json``, ``curated/report.json``, ``syn/caption_summary.json``,
-  ``dr/build_dr_summary.json``, ``dr-ladder/<rung>/subset_summary.json``).
+  ``dr/build_dr_summary.json``, and each rung's run record: ``dr-ladder/<rung>/subset_summary.json``,
+  ``reinforce_summary.json`` for ``drr-P``).
+
+Every path is named once, in :mod:`demo.layout` (``make layout`` lists the Makefile's).
 
 Rungs are ``datacomp-P`` (real captions) and ``dr-P`` (real + synthetic, DataCompDR) at P = 10
 and 100 percent, the folder names ``make subsets`` writes. A missing file leaves its cell
@@ -39,7 +42,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import statistics
 import time
 import warnings
@@ -50,12 +52,13 @@ from typing import Any
 
 from base.cli import UsageError
 from base.config import arg, parse_config
-from base.shards import atomic_write_bytes, atomic_write_json, iter_samples, read_sizes
+from base.shards import atomic_write_bytes, atomic_write_json, iter_samples
+from demo import layout
 
 REPORT_FILE = "report.md"
 JSON_FILE = "report.json"
 FIGURES = "report"  # folder beside report.md
-TIMINGS_FILE = "timings.tsv"
+TIMINGS_FILE = layout.TIMINGS
 TIMING_COLUMNS = ("run", "stage", "started", "seconds", "exit", "load_start", "load_end", "command")
 
 
@@ -111,8 +114,8 @@ ARCHITECTURES = {"vit": ("ViT (qcap-tiny-clip)", ("random", "datacomp-100", "dr-
 
 def has_runs(root: Path, key: str) -> bool:
     """Whether ``root`` holds a training or finetuning run of row ``key`` (``clip/`` or ``finetune/<key>-s<seed>``)."""
-    for parent in (root / "clip", root / "finetune"):
-        if parent.is_dir() and any(re.fullmatch(rf"{re.escape(key)}-s\d+", p.name) and p.is_dir() for p in parent.iterdir()):
+    for parent in (root / name for name in layout.run_parents()):
+        if parent.is_dir() and any(p.is_dir() and (layout.run_folder(p.name) or ("",))[0] == key for p in parent.iterdir()):
             return True
     return False
 
@@ -137,18 +140,18 @@ class Column:
 
 
 def _finetune(task: str, metric: str) -> Callable[[Row, int], tuple[str, str]]:
-    return lambda row, seed: (f"finetune/{row.key}-s{seed}/{task}/metrics.json", f"metrics.{metric}")
+    return lambda row, seed: (layout.path(layout.FINETUNE_METRICS, row=row.key, seed=seed, task=task), f"metrics.{metric}")
 
 
 def _clip_eval(metric: str) -> Callable[[Row, int], tuple[str, str] | None]:
-    return lambda row, seed: None if row.captions is None else (f"clip/{row.key}-s{seed}/eval.json", metric)
+    return lambda row, seed: None if row.captions is None else (layout.path(layout.CLIP_EVAL, row=row.key, seed=seed), metric)
 
 
 def _caption_score(field_name: str, metric: str) -> Callable[[Row, int], tuple[str, str] | None]:
     def locate(row: Row, seed: int) -> tuple[str, str] | None:
         if row.captions is None or (field_name == "syn_text" and row.captions not in ("dr", "drr")):
             return None
-        return f"scores/{row.rung}/summary.json", f"by_field.{field_name}.{metric}"
+        return layout.path(layout.SCORE_SUMMARY, rung=row.rung), f"by_field.{field_name}.{metric}"
 
     return locate
 
@@ -174,8 +177,12 @@ COLUMN_BY_KEY = {column.key: column for column in (*COLUMNS, *DET_COLUMNS)}
 
 def columns_for(root: Path) -> tuple[Column, ...]:
     """The report's columns: the detection ones only when the demo finetuned on detection."""
-    has_det = any((root / "finetune").glob("*/det/metrics.json")) if (root / "finetune").is_dir() else False
-    return (*COLUMNS, *DET_COLUMNS) if has_det else COLUMNS
+    return (*COLUMNS, *DET_COLUMNS) if has_det(root) else COLUMNS
+
+
+def has_det(root: Path) -> bool:
+    """Whether the demo finetuned some backbone on detection (a det metrics.json exists)."""
+    return any(root.glob(layout.path(layout.FINETUNE_METRICS, row="*", seed="*", task="det")))
 
 
 def table_column_keys(table: dict[str, dict[str, Any]]) -> set[str]:
@@ -259,12 +266,12 @@ class Cell:
 def discover_seeds(demo: Path) -> list[int]:
     """Seeds present among the demo's training and finetuning runs (folders named ``*-s<seed>``)."""
     seeds = set()
-    for parent in (demo / "clip", demo / "finetune"):
+    for parent in (demo / name for name in layout.run_parents()):
         if parent.is_dir():
             for child in parent.iterdir():
-                match = re.fullmatch(r".+-s(\d+)", child.name)
-                if match and child.is_dir():
-                    seeds.add(int(match.group(1)))
+                found = layout.run_folder(child.name)
+                if found and child.is_dir():
+                    seeds.add(found[1])
     return sorted(seeds)
 
 
@@ -272,22 +279,26 @@ def collect_table(reader: Reader, seeds: Sequence[int], rows: Sequence[Row] = RO
                   columns: Sequence[Column] | None = None) -> dict[str, dict[str, Cell]]:
     """Every (row, column) cell: its values over the seeds and the file + key of each
     (``columns`` default: the report's, det included when its metrics exist)."""
-    table: dict[str, dict[str, Cell]] = {}
+    columns = columns if columns is not None else columns_for(reader.root)
+    table: dict[str, dict[str, Cell]] = {row.key: {column.key: Cell() for column in columns} for row in rows}
+    for row, column, seed, rel, key in cell_sources(rows, seeds, columns):
+        value = reader.value(rel, key)
+        if value is not None:
+            cell = table[row.key][column.key]
+            cell.values.append(value)
+            cell.sources.append({"file": rel, "key": key, "value": value} | ({"seed": seed} if column.per_seed else {}))
+    return table
+
+
+def cell_sources(rows: Sequence[Row], seeds: Sequence[int],
+                 columns: Sequence[Column]) -> Iterable[tuple[Row, Column, int, str, str]]:
+    """(row, column, seed, file, key) of every value a table of ``rows`` × ``columns`` reads, in table order."""
     for row in rows:
-        table[row.key] = {}
-        for column in columns if columns is not None else columns_for(reader.root):
-            cell = Cell()
+        for column in columns:
             for seed in seeds if column.per_seed else seeds[:1]:
                 where = column.locate(row, seed)
-                if where is None:
-                    continue
-                rel, key = where
-                value = reader.value(rel, key)
-                if value is not None:
-                    cell.values.append(value)
-                    cell.sources.append({"file": rel, "key": key, "value": value} | ({"seed": seed} if column.per_seed else {}))
-            table[row.key][column.key] = cell
-    return table
+                if where is not None:
+                    yield (row, column, seed, *where)
 
 
 # ---------------------------------------------------------------------------- verdicts
@@ -688,7 +699,7 @@ def plot_caption_grid(samples: list[dict[str, Any]], truth: dict[str, str], path
 
 
 def load_truth_descriptions(world: Path, uids: set[str]) -> dict[str, str]:
-    path = world / "truth.parquet"
+    path = world / layout.TRUTH
     if not path.is_file() or not uids:
         return {}
     import pyarrow as pa
@@ -704,15 +715,15 @@ def load_truth_descriptions(world: Path, uids: set[str]) -> dict[str, str]:
 
 
 FUNNEL = (
-    ("pool rows", "raw/manifest.json", "num_samples"),
-    ("downloaded", "raw/manifest.json", "num_success"),
-    ("basic filter", "filters/basic.report/report.json", "counts.kept"),
-    ("CLIP-score filter (of basic)", "filters/clip.report/report.json", "counts.kept"),
-    ("dedup (of basic)", "filters/dedup.report/report.json", "counts.kept"),
-    ("resharded (CLIP-score ∩ dedup)", "curated/report.json", "num_written"),
-    ("captioned images", "syn/caption_summary.json", "images_captioned"),
-    ("DR images", "dr/build_dr_summary.json", "images_kept"),
-    ("DR synthetic captions kept", "dr/build_dr_summary.json", "synthetic_kept"),
+    ("pool rows", layout.RAW_MANIFEST, "num_samples"),
+    ("downloaded", layout.RAW_MANIFEST, "num_success"),
+    ("basic filter", layout.path(layout.FILTER_REPORT, filter="basic"), "counts.kept"),
+    ("CLIP-score filter (of basic)", layout.path(layout.FILTER_REPORT, filter="clip"), "counts.kept"),
+    ("dedup (of basic)", layout.path(layout.FILTER_REPORT, filter="dedup"), "counts.kept"),
+    ("resharded (CLIP-score ∩ dedup)", layout.CURATED_REPORT, "num_written"),
+    ("captioned images", layout.CAPTION_SUMMARY, "images_captioned"),
+    ("DR images", layout.DR_SUMMARY, "images_kept"),
+    ("DR synthetic captions kept", layout.DR_SUMMARY, "synthetic_kept"),
 )
 
 
@@ -721,32 +732,55 @@ def funnel(reader: Reader, rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
     for label, rel, key in FUNNEL:
         if (reader.root / rel).is_file():
             out.append({"label": label, "file": rel, "key": key, "value": reader.value(rel, key)})
-    for row in rows:
-        if row.captions is None or row.arch != "vit":  # the MCi rows train on the ViT rows' rungs
-            continue
-        rel = f"dr-ladder/{row.key}/sizes.json"
+    for row in funnel_rungs(rows):
+        rel, key = rung_record(row)
         if (reader.root / rel).is_file():
-            sizes = read_sizes(reader.root / "dr-ladder" / row.key)
-            out.append({"label": f"rung {row.label} ({row.key})", "file": rel, "key": "sum of shard sizes",
-                        "value": float(sum(sizes.values()))})
+            out.append({"label": f"rung {row.label} ({row.key})", "file": rel, "key": key, "value": reader.value(rel, key)})
     return out
+
+
+def rung_record(row: Row) -> tuple[str, str]:
+    """(run record of the rung ``row`` trained on, its key of the images written): the file the rung's command
+    writes last (qcap subset, reinforce or control-rung), so only a finished rung is counted."""
+    pattern, key = layout.RUNG_RECORDS[row.captions or "real"]
+    return layout.path(pattern, rung=row.key), key
 
 
 def training_facts(reader: Reader, seeds: Sequence[int], rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
     out = []
-    for row in rows:
-        if row.captions is None:
-            continue
-        for seed in seeds[:1]:
-            rel = f"clip/{row.key}-s{seed}/config.json"
-            if (reader.root / rel).is_file():
-                data = reader.load(rel)
-                config = data.get("config", {})
-                out.append({"row": row.label, "file": rel, "samples_seen": data.get("samples_seen"),
-                            "steps": data.get("total_steps"), "num_samples": data.get("num_samples"),
-                            "caption_source": config.get("caption_source"), "model": config.get("model"),
-                            "distill_loss_weights": config.get("distill_loss_weights")})
+    for row, rel in training_configs(rows, seeds):
+        if (reader.root / rel).is_file():
+            data = reader.load(rel)
+            config = data.get("config", {})
+            out.append({"row": row.label, "file": rel, "samples_seen": data.get("samples_seen"),
+                        "steps": data.get("total_steps"), "num_samples": data.get("num_samples"),
+                        "caption_source": config.get("caption_source"), "model": config.get("model"),
+                        "distill_loss_weights": config.get("distill_loss_weights")})
     return out
+
+
+def training_configs(rows: Sequence[Row], seeds: Sequence[int]) -> list[tuple[Row, str]]:
+    """(row, config.json of its first seed's pretraining run) for every pretrained row."""
+    return [(row, layout.path(layout.CLIP_CONFIG, row=row.key, seed=seed))
+            for row in rows if row.captions is not None for seed in seeds[:1]]
+
+
+def funnel_rungs(rows: Sequence[Row]) -> list[Row]:
+    """The rows whose rung the funnel counts: the pretrained ViT rows (the MCi rows train on the ViT rows' rungs)."""
+    return [row for row in rows if row.captions is not None and row.arch == "vit"]
+
+
+def files_read(rows: Sequence[Row], seeds: Sequence[int], *, det: bool = False) -> list[str]:
+    """Every file (relative to DEMO) the report reads for ``rows`` and ``seeds`` (``det``: with the detection
+    columns): the table's cells, the training facts, the funnel, the attention figure, the caption grid's rung and
+    scores, the world's truth, the timings. ``make layout`` must list each of them for the rows it makes."""
+    out = [rel for *_, rel, _ in cell_sources(rows, seeds, (*COLUMNS, *DET_COLUMNS) if det else COLUMNS)]
+    out += [rel for _, rel in training_configs(rows, seeds)]
+    out += [rel for _, rel, _ in FUNNEL] + [rung_record(row)[0] for row in funnel_rungs(rows)]
+    grid = Row(layout.GRID_RUNG, "", "dr", 100)
+    out += [layout.ATTENTION, layout.ATTENTION_PNG, rung_record(grid)[0],
+            layout.path(layout.PER_CAPTION, rung=layout.GRID_RUNG), layout.WORLD_TRUTH, layout.TIMINGS]
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------- the report
@@ -758,11 +792,12 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
         raise UsageError(f"{demo}: not a folder; run `make demo` (or pass the folder it wrote)")
     out = cfg.out or demo / REPORT_FILE
     figures = out.parent / FIGURES
-    world = cfg.world or demo / "world"
+    world = cfg.world or demo / layout.WORLD
     reader = Reader(demo)
     seeds = discover_seeds(demo)
     if not seeds:
-        raise UsageError(f"{demo}: no clip/*-s<seed> or finetune/*-s<seed> runs; nothing to report")
+        clip, finetune = (f"{parent}/*-s<seed>" for parent in layout.run_parents())
+        raise UsageError(f"{demo}: no {clip} or {finetune} runs; nothing to report")
     rows = rows_for(demo)
     table = collect_table(reader, seeds, rows=rows)
     claims = verdicts(table)
@@ -774,10 +809,11 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
     written: dict[str, str] = {}
     if plot_data_efficiency(table, figures / "data_efficiency.png"):
         written["data_efficiency"] = str(figures / "data_efficiency.png")
-    attention_png = demo / "attention" / "attention_distance.png"
-    attention = reader.load("attention/attention_distance.json") if (demo / "attention").is_dir() else None
-    if cfg.grid_samples and (demo / "dr-ladder" / "dr-100").is_dir():
-        samples = caption_grid_samples(demo / "dr-ladder" / "dr-100", demo / "scores" / "dr-100" / "per_caption.parquet",
+    attention_png = demo / layout.ATTENTION_PNG
+    attention = reader.load(layout.ATTENTION) if (demo / layout.ATTENTION_DIR).is_dir() else None
+    grid_rung = demo / layout.path(layout.RUNG, rung=layout.GRID_RUNG)
+    if cfg.grid_samples and grid_rung.is_dir():
+        samples = caption_grid_samples(grid_rung, demo / layout.path(layout.PER_CAPTION, rung=layout.GRID_RUNG),
                                        cfg.grid_samples)
         truth = load_truth_descriptions(world, {s["uid"] for s in samples})
         if plot_caption_grid(samples, truth, figures / "caption_samples.png"):
@@ -843,12 +879,14 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
                        [[row.label] + [fmt_cell(table[row.key][c.key]) for c in table_columns(table)] for row in rows]),
         "",
         "- seg mIoU / depth RMSE: `qcap finetune seg|depth` of each backbone on the world's `eval/seg`, `eval/depth` "
-        "(`finetune/<backbone>-s<seed>/<task>/metrics.json`).",
+        f"(`{layout.path(layout.FINETUNE_METRICS, row='<backbone>', seed='<seed>', task='<task>')}`).",
         "- zero-shot top-1 and retrieval R@1: `qcap train`'s evaluation at the end of pretraining on the world's "
-        "`eval/cls` and `eval/retrieval` (`clip/<rung>-s<seed>/eval.json`); a random-init CLIP is not evaluated "
+        f"`eval/cls` and `eval/retrieval` (`{layout.path(layout.CLIP_EVAL, row='<rung>', seed='<seed>')}`); "
+        "a random-init CLIP is not evaluated "
         "(chance: 1 / number of classes, 1 / number of captions).",
         "- caption F1: `qcap score-captions` of the captions each backbone was pretrained on against the world's "
-        "truth (fact F1, 1.0 = the true description; `scores/<rung>/summary.json`). Real rows train on the web "
+        f"truth (fact F1, 1.0 = the true description; `{layout.path(layout.SCORE_SUMMARY, rung='<rung>')}`). "
+        "Real rows train on the web "
         "caption; DR rows on the web caption and one of the synthetic captions per sample (`--caption-source dual`).",
         "",
         "## Does this run reproduce the paper?",
@@ -878,7 +916,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
         lines += ["", f"The premise — synthetic captions describe the images better than the web's — "
                   f"{'holds' if premise == 'better' else 'does not hold'} here: on the DR 100% set the synthetic "
                   f"captions score F1 {f1_syn:.3f} against {f1_real:.3f} for the real ones "
-                  f"(`scores/dr-100/summary.json`)."]
+                  f"(`{layout.path(layout.SCORE_SUMMARY, rung='dr-100')}`)."]
     if payload["reinforced"]:
         lines += ["", "## Does distillation add to the synthetic captions?", "",
                   "DR + distillation (`qcap reinforce` over the DR rung with a teacher CLIP trained on the clean split, "
@@ -921,7 +959,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
               str(s["runs"])] for s in stages]
             + [["**total**", str(payload["timings"]["commands"]), f"**{payload['timings']['total_seconds']:.1f}**", "", ""]]),
             "",
-            "Seconds are the wall time of the successful commands of each stage (from `timings.tsv`; an interrupted "
+            f"Seconds are the wall time of the successful commands of each stage (from `{layout.TIMINGS}`; an interrupted "
             "command is not counted, its resumed re-run is); the load is the machine's 1-minute load average when "
             "each command started and ended. Commands that ran side by side (`make -j`) overlap, so the stages add "
             "up to more than the wall clock:", ""]
@@ -930,7 +968,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
                   f"{r['busy_seconds']:.1f} s of command time" for r in payload["timings"]["runs"]]
         lines.append("")
     else:
-        lines += ["No `timings.tsv` (the commands were not run through `tools/timed.sh`).", ""]
+        lines += [f"No `{layout.TIMINGS}` (the commands were not run through `tools/timed.sh`).", ""]
     if payload["missing"]:
         lines += ["## Missing", "", *[f"- `{m}`" for m in payload["missing"]], ""]
     return "\n".join(lines)

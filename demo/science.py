@@ -7,7 +7,9 @@ Usage::
 Reads the same folder layout as ``qcap report`` (``finetune/<backbone>-s<seed>/{seg,depth}/metrics.json``,
 ``clip/<rung>-s<seed>/eval.json``, ``scores/<rung>/summary.json``) with more rows, and
 ``attention/s<seed>/attention_distance.json`` (DR first, real second). It computes no metric:
-every number comes from a file, and ``science.json`` names the file and key of each.
+every number comes from a file, and ``science.json`` names the file and key of each. Each rung's size is read
+from its run record (``dr-ladder/<rung>/subset_summary.json``, ``control_summary.json``, ``reinforce_summary.json``).
+Every path is named once, in :mod:`demo.layout`.
 
 Rows (backbones): ``random`` (no pretraining), ``mae`` (``python -m train.mae`` on the real
 rung's images), and per fraction P of the ladder ``datacomp-P`` (web captions), ``dr-P`` (web +
@@ -50,6 +52,7 @@ from typing import Any
 from base.cli import UsageError
 from base.config import arg, parse_config
 from base.shards import atomic_write_bytes, atomic_write_json
+from demo import layout
 from demo.report import (
     ARCHITECTURES,
     COLUMN_BY_KEY,
@@ -63,17 +66,20 @@ from demo.report import (
     architecture_markdown,
     baseline_of,
     beats,
+    cell_sources,
     collect_table,
     compare,
     discover_seeds,
     fmt,
     fmt_cell,
+    has_det,
     has_runs,
     markdown_table,
     matches,
     read_timings,
     reinforced,
     run_spans,
+    rung_record,
     stage_timings,
 )
 
@@ -119,13 +125,44 @@ def science_rows(fractions: Sequence[int], demo: Path | None = None) -> list[Row
     return rows
 
 
+def architecture_rows(rows: Sequence[Row], det: bool) -> tuple[list[Row], list]:
+    """The ViT and MCi rows among ``rows`` and the dense-task columns they are compared on (``det``: detection too)."""
+    keys = {key for _, keys in ARCHITECTURES.values() for key in keys}
+    return [r for r in rows if r.key in keys], [COLUMN_BY_KEY["miou"], COLUMN_BY_KEY["rmse"], *(DET_COLUMNS if det else ())]
+
+
 def architecture_table(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
     """The ViT and MCi rows the folder holds, on every finetuned dense task (detection included when measured)."""
-    keys = {key for _, keys in ARCHITECTURES.values() for key in keys}
-    present = [r for r in rows if r.key in keys]
-    has_det = any((reader.root / "finetune").glob("*/det/metrics.json")) if (reader.root / "finetune").is_dir() else False
-    columns = [COLUMN_BY_KEY["miou"], COLUMN_BY_KEY["rmse"], *(DET_COLUMNS if has_det else ())]
+    present, columns = architecture_rows(rows, has_det(reader.root))
     return collect_table(reader, seeds, rows=present, columns=columns)
+
+
+def rung_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows trained on a rung of their own (every captioned ViT row): their rung sizes are reported."""
+    return [r for r in rows if r.captions is not None and r.arch == "vit"]
+
+
+def rungs(reader: Reader, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Each finished rung's images written, from its run record (a control rung made with --allow-fewer can be
+    smaller than the real rung it stands beside)."""
+    out = []
+    for row in rung_rows(rows):
+        rel, key = rung_record(row)
+        if (reader.root / rel).is_file():
+            out.append({"row": row.key, "label": row.label, "file": rel, "key": key, "value": reader.value(rel, key)})
+    return out
+
+
+def files_read(rows: Sequence[Row], seeds: Sequence[int], *, det: bool = False) -> list[str]:
+    """Every file (relative to DEMO) the science report reads for ``rows`` and ``seeds`` (``det``: the architecture
+    comparison includes detection): the table's cells, the rungs' run records, the attention files per seed, the
+    timings. ``make layout SCIENCE=1`` must list each of them for the rows it makes."""
+    present, columns = architecture_rows(rows, det)
+    out = [rel for *_, rel, _ in cell_sources(rows, seeds, COLUMNS)]
+    out += [rel for *_, rel, _ in cell_sources(present, seeds, columns)]
+    out += [rung_record(row)[0] for row in rung_rows(rows)]
+    out += [layout.path(layout.ATTENTION_SEED, seed=s) for s in seeds] + [layout.TIMINGS]
+    return list(dict.fromkeys(out))
 
 
 def collect(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
@@ -205,7 +242,7 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
 def attention(demo: Path, seeds: Sequence[int], alpha: float) -> dict[str, Any] | None:
     from finetune.attention_test import claim_test, read_pair
 
-    files = [(s, demo / "attention" / f"s{s}" / "attention_distance.json") for s in seeds]
+    files = [(s, demo / layout.path(layout.ATTENTION_SEED, seed=s)) for s in seeds]
     # sources relative to the run folder, as every other number's file in science.json
     pairs = [replace(read_pair(path, seed), source=path.relative_to(demo).as_posix()) for seed, path in files if path.is_file()]
     if not pairs:
@@ -245,14 +282,14 @@ def build(cfg: ScienceConfig) -> dict[str, Any]:
     table = collect(reader, rows, seeds)
     analysis = analyse(table, rows, cfg.fractions)
     analysis["architecture"] = architecture(architecture_table(reader, rows, seeds))
-    timings = read_timings(demo / "timings.tsv")
+    timings = read_timings(demo / layout.TIMINGS)
     stages = stage_timings(timings)
     payload = {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"), "demo": str(demo), "seeds": seeds,
         "dev_seeds": sorted(cfg.dev_seeds), "seeds_found": found, "fractions": cfg.fractions,
         "rows": [r.__dict__ for r in rows if any(table[r.key][c.key].n for c in COLUMNS)],
         "table": {k: {c: cell.as_json() for c, cell in cells.items()} for k, cells in table.items()},
-        **analysis, "attention_test": attention(demo, seeds, cfg.alpha),
+        **analysis, "attention_test": attention(demo, seeds, cfg.alpha), "rungs": rungs(reader, rows),
         "one_seed_cannot_give": one_seed_cannot(analysis) if len(seeds) < 2 else [],
         "timings": {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages), 1),
                     "runs": run_spans(timings)},
@@ -289,11 +326,11 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     premise = payload["premise"]
     lines += ["## 3. Premise: do the synthetic captions describe the images better than the web's?", ""]
     if premise["holds"] is None:
-        lines += ["Not measured (no `scores/dr-100/summary.json`).", ""]
+        lines += [f"Not measured (no `{layout.path(layout.SCORE_SUMMARY, rung='dr-100')}`).", ""]
     else:
         lines += [f"{'Yes' if premise['holds'] else 'No'}: on the DR 100% set the synthetic captions score fact F1 "
                   f"{premise['f1_syn']:.4f} against {premise['f1_real']:.4f} for the web alt-text "
-                  "(`scores/dr-100/summary.json`).", ""]
+                  f"(`{layout.path(layout.SCORE_SUMMARY, rung='dr-100')}`).", ""]
     lines += ["## 4. The paper's directions", ""]
     lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["claims"]]
     if payload["mae"]:
@@ -306,7 +343,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     lines += ["", "## 5. Attention distance (paper §3.4)", ""]
     test = payload["attention_test"]
     if test is None:
-        lines += ["Not measured (no `attention/s<seed>/attention_distance.json`).", ""]
+        lines += [f"Not measured (no `{layout.path(layout.ATTENTION_SEED, seed='<seed>')}`).", ""]
     else:
         loc, div = test["locality"], test["diversity"]
         lines += [f"Claim: {test['claim']}. Test: {test['test']}, α = {test['alpha']}, deep blocks "
@@ -329,6 +366,10 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
             lines += ["", "The positive control (section 2, ViT) is not established, so DR vs real on either tower "
                       "says nothing about caption quality here; the rows still compare the towers."]
         lines.append("")
+    if payload["rungs"]:
+        lines += ["## Rungs", "", markdown_table(["rung", "images", "source"],
+                                                 [[r["label"], fmt(r["value"], 0), f"`{r['file']}` {r['key']}"]
+                                                  for r in payload["rungs"]]), ""]
     if payload["timings"]["stages"]:
         lines += ["## Timings", "", markdown_table(["stage", "commands", "seconds", "load"],
                                                    [[s["stage"], str(s["commands"]), f"{s['seconds']:.1f}",
