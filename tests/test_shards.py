@@ -18,7 +18,7 @@ import pytest
 from conftest import make_jpeg, make_uid
 
 from base.shards import Sample, ShardError, ShardWriter
-from curate import shards
+from base import shards
 
 
 def _npz() -> bytes:
