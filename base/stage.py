@@ -201,8 +201,8 @@ def write_run_records(out: str | os.PathLike, cfg: Any = None, summary: Mapping[
                       config_name: str = CONFIG_FILE, summary_name: str = SUMMARY_FILE, **extra: Any) -> None:
     """The stage's run records in ``out``: the resolved config (``cfg``, with ``extra`` facts
     such as the identity or versions, :func:`base.config.save_config`) and the ``summary``,
-    each written atomically; either may be left out (the config is written before the work,
-    the summary last)."""
+    each written atomically; either may be left out (None: the config is written before the
+    work, the summary last)."""
     if cfg is not None:
         save_config(cfg, Path(out) / config_name, **extra)
     if summary is not None:
@@ -266,7 +266,7 @@ def run_shard_job(
     *,
     stage: str,
     resolve: Callable[[Any], dict[str, Any]],
-    identity: Callable[[dict[str, Any]], dict[str, Any]],
+    identity: Callable[[Any, dict[str, Any]], dict[str, Any]],
     recorded: Callable[[dict[str, Any]], Any],
     work: Callable[[Any, list[tuple[int, str]], dict[str, Any]], dict[int, str]],
     summarize: Callable[[Path, dict[int, str], dict[int, str]], dict[str, Any]],
@@ -279,7 +279,7 @@ def run_shard_job(
 
     The input's shards by id; an ``--out`` that is the input's folder is refused; ``resolve``
     loads what the work needs (models: one line if one cannot load, before any work);
-    :func:`claim_output` with ``identity(resolved)`` against ``recorded(record)``; ``work(cfg,
+    with ``identity(cfg, resolved)`` :func:`claim_output` checks ``recorded(record)``; ``work(cfg,
     pending, resolved)`` makes the pending shards (and writes the config record) and returns the
     shards that failed (id → why); the folder is finalized (``sizes.json``), and
     ``summarize(out, shards, failed)`` is written as the summary record and returned."""
@@ -288,7 +288,7 @@ def run_shard_job(
     if any(Path(path).parent.resolve() == out.resolve() for path in shards.values()):
         raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
     resolved = resolve(cfg)
-    claim_output(out, stage=stage, identity=identity(resolved), overwrite=cfg.overwrite, own_files=own_files,
+    claim_output(out, stage=stage, identity=identity(cfg, resolved), overwrite=cfg.overwrite, own_files=own_files,
                  record=record, recorded=recorded, only_with_shards=True)
     make_folder(out)
     pending = pending_shards(out, shards)

@@ -64,16 +64,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from base.card import CaptionStats, trace_lineage, write_card
-from base.cli import UsageError
-from base.config import arg, output_settings, parse_config, to_dict
+from base.config import arg, output_settings, parse_config
 from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
+    SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
-    atomic_write_json,
-    completed_shards,
     expand_shards,
     finalize_folder,
     is_complete,
@@ -82,12 +80,11 @@ from base.shards import (
     read_shard_stats,
     read_sizes,
     read_table,
-    remove_own_files,
     save_uids,
-    shard_id_of,
     shard_name,
     uid_halves,
 )
+from base.stage import claim_output, make_folder, read_record, refuse_stale, shards_by_id, write_run_records
 from base.workers import Workers
 from captioning.apple import provenance as apple_provenance
 from captioning.apple import realign_embeddings
@@ -441,14 +438,7 @@ def tagged_members(tagged: list[TaggedPlan], pos: int, uid: str, drop: frozenset
 
 
 def image_shards(spec: str) -> list[tuple[int, str]]:
-    tars = expand_shards(spec)
-    ids: dict[int, str] = {}
-    for path in tars:
-        shard_id = shard_id_of(path)
-        if shard_id in ids:
-            raise ShardError(f"{path} and {ids[shard_id]} share shard id {shard_id}; build one image folder at a time")
-        ids[shard_id] = path
-    return sorted(ids.items())
+    return sorted(shards_by_id(spec).items())
 
 
 def _file_size(path: str) -> int:
@@ -491,39 +481,9 @@ def open_tagged(cfg: BuildDRConfig) -> list[tuple[str, CaptionSource]]:
     return out
 
 
-def _check_output(cfg: BuildDRConfig, ident: dict[str, Any]) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the DR shards")
-    path = out / CONFIG_FILE
-    if not path.is_file():
-        if out.is_dir() and any(out.glob("*.tar")):
-            if not cfg.overwrite:
-                raise UsageError(f"{out} holds shards that build-dr did not make; use another --out or --overwrite")
-            _clear(out)
-        return
-    saved = json.loads(path.read_text(encoding="utf-8")).get("identity")
-    if saved == ident:
-        return
-    if not cfg.overwrite:
-        changed = [k for k in ident if saved is None or saved.get(k) != ident[k]]
-        raise UsageError(f"{out} was built from other inputs or settings (changed: {', '.join(changed)}); "
-                         "use another --out, or --overwrite to rebuild it")
-    _clear(out)
-
-
-def _clear(out: Path) -> None:
-    """Remove what build-dr writes (and only that) from ``out``: its shards, its named files, the
-    card's files and its own work folder; a user's file or folder there stays."""
-    from base.card import remove_card
-
-    removed = remove_own_files(out, (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS,
-                                     CAPTIONS_WITHOUT_IMAGES, "sizes.json"))
-    removed += remove_card(out)
-    work = out / WORK_DIR
-    if work.is_dir() and not work.is_symlink():
-        shutil.rmtree(work)  # build-dr's own folder (the index and join files), never the user's
-    log.info("--overwrite: removed %d files build-dr had written in %s", len(removed), out)
+# What build-dr writes in --out besides its shards and the card, and so all that --overwrite removes;
+# a user's file or folder there stays.
+_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS, CAPTIONS_WITHOUT_IMAGES, SIZES_FILE)
 
 
 def _work(cfg: BuildDRConfig) -> Path:
@@ -539,17 +499,14 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     source = open_source(cfg.captions, cfg.apple_syn)
     tagged = open_tagged(cfg)
     ident = identity(cfg, images, source, tagged)
-    _check_output(cfg, ident)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, {"config": to_dict(cfg), "config_class": f"{__name__}.BuildDRConfig",
-                                          "identity": ident, "captions": source.describe(),
-                                          **({"tagged_captions": {k: t.describe() for k, t in tagged}} if tagged else {}),
-                                          **_versions()})
-    ids = {shard_id for shard_id, _ in images}
-    stale = sorted(completed_shards(out) - ids)
-    if stale:
-        raise UsageError(f"{out}: holds shards {stale[:5]} that the image folder has not; use --overwrite")
+    # its own work folder (the index and join files) goes with --overwrite, never the user's
+    claim_output(out, stage="build-dr", identity=ident, overwrite=cfg.overwrite, own_files=_OWN_FILES,
+                 own_dirs=(WORK_DIR,), card=True, record=CONFIG_FILE, what="the DR shards")
+    make_folder(out)
+    write_run_records(out, cfg, config_name=CONFIG_FILE, identity=ident, captions=source.describe(),
+                      **({"tagged_captions": {k: t.describe() for k, t in tagged}} if tagged else {}), **_versions())
+    refuse_stale(out, {shard_id for shard_id, _ in images})
     pending = [(n, shard_id, path) for n, (shard_id, path) in enumerate(images) if not is_complete(out, shard_id)]
     work = _work(cfg)
     resumed = len(images) - len(pending)
@@ -579,14 +536,14 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
         _write_uid_lists(out, work, num_partitions)
         join_summary = {"join": sum_counts(join_counts), "index": index_counts, "tagged": tag_joins}
     else:  # finished before: the join's counts are in the summary (the work folder is gone)
-        previous = json.loads((out / SUMMARY_FILE).read_text())
+        previous = read_record(out / SUMMARY_FILE)
         where = previous.get("ran_on", "local")
         join_summary = {"join": previous["join"], "index": previous["index"],
                         "tagged": {k: {"join": v["join"], "index": v["index"]} for k, v in previous.get("tagged", {}).items()}}
     finalize_folder(out)
     summary = summarize(cfg, images, source, join_summary, resumed, time.time() - started)
     summary["ran_on"] = where
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    write_run_records(out, summary=summary, summary_name=SUMMARY_FILE)
     _write_dr_uids(out)
     if cfg.card:
         write_dr_card(cfg, source, summary)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -63,7 +63,6 @@ class CaptionConfig(ActorJobConfig):
     pretrained: str | None = arg(None, help="open_clip pretrained tag or weights file (e.g. mscoco_finetuned_laion2B-s13B-b90k)")
     checkpoint: str | None = arg(None, help="a checkpoint folder (qcap/open_clip local-dir, a training run, an HF folder) or weights file")
     backend: Literal["open_clip", "hf"] = arg("open_clip", help="captioner family: open_clip CoCa, or hf image-to-text (BLIP, GIT)")
-    num_captions: int = arg(5, help="captions per image (DataCompDR: 5)")
     num_candidates: int = arg(0, help="over-generate: decode this many candidates per image and keep --num-captions "
                                       "of them by --select (LAION-COCO: 40 -> 5); 0: decode --num-captions")
     select: Literal["score", "diverse"] = arg("score", help="over-generation's choice: score (highest CLIP score, "
@@ -71,15 +70,8 @@ class CaptionConfig(ActorJobConfig):
     diversity: float = arg(0.5, help="--select diverse: λ, the weight of the overlap with the captions kept")
     tag: str | None = arg(None, help="captioner tag: write the captions under syn_text_<tag> (KEY.syn_tags.json, "
                                      "provenance KEY.qcap_tags.json) instead of Apple's syn_text")
-    decoding: Literal["greedy", "top_k", "top_p", "beam"] = arg("top_p", help="decoding (DataCompDR: top_p)")
-    top_p: float = arg(0.9, help="top_p: nucleus mass")
-    top_k: int = arg(1, help="top_k: tokens kept")
-    temperature: float = arg(1.0, help="sampling temperature (applied after filtering, as open_clip does)")
-    num_beams: int = arg(6, help="beam: beams per image")
-    num_beam_groups: int = arg(3, help="beam: open_clip's beam groups")
-    repetition_penalty: float = arg(1.0, help="> 1 discourages repeating tokens")
-    seq_len: int = arg(30, help="longest caption in tokens, start and end included")
-    min_seq_len: int = arg(5, help="the end token is banned before this length")
+    decode: DecodeParams = arg(factory=lambda: DecodeParams(decoding="top_p", num_captions=5), bare_flags=True,
+                               help="how to decode (DataCompDR: top_p 0.9, 5 captions per image kept)")
     seed: int = arg(0, help="sampling seed; each image's seed derives from it and the image's uid")
     first_sentence: bool = arg(True, help="keep only the first sentence of each caption (DataCompDR)")
     scorer_model: str | None = arg(None, help="score each caption against its image with this open_clip CLIP (optional)")
@@ -102,11 +94,8 @@ class CaptionConfig(ActorJobConfig):
             raise ValueError("scorer_pretrained: give --scorer-pretrained or --scorer-checkpoint, not both")
         if (self.scorer_pretrained or self.scorer_checkpoint) and self.scorer_model is None and self.scorer_checkpoint is None:
             raise ValueError("scorer_model: --scorer-pretrained needs --scorer-model")
-        for name in ("batch_size", "num_captions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.decoding == "beam" and self.num_captions != 1:
-            raise ValueError("num_captions: beam search gives one caption per image; add --num-captions 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.gpus_per_worker <= 0 or self.cpus_per_worker <= 0:
@@ -114,14 +103,14 @@ class CaptionConfig(ActorJobConfig):
         if self.num_candidates < 0:
             raise ValueError(f"num_candidates: must be >= 0, got {self.num_candidates}")
         if self.overgenerates:
-            if self.decoding == "beam":
+            if self.decode.decoding == "beam":
                 raise ValueError("num_candidates: beam search gives one caption per image; over-generate with "
                                  "--decoding top_p or top_k")
             if self.select == "score" and not self.has_scorer:
                 raise ValueError("select: --select score ranks the candidates by CLIP score; give --scorer-model, "
                                  "or use --select diverse")
         elif self.num_candidates:
-            raise ValueError(f"num_candidates: {self.num_candidates} candidates cannot give {self.num_captions} "
+            raise ValueError(f"num_candidates: {self.num_candidates} candidates cannot give {self.decode.num_captions} "
                              "captions; give more than --num-captions, or 0")
         if self.diversity < 0:
             raise ValueError(f"diversity: must be >= 0, got {self.diversity}")
@@ -134,16 +123,17 @@ class CaptionConfig(ActorJobConfig):
         self.decode_params()  # its own checks, named by field
 
     @property
+    def num_captions(self) -> int:
+        """Captions written per image (``--num-captions``, ``decode.num_captions``)."""
+        return self.decode.num_captions
+
+    @property
     def overgenerates(self) -> bool:
         return self.num_candidates > self.num_captions
 
     def decode_params(self) -> DecodeParams:
-        return DecodeParams(
-            decoding=self.decoding, num_captions=max(self.num_captions, self.num_candidates),
-            seq_len=self.seq_len, top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
-            num_beams=self.num_beams, num_beam_groups=self.num_beam_groups,
-            repetition_penalty=self.repetition_penalty, min_seq_len=self.min_seq_len,
-        )
+        """The decoding as run: ``decode``, with ``--num-candidates`` rows per image when over-generating."""
+        return replace(self.decode, num_captions=max(self.num_captions, self.num_candidates))
 
     @property
     def has_scorer(self) -> bool:
@@ -183,103 +173,36 @@ def main(argv: list[str], prog: str = "qcap caption") -> int:
 
 def run(cfg: CaptionConfig) -> dict[str, Any]:
     """Caption every pending shard; returns the summary (also written to the output folder)."""
-    from base.shards import atomic_write_json, finalize_folder, is_complete
-
-    tars = input_shards(cfg.shards)
-    out = Path(cfg.out)
-    if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
-        raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
-    context_parts = resolve_models(cfg)
-    if cfg.overwrite:
-        removed = remove_caption_outputs(out)
-        if removed:
-            log.info("--overwrite: removed %d file(s) qcap caption wrote in %s", len(removed), out)
-    check_resume(out, cfg, context_parts["captioner"])
-    out.mkdir(parents=True, exist_ok=True)
-    pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
-    failed: dict[int, str] = {}
-    if pending:
-        failed = caption_shards(cfg, pending, context_parts)
-    else:
-        log.info("all %d shards of %s are captioned already", len(tars), out)
-    if cfg.output_format == "webdataset" and any(is_complete(out, shard_id) for shard_id in tars):
-        finalize_folder(out)
-    summary = summarize(out, tars, cfg.output_format, failed)
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    return summary
-
-
-def input_shards(spec: str) -> dict[int, str]:
-    """Input shards by id; ShardError for an empty spec or two shards with one id."""
-    from base.shards import ShardError, expand_shards, shard_id_of
-
-    tars: dict[int, str] = {}
-    for path in expand_shards(spec):
-        shard_id = shard_id_of(path)
-        if shard_id in tars:
-            raise ShardError(f"{path} and {tars[shard_id]} share shard id {shard_id}; caption one folder at a time")
-        tars[shard_id] = path
-    return tars
-
-
-def remove_caption_outputs(out: Path) -> list[str]:
-    """What ``qcap caption`` wrote in ``out`` — its shards (``NNNNN.tar/.parquet/_stats.json``),
-    markers, their temporaries, ``sizes.json``, ``caption_config.json``, ``caption_summary.json``
-    — removed, markers first; anything else stays. A folder with shard files but no
-    ``caption_config.json`` was not written by qcap caption: UsageError, nothing removed."""
-    import re
-
     from base.shards import SIZES_FILE
+    from base.stage import run_shard_job
 
-    if not out.is_dir():
-        return []
-    shard_file = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json|\.done)$")
-    temporary = re.compile(r"^\.\d{5,}[._].*\.tmp-.*$")
-    names = sorted(p.name for p in out.iterdir() if p.is_file())
-    ours = [n for n in names if shard_file.match(n) or temporary.match(n)]
-    if ours and not (out / CONFIG_FILE).is_file():
-        raise UsageError(f"--overwrite: {out} holds shard files ({ours[0]}, ...) but no {CONFIG_FILE}: qcap caption "
-                         "did not write them; choose another --out")
-    ours += [n for n in (SIZES_FILE, SUMMARY_FILE, CONFIG_FILE) if n in names]
-    ours.sort(key=lambda n: (not n.endswith(".done"), n == CONFIG_FILE, n))  # markers first, config last
-    for name in ours:
-        (out / name).unlink()
-    return ours
+    return run_shard_job(
+        cfg, stage="caption", resolve=resolve_models, identity=_identity, recorded=_recorded_identity,
+        work=caption_shards, finalize=cfg.output_format == "webdataset",
+        summarize=lambda out, tars, failed: summarize(out, tars, cfg.output_format, failed),
+        own_files=(SIZES_FILE, SUMMARY_FILE, CONFIG_FILE), record=CONFIG_FILE, summary_name=SUMMARY_FILE)
 
 
-def check_resume(out: Path, cfg: CaptionConfig, captioner: dict[str, Any]) -> None:
-    """Refuse to add captions made with other settings (or other weights) to a folder that
-    already holds some."""
-    from base.shards import completed_shards
-
-    path = out / CONFIG_FILE
-    if not path.is_file() or not completed_shards(out):
-        return
-    try:
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: not readable JSON ({err}); add --overwrite to start over") from err
-    if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
-        raise UsageError(f"{path}: not a caption config (a JSON object); add --overwrite to start over")
-    previous = saved.get("config", {})
-    current = _fingerprint(cfg)
-    previous = {**_FINGERPRINT_DEFAULTS, **previous}
-    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items() if previous.get(key) != value]
-    old_sha = (saved.get("captioner") or {}).get("weights_sha256")
-    if old_sha != captioner.get("weights_sha256"):
-        changed.append(f"captioner weights sha256: {old_sha} -> {captioner.get('weights_sha256')}")
-    if changed:
-        raise UsageError(
-            f"{out} holds captions made with other settings ({'; '.join(changed)}); "
-            "use another --out, the same settings to resume, or --overwrite to start over"
-        )
+_WEIGHTS = "captioner weights sha256"
 
 
-def _fingerprint(cfg: CaptionConfig) -> dict[str, Any]:
+def _identity(cfg: CaptionConfig, parts: dict[str, Any]) -> dict[str, Any]:
+    """What a folder's captions depend on: the fields declared to shape them, and the weights."""
     from base.config import output_settings
 
-    return output_settings(cfg)
+    return {**output_settings(cfg), _WEIGHTS: parts["captioner"].get("weights_sha256")}
+
+
+def _recorded_identity(saved: dict[str, Any]) -> dict[str, Any]:
+    """The identity of the captions a ``caption_config.json`` describes (fields added since hold
+    their defaults)."""
+    from base.config import nest_flat, output_fields
+
+    config = saved.get("config")
+    # a folder captioned before the decoding settings were nested (flat top_p, num_captions...) holds them flat
+    config = nest_flat(CaptionConfig, {**_FINGERPRINT_DEFAULTS, **(config if isinstance(config, dict) else {})})
+    captioner = saved.get("captioner") if isinstance(saved.get("captioner"), dict) else {}
+    return {**{name: config.get(name) for name in output_fields(CaptionConfig)}, _WEIGHTS: captioner.get("weights_sha256")}
 
 
 def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:

@@ -144,29 +144,31 @@ def main(argv: list[str], prog: str = "qcap reinforce") -> int:
 
 
 def run(cfg: ReinforceConfig) -> dict[str, Any]:
-    from base.shards import atomic_write_json, finalize_folder, is_complete
-    from captioning.job import input_shards
+    from base.shards import SIZES_FILE
+    from base.stage import run_shard_job
 
-    tars = input_shards(cfg.shards)
-    out = Path(cfg.out)
-    if any(Path(path).parent.resolve() == out.resolve() for path in tars.values()):
-        raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
-    teachers = resolve_teachers(cfg)  # every teacher loads here, before any work: one line if one cannot
-    if cfg.overwrite:
-        removed = remove_reinforce_outputs(out)
-        if removed:
-            log.info("--overwrite: removed %d file(s) qcap reinforce wrote in %s", len(removed), out)
-    check_resume(out, cfg, teachers["identities"])
-    out.mkdir(parents=True, exist_ok=True)
-    pending = [(shard_id, path) for shard_id, path in sorted(tars.items()) if not is_complete(out, shard_id)]
-    failed: dict[int, str] = {}
-    if pending:
-        failed = reinforce_shards(cfg, pending, teachers)
-    if any(is_complete(out, shard_id) for shard_id in tars):
-        finalize_folder(out)
-    summary = summarize(out, tars, failed)
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    return summary
+    return run_shard_job(cfg, stage="reinforce", resolve=resolve_teachers, identity=_identity, recorded=_recorded_identity,
+                         work=reinforce_shards, summarize=summarize, own_files=(SIZES_FILE, SUMMARY_FILE, CONFIG_FILE),
+                         record=CONFIG_FILE, summary_name=SUMMARY_FILE)
+
+
+_WEIGHTS = "teacher weights sha256"
+
+
+def _identity(cfg: ReinforceConfig, teachers: dict[str, Any]) -> dict[str, Any]:
+    """What a folder's reinforcement depends on: the fields declared to shape it, and the teachers' weights."""
+    from base.config import output_settings
+
+    return {**output_settings(cfg), _WEIGHTS: [t.get("weights_sha256") for t in teachers["identities"]]}
+
+
+def _recorded_identity(saved: dict[str, Any]) -> dict[str, Any]:
+    from base.config import output_fields
+
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    teachers = saved.get("teachers") if isinstance(saved.get("teachers"), list) else []
+    return {**{name: config.get(name) for name in output_fields(ReinforceConfig)},
+            _WEIGHTS: [t.get("weights_sha256") if isinstance(t, dict) else None for t in teachers]}
 
 
 def resolve_teachers(cfg: ReinforceConfig) -> dict[str, Any]:
@@ -182,50 +184,6 @@ def resolve_teachers(cfg: ReinforceConfig) -> dict[str, Any]:
     fingerprint = hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
     return {"specs": tuple(specs), "identities": identities, "dims": ensemble.dims,
             "logit_scales": ensemble.logit_scales, "fingerprint": fingerprint}
-
-
-def remove_reinforce_outputs(out: Path) -> list[str]:
-    """What ``qcap reinforce`` wrote in ``out`` — its shards (``NNNNN.tar/.parquet/_stats.json``),
-    markers, their temporaries, ``sizes.json``, ``reinforce_config.json``,
-    ``reinforce_summary.json`` — removed, markers first; anything else stays. A folder with shard
-    files but no ``reinforce_config.json`` was not written by qcap reinforce: UsageError, nothing
-    removed."""
-    from base.shards import SHARD_FILE_RE, SIZES_FILE, remove_own_files
-
-    if not out.is_dir():
-        return []
-    ours = sorted(p.name for p in out.iterdir() if SHARD_FILE_RE.match(p.name) and p.is_file())
-    if ours and not (out / CONFIG_FILE).is_file():
-        raise UsageError(f"--overwrite: {out} holds shard files ({ours[0]}, ...) but no {CONFIG_FILE}: qcap reinforce "
-                         "did not write them; choose another --out")
-    return remove_own_files(out, (SIZES_FILE, SUMMARY_FILE, CONFIG_FILE))
-
-
-def check_resume(out: Path, cfg: ReinforceConfig, identities: list[dict[str, Any]]) -> None:
-    """Refuse to add reinforcement made with other settings (or other teacher weights) to a
-    folder that already holds some (``--overwrite`` starts over)."""
-    from base.config import output_settings
-    from base.shards import completed_shards
-
-    path = out / CONFIG_FILE
-    if not path.is_file() or not completed_shards(out):
-        return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: not readable JSON ({err}); add --overwrite to start over") from err
-    if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
-        raise UsageError(f"{path}: not a reinforce config (a JSON object); add --overwrite to start over")
-    previous, current = saved.get("config", {}), output_settings(cfg)  # the fields declared to shape the output
-    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items()
-               if previous.get(key) != value]
-    old = [t.get("weights_sha256") for t in saved.get("teachers", [])]
-    new = [t.get("weights_sha256") for t in identities]
-    if old != new:
-        changed.append(f"teacher weights sha256: {old} -> {new}")
-    if changed:
-        raise UsageError(f"{out} holds reinforcement made with other settings ({'; '.join(changed)}); "
-                         "use another --out, the same settings to resume, or --overwrite to start over")
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ from base.shards import (
     read_table,
     read_tables,
 )
+from base.stage import shards_by_id
 from captioning import job
 from captioning.backends import CaptionerSpec, image_seed, load_captioner
+from captioning.params import DecodeParams
 from captioning.quality import process_caption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +92,8 @@ def expected_captions(coca_dir: Path, shards: Path | str, *, decoding: str, num_
     preprocess = captioner.preprocess()
     samples = [s for s in iter_samples(str(shards)) if s.image != BROKEN_JPEG]
     pixels = torch.stack([preprocess(decode_image(s.image)) for s in samples])
-    params = job.CaptionConfig(shards="x", out=Path("x"), checkpoint="x", decoding=decoding,
-                               num_captions=num_captions).decode_params()
+    params = job.CaptionConfig(shards="x", out=Path("x"), checkpoint="x",
+                               decode=DecodeParams(decoding=decoding, num_captions=num_captions)).decode_params()
     raw = captioner.caption(pixels, params, [image_seed(seed, s.uid) for s in samples])
     return {s.uid: [process_caption(r.text, num_tokens=r.num_tokens, truncated=r.truncated).text for r in group]
             for s, group in zip(samples, raw, strict=True)}
@@ -169,7 +171,7 @@ def test_caption_job_writes_datacompdr_captions(tmp_path, ray_address, coca_dir,
     assert by_uid == {s.uid: s.syn_text for s in written}
 
     config = json.loads((out / job.CONFIG_FILE).read_text())
-    assert config["config"]["num_captions"] == 3 and config["captioner"]["backend"] == "open_clip"
+    assert config["config"]["decode"]["num_captions"] == 3 and config["captioner"]["backend"] == "open_clip"
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 2,
                                                              "00003.tar": before_cut}
 
@@ -248,7 +250,7 @@ def test_summary_checks_shards_against_the_input_and_logs_what_it_cannot_count(t
                 for i in range(size)]
         write_parquet_shard(out, shard_id, rows, extra_stats={"num_input": size, "num_captions": 3 * size,
                                                               "num_degenerate": 0, "flag_counts": {}})
-    tars = job.input_shards(str(inputs))
+    tars = shards_by_id(str(inputs))
     summary = job.summarize(out, tars, "parquet", {})
     assert (summary["images_in"], summary["images_captioned"], summary["captions"]) == (4, 4, 12)
     assert summary["problems"] == ["00001: input holds 3 samples, output 2"] and not summary["reconciled"]

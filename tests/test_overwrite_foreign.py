@@ -172,7 +172,7 @@ def test_world(tmp_path, capsys):
     out = tmp_path / "w"
     argv = ["world", "--out", str(out), "--num-samples", "160", "--clean-samples", "0", "--eval-samples", "0",
             "--chunk-size", "160", "--workers", "1", "--stall-seconds", "1"]
-    refused_then_overwritten(argv, ["--seed", "1"], out, capsys, refusal="other parameters")
+    refused_then_overwritten(argv, ["--seed", "1"], out, capsys, refusal="other inputs or settings")
     info = json.loads((out / "world.json").read_text())
     assert info["seed"] == 1 and info["counts"]["splits"]["pool"] == 160
 
@@ -204,13 +204,13 @@ def test_control_rung_oracle_and_clean(world, tmp_path, capsys):
     oracle = tmp_path / "oracle"
     argv = ["control-rung", "--kind", "oracle", "--world", str(world), "--out", str(oracle)]
     refused_then_overwritten([*argv, "--shards", str(rungs[0])], ["--shards", str(rungs[1])], oracle, capsys,
-                             refusal="other settings")
+                             refusal="other inputs or settings")
     assert json.loads((oracle / "control_summary.json").read_text())["num_written"] == 3
 
     clean = tmp_path / "clean"
     argv = ["control-rung", "--kind", "clean", "--world", str(world), "--out", str(clean)]
     refused_then_overwritten([*argv, "--num-samples", "5"], ["--num-samples", "3"], clean, capsys,
-                             refusal="other settings")
+                             refusal="other inputs or settings")
     summary = json.loads((clean / "control_summary.json").read_text())
     assert summary["num_written"] == 3 and summary["reconciled"]
     assert len(np.load(clean / "uids.npy")) == 3

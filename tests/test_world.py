@@ -166,7 +166,7 @@ def test_an_interrupted_world_resumes_to_the_same_bytes(tmp_path):
     assert _files(cfg.out) == _files(reference)
     # a finished world is reused; other parameters are refused, not mixed in
     assert generate_world(cfg, progress=False)["counts"]["splits"]["pool"] == 64
-    with pytest.raises(UsageError, match="other parameters"):
+    with pytest.raises(UsageError, match="other inputs or settings"):
         generate_world(tiny_config(tmp_path / "cut", num_samples=65, chunk_size=16), progress=False)
 
 

@@ -26,7 +26,6 @@ finished shards, a re-run with other settings is refused (``--overwrite``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from base.cli import UsageError
-from base.config import arg, parse_config, to_dict
+from base.config import arg, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -74,41 +73,28 @@ class ControlConfig:
                 raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
 
 
-def _check_output(cfg: ControlConfig, identity: dict[str, Any]) -> None:
-    """Refuse a folder holding a rung made with other settings unless ``--overwrite``, which
-    removes only what control-rung writes (its shards with their markers and temporaries,
-    ``sizes.json``, ``control.json``, ``control_summary.json``; a clean rung's subset files are
-    ``qcap subset``'s to remove, with the same flag); every other file and folder stays."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise UsageError(f"--out {cfg.out}: is a file, not a folder; choose a folder for the control rung")
-    path = cfg.out / CONTROL_FILE
-    if not path.is_file():
-        if cfg.out.is_dir() and any(cfg.out.glob("*.tar")):
-            if not cfg.overwrite:
-                raise UsageError(f"{cfg.out}: holds shards but no {CONTROL_FILE}: not a control rung; use another "
-                                 "--out or --overwrite")
-            _remove_own(cfg.out)
-        return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        if not cfg.overwrite:
-            raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
-        saved = None
-    if isinstance(saved, dict) and saved.get("identity") == identity:
-        return
-    if not cfg.overwrite:
-        raise UsageError(f"{cfg.out}: holds a control rung made with other settings ({path}); use --overwrite "
-                         "or another --out")
-    _remove_own(cfg.out)
-
-
-def _remove_own(out: Path) -> None:
+def _claim(cfg: ControlConfig, identity: dict[str, Any]) -> None:
+    """Claim the output folder (:func:`base.stage.claim_output`) and record the rung's identity.
+    ``--overwrite`` removes only what control-rung writes (its shards with their markers and
+    temporaries, ``sizes.json``, ``control.json``, ``control_summary.json``; a clean rung's subset
+    files are ``qcap subset``'s to remove, with the same flag); every other file and folder stays."""
     from base.shards import SIZES_FILE
-    from curate.reshard import remove_own_files
+    from base.stage import claim_output, make_folder, write_run_records
 
-    removed = remove_own_files(out, (SIZES_FILE, CONTROL_FILE, SUMMARY_FILE))
-    log.info("--overwrite: removed %d file(s) control-rung had written in %s", len(removed), out)
+    claim_output(cfg.out, stage="control-rung", identity=identity, overwrite=cfg.overwrite,
+                 own_files=(SIZES_FILE, CONTROL_FILE, SUMMARY_FILE), record=CONTROL_FILE, what="the control rung")
+    make_folder(cfg.out)
+    write_run_records(cfg.out, cfg, config_name=CONTROL_FILE, identity=identity)
+
+
+def _finish(cfg: ControlConfig, identity: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The rung's records: ``control.json`` with the summary, then ``control_summary.json`` (last)."""
+    from base.config import save_config
+    from base.stage import write_run_records
+
+    save_config(cfg, cfg.out / CONTROL_FILE, identity=identity, summary=summary)
+    write_run_records(cfg.out, summary=summary, summary_name=SUMMARY_FILE)
+    return summary
 
 
 def true_descriptions(world: Path) -> dict[str, str]:
@@ -124,31 +110,19 @@ def true_descriptions(world: Path) -> dict[str, str]:
 
 def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
     """One output shard per input shard, same ids and samples, text := the true description."""
-    from base.shards import (
-        ShardError,
-        ShardWriter,
-        atomic_write_json,
-        expand_shards,
-        finalize_folder,
-        is_complete,
-        iter_samples,
-        shard_id_of,
-    )
+    from base.shards import ShardError, ShardWriter, finalize_folder, is_complete, iter_samples
+    from base.stage import shards_by_id
     from curate.subset import strip_synthetic
 
     started = time.time()
-    tars = expand_shards(cfg.shards)
-    if not tars:
+    by_id = shards_by_id(cfg.shards)
+    if not by_id:
         raise ShardError(f"{cfg.shards}: no shards")
+    tars, ids = list(by_id.values()), list(by_id)
     identity = {"kind": "oracle", "shards": [str(Path(t).resolve()) for t in tars],
                 "world": str(cfg.world.resolve())}
-    _check_output(cfg, identity)
+    _claim(cfg, identity)
     truth = true_descriptions(cfg.world)
-    ids = [shard_id_of(t) for t in tars]
-    if len(set(ids)) != len(ids):
-        raise ShardError(f"{cfg.shards}: two input shards share an id ({sorted(ids)[:5]}...); give one folder")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity})
     resumed = 0
     for tar, shard_id in zip(tars, ids, strict=True):
         if is_complete(cfg.out, shard_id):
@@ -172,9 +146,7 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
                "num_written": sum(sizes.values()), "num_input": _successes(tars), "num_shards": len(tars),
                "resumed_shards": resumed, "seconds": round(time.time() - started, 3)}
     summary["reconciled"] = summary["num_written"] == summary["num_input"]
-    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
-    atomic_write_json(cfg.out / SUMMARY_FILE, summary)
-    return summary
+    return _finish(cfg, identity, summary)
 
 
 def _successes(tars: list[str]) -> int:
@@ -185,7 +157,7 @@ def _successes(tars: list[str]) -> int:
 
 def build_clean(cfg: ControlConfig) -> dict[str, Any]:
     """``qcap subset`` of the clean split, at ``--like``'s size (or ``--num-samples``)."""
-    from base.shards import atomic_write_json, expand_shards, num_samples
+    from base.shards import expand_shards, num_samples
     from curate.subset import SubsetConfig, subset
 
     clean = cfg.world / "clean"
@@ -200,15 +172,13 @@ def build_clean(cfg: ControlConfig) -> dict[str, Any]:
         wanted = available
     identity = {"kind": "clean", "world": str(cfg.world.resolve()), "num_samples": wanted, "seed": cfg.seed,
                 "clean": [str(Path(t).resolve()) for t in expand_shards(str(clean))]}
-    _check_output(cfg, identity)
+    _claim(cfg, identity)
     result = subset(SubsetConfig(shards=str(clean), out=cfg.out, num_samples=wanted, seed=cfg.seed, captions="real",
                                  card=False, progress=False, overwrite=cfg.overwrite))
     summary = {"kind": "clean", "world": str(cfg.world), "like": cfg.like, "out": str(cfg.out), "num_written":
                result["num_written"], "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like),
                "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
-    atomic_write_json(cfg.out / CONTROL_FILE, {"config": to_dict(cfg), "identity": identity, "summary": summary})
-    atomic_write_json(cfg.out / SUMMARY_FILE, summary)
-    return summary
+    return _finish(cfg, identity, summary)
 
 
 def main(argv: list[str], prog: str = "qcap control-rung") -> int:

@@ -762,25 +762,26 @@ def _prepare(cfg: WorldConfig, out: Path) -> bool:
     A folder holding a world made with other parameters (finished or not) is refused with a
     UsageError, like every stage's output folder, unless ``--overwrite``, which removes only
     the world's own entries (:data:`GENERATED`)."""
+    from base.stage import read_record, refuse_mismatch
+
     identity = {"generator": "qcap-world", "version": GENERATOR_VERSION, "config": cfg.identity()}
     world_file = out / WORLD_FILE
     if cfg.overwrite:
         _remove_generated(out)
     if world_file.exists():
-        existing = _read_json(world_file)
-        if {k: existing.get(k) for k in identity} == identity:
-            if (out / PARTS).exists():  # killed after world.json, before the parts were removed
-                shutil.rmtree(out / PARTS)
-            return True
-        raise UsageError(
-            f"{out}: holds a world made with other parameters (see {world_file}); "
-            "choose another --out or pass --overwrite"
-        )
+        existing = read_record(world_file)
+        recorded = {k: existing.get(k) for k in identity}
+        if recorded != identity:
+            refuse_mismatch(out, "world", recorded, identity)
+        if (out / PARTS).exists():  # killed after world.json, before the parts were removed
+            shutil.rmtree(out / PARTS)
+        return True
     parts = out / PARTS
     stamp = parts / "identity.json"
     if stamp.exists():
-        if _read_json(stamp) != identity:
-            raise UsageError(f"{out}: holds an unfinished world made with other parameters; pass --overwrite to restart")
+        recorded = read_record(stamp)
+        if recorded != identity:
+            refuse_mismatch(out, "world (unfinished)", recorded, identity)
     else:
         if out.exists() and any(p.name in GENERATED for p in out.iterdir()):
             raise UsageError(f"{out}: holds world files but no {PARTS}/identity.json; pass --overwrite to replace them")
@@ -789,26 +790,11 @@ def _prepare(cfg: WorldConfig, out: Path) -> bool:
     return False
 
 
-def _read_json(path: Path) -> dict:
-    """A world's own JSON record; an unreadable one is a UsageError that says how to start over."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: unreadable ({err}); pass --overwrite to start over") from err
-    if not isinstance(value, dict):
-        raise UsageError(f"{path}: not a world record (a JSON object); pass --overwrite to start over")
-    return value
-
-
 def generate_world(cfg: WorldConfig, *, progress: bool = True) -> dict:
     """Make (or finish) the world described by ``cfg``; returns the contents of world.json."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file, not a folder; choose a folder for the world")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
+    from base.stage import make_folder
+
+    out = make_folder(cfg.out, "the world")
     if _prepare(cfg, out):
         log.info("%s: world already complete", out)
         return json.loads((out / WORLD_FILE).read_text())
@@ -834,20 +820,15 @@ def _run(cfg: WorldConfig, out: Path, todo: list[Job], workers: int, progress: b
     byte; a chunk lost with its worker or node is made again by the retry."""
     from dataclasses import replace
 
-    from tqdm import tqdm
-
     from base.config import to_dict
-    from base.workers import Workers
+    from base.stage import run_pool
 
-    bar = tqdm(total=len(todo), desc="world chunks", unit="chunk", disable=not progress or not todo)
     cfg_dict = to_dict(replace(cfg, workers=1, ray_address=None, preview=False, overwrite=False))
     tasks = [(cfg_dict, os.path.abspath(out), job) for job in todo]  # a Ray worker's working folder is not ours
     # a local pool forks where it can: workers need no re-import of the caller's __main__ (spawn would
     # re-run an unguarded script), and the driver runs no threads of its own here
-    with Workers(min(workers, max(1, len(todo))), ray_address=cfg.ray_address if todo else None,
-                 start_method="fork") as pool:
-        pool.map(_worker, tasks, bar)
-    bar.close()
+    run_pool(_worker, tasks, num_workers=workers, ray_address=cfg.ray_address, total=len(todo), desc="world chunks",
+             unit="chunk", progress=progress, start_method="fork")
 
 
 def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:

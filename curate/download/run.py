@@ -356,7 +356,10 @@ def _clear(fs, root: str) -> None:
 
 
 def _check_compatible(fs, root: str, cfg: DownloadConfig, plan: Plan) -> None:
-    """A resumed or retried run must continue the same plan with the same output settings."""
+    """A resumed or retried run must continue the same plan with the same output settings
+    (declared on DownloadConfig); other ones are the stage kit's one refusal, naming the fields."""
+    from base.stage import refuse_mismatch
+
     path = f"{root}/{CONFIG_FILE}"
     if not fs.exists(path):
         leftovers = [p for p in fs.ls(root, detail=False) if _SHARD_FILE.match(os.path.basename(p))]
@@ -365,19 +368,19 @@ def _check_compatible(fs, root: str, cfg: DownloadConfig, plan: Plan) -> None:
                 f"{root} holds shards but no {CONFIG_FILE}: not a qcap download folder; choose an empty --out or pass --overwrite"
             )
         return
-    with fs.open(path, "rb") as handle:
-        saved = json.load(handle)
-    before = Plan.from_dict(saved["plan"])
+    try:
+        with fs.open(path, "rb") as handle:
+            saved = json.load(handle)
+        before, recorded = Plan.from_dict(saved["plan"]), saved["config"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}); use --overwrite to start over") from err
     reason = before.same_pool(plan)
     if reason is not None:
         raise UsageError(f"{root} was downloaded from another pool or shard size ({reason}); use another --out or --overwrite")
-    for name in output_fields(cfg):  # a resumed or retried run must use the same (declared on DownloadConfig)
-        old, new = saved["config"].get(name), getattr(cfg, name)
-        if old != new:
-            raise UsageError(
-                f"{root} was started with {name}={old!r}, this run asks {new!r}: shards would differ. "
-                "Use the same setting, another --out, or --overwrite"
-            )
+    current = {name: getattr(cfg, name) for name in output_fields(cfg)}
+    previous = {name: recorded.get(name) for name in current}
+    if previous != current:  # shards would differ
+        refuse_mismatch(root, "download", previous, current)
 
 
 def _save_config(out: str, cfg: DownloadConfig, plan: Plan) -> None:
