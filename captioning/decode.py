@@ -43,10 +43,10 @@ fall back to a full-prefix step that still encodes each image once and batches t
 Usage::
 
     import open_clip, torch
-    from captioning.decode import generate
+    from captioning.decode import DecodeParams, generate
 
-    tokens = generate(model, images, decoding="top_p", top_p=0.9, num_captions=5,
-                      generator=torch.Generator().manual_seed(0))    # [B * 5, L], image-major
+    params = DecodeParams(decoding="top_p", top_p=0.9, num_captions=5)
+    tokens = generate(model, images, params, generator=torch.Generator().manual_seed(0))  # [B * 5, L], image-major
     texts = [open_clip.decode(t) for t in tokens]
 """
 
@@ -76,24 +76,20 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 def generate(
     model: torch.nn.Module,
     images: torch.Tensor,
+    params: DecodeParams | None = None,
     *,
-    num_captions: int = 1,
-    decoding: str = "greedy",
-    seq_len: int = 30,
-    top_k: int = 1,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    num_beams: int = 6,
-    num_beam_groups: int = 3,
-    repetition_penalty: float = 1.0,
-    min_seq_len: int = 5,
     generator: Generator = None,
     sot_token_id: int = SOT_TOKEN_ID,
     eos_token_id: int = EOS_TOKEN_ID,
     pad_token_id: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    **settings: Any,
 ) -> torch.LongTensor:
     """Caption ``images`` (preprocessed, ``[B, 3, H, W]``) with open_clip CoCa ``model``.
+
+    ``params`` says how (a :class:`DecodeParams`, where every setting and its default is
+    declared); without it, keyword ``settings`` are DecodeParams' fields
+    (``generate(model, images, decoding="top_p", num_captions=5)``), checked there.
 
     Returns ``[B * num_captions, L]`` token ids, image-major (rows ``i * num_captions + j``
     are image ``i``'s captions), each row starting with the start token and ending with EOS
@@ -104,34 +100,10 @@ def generate(
     image's captions depend only on its own generator, whatever the batch it is decoded in).
     ``autocast_dtype`` (``torch.bfloat16``/``float16``) runs the model under autocast on GPU.
     """
-    params = DecodeParams(
-        decoding=decoding,
-        num_captions=num_captions,
-        seq_len=seq_len,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        num_beams=num_beams,
-        num_beam_groups=num_beam_groups,
-        repetition_penalty=repetition_penalty,
-        min_seq_len=min_seq_len,
-    )
-    return generate_with(model, images, params, generator=generator, sot_token_id=sot_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, autocast_dtype=autocast_dtype)
-
-
-def generate_with(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    params: DecodeParams,
-    *,
-    generator: Generator = None,
-    sot_token_id: int = SOT_TOKEN_ID,
-    eos_token_id: int = EOS_TOKEN_ID,
-    pad_token_id: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.LongTensor:
-    """:func:`generate` with a :class:`DecodeParams`."""
+    if params is None:
+        params = DecodeParams(**settings)
+    elif settings:
+        raise TypeError(f"generate: give a DecodeParams or its fields as keywords, not both ({sorted(settings)})")
     check_coca(model)
     if images.dim() != 4:
         raise ValueError(f"images: expected a [B, 3, H, W] tensor, got shape {tuple(images.shape)}")
@@ -155,6 +127,9 @@ def generate_with(
             return _sample(model, image_embs, params, tokens, gens)
     finally:
         model.train(was_training)
+
+
+generate_with = generate  # the name the backends call it by: generate_with(model, images, params, ...)
 
 
 def check_coca(model: Any) -> None:

@@ -1,31 +1,34 @@
 """Decoding parameters shared by the decoder, the backends and the job (no heavy imports).
 
-The fields and defaults are :func:`captioning.decode.generate`'s; ``__post_init__`` checks them
-and names the field at fault.
+Declared once, here: :func:`captioning.decode.generate` takes a :class:`DecodeParams`, and
+``qcap caption`` holds one as its nested ``decode`` config (``--decode.top-p``, also ``--top-p``).
+``__post_init__`` checks the fields and names the field at fault.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
+
+from base.config import arg
 
 DECODINGS = ("greedy", "top_k", "top_p", "beam")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeParams:
-    """How to decode; the fields and defaults of :func:`captioning.decode.generate`."""
+    """How to decode: the decoder's settings, as :func:`captioning.decode.generate` applies them."""
 
-    decoding: str = "greedy"  # greedy | top_k | top_p | beam
-    num_captions: int = 1  # captions per image (rows of the output per image, image-major)
-    seq_len: int = 30  # longest output, start and end tokens included
-    top_k: int = 1  # top_k decoding: keep the k best tokens (and ties with the k-th)
-    top_p: float = 0.9  # top_p decoding: nucleus mass
-    temperature: float = 1.0  # sampling temperature, applied after filtering (as open_clip)
-    num_beams: int = 6  # beam decoding: beams per image, all groups together
-    num_beam_groups: int = 3  # beam decoding: open_clip's group beam search groups
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row
-    min_seq_len: int = 5  # EOS is banned while the row (start token included) is shorter
+    decoding: Literal["greedy", "top_k", "top_p", "beam"] = arg("greedy", help="greedy, top_k, top_p or beam")
+    num_captions: int = arg(1, help="captions per image (rows of the output per image, image-major)")
+    seq_len: int = arg(30, help="longest caption in tokens, start and end included")
+    top_k: int = arg(1, help="top_k: keep the k best tokens (and ties with the k-th)")
+    top_p: float = arg(0.9, help="top_p: nucleus mass")
+    temperature: float = arg(1.0, help="sampling temperature, applied after filtering (as open_clip does)")
+    num_beams: int = arg(6, help="beam: beams per image, all groups together")
+    num_beam_groups: int = arg(3, help="beam: open_clip's group beam search groups")
+    repetition_penalty: float = arg(1.0, help="> 1 discourages tokens already in the row")
+    min_seq_len: int = arg(5, help="the end token is banned while the row (start token included) is shorter")
 
     def __post_init__(self) -> None:
         if self.decoding not in DECODINGS:
@@ -52,7 +55,8 @@ class DecodeParams:
             if self.num_beams < 2:
                 raise ValueError(f"num_beams: beam search needs at least 2 beams, got {self.num_beams}")
             if self.num_captions != 1:
-                raise ValueError("num_captions: beam search is deterministic and returns one caption per image")
+                raise ValueError("num_captions: beam search gives one caption per image (it is deterministic); "
+                                 "give num_captions 1 (--num-captions 1)")
 
     @property
     def deterministic(self) -> bool:

@@ -79,7 +79,7 @@ def test_bad_samples_are_statuses_and_every_shard_is_written(tmp_path, ray_addre
     assert (out / "notes.txt").read_text() == "mine" and (out / "my-shards.tar").read_bytes() == b"not caption's"
     summary = json.loads((out / job.SUMMARY_FILE).read_text())
     assert summary["captions"] == 6 and summary["reconciled"]
-    assert json.loads((out / job.CONFIG_FILE).read_text())["config"]["num_captions"] == 1
+    assert json.loads((out / job.CONFIG_FILE).read_text())["config"]["decode"]["num_captions"] == 1
 
 
 def test_overwrite_refuses_a_folder_of_shards_caption_did_not_write(tmp_path, coca_dir, capsys):  # noqa: F811
