@@ -33,6 +33,7 @@ from typing import Any
 from base.cli import UsageError
 from base.config import save_config
 from base.shards import (
+    SIZES_FILE,
     ShardError,
     atomic_write_json,
     completed_shards,
@@ -121,13 +122,14 @@ def refuse_mismatch(out: str | os.PathLike, stage: str, recorded: Any, identity:
 def remove_stage_files(out: str | os.PathLike, stage: str, own_files: Sequence[str],
                        own_dirs: Sequence[str] = (), *, card: bool = False) -> list[str]:
     """``--overwrite``: remove what the stage wrote in ``out`` and only that: its shards, their
-    markers and temporaries, the files named in ``own_files``, the folders named in
+    markers and temporaries, ``sizes.json`` (:func:`base.shards.finalize_folder`'s), the files
+    named in ``own_files``, the folders named in
     ``own_dirs`` (a symlink under one of those names is unlinked, never followed) and, with
     ``card``, the dataset card's files (:func:`base.card.remove_card`)."""
     from base.card import remove_card
 
     out = Path(out)
-    removed = remove_own_files(out, tuple(own_files)) + (remove_card(out) if card else [])
+    removed = remove_own_files(out, (SIZES_FILE, *own_files)) + (remove_card(out) if card else [])
     for name in own_dirs:
         path = out / name
         if path.is_symlink() or path.is_file():
@@ -259,6 +261,101 @@ def run_pool(func: Callable[[Any], Any], todo: list[Any], *, num_workers: int, r
 
 # --------------------------------------------------------------------------------------------
 # The actor stages' driver (caption, reinforce)
+
+
+def reconcile_shards(out: str | os.PathLike, shards: Mapping[int, str], failed: Mapping[int, str],
+                     each: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Counts over every finished output shard of ``out`` (this run's and earlier ones'), from
+    their stats (``num_input``, ``successes``, ``status_dict``; ``each`` sees every shard's
+    stats for the stage's own counts), checked against the input, shard by shard: images in =
+    successes + failed[status]. An input shard with nothing to count it by is logged."""
+    from collections import Counter
+
+    from base.shards import read_shard_stats, shard_name, shard_size
+
+    statuses: Counter[str] = Counter()
+    images_in = successes = 0
+    problems, done = [], []
+    uncounted: dict[str, str] = {}  # input shard → why its samples could not be counted
+    for shard_id, tar in sorted(shards.items()):
+        if not is_complete(out, shard_id):
+            continue
+        done.append(shard_id)
+        stats = read_shard_stats(Path(out) / f"{shard_name(shard_id)}.parquet")  # every shard has its Parquet
+        statuses.update(stats["status_dict"])
+        images_in, successes = images_in + stats["num_input"], successes + stats["successes"]
+        if each is not None:
+            each(stats)
+        try:
+            in_tar = shard_size(tar)
+        except ShardError as err:  # e.g. a tar-only input: no stats or Parquet to count it by
+            uncounted[shard_name(shard_id)] = str(err)
+            continue
+        if in_tar != stats["num_input"]:
+            problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
+    if uncounted:
+        name, why = next(iter(uncounted.items()))
+        log.warning("%d input shard(s) could not be counted, so their output is not checked against the "
+                    "input's size (shard %s: %s)", len(uncounted), name, why)
+    failures = {status: count for status, count in sorted(statuses.items()) if status != "success"}
+    return {
+        "out": str(out), "num_shards": len(shards), "num_shards_done": len(done),
+        "failed_shards": {shard_name(k): v for k, v in sorted(failed.items())},
+        "images_in": images_in, "successes": successes, "images_failed": failures,
+        "reconciled": images_in == successes + sum(failures.values()) and not problems, "problems": problems,
+    }
+
+
+def shard_job_main(config_cls: type, run: Callable[[Any], dict[str, Any]], format_summary: Callable[[dict], str],
+                   argv: list[str], prog: str) -> int:
+    """An actor stage's command: parse its config, run it, print its summary; exit status 0
+    when the counts reconcile and no shard failed, else 1 (re-run to retry)."""
+    from base.config import parse_config
+
+    summary = run(parse_config(config_cls, argv, prog=prog))
+    print(format_summary(summary))
+    return 0 if summary["reconciled"] and not summary["failed_shards"] else 1
+
+
+def format_reconciled(summary: Mapping[str, Any], *, done: str, count: str, details: Sequence[str],
+                      where: str = "") -> str:
+    """The lines a :func:`reconcile_shards` summary prints: ``{done} N of M images in a/b shards
+    -> OUT{where}``, the failed images, the stage's ``details``, whether the counts reconcile,
+    and the shards that failed (re-run to retry). ``count`` names the summary's successes."""
+    failed = ", ".join(f"{k} {v}" for k, v in summary["images_failed"].items()) or "none"
+    lines = [
+        f"{done} {summary[count]} of {summary['images_in']} images in {summary['num_shards_done']}/"
+        f"{summary['num_shards']} shards -> {summary['out']}{where}",
+        f"  failed images: {failed}",
+        *details,
+        f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + '; '.join(summary['problems'])}",
+    ]
+    if summary["failed_shards"]:
+        lines.append(f"  shards not {done} (re-run to retry): {summary['failed_shards']}")
+    return "\n".join(lines)
+
+
+def actor_device(cfg: Any) -> tuple[str, str | None]:
+    """In the Ray session: the device an actor stage's ``--device`` means on the cluster joined
+    (:meth:`base.raykit.ActorJobConfig.resolve_device`) and its autocast (``--precision``: bf16
+    by default on GPU; CPU runs fp32)."""
+    device = cfg.resolve_device()
+    autocast = None
+    if device == "cuda":
+        autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
+    elif cfg.precision in ("bf16", "fp16"):
+        log.warning("--precision %s applies on GPU; running fp32 on CPU", cfg.precision)
+    return device, autocast
+
+
+def actor_autocast(context: Any):
+    """In an actor, before it loads its models: the torch threads of a CPU actor, and the
+    autocast dtype of ``context.autocast`` (None: fp32)."""
+    import torch
+
+    if context.device == "cpu":
+        torch.set_num_threads(context.threads)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
 
 
 def run_shard_job(

@@ -68,7 +68,6 @@ from base.config import arg, output_settings, parse_config
 from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
-    SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
@@ -483,7 +482,7 @@ def open_tagged(cfg: BuildDRConfig) -> list[tuple[str, CaptionSource]]:
 
 # What build-dr writes in --out besides its shards and the card, and so all that --overwrite removes;
 # a user's file or folder there stays.
-_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS, CAPTIONS_WITHOUT_IMAGES, SIZES_FILE)
+_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS, CAPTIONS_WITHOUT_IMAGES)
 
 
 def _work(cfg: BuildDRConfig) -> Path:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from base.cli import UsageError
-from base.config import arg, parse_config, save_config
+from base.config import arg, save_config
 from base.raykit import ActorJobConfig
 from captioning.params import DecodeParams
 
@@ -165,22 +165,20 @@ class JobContext:
 
 
 def main(argv: list[str], prog: str = "qcap caption") -> int:
-    cfg = parse_config(CaptionConfig, argv, prog=prog)
-    summary = run(cfg)
-    print(format_summary(summary))
-    return 0 if summary["reconciled"] and not summary["failed_shards"] else 1
+    from base.stage import shard_job_main
+
+    return shard_job_main(CaptionConfig, run, format_summary, argv, prog)
 
 
 def run(cfg: CaptionConfig) -> dict[str, Any]:
     """Caption every pending shard; returns the summary (also written to the output folder)."""
-    from base.shards import SIZES_FILE
     from base.stage import run_shard_job
 
     return run_shard_job(
         cfg, stage="caption", resolve=resolve_models, identity=_identity, recorded=_recorded_identity,
         work=caption_shards, finalize=cfg.output_format == "webdataset",
         summarize=lambda out, tars, failed: summarize(out, tars, cfg.output_format, failed),
-        own_files=(SIZES_FILE, SUMMARY_FILE, CONFIG_FILE), record=CONFIG_FILE, summary_name=SUMMARY_FILE)
+        own_files=(SUMMARY_FILE, CONFIG_FILE), record=CONFIG_FILE, summary_name=SUMMARY_FILE)
 
 
 _WEIGHTS = "captioner weights sha256"
@@ -263,14 +261,10 @@ def caption_shards(cfg: CaptionConfig, pending: list[tuple[int, str]], parts: di
     """Run the Ray pipeline over ``pending`` shards; returns the shards that failed (id → why)."""
     from base.raykit import clean_error, ray_session
     from base.shards import shard_size
+    from base.stage import actor_device
 
     with ray_session(cfg.ray_address):
-        device = cfg.resolve_device()
-        autocast = None
-        if device == "cuda":
-            autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
-        elif cfg.precision in ("bf16", "fp16"):
-            log.warning("--precision %s applies on GPU; running fp32 on CPU", cfg.precision)
+        device, autocast = actor_device(cfg)
         context = JobContext(
             spec=parts["spec"], params=parts["params"], seed=cfg.seed, first_sentence=cfg.first_sentence,
             device=device, autocast=autocast, threads=max(1, int(cfg.cpus_per_worker)), scorer=parts["scorer"],
@@ -529,12 +523,10 @@ class CaptionActor:
     """One captioner (and scorer) per actor; captions the successful rows of each batch."""
 
     def __init__(self, context: JobContext) -> None:
-        import torch
-
+        from base.stage import actor_autocast
         from captioning.backends import load_captioner
 
-        if context.device == "cpu":
-            torch.set_num_threads(context.threads)
+        self.autocast = actor_autocast(context)
         self.context = context
         self.captioner = load_captioner(context.spec, device=context.device)
         self.scorer = None
@@ -542,7 +534,6 @@ class CaptionActor:
             from captioning.quality import ClipScorer
 
             self.scorer = ClipScorer(**context.scorer, device=context.device)
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -792,62 +783,26 @@ def summarize(out: Path, tars: dict[int, str], output_format: str, failed: dict[
     against the input: images in = captioned + failed[status], shard by shard."""
     from collections import Counter
 
-    from base.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
+    from base.stage import reconcile_shards
 
-    statuses: Counter[str] = Counter()
     flags: Counter[str] = Counter()
-    totals = Counter()
-    problems = []
-    done = []
-    uncounted: dict[str, str] = {}  # input shard → why its samples could not be counted
-    for shard_id, tar in sorted(tars.items()):
-        if not is_complete(out, shard_id):
-            continue
-        done.append(shard_id)
-        stats = read_shard_stats(out / f"{shard_name(shard_id)}.parquet")  # both formats write the Parquet
-        statuses.update(stats["status_dict"])
+    totals: Counter[str] = Counter()
+
+    def count(stats: dict[str, Any]) -> None:
         flags.update(stats.get("flag_counts", {}))
-        totals.update({"images_in": stats["num_input"], "captioned": stats["successes"],
-                       "captions": stats["num_captions"], "degenerate": stats["num_degenerate"]})
-        try:
-            in_tar = shard_size(tar)
-        except ShardError as err:  # e.g. a tar-only input: no stats or Parquet to count it by
-            uncounted[shard_name(shard_id)] = str(err)
-            continue
-        if in_tar != stats["num_input"]:
-            problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
-    if uncounted:
-        name, why = next(iter(uncounted.items()))
-        log.warning("%d input shard(s) could not be counted, so their captions are not checked against the "
-                    "input's size (shard %s: %s)", len(uncounted), name, why)
-    failures = {status: count for status, count in statuses.items() if status != "success"}
-    reconciled = totals["images_in"] == totals["captioned"] + sum(failures.values()) and not problems
+        totals.update({"captions": stats["num_captions"], "degenerate": stats["num_degenerate"]})
+
+    counts = reconcile_shards(out, tars, failed, each=count)
+    captioned = counts.pop("successes")
     return {
-        "out": str(out),
-        "format": output_format,
-        "num_shards": len(tars),
-        "num_shards_done": len(done),
-        "failed_shards": {shard_name(k): v for k, v in sorted(failed.items())},
-        "images_in": totals["images_in"],
-        "images_captioned": totals["captioned"],
-        "images_failed": dict(sorted(failures.items())),
-        "captions": totals["captions"],
-        "captions_degenerate": totals["degenerate"],
+        **counts, "format": output_format, "images_captioned": captioned,
+        "captions": totals["captions"], "captions_degenerate": totals["degenerate"],
         "caption_flags": dict(sorted(flags.items())),
-        "reconciled": reconciled,
-        "problems": problems,
     }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    failed = ", ".join(f"{k} {v}" for k, v in summary["images_failed"].items()) or "none"
-    lines = [
-        f"captioned {summary['images_captioned']} of {summary['images_in']} images "
-        f"in {summary['num_shards_done']}/{summary['num_shards']} shards -> {summary['out']} ({summary['format']})",
-        f"  failed images: {failed}",
-        f"  captions: {summary['captions']} ({summary['captions_degenerate']} degenerate; flags {summary['caption_flags']})",
-        f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + '; '.join(summary['problems'])}",
-    ]
-    if summary["failed_shards"]:
-        lines.append(f"  shards not captioned (re-run to retry): {summary['failed_shards']}")
-    return "\n".join(lines)
+    from base.stage import format_reconciled
+
+    return format_reconciled(summary, done="captioned", count="images_captioned", where=f" ({summary['format']})", details=[
+        f"  captions: {summary['captions']} ({summary['captions_degenerate']} degenerate; flags {summary['caption_flags']})"])

@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Literal
 
 from base.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
 from base.cli import UsageError
-from base.config import arg, parse_config, save_config
+from base.config import arg, save_config
 from base.raykit import ActorJobConfig
 
 log = logging.getLogger(__name__)
@@ -137,18 +137,16 @@ class ReinforceContext:
 
 
 def main(argv: list[str], prog: str = "qcap reinforce") -> int:
-    cfg = parse_config(ReinforceConfig, argv, prog=prog)
-    summary = run(cfg)
-    print(format_summary(summary))
-    return 0 if summary["reconciled"] and not summary["failed_shards"] else 1
+    from base.stage import shard_job_main
+
+    return shard_job_main(ReinforceConfig, run, format_summary, argv, prog)
 
 
 def run(cfg: ReinforceConfig) -> dict[str, Any]:
-    from base.shards import SIZES_FILE
     from base.stage import run_shard_job
 
     return run_shard_job(cfg, stage="reinforce", resolve=resolve_teachers, identity=_identity, recorded=_recorded_identity,
-                         work=reinforce_shards, summarize=summarize, own_files=(SIZES_FILE, SUMMARY_FILE, CONFIG_FILE),
+                         work=reinforce_shards, summarize=summarize, own_files=(SUMMARY_FILE, CONFIG_FILE),
                          record=CONFIG_FILE, summary_name=SUMMARY_FILE)
 
 
@@ -197,13 +195,11 @@ def reinforce_shards(cfg: ReinforceConfig, pending: list[tuple[int, str]], teach
 
     from base.raykit import ray_session
     from base.shards import ShardError, shard_size
+    from base.stage import actor_device
     from captioning.job import versions
 
     with ray_session(cfg.ray_address):
-        device = cfg.resolve_device()
-        autocast = None
-        if device == "cuda":
-            autocast = {"auto": "bf16", "fp32": None}.get(cfg.precision, cfg.precision)
+        device, autocast = actor_device(cfg)
         context = ReinforceContext(
             specs=teachers["specs"], logit_scales=tuple(teachers["logit_scales"]), augment=cfg.augment_config(),
             num_augmentations=cfg.num_augmentations, seed=cfg.seed, embeddings=cfg.embeddings, device=device,
@@ -241,16 +237,13 @@ class ReinforceActor:
     """One teacher ensemble per actor; reinforces and writes one shard per call."""
 
     def __init__(self, context: ReinforceContext) -> None:
-        import torch
-
+        from base.stage import actor_autocast
         from captioning.teachers import TeacherEnsemble
 
-        if context.device == "cpu":
-            torch.set_num_threads(context.threads)
+        self.autocast = actor_autocast(context)
         self.context = context
         self.ensemble = TeacherEnsemble(list(context.specs), device=context.device,
                                         logit_scales=list(context.logit_scales) if context.logit_scales else None)
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(context.autocast or "")
 
     def reinforce_shard(self, shard_id: int, path: str, out: str) -> dict[str, Any]:
         from base.shards import ShardError
@@ -369,47 +362,22 @@ def _meta_of(sample) -> dict[str, Any]:
 
 
 def summarize(out: Path, tars: dict[int, str], failed: dict[int, str]) -> dict[str, Any]:
+    """Counts over every finished shard: images in = reinforced + failed[status], shard by shard."""
     from collections import Counter
 
-    from base.shards import ShardError, is_complete, read_shard_stats, shard_name, shard_size
+    from base.stage import reconcile_shards
 
-    statuses: Counter[str] = Counter()
     totals: Counter[str] = Counter()
-    problems, done = [], []
-    for shard_id, tar in sorted(tars.items()):
-        if not is_complete(out, shard_id):
-            continue
-        done.append(shard_id)
-        stats = read_shard_stats(out / f"{shard_name(shard_id)}.parquet")
-        statuses.update(stats["status_dict"])
-        totals.update({"images_in": stats["num_input"], "reinforced": stats["successes"],
-                       "augmentations": stats["num_augmentations"], "texts": stats["num_texts"]})
-        try:
-            in_tar = shard_size(tar)
-        except ShardError:
-            continue
-        if in_tar != stats["num_input"]:
-            problems.append(f"{shard_name(shard_id)}: input holds {in_tar} samples, output {stats['num_input']}")
-    failures = {s: n for s, n in statuses.items() if s != "success"}
-    reconciled = totals["images_in"] == totals["reinforced"] + sum(failures.values()) and not problems
-    return {
-        "out": str(out), "num_shards": len(tars), "num_shards_done": len(done),
-        "failed_shards": {shard_name(k): v for k, v in sorted(failed.items())},
-        "images_in": totals["images_in"], "images_reinforced": totals["reinforced"],
-        "images_failed": dict(sorted(failures.items())), "augmentations": totals["augmentations"],
-        "texts_embedded": totals["texts"], "reconciled": reconciled, "problems": problems,
-    }
+    counts = reconcile_shards(
+        out, tars, failed, each=lambda stats: totals.update(augmentations=stats["num_augmentations"],
+                                                            texts=stats["num_texts"]))
+    reinforced = counts.pop("successes")
+    return {**counts, "images_reinforced": reinforced, "augmentations": totals["augmentations"],
+            "texts_embedded": totals["texts"]}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    failed = ", ".join(f"{k} {v}" for k, v in summary["images_failed"].items()) or "none"
-    lines = [
-        f"reinforced {summary['images_reinforced']} of {summary['images_in']} images in "
-        f"{summary['num_shards_done']}/{summary['num_shards']} shards -> {summary['out']}",
-        f"  failed images: {failed}",
-        f"  augmentations stored: {summary['augmentations']}; texts embedded: {summary['texts_embedded']}",
-        f"  counts reconcile: {'yes' if summary['reconciled'] else 'NO ' + '; '.join(summary['problems'])}",
-    ]
-    if summary["failed_shards"]:
-        lines.append(f"  shards not reinforced (re-run to retry): {summary['failed_shards']}")
-    return "\n".join(lines)
+    from base.stage import format_reconciled
+
+    return format_reconciled(summary, done="reinforced", count="images_reinforced", details=[
+        f"  augmentations stored: {summary['augmentations']}; texts embedded: {summary['texts_embedded']}"])

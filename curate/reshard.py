@@ -60,7 +60,6 @@ from base.shards import (
     atomic_write_json,
     expand_shards,
     finalize_folder,
-    is_complete,
     is_uid,
     iter_samples,
     load_uids,
@@ -68,7 +67,7 @@ from base.shards import (
     shard_name,
     uid_membership,
 )
-from base.stage import claim_output, make_folder, refuse_stale, run_pool, write_run_records
+from base.stage import CONFIG_FILE, claim_output, make_folder, pending_shards, refuse_stale, run_pool, write_run_records
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "reshard.json"
@@ -175,7 +174,7 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 
 # What reshard writes in --out, and so all that --overwrite removes (anything else is the user's):
 # its shards (base.shards.remove_own_files) and these.
-_OWN_FILES = (SIZES_FILE, PLAN_FILE, "config.json", REPORT_FILE)
+_OWN_FILES = (PLAN_FILE, CONFIG_FILE, REPORT_FILE)
 
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +273,7 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
     # folder is not this process's
     todo = [
         {"tars": tars, "items": items, "shard_id": j, "out": os.path.abspath(cfg.out), "key_width": width}
-        for j, items in enumerate(plan) if not is_complete(cfg.out, j)
+        for j, items in pending_shards(cfg.out, dict(enumerate(plan)))
     ]
     # one task per output shard, on a local pool or a Ray cluster
     ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address, total=len(plan),

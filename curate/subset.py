@@ -54,13 +54,11 @@ from base.cli import UsageError
 from base.config import arg, output_settings, parse_config
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
-    SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
     expand_shards,
     finalize_folder,
-    is_complete,
     iter_samples,
     num_samples,
     read_sizes,
@@ -72,7 +70,7 @@ from base.shards import (
     uid_halves,
     uids_to_array,
 )
-from base.stage import claim_output, make_folder, refuse_stale, run_pool, write_run_records
+from base.stage import claim_output, make_folder, pending_shards, refuse_stale, run_pool, write_run_records
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +381,7 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
 
 # What subset writes in --out besides its shards and the card, and so all that --overwrite removes
 # (base.stage.remove_stage_files); a user's my.tar, notes.npy or folder stays.
-_OWN_FILES = (SIZES_FILE, CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)
+_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)
 
 
 def subset(cfg: SubsetConfig) -> dict[str, Any]:
@@ -420,7 +418,7 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
     # the task's paths are absolute: a Ray worker's working folder is not this process's
     todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": os.path.abspath(out), "seed": cfg.seed,
              "threshold": threshold_json, "captions": cfg.captions, "expected": {str(i): per_shard[i] for i in inputs}}
-            for j, inputs in enumerate(plan) if not is_complete(out, j)]
+            for j, inputs in pending_shards(out, dict(enumerate(plan)))]
     # one task per output shard, on a local pool or a Ray cluster
     ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address,
                       total=sum(sum(t["expected"].values()) for t in todo), desc="subset", unit="img",

@@ -256,7 +256,7 @@ def test_summary_checks_shards_against_the_input_and_logs_what_it_cannot_count(t
     assert summary["problems"] == ["00001: input holds 3 samples, output 2"] and not summary["reconciled"]
     for suffix in (".parquet", "_stats.json"):
         (inputs / f"00001{suffix}").unlink()
-    with caplog.at_level(logging.WARNING, logger="captioning.job"):
+    with caplog.at_level(logging.WARNING, logger="base.stage"):
         summary = job.summarize(out, tars, "parquet", {})
     assert summary["reconciled"] and not summary["problems"]
     assert "1 input shard(s) could not be counted" in caplog.text and "shard 00001" in caplog.text

@@ -78,11 +78,10 @@ def _claim(cfg: ControlConfig, identity: dict[str, Any]) -> None:
     ``--overwrite`` removes only what control-rung writes (its shards with their markers and
     temporaries, ``sizes.json``, ``control.json``, ``control_summary.json``; a clean rung's subset
     files are ``qcap subset``'s to remove, with the same flag); every other file and folder stays."""
-    from base.shards import SIZES_FILE
     from base.stage import claim_output, make_folder, write_run_records
 
     claim_output(cfg.out, stage="control-rung", identity=identity, overwrite=cfg.overwrite,
-                 own_files=(SIZES_FILE, CONTROL_FILE, SUMMARY_FILE), record=CONTROL_FILE, what="the control rung")
+                 own_files=(CONTROL_FILE, SUMMARY_FILE), record=CONTROL_FILE, what="the control rung")
     make_folder(cfg.out)
     write_run_records(cfg.out, cfg, config_name=CONTROL_FILE, identity=identity)
 
