@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from base.cli import UsageError
-from base.config import arg, build_parser, config_from_namespace, save_config
+from base.cli import Command, UsageError, dispatch
+from base.config import Settings, arg, parse_config, save_config
+from train.loop_config import TrainerConfig
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -48,8 +49,8 @@ class FinetuneConfig:
     pretrained: str | None = arg(None, help="open_clip NAME:TAG, e.g. ViT-B-16:datacomp_xl_s13b_b90k", metavar="NAME:TAG")
     random: str | None = arg(None, help="open_clip model name, randomly initialised (the baseline)", metavar="MODEL")
     model: str | None = arg(None, help="architecture of a bare weights file given as --checkpoint", metavar="MODEL")
-    data: Path | None = arg(None, help="dataset folder (required)", metavar="DIR")
-    out: Path | None = arg(None, help="output folder (required)", metavar="DIR")
+    data: Path = arg(help="dataset folder", metavar="DIR")
+    out: Path = arg(help="output folder", metavar="DIR")
     head: Literal["upernet", "fpn", "dpt", "linear", "maskrcnn"] | None = arg(
         None, help="default: upernet for seg, dpt for depth, linear for cls, maskrcnn for det")
     freeze_backbone: bool = arg(False, help="train the head only (a linear probe with --head linear)")
@@ -57,10 +58,7 @@ class FinetuneConfig:
     steps: int | None = arg(None, help="optimizer steps; overrides --epochs")
     batch_size: int = arg(16, help="training batch size per process")
     eval_batch_size: int | None = arg(None, help="evaluation batch size (default: --batch-size)")
-    lr: float = arg(1e-4, help="peak learning rate of the head (blocks get layer-decayed rates)")
     layer_decay: float = arg(0.65, help="layer-wise lr decay per block, 1 = none (MAE/BEiT: 0.65 for ViT-B)")
-    weight_decay: float = arg(0.05, help="AdamW weight decay (not on biases, norms, embeddings)")
-    warmup_fraction: float = arg(0.05, help="linear warmup over this fraction of the steps")
     image_size: int | None = arg(None, help="square input side (default: the model's own; positions are resampled)")
     neck_channels: int = arg(256, help="channels of each pyramid level (simple feature pyramid, FPN; det: its mask head too)")
     head_channels: int = arg(512, help="channels inside the head (det: box head MLP = 2x this)")
@@ -75,27 +73,21 @@ class FinetuneConfig:
     workers: int = arg(2, help="data-loading worker processes")
     precision: Literal["fp32", "bf16", "fp16"] = arg("fp32", help="mixed precision (Accelerate)")
     tracker: Literal["tensorboard", "wandb", "none"] = arg("tensorboard", help="experiment tracker")
-    eval_every: int = arg(0, help="evaluate every N steps (0: at the end only)")
-    checkpoint_every: int = arg(0, help="write OUT/step-*/ every N steps (0: at the end only)")
-    resume: bool = arg(False, help="continue from the newest OUT/step-*/")
-    stop_at_step: int | None = arg(None, help="stop after this step with a checkpoint, as a job time limit would (then --resume)")
-    seed: int = arg(0, help="random seed")
+    trainer: TrainerConfig = arg(factory=lambda: finetune_loop_defaults(), bare_flags=True,
+                                 help="the training loop (the head trains at --trainer.lr, blocks at layer-decayed rates; "
+                                      "logged at least 4 times a run)")
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "neck_channels", "head_channels")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("steps", "eval_batch_size", "max_train_samples", "max_eval_samples", "image_size", "stop_at_step"):
+        for name in ("steps", "eval_batch_size", "max_train_samples", "max_eval_samples", "image_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: must be positive, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay: must lie in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction: must lie in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.min_depth < self.max_depth:
             raise ValueError(f"min_depth/max_depth: need 0 <= min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
         if self.depth_scale is not None and self.depth_scale <= 0:
@@ -109,15 +101,22 @@ class FinetuneConfig:
         return self.head or TASKS[self.task].default_head
 
 
-def tiny_preset() -> FinetuneConfig:
+def finetune_loop_defaults() -> TrainerConfig:
+    """The MAE/BEiT-style finetuning recipe: AdamW 1e-4, wd 0.05, betas (0.9, 0.999), eps 1e-8, gradients
+    clipped at 1, warmup over 5% of the steps, a checkpoint only at the end."""
+    return TrainerConfig(lr=1e-4, warmup_fraction=0.05, weight_decay=0.05, beta1=0.9, beta2=0.999, eps=1e-8,
+                         grad_clip_norm=1.0)
+
+
+def tiny_preset() -> Settings[FinetuneConfig]:
     """The embedded world's 64-px eval sets on a 2-core machine: small head, few epochs."""
-    return FinetuneConfig(task="seg", epochs=4, batch_size=16, lr=1e-3, layer_decay=0.75, neck_channels=32,
-                          head_channels=32, workers=0, tracker="none", num_examples=4)
+    return Settings(FinetuneConfig, epochs=4, batch_size=16, trainer=Settings(TrainerConfig, lr=1e-3), layer_decay=0.75,
+                    neck_channels=32, head_channels=32, workers=0, tracker="none", num_examples=4)
 
 
-def base_preset() -> FinetuneConfig:
+def base_preset() -> Settings[FinetuneConfig]:
     """ViT-B-scale defaults (MAE/BEiT-style UperNet recipe: AdamW 1e-4, layer decay 0.65, wd 0.05)."""
-    return FinetuneConfig(task="seg")
+    return Settings(FinetuneConfig)
 
 
 PRESETS = {"tiny": tiny_preset, "base": base_preset}
@@ -126,8 +125,6 @@ PRESETS = {"tiny": tiny_preset, "base": base_preset}
 def _require(cfg: FinetuneConfig) -> None:
     from finetune.tasks import TASKS
 
-    if cfg.data is None or cfg.out is None:
-        raise UsageError("--data DIR and --out DIR are required")
     head = cfg.resolved_head()
     if head not in TASKS[cfg.task].heads:
         raise UsageError(f"--head {head} does not fit task {cfg.task}; choose from {', '.join(TASKS[cfg.task].heads)}")
@@ -143,7 +140,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from finetune.heads import HeadConfig
     from finetune.plots import save_examples
     from finetune.tasks import TASKS, DataOptions
-    from train.loop import MapStream, Trainer, TrainerConfig, make_accelerator
+    from train.loop import MapStream, Trainer, make_accelerator
 
     _require(cfg)
     started = time.time()
@@ -152,7 +149,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     except ValueError as err:
         raise UsageError(str(err)) from err
     task_cls = TASKS[cfg.task]
-    set_seed(cfg.seed)  # a --random backbone and every new head start from the same weights for a seed
+    set_seed(cfg.trainer.seed)  # a --random backbone and every new head start from the same weights for a seed
     backbone, preprocess = load_backbone(source, image_size=cfg.image_size)
     image_size = cfg.image_size or backbone.native_image_size[0]
     backbone.grid((image_size, image_size))  # a clear error for a size the patches do not tile
@@ -181,21 +178,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     steps_per_epoch = len(train_set) // (cfg.batch_size * world)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    try:
-        trainer_cfg = TrainerConfig(
-            total_steps=total_steps, lr=cfg.lr, warmup=int(cfg.warmup_fraction * total_steps), schedule="cosine",
-            weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip_norm=1.0,
-            checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
-            log_every=max(1, min(10, total_steps // 4)), resume=cfg.resume, seed=cfg.seed, stop_at_step=cfg.stop_at_step,
-        )
-    except ValueError as err:  # e.g. --stop-at-step beyond the run's steps
-        raise UsageError(str(err)) from err
-    stream = MapStream(train_set, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
+    if cfg.trainer.stop_at_step is not None and cfg.trainer.stop_at_step > total_steps:
+        raise UsageError(f"--stop-at-step {cfg.trainer.stop_at_step} is past the run's {total_steps} steps")
+    # logged at least 4 times a run: min(--log-every, steps // 4)
+    trainer_cfg = dataclasses.replace(cfg.trainer, log_every=min(cfg.trainer.log_every, max(1, total_steps // 4)))
+    stream = MapStream(train_set, batch_size=cfg.batch_size, seed=cfg.trainer.seed, rank=accelerator.process_index,
                        world_size=world, workers=cfg.workers, collate=getattr(task_cls, "collate", None))
     log.info("finetune %s: %s, head %s, %d train / %d eval items, %d steps (%d per epoch)", cfg.task,
              source.describe(), head_cfg.name, len(train_set), len(eval_set), total_steps, steps_per_epoch)
     try:
-        trainer = Trainer(task, stream, trainer_cfg, out_dir=cfg.out, accelerator=accelerator, run_config=cfg)
+        trainer = Trainer(task, stream, trainer_cfg, total_steps=total_steps, out_dir=cfg.out, accelerator=accelerator,
+                          run_config=cfg)
         result = trainer.train()
     except (FileExistsError, FloatingPointError) as err:
         raise UsageError(str(err)) from err
@@ -226,15 +219,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return payload
 
 
-def main(argv: list[str], prog: str = "qcap finetune") -> int:
-    parser = build_parser(FinetuneConfig, prog=prog, presets=PRESETS)
-    namespace = parser.parse_args(argv)
-    if not hasattr(namespace, "task"):
-        parser.error("the task is required: seg, depth, cls or det")
-    try:
-        cfg = config_from_namespace(FinetuneConfig, namespace, presets=PRESETS)
-    except ValueError as err:
-        parser.error(str(err))
+def run_task(task: str, argv: list[str], prog: str) -> int:
+    """``qcap finetune TASK ...``: parse TASK's flags, finetune, print the metrics."""
+    cfg = parse_config(FinetuneConfig, argv, prog=prog, presets=PRESETS, fixed={"task": task},
+                       description=f"Finetune a CLIP image tower on {TASK_COMMANDS[task].help} and measure it.")
     payload = finetune(cfg)
     if payload:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in payload["metrics"].items() if isinstance(v, float))
@@ -242,3 +230,31 @@ def main(argv: list[str], prog: str = "qcap finetune") -> int:
     else:
         print(f"stopped before the end; run again with --resume to finish ({cfg.out})")
     return 0
+
+
+def seg(argv: list[str], prog: str) -> int:
+    return run_task("seg", argv, prog)
+
+
+def depth(argv: list[str], prog: str) -> int:
+    return run_task("depth", argv, prog)
+
+
+def cls(argv: list[str], prog: str) -> int:
+    return run_task("cls", argv, prog)
+
+
+def det(argv: list[str], prog: str) -> int:
+    return run_task("det", argv, prog)
+
+
+TASK_COMMANDS: dict[str, Command] = {
+    "seg": Command("semantic segmentation (ADE20k layout; UperNet head)", "finetune.run:seg"),
+    "depth": Command("monocular depth (NYUv2 layout; DPT head)", "finetune.run:depth"),
+    "cls": Command("classification (ImageFolder; a linear head, or a probe with --freeze-backbone)", "finetune.run:cls"),
+    "det": Command("detection and instance masks (COCO layout; Mask R-CNN)", "finetune.run:det"),
+}
+
+
+def main(argv: list[str], prog: str = "qcap finetune") -> int:
+    return dispatch(prog, TASK_COMMANDS, argv, "Finetune a CLIP image tower on a task and measure it.", noun="task")

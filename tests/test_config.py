@@ -128,25 +128,28 @@ def test_whether_a_field_shapes_the_output_is_declared_on_the_field_once(tmp_pat
     (``arg(..., shapes_output=False)`` for how and where a run runs), not hand-kept lists."""
     from base.config import output_fields, output_settings, run_fields, save_config
     from captioning.dr import BuildDRConfig, identity
-    from captioning.job import CaptionConfig, _fingerprint
+    from captioning.job import CaptionConfig
     from curate.subset import SubsetConfig
-    from train.config import TrainRunConfig, changed_fields
+    from train.config import TrainRunConfig, changed_fields, with_trainer
     from world.config import WorldConfig
 
     for cls in (CaptionConfig, BuildDRConfig, SubsetConfig, WorldConfig, TrainRunConfig):
         fields = {f.name for f in dataclasses.fields(cls)}
-        assert set(output_fields(cls)) | set(run_fields(cls)) == fields
-        assert not set(output_fields(cls)) & set(run_fields(cls))
-        assert {"progress", "overwrite"} & fields <= set(run_fields(cls)) or cls is TrainRunConfig
+        top_run = {name for name in run_fields(cls) if "." not in name}  # a nested config's own by dotted name
+        assert set(output_fields(cls)) | top_run == fields
+        assert not set(output_fields(cls)) & top_run
+        assert {"progress", "overwrite"} & fields <= top_run or cls is TrainRunConfig
     caption = CaptionConfig(shards="in", out=tmp_path / "syn", checkpoint="ckpt", num_workers=3)
-    assert set(_fingerprint(caption)) == set(output_fields(CaptionConfig))
-    assert "num_workers" not in _fingerprint(caption) and "top_p" in _fingerprint(caption)
+    assert set(output_settings(caption)) == set(output_fields(CaptionConfig))
+    assert "num_workers" not in output_settings(caption) and "top_p" in output_settings(caption)["decode"]
     world = WorldConfig(out=tmp_path / "w", workers=7, ray_address="auto")
     assert world.identity() == {k: v for k, v in output_settings(world).items() if k != "det_samples"}
     assert "workers" not in world.identity() and "seed" in world.identity()
-    old = TrainRunConfig(data="d", out=tmp_path / "r", threads=1, log_every=5)
-    assert changed_fields(old, dataclasses.replace(old, threads=4, log_every=1)) == []  # declared run-only
-    assert changed_fields(old, dataclasses.replace(old, lr=1.0)) == ["lr"]
+    old = with_trainer(TrainRunConfig(data="d", out=tmp_path / "r", threads=1), log_every=5)
+    assert "trainer.log_every" in run_fields(old) and "trainer.lr" not in run_fields(old)
+    saved = to_dict(old)
+    assert changed_fields(saved, with_trainer(dataclasses.replace(old, threads=4), log_every=1)) == []  # declared run-only
+    assert changed_fields(saved, with_trainer(old, lr=1.0)) == [("trainer.lr", 1e-3, 1.0)]
     dr = BuildDRConfig(images="i", captions="c", out=tmp_path / "dr", num_workers=4)
     assert "num_workers" not in identity(dr, [], _NoShards())["settings"]
     # save_config records what the card needs: the run-only fields and the stage's name

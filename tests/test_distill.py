@@ -128,9 +128,9 @@ def make_trainer(data: Path, out: Path, settings, *, steps: int, batch_size: int
                        tokenizer=loaded.tokenizer, preprocess_val=loaded.preprocess_val,
                        evaluation=EvalConfig(classification=None, retrieval=None))
     accelerator = make_accelerator(precision="fp32", tracker="none", out_dir=out)
-    trainer = Trainer(task, stream, TrainerConfig(total_steps=steps, lr=lr, warmup=2, log_every=1, seed=0,
+    trainer = Trainer(task, stream, TrainerConfig(lr=lr, warmup=2, log_every=1, seed=0,
                                                   weight_decay=0.2, beta2=0.95, grad_clip_norm=1.0),
-                      out_dir=out, accelerator=accelerator)
+                      total_steps=steps, out_dir=out, accelerator=accelerator)
     return trainer, stream, (dims, scales)
 
 

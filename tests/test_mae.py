@@ -23,7 +23,7 @@ def test_encoder_converts_exactly_to_open_clip():
     from transformers import ViTMAEForPreTraining
 
     torch.manual_seed(0)
-    mae = ViTMAEForPreTraining(mae_config("qcap-tiny-clip", MaeRunConfig(data="x")))
+    mae = ViTMAEForPreTraining(mae_config("qcap-tiny-clip", MaeRunConfig(data="x", out=Path("x"))))
     with torch.no_grad():  # make every parameter non-trivial (HF zero-initialises biases)
         for p in mae.vit.parameters():
             p.add_(0.02 * torch.randn_like(p))

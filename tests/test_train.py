@@ -316,9 +316,8 @@ def test_tiny_coca_trains_with_its_caption_loss(tmp_path):
 
     make_shards(tmp_path / "clean", num_shards=2, per_shard=8, synthetic=False, references=3)
     run = tmp_path / "coca"
-    cfg = PRESETS["tiny-coca"]()
-    cfg.data, cfg.out, cfg.batch_size, cfg.samples_seen = str(tmp_path / "clean"), run, 8, 160
-    cfg.lr, cfg.warmup, cfg.log_every, cfg.tracker, cfg.workers, cfg.threads = 2e-3, 3, 3, "none", 0, 1
+    cfg = PRESETS["tiny-coca"]()(data=str(tmp_path / "clean"), out=run, batch_size=8, samples_seen=160)
+    cfg.trainer.lr, cfg.trainer.warmup, cfg.trainer.log_every, cfg.tracker, cfg.workers, cfg.threads = 2e-3, 3, 3, "none", 0, 1
     summary = train(cfg)
     assert summary["finished"] and summary["step"] == 20
     rows = [r for r in read_metrics(run) if "caption_loss" in r]
@@ -371,11 +370,11 @@ def test_resume_gives_the_same_losses(tmp_path):
     make_shards(tmp_path / "d", num_shards=4, per_shard=8)
 
     def config(out, **overrides):
-        cfg = PRESETS["tiny"]()
-        cfg.data, cfg.out, cfg.batch_size, cfg.samples_seen, cfg.log_every = str(tmp_path / "d"), out, 8, 96, 1
-        cfg.workers, cfg.tracker, cfg.caption_source, cfg.checkpoint_every, cfg.threads = 2, "none", "dual", 3, 1
+        cfg = PRESETS["tiny"]()(data=str(tmp_path / "d"), out=out, batch_size=8, samples_seen=96)
+        cfg.trainer.log_every, cfg.trainer.checkpoint_every = 1, 3
+        cfg.workers, cfg.tracker, cfg.caption_source, cfg.threads = 2, "none", "dual", 1
         for key, value in overrides.items():
-            setattr(cfg, key, value)
+            setattr(cfg.trainer if key in ("resume", "stop_at_step", "seed", "lr") else cfg, key, value)
         return cfg
 
     train(config(tmp_path / "a"))
@@ -430,7 +429,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     code, err = run("--data", str(tmp_path / "syn"), "--out", str(tmp_path / "r"), "--caption-source", "synthetic")
     assert code == 2 and "samples carry no image (a caption-only folder" in err
     code, err = run("--out", str(tmp_path / "r"))
-    assert code == 2 and "--data is required" in err
+    assert code == 2 and "missing required flag(s): --data" in err
     code, err = run("--data", str(tmp_path / "real"), "--out", str(tmp_path / "r"), "--caption-source", "best")
     assert code == 2 and "unknown source 'best'" in err
     code, err = run("--data", str(tmp_path / "real"), "--out", str(tmp_path / "r"), "--bogus-flag", "1")

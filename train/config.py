@@ -1,4 +1,10 @@
-"""The ``qcap train`` run config (flat: it is the command line) and its named presets.
+"""The training loop's knobs (:class:`TrainerConfig`), the ``qcap train`` run config and its presets.
+
+:class:`TrainerConfig` (``train/loop_config.py``: light, and below both this module and
+:mod:`train.loop`) is declared once for every stage that runs :class:`train.loop.Trainer`
+(``qcap train``, ``qcap mae``, ``qcap finetune``): each holds one as its nested ``trainer`` config
+(``--trainer.lr``, ``--trainer.warmup``, ...; the old bare flags ``--lr``, ``--warmup`` stay aliases),
+with its own defaults given by a function returning a TrainerConfig, not by copies of the fields.
 
 Presets carry DataComp's hyperparameters for its scales, from mlfoundations/datacomp
 ``scale_configs.py`` and ``train.py`` (commit 4a8df19): global batch size, learning rate,
@@ -6,18 +12,25 @@ warmup, model and samples seen per scale; ``train.py`` also passes ``--dataset-r
 ``--local-loss``, ``--gather-with-grad``, ``--grad-checkpointing`` and open_clip's defaults
 for the rest (``--wd 0.2``; AdamW betas (0.9, 0.98) and eps 1e-6 for ViTs,
 ``open_clip_train.params.get_default_params``; cosine schedule; 5 checkpoints per run).
+A preset is a :class:`base.config.Settings` of TrainRunConfig (``--data`` and ``--out`` are
+required and no preset knows them): ``preset("tiny", data=..., out=...)`` builds the config.
 
 Light on purpose: ``qcap train --help`` imports this module and nothing heavy.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from base.config import arg, run_fields
+from base.config import ConfigError, Settings, arg, changed_settings
+from train.loop_config import TrainerConfig
+
+
+def train_loop_defaults() -> TrainerConfig:
+    """qcap train's loop: the tiny preset's learning rate and warmup, 5 checkpoints per run (DataComp)."""
+    return TrainerConfig(lr=1e-3, warmup=10, weight_decay=0.1, checkpoints_per_run=5)
 
 
 @dataclass(kw_only=True)
@@ -28,21 +41,15 @@ class TrainRunConfig:
 
     STAGE: ClassVar[str] = "train"  # its name in dataset cards' lineage
 
-    data: str = arg("", help="training shards: 'DIR/{00000..00009}.tar', a folder, a glob or a '::' list (required)")
-    out: Path | None = arg(None, help="run folder for checkpoints, metrics and the final model (required)")
+    data: str = arg(help="training shards: 'DIR/{00000..00009}.tar', a folder, a glob or a '::' list")
+    out: Path = arg(help="run folder for checkpoints, metrics and the final model")
     model: str = arg("qcap-tiny-clip", help="open_clip model name (CLIP or CoCa; qcap-tiny-clip, ViT-B-16, ...)")
     pretrained: str | None = arg(None, help="initialise from an open_clip pretrained tag or a weights file")
     caption_source: str = arg("real", help="captions to train on: real, synthetic, mix:P (synthetic with prob. P) or dual")
     samples_seen: int | None = arg(None, help="samples to train on in total (default: one pass over --data, from sizes.json)")
     batch_size: int = arg(64, help="global batch size, all processes together (DataComp's convention)")
-    lr: float = arg(1e-3, help="peak learning rate")
-    warmup: int = arg(10, help="linear warmup steps")
-    schedule: Literal["cosine", "linear", "constant"] = arg("cosine", help="learning-rate decay after warmup")
-    weight_decay: float = arg(0.1, help="AdamW weight decay (not on gains, biases, logit scale)")
-    beta1: float = arg(0.9, help="AdamW beta1")
-    beta2: float = arg(0.98, help="AdamW beta2")
-    eps: float = arg(1e-6, help="AdamW epsilon")
-    grad_clip_norm: float | None = arg(None, help="clip the gradient norm to this")
+    trainer: TrainerConfig = arg(factory=train_loop_defaults, bare_flags=True,
+                                 help="the training loop: optimizer, schedule, checkpoints, logging, seed")
     precision: Literal["auto", "fp32", "bf16"] = arg(
         "auto", help="bf16 autocast or fp32; auto: bf16 where the hardware computes it natively (bf16 GPUs, AVX512-BF16/AMX CPUs)"
     )
@@ -56,17 +63,10 @@ class TrainRunConfig:
     shuffle_buffer: int = arg(1000, help="samples in each loader worker's shuffle buffer")
     chunk_shards: int = arg(4, help="shards a loader worker shuffles together (bounds a resume's replay)")
     resampled: bool = arg(False, help="draw shards with replacement, weighted by size (DataComp's --dataset-resampled)")
-    seed: int = arg(0, help="seed for initialisation, data order, augmentation and caption draws")
-    checkpoint_every: int = arg(0, shapes_output=False, help="save RUN/step-NNNNNN/ every this many steps (0: 5 per run, as DataComp)")
-    keep_checkpoints: int = arg(2, shapes_output=False, help="keep the newest this many step-*/ folders (0: keep all)")
     eval_data: Path | None = arg(None, shapes_output=False, help="zero-shot classification folder (ImageFolder + classnames.txt), or W/eval")
     retrieval_data: str | None = arg(None, shapes_output=False, help="held-out shards for image-text retrieval R@1/R@5")
-    eval_every: int = arg(0, shapes_output=False, help="evaluate every this many steps (0: only at the end)")
     eval_batch_size: int = arg(64, shapes_output=False, help="images per forward pass in evaluation")
-    log_every: int = arg(10, shapes_output=False, help="log to metrics.jsonl and the tracker every this many steps")
     tracker: Literal["tensorboard", "wandb", "none"] = arg("tensorboard", shapes_output=False, help="Accelerate tracker")
-    resume: bool = arg(False, shapes_output=False, help="continue the newest RUN/step-*/ checkpoint exactly")
-    stop_at_step: int | None = arg(None, shapes_output=False, help="stop after this step with a checkpoint (a job's time limit); resume later")
     record_uids: bool = arg(False, shapes_output=False, help="write the uids each process trained on to RUN/seen/rank-R.tsv")
     # DataCompDR (dataset reinforcement): the DR loss on qcap reinforce's output or Apple's DataCompDR
     distill_loss_weights: tuple[float, ...] | None = arg(
@@ -95,16 +95,14 @@ class TrainRunConfig:
         from train.captions import parse_caption_source
 
         parse_caption_source(self.caption_source)  # raises ValueError naming the field
-        for name in ("batch_size", "log_every", "eval_batch_size", "chunk_shards", "shuffle_buffer"):
+        for name in ("batch_size", "eval_batch_size", "chunk_shards", "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "workers", "threads", "checkpoint_every", "keep_checkpoints", "eval_every"):
+        for name in ("workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.samples_seen is not None and self.samples_seen <= 0:
             raise ValueError(f"samples_seen: must be positive, got {self.samples_seen}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
         if self.distill_loss_weights is not None:
             self.dr_settings()  # raises ValueError naming the field
         if self.dr_augment_size <= 0:
@@ -125,27 +123,24 @@ class TrainRunConfig:
                           augment_size=self.dr_augment_size)
 
 
-def _tiny() -> TrainRunConfig:
+def _tiny() -> Settings[TrainRunConfig]:
     """qcap-tiny-clip on this CPU: small batches, a short warmup, one loader worker."""
-    return TrainRunConfig()
+    return Settings(TrainRunConfig)
 
 
-def _tiny_coca() -> TrainRunConfig:
+def _tiny_coca() -> Settings[TrainRunConfig]:
     """qcap-tiny-coca, the embedded world's captioner, trained on the clean split's human captions."""
-    return TrainRunConfig(model="qcap-tiny-coca", caption_source="real")
+    return Settings(TrainRunConfig, model="qcap-tiny-coca", caption_source="real")
 
 
-def _datacomp(samples_seen: int, batch_size: int, model: str) -> TrainRunConfig:
-    return TrainRunConfig(
+def _datacomp(samples_seen: int, batch_size: int, model: str) -> Settings[TrainRunConfig]:
+    return Settings(
+        TrainRunConfig,
         model=model,
         samples_seen=samples_seen,
         batch_size=batch_size,
-        lr=5e-4,
-        warmup=500,
-        weight_decay=0.2,
-        beta1=0.9,
-        beta2=0.98,
-        eps=1e-6,
+        trainer=Settings(TrainerConfig, lr=5e-4, warmup=500, weight_decay=0.2, beta1=0.9, beta2=0.98, eps=1e-6,
+                         log_every=100),
         precision="bf16",
         grad_checkpointing=True,
         local_loss=True,
@@ -154,7 +149,6 @@ def _datacomp(samples_seen: int, batch_size: int, model: str) -> TrainRunConfig:
         workers=4,
         shuffle_buffer=5000,  # open_clip's _SAMPLE_SHUFFLE_SIZE
         eval_batch_size=256,
-        log_every=100,
     )
 
 
@@ -167,12 +161,22 @@ PRESETS = {
 }
 
 
-def changed_fields(old: TrainRunConfig, new: TrainRunConfig) -> list[str]:
-    """Fields that differ between a run's saved config and a resume's, other than those a resume
-    may change (declared ``shapes_output=False`` on TrainRunConfig)."""
-    resumable = set(run_fields(TrainRunConfig))
-    return [
-        f.name
-        for f in dataclasses.fields(TrainRunConfig)
-        if f.name not in resumable and getattr(old, f.name) != getattr(new, f.name)
-    ]
+def preset(name: str, **fields) -> TrainRunConfig:
+    """Preset ``name`` completed with ``fields`` (``data``, ``out`` and any overrides; ``trainer``
+    takes a TrainerConfig or a ``Settings(TrainerConfig, ...)`` of the sub-fields to change)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()(**fields)
+
+
+def with_trainer(cfg: TrainRunConfig, **trainer_fields) -> TrainRunConfig:
+    """``cfg`` with some of its loop's knobs changed."""
+    return replace(cfg, trainer=replace(cfg.trainer, **trainer_fields))
+
+
+def changed_fields(old: dict, new: TrainRunConfig) -> list[tuple[str, object, object]]:
+    """``(dotted name, saved, now)`` for each setting that differs between a run's saved config
+    (``config.json``'s ``config``, nested or in the flat form of before the loop's knobs were
+    nested) and a resume's, other than those a resume may change (declared ``shapes_output=False``
+    on TrainRunConfig and TrainerConfig)."""
+    return changed_settings(TrainRunConfig, old, new)

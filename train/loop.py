@@ -24,7 +24,7 @@ The API (stable: ``finetune`` builds on it)::
         def metrics(self) -> dict[str, float]: ...                  # optional: additive counters, summed
 
     accelerator = make_accelerator(precision="bf16", tracker="tensorboard", out_dir=run_dir)
-    trainer = Trainer(MyTask(model), MyStream(...), TrainerConfig(total_steps=1000, lr=1e-3),
+    trainer = Trainer(MyTask(model), MyStream(...), TrainerConfig(lr=1e-3), total_steps=1000,
                       out_dir=run_dir, accelerator=accelerator, run_config=cfg)
     result = trainer.train()          # resumes from run_dir/step-*/ when TrainerConfig.resume
     result.final_dir, result.eval     # RUN/final/ (the task's export), the last evaluation
@@ -70,13 +70,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from base.config import ConfigError
 from base.shards import atomic_write_json
+from train.loop_config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -195,39 +196,8 @@ class BatchStream(Protocol):
 # Configuration
 
 
-@dataclass(kw_only=True)
-class TrainerConfig:
-    """How the loop runs: steps, optimizer, schedule, checkpoints, logging."""
-
-    total_steps: int  # optimizer steps of the whole run (the schedule spans them)
-    lr: float = 5e-4  # peak learning rate
-    warmup: int = 0  # linear warmup steps
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (transformers' schedules)
-    weight_decay: float = 0.2  # AdamW decay on the decayed group (open_clip's default)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.98  # AdamW beta2 (open_clip's default for ViTs)
-    eps: float = 1e-6  # AdamW epsilon (open_clip's default for ViTs)
-    grad_clip_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
-    checkpoint_every: int = 0  # save step-*/ every this many steps; 0: only at the end
-    keep_checkpoints: int = 2  # keep the newest this many step-*/ folders; 0 keeps all
-    eval_every: int = 0  # evaluate every this many steps; 0: only at the end
-    log_every: int = 10  # write metrics.jsonl / trackers every this many steps
-    resume: bool = False  # continue from the newest step-*/ in out_dir
-    stop_at_step: int | None = None  # stop after this step (checkpoint, no final export), as a job time limit would
-    seed: int = 0  # seeds python, numpy and torch on every process (plus the rank)
-
-    def __post_init__(self) -> None:
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps: must be positive, got {self.total_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        for name in ("warmup", "checkpoint_every", "keep_checkpoints", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every: must be positive, got {self.log_every}")
-        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.total_steps:
-            raise ValueError(f"stop_at_step: must lie in 1..{self.total_steps}, got {self.stop_at_step}")
+# TrainerConfig (the loop's knobs: optimizer, schedule, checkpoints, logging, seed) is declared in
+# train.loop_config, light to import; every stage's config holds it as its nested ``trainer``.
 
 
 def make_accelerator(*, precision: str = "fp32", tracker: str = "tensorboard", out_dir: str | os.PathLike):
@@ -291,6 +261,7 @@ class Trainer:
         stream: BatchStream,
         config: TrainerConfig,
         *,
+        total_steps: int,
         out_dir: str | os.PathLike,
         accelerator=None,
         run_config: Any = None,
@@ -298,9 +269,15 @@ class Trainer:
     ) -> None:
         from transformers import get_scheduler
 
+        if total_steps <= 0:
+            raise ValueError(f"total_steps: must be positive, got {total_steps}")
+        if config.stop_at_step is not None and not 0 < config.stop_at_step <= total_steps:
+            raise ValueError(f"stop_at_step: must lie in 1..{total_steps}, got {config.stop_at_step}")
         self.task = task
         self.stream = stream
         self.config = config
+        self.total_steps = int(total_steps)  # optimizer steps of the whole run (the schedule spans them)
+        self.checkpoint_every = config.checkpoint_interval(self.total_steps)
         self.out_dir = Path(out_dir)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(out_dir=out_dir)
         self.run_config = run_config
@@ -324,8 +301,8 @@ class Trainer:
         self.scheduler = get_scheduler(
             config.schedule if config.schedule != "constant" else "constant_with_warmup",
             optimizer,
-            num_warmup_steps=config.warmup,
-            num_training_steps=config.total_steps,
+            num_warmup_steps=config.warmup_steps(self.total_steps),
+            num_training_steps=self.total_steps,
         )
         self.model, self.optimizer = self.accelerator.prepare(task.model, optimizer)
         self._meters: dict[str, list[float]] = {}
@@ -394,7 +371,7 @@ class Trainer:
                     "step": self.step,
                     "samples_seen": self.samples_seen,
                     "world_size": self.world_size,
-                    "total_steps": self.config.total_steps,
+                    "total_steps": self.total_steps,
                     "config": _jsonable(self.run_config),
                 },
             )
@@ -548,9 +525,9 @@ class Trainer:
         if acc.is_main_process:
             _truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         acc.init_trackers(self.tracker_project, config=_flat_scalars(self.run_config))
-        end = cfg.total_steps if cfg.stop_at_step is None else cfg.stop_at_step
+        end = self.total_steps if cfg.stop_at_step is None else cfg.stop_at_step
         interactive = sys.stderr.isatty()  # a log file gets a line every 30 s, not one per step
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not acc.is_main_process, unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, unit="step",
                    dynamic_ncols=True, desc="train", mininterval=0.5 if interactive else 30.0)
         stream = iter(self.stream)
         window_start, window_samples = time.perf_counter(), 0
@@ -571,16 +548,16 @@ class Trainer:
                     row = self._log_window(window_samples / elapsed)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
                     window_start, window_samples = time.perf_counter(), 0
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
+                if (self.checkpoint_every and self.step % self.checkpoint_every == 0) or self.step == end:
                     self.save_checkpoint()
         finally:
             bar.close()  # an error is printed on a line of its own, not after the bar
         close = getattr(stream, "close", None)
         if callable(close):  # stop the loader's workers now, not at garbage collection
             close()
-        finished = self.step >= cfg.total_steps
+        finished = self.step >= self.total_steps
         final_dir = None
         if finished:
             self._eval = self.evaluate()
@@ -823,7 +800,9 @@ def _jsonable(cfg: Any) -> Any:
 
 def _flat_scalars(cfg: Any) -> dict[str, Any]:
     """Tracker hyperparameters: scalar fields only (tensorboard's hparams take no None or lists)."""
-    data = _jsonable(cfg) or {}
+    from base.config import flatten_settings
+
+    data = flatten_settings(_jsonable(cfg) or {})  # a nested config's fields by dotted name (trainer.lr)
     return {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))}
 
 

@@ -33,12 +33,13 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from base.cli import UsageError
-from base.config import ConfigError, arg, from_dict, parse_config, save_config
+from base.config import ConfigError, arg, changed_settings, parse_config, save_config
+from train.loop_config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +47,41 @@ MAE_WEIGHTS = "model.safetensors"
 MAE_CONFIG = "mae_config.json"
 
 
+def mae_loop_defaults() -> TrainerConfig:
+    """MAE's optimizer (weight decay 0.05, beta2 0.95, eps 1e-8) on the CLIP rungs' lr, warmup and 5 checkpoints."""
+    return TrainerConfig(lr=1e-3, warmup=10, weight_decay=0.05, beta1=0.9, beta2=0.95, eps=1e-8, checkpoints_per_run=5)
+
+
 @dataclass(kw_only=True)
 class MaeRunConfig:
     """MAE pretraining (transformers' ViTMAE) of --model's image tower on image shards; the run folder
     reads like a CLIP run's (final/ is an open_clip folder for qcap finetune)."""
 
-    data: str = arg("", help="training shards (folder, brace pattern, glob); captions are ignored (required)")
-    out: Path | None = arg(None, help="run folder (required)")
+    data: str = arg(help="training shards (folder, brace pattern, glob); captions are ignored")
+    out: Path = arg(help="run folder")
     model: str = arg("qcap-tiny-clip", help="open_clip model whose image tower the MAE encoder copies (ViT only)")
     samples_seen: int | None = arg(None, help="samples to train on (default: one pass over --data); match the CLIP rungs")
     batch_size: int = arg(64, help="global batch size (the CLIP rungs' --batch-size)")
-    lr: float = arg(1e-3, help="peak learning rate (the tiny CLIP preset's)")
-    warmup: int = arg(10, help="linear warmup steps")
-    schedule: Literal["cosine", "linear", "constant"] = arg("cosine", help="decay after warmup")
-    weight_decay: float = arg(0.05, help="AdamW weight decay (MAE's recipe)")
-    beta2: float = arg(0.95, help="AdamW beta2 (MAE's recipe)")
+    trainer: TrainerConfig = arg(factory=mae_loop_defaults, bare_flags=True,
+                                 help="the training loop (MAE's recipe: weight decay 0.05, beta2 0.95, eps 1e-8; "
+                                      "the tiny CLIP preset's lr 1e-3 and warmup 10, so the steps match the CLIP rungs)")
     mask_ratio: float = arg(0.75, help="share of patches masked (MAE's default)")
     norm_pix_loss: bool = arg(True, help="reconstruct per-patch normalised pixels (MAE's better setting)")
     decoder_width: int = arg(64, help="decoder hidden size")
     decoder_layers: int = arg(2, help="decoder blocks")
     decoder_heads: int = arg(4, help="decoder attention heads")
     precision: Literal["auto", "fp32", "bf16"] = arg("auto", help="bf16 autocast where native, else fp32 (as qcap train)")
-    workers: int = arg(1, help="loader worker processes")
-    threads: int = arg(0, help="torch threads (0: the cores left after the loader workers)")
-    seed: int = arg(0, help="seed for initialisation, masking, data order and augmentation")
-    log_every: int = arg(10, help="log every this many steps")
-    checkpoint_every: int = arg(0, help="checkpoint every this many steps (0: 5 per run)")
-    resume: bool = arg(False, help="continue the newest step-*/ checkpoint exactly")
-    stop_at_step: int | None = arg(None, help="stop after this step with a checkpoint")
+    workers: int = arg(1, shapes_output=False, help="loader worker processes")
+    threads: int = arg(0, shapes_output=False, help="torch threads (0: the cores left after the loader workers)")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio: must lie in (0, 1), got {self.mask_ratio}")
-        for name in ("batch_size", "decoder_width", "decoder_layers", "decoder_heads", "log_every"):
+        for name in ("batch_size", "decoder_width", "decoder_layers", "decoder_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.samples_seen is not None and self.samples_seen <= 0:
             raise ValueError(f"samples_seen: must be positive, got {self.samples_seen}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
 
 
 def vision_cfg(model_name: str) -> dict[str, Any]:
@@ -230,11 +227,11 @@ def check_resume(cfg: MaeRunConfig, out: Path) -> None:
     path = out / "config.json"
     if not path.is_file():
         return
-    saved = from_dict(MaeRunConfig, json.loads(path.read_text(encoding="utf-8"))["config"])
-    free = {"resume", "stop_at_step", "log_every", "checkpoint_every", "threads", "workers"}
-    changed = [f for f in saved.__dataclass_fields__ if f not in free and getattr(saved, f) != getattr(cfg, f)]
+    saved = json.loads(path.read_text(encoding="utf-8"))["config"]  # nested, or flat as older runs wrote it
+    changed = changed_settings(MaeRunConfig, saved, cfg)  # all but the fields declared shapes_output=False
     if changed:
-        raise ConfigError(f"{path}: --resume must keep the run's settings; changed {', '.join(changed)}")
+        raise ConfigError(f"{path}: --resume must keep the run's settings; changed "
+                          + ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changed))
 
 
 def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
@@ -245,18 +242,15 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
     from base.shards import ShardError
     from train.captions import parse_caption_source
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
-    from train.loop import Trainer, TrainerConfig, latest_checkpoint, make_accelerator, seed_everything
+    from train.loop import Trainer, latest_checkpoint, make_accelerator, seed_everything
     from train.run import input_side, resolve_precision, resolve_threads
 
-    if not cfg.data:
-        raise UsageError("--data is required (image shards: a ladder rung)")
-    if cfg.out is None:
-        raise UsageError("--out is required (the run folder)")
+    loop = cfg.trainer
     out = Path(cfg.out)
     latest = latest_checkpoint(out)
-    if latest is not None and not cfg.resume:
+    if latest is not None and not loop.resume:
         raise UsageError(f"{out} already holds {latest.name}; add --resume to continue it, or choose another --out")
-    if cfg.resume:
+    if loop.resume:
         check_resume(cfg, out)
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision=precision, tracker="none", out_dir=out)
@@ -264,7 +258,7 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
     torch.set_num_threads(resolve_threads(cfg.threads, cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} (global) does not split over {world} processes")
-    seed_everything(cfg.seed)
+    seed_everything(loop.seed)
     reference = load_model(cfg.model)  # the CLIP model: its preprocessing and the shape MAE copies
     config = mae_config(cfg.model, cfg)
     model = ViTMAEForPreTraining(config)
@@ -272,17 +266,16 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
     encoder = ImageTextEncoder(reference.preprocess_train, reference.tokenizer, source,
                                draft=2 * input_side(reference.model))
     stream = ShardStream(LoaderConfig(data=cfg.data, batch_size=cfg.batch_size // world, workers=cfg.workers,
-                                      seed=cfg.seed), encoder, rank=rank, world_size=world)
+                                      seed=loop.seed), encoder, rank=rank, world_size=world)
     first = peek_sample(stream.shards)
     if first is not None and first.image is None:
         raise ShardError(f"{stream.shards[0]}: samples carry no image; MAE trains on image shards")
     samples_seen = cfg.samples_seen or stream.num_samples
     total_steps = max(1, math.ceil(samples_seen / cfg.batch_size))
-    trainer_cfg = TrainerConfig(total_steps=total_steps, lr=cfg.lr, warmup=min(cfg.warmup, total_steps - 1),
-                                schedule=cfg.schedule, weight_decay=cfg.weight_decay, beta1=0.9, beta2=cfg.beta2,
-                                eps=1e-8, checkpoint_every=cfg.checkpoint_every or max(1, math.ceil(total_steps / 5)),
-                                log_every=cfg.log_every, resume=cfg.resume, stop_at_step=cfg.stop_at_step,
-                                seed=cfg.seed)
+    if loop.stop_at_step is not None and loop.stop_at_step > total_steps:
+        raise UsageError(f"--stop-at-step {loop.stop_at_step} is past the run's {total_steps} steps")
+    # the warmup ends before the run does (a run of fewer steps than --warmup still reaches its peak lr)
+    trainer_cfg = replace(loop, warmup=min(loop.warmup, total_steps - 1))
     if accelerator.is_main_process:
         import transformers
 
@@ -293,8 +286,8 @@ def train_mae(cfg: MaeRunConfig) -> dict[str, Any]:
                                                            "transformers": transformers.__version__})
     log.info("MAE of %s's image tower: %d steps of %d samples; %d samples in %d shards", cfg.model, total_steps,
              cfg.batch_size, stream.num_samples, len(stream.shards))
-    task = MaeTask(model, cfg.model, cfg.seed)
-    result = Trainer(task, stream, trainer_cfg, out_dir=out, accelerator=accelerator, run_config=cfg,
+    task = MaeTask(model, cfg.model, loop.seed)
+    result = Trainer(task, stream, trainer_cfg, total_steps=total_steps, out_dir=out, accelerator=accelerator, run_config=cfg,
                      tracker_project=out.name or "qcap-mae").train()
     return {"step": result.step, "total_steps": total_steps, "samples_seen": result.samples_seen,
             "finished": result.finished, "final_dir": str(result.final_dir) if result.final_dir else None,

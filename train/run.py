@@ -34,12 +34,11 @@ import json
 import logging
 import math
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from base.cli import UsageError
-from base.config import ConfigError, from_dict, parse_config, save_config
-from train.config import PRESETS, TrainRunConfig, changed_fields
+from base.config import ConfigError, parse_config, save_config
+from train.config import PRESETS, TrainRunConfig, changed_fields, preset  # noqa: F401 - preset: for Python callers
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +106,10 @@ def check_resume_config(cfg: TrainRunConfig, out: Path) -> None:
     if not path.exists():
         return
     with open(path, encoding="utf-8") as handle:
-        saved = from_dict(TrainRunConfig, json.load(handle)["config"])
+        saved = json.load(handle)["config"]  # nested, or flat as runs before the loop's knobs were nested wrote it
     changed = changed_fields(saved, cfg)
     if changed:
-        details = ", ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}" for name in changed)
+        details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changed)
         raise ConfigError(f"{path}: --resume must keep the run's settings; changed {details}")
 
 
@@ -123,18 +122,15 @@ def train(cfg: TrainRunConfig) -> dict:
     from train.captions import parse_caption_source
     from train.evaluate import EvalConfig, resolve_eval_data
     from train.loader import ImageTextEncoder, LoaderConfig, ShardStream, peek_sample
-    from train.loop import EVAL_FILE, Trainer, TrainerConfig, latest_checkpoint, make_accelerator, seed_everything
+    from train.loop import EVAL_FILE, Trainer, latest_checkpoint, make_accelerator, seed_everything
     from train.tasks import TASKS, is_coca
 
-    if not cfg.data:
-        raise UsageError("--data is required (a shard list such as 'DIR/{00000..00009}.tar')")
-    if cfg.out is None:
-        raise UsageError("--out is required (the run folder)")
+    loop = cfg.trainer
     out = Path(cfg.out)
     latest = latest_checkpoint(out)
-    if latest is not None and not cfg.resume:
+    if latest is not None and not loop.resume:
         raise UsageError(f"{out} already holds {latest.name}; add --resume to continue it, or choose another --out")
-    if cfg.resume:
+    if loop.resume:
         check_resume_config(cfg, out)
     source = parse_caption_source(cfg.caption_source)
 
@@ -152,7 +148,7 @@ def train(cfg: TrainRunConfig) -> dict:
         record = out / "seen" / f"rank-{rank}.tsv"
         if latest is None and record.exists():  # a run killed before its first checkpoint starts over
             record.unlink()
-    seed_everything(cfg.seed)  # the same initial weights on every process and every run
+    seed_everything(loop.seed)  # the same initial weights on every process and every run
     try:
         loaded = load_model(cfg.model, pretrained=cfg.pretrained)  # a fresh CoCa's decoder initialised there
     except ValueError as err:  # an unsafe, damaged or mismatched --pretrained file: one line
@@ -161,7 +157,7 @@ def train(cfg: TrainRunConfig) -> dict:
         raise ConfigError(f"model: {' '.join(str(err).split())[:300]}") from err
     loader_cfg = LoaderConfig(data=cfg.data, batch_size=cfg.batch_size // world, workers=cfg.workers,
                               shuffle_buffer=cfg.shuffle_buffer, chunk_shards=cfg.chunk_shards,
-                              resampled=cfg.resampled, seed=cfg.seed)
+                              resampled=cfg.resampled, seed=loop.seed)
     dr_settings = cfg.dr_settings()  # None: plain CLIP/CoCa; else the DR loss on reinforced shards
     teachers: tuple[list[int], list[float]] | None = None
     if dr_settings is not None:
@@ -205,11 +201,10 @@ def train(cfg: TrainRunConfig) -> dict:
         )
     samples_seen = cfg.samples_seen or stream.num_samples
     total_steps = max(1, math.ceil(samples_seen / cfg.batch_size))
-    checkpoint_every = cfg.checkpoint_every or max(1, math.ceil(total_steps / 5))
-    if cfg.stop_at_step is not None and cfg.stop_at_step > total_steps:
-        raise UsageError(f"--stop-at-step {cfg.stop_at_step} is past the run's {total_steps} steps")
+    if loop.stop_at_step is not None and loop.stop_at_step > total_steps:
+        raise UsageError(f"--stop-at-step {loop.stop_at_step} is past the run's {total_steps} steps")
 
-    if cfg.resume and latest is not None and (out / EVAL_FILE).exists():
+    if loop.resume and latest is not None and (out / EVAL_FILE).exists():
         from train.loop import TRAINER_FILE, read_json_object
 
         step = read_json_object(latest / TRAINER_FILE).get("step")  # CheckpointError (one line) if damaged
@@ -244,13 +239,6 @@ def train(cfg: TrainRunConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
-    trainer_cfg = TrainerConfig(
-        total_steps=total_steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-        weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-        grad_clip_norm=cfg.grad_clip_norm, checkpoint_every=checkpoint_every,
-        keep_checkpoints=cfg.keep_checkpoints, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        resume=cfg.resume, stop_at_step=cfg.stop_at_step, seed=cfg.seed,
-    )
     if accelerator.is_main_process:
         import accelerate
         import open_clip
@@ -263,7 +251,7 @@ def train(cfg: TrainRunConfig) -> dict:
                     **({"dr_teachers": {"dims": teachers[0], "logit_scales": teachers[1]}} if teachers else {}))
     log.info("training %s (%s) for %d steps of %d samples on %d process(es); %d samples in %d shards",
              loaded.name, kind, total_steps, cfg.batch_size, world, stream.num_samples, len(stream.shards))
-    trainer = Trainer(task, stream, trainer_cfg, out_dir=out, accelerator=accelerator, run_config=cfg,
+    trainer = Trainer(task, stream, loop, total_steps=total_steps, out_dir=out, accelerator=accelerator, run_config=cfg,
                       tracker_project=out.name or "qcap-train")
     result = trainer.train()
     counts = stream.metrics()
@@ -301,10 +289,3 @@ def main(argv: list[str], prog: str = "qcap train") -> int:
     if summary["eval"]:
         print("  eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary["eval"].items())))
     return 0
-
-
-def preset(name: str, **overrides) -> TrainRunConfig:
-    """A preset with fields overridden (for Python callers: the demo, benchmarks, tests)."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name](), **overrides)
