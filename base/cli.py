@@ -2,7 +2,10 @@
 
 Each stage keeps a ``COMMANDS`` dict (name → :class:`Command`) in its ``cli.py``; the target
 module is imported only when its command runs, so ``--help`` stays instant and never loads
-torch, ray or open_clip. ``qcap`` (package ``qcap``) merges the stages' dicts.
+torch, ray or open_clip. ``qcap`` (package ``qcap``) merges the stages' dicts. Every target is
+``main(argv: list[str], prog: str) -> int``. A command with sub-commands keeps a table of its
+own, ``{name: Command(...)}``, and its ``main`` hands it to :func:`dispatch`, the same code that
+dispatches the top-level commands (listing, ``--help``, one-line unknown-name error).
 
 """
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Command:
     help: str  # one line shown in listings
-    target: str  # "package.module:function"; the function takes argv and returns an exit code
+    target: str  # "package.module:function", a main(argv: list[str], prog: str) -> int
 
 
 class UsageError(Exception):
@@ -62,24 +65,40 @@ def setup_logging(level: str | None = None) -> None:
         root.addHandler(handler)
 
 
-def _listing(prog: str, commands: Mapping[str, Command], description: str) -> str:
+def _listing(prog: str, commands: Mapping[str, Command], description: str, noun: str = "command") -> str:
     width = max((len(name) for name in commands), default=0)
-    lines = [f"usage: {prog} <command> [options]", "", description, "", "commands:"]
+    lines = [f"usage: {prog} <{noun}> [options]", "", description, "", f"{noun}s:"]
     lines += [f"  {name.ljust(width)}  {cmd.help}" for name, cmd in commands.items()]
-    lines += ["", f"Run '{prog} <command> --help' for the options of one command."]
+    lines += ["", f"Run '{prog} <{noun}> --help' for the options of one {noun}."]
     return "\n".join(lines)
 
 
-def dispatch(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | None, description: str) -> int:
-    """Run ``argv[0]``'s target with the rest of argv; print a listing for -h/--help/nothing."""
+def _unknown(prog: str, name: str, commands: Mapping[str, Command], noun: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(commands), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    choices = f"; choose from {', '.join(commands)}" if len(commands) <= 8 else f"; run '{prog} --help' for the list"
+    return f"unknown {noun} {name!r}{hint}{choices}"
+
+
+def dispatch(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | None, description: str,
+             *, noun: str = "command") -> int:
+    """Run ``argv[0]``'s target with the rest of argv under ``prog NAME`` (through :func:`run_guarded`);
+    print the listing for -h/--help/nothing; an unknown name is one line, exit status 2.
+
+    The one sub-command mechanism: ``qcap`` dispatches the stages' commands with it, and a command
+    with sub-commands (``qcap filter basic``, ``qcap uids intersect``, ``qcap shards verify``,
+    ``qcap finetune seg``) is a ``main(argv, prog)`` that dispatches its own table of
+    :class:`Command` entries with it (``noun`` names them in the listing and errors: "filter").
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_listing(prog, commands, description))
+        print(_listing(prog, commands, description, noun))
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in commands:
-        print(f"{prog}: unknown command {name!r}\n", file=sys.stderr)
-        print(_listing(prog, commands, description), file=sys.stderr)
+        print(f"{prog}: error: {_unknown(prog, name, commands, noun)}", file=sys.stderr)
         return 2
     module_name, func_name = commands[name].target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from base.cli import UsageError
+from base.cli import Command, UsageError, dispatch
 from base.config import arg, parse_config
 from base.shards import (
     SIZES_FILE,
@@ -255,8 +255,10 @@ def verify(spec: str, *, decode: bool = False, max_pixels: int = 89_478_485) -> 
             "problems": problems}
 
 
-def main(argv: list[str], prog: str = "qcap shards") -> int:
-    cfg = parse_config(ShardsConfig, argv, prog=prog)
+def run_action(action: str, argv: list[str], prog: str) -> int:
+    """``qcap shards info|verify|finalize SHARDS ...``."""
+    cfg = parse_config(ShardsConfig, argv, prog=prog, fixed={"action": action},
+                       description=f"{ACTIONS[action]} ({action}).")
     if cfg.action == "finalize":
         if not os.path.isdir(cfg.shards):
             raise UsageError(f"{cfg.shards}: finalize takes a shard folder")
@@ -285,3 +287,28 @@ def main(argv: list[str], prog: str = "qcap shards") -> int:
                          + (f" ({named})" if named else "") + f": {problems[0]}"
                          + ("; the rest are listed above" if len(problems) > 1 else ""))
     return 0
+
+
+def info_command(argv: list[str], prog: str) -> int:
+    return run_action("info", argv, prog)
+
+
+def verify_command(argv: list[str], prog: str) -> int:
+    return run_action("verify", argv, prog)
+
+
+def finalize_command(argv: list[str], prog: str) -> int:
+    return run_action("finalize", argv, prog)
+
+
+ACTIONS = {
+    "info": "counts per status, columns and samples per shard of a shard folder",
+    "verify": "check that tar, Parquet, stats and sizes.json agree, every problem listed (--decode: images too)",
+    "finalize": "(re)write a folder's sizes.json from its shards' stats",
+}
+# the sub-commands, dispatched by base.cli.dispatch like every qcap command
+COMMANDS: dict[str, Command] = {name: Command(text, f"curate.shardtool:{name}_command") for name, text in ACTIONS.items()}
+
+
+def main(argv: list[str], prog: str = "qcap shards") -> int:
+    return dispatch(prog, COMMANDS, argv, "Inspect, verify or finalize (sizes.json) a shard folder.", noun="action")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from base.cli import UsageError
+from base.cli import Command, UsageError, dispatch
 from base.config import arg, parse_config, save_config
 from base.shards import UID_DTYPE, array_to_uids, load_uids, save_uids
 
@@ -124,35 +124,47 @@ def run_combine(cfg: CombineConfig) -> dict[str, Any]:
     return record
 
 
-def _listing(prog: str) -> str:
-    names = [*OPERATIONS, "info"]
-    width = max(len(name) for name in names)
-    lines = [f"usage: {prog} {{{','.join(names)}}} ...", "", "Combine and inspect DataComp uid files (.npy).", "",
-             "operations:"]
-    lines += [f"  {name.ljust(width)}  {entry.help}: {prog} {name} A.npy B.npy{'' if entry.exact else ' [...]'} --out C.npy"
-              for name, entry in OPERATIONS.items()]
-    lines += [f"  {'info'.ljust(width)}  count, dtype, order; with --shards, what a shard folder holds of them",
-              "", f"Run '{prog} <operation> --help' for its options."]
-    return "\n".join(lines)
-
-
-def main(argv: list[str], prog: str = "qcap uids") -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_listing(prog))
-        return 0 if argv else 2
-    if argv[0] == "info":
-        cfg = parse_config(InfoConfig, argv[1:], prog=f"{prog} info")
-        result = info(cfg.path, cfg.shards)
-        if cfg.json_out:
-            print(json.dumps(result, indent=2))
-        else:
-            for key, value in result.items():
-                print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
-        return 0
-    if argv[0] not in OPERATIONS:
-        raise UsageError(f"unknown operation {argv[0]!r}; choose from {', '.join([*OPERATIONS, 'info'])}")
-    combined = parse_config(CombineConfig, argv, prog=prog)  # the operation is the first positional
+def combine_command(operation: str, argv: list[str], prog: str) -> int:
+    """``qcap uids intersect|union|minus A.npy B.npy ... --out C.npy``."""
+    combined = parse_config(CombineConfig, argv, prog=prog, fixed={"operation": operation},
+                            description=f"Write the {OPERATIONS[operation].help} as a new uid file (sorted, unique).")
     record = run_combine(combined)
     inputs = " ".join(f"{item['path']} ({item['count']})" for item in record["inputs"])
     print(f"{combined.operation}: {inputs} -> {combined.out} ({record['count']})")
     return 0
+
+
+def intersect(argv: list[str], prog: str) -> int:
+    return combine_command("intersect", argv, prog)
+
+
+def union(argv: list[str], prog: str) -> int:
+    return combine_command("union", argv, prog)
+
+
+def minus(argv: list[str], prog: str) -> int:
+    return combine_command("minus", argv, prog)
+
+
+def info_command(argv: list[str], prog: str) -> int:
+    """``qcap uids info UIDS.npy [--shards RAW] [--json]``."""
+    cfg = parse_config(InfoConfig, argv, prog=prog)
+    result = info(cfg.path, cfg.shards)
+    if cfg.json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+# the sub-commands, dispatched by base.cli.dispatch like every qcap command
+COMMANDS: dict[str, Command] = {
+    **{name: Command(f"{entry.help}: A.npy B.npy{'' if entry.exact else ' [...]'} --out C.npy", f"curate.uidtool:{name}")
+       for name, entry in OPERATIONS.items()},
+    "info": Command("count, dtype, order; with --shards, what a shard folder holds of them", "curate.uidtool:info_command"),
+}
+
+
+def main(argv: list[str], prog: str = "qcap uids") -> int:
+    return dispatch(prog, COMMANDS, argv, "Combine and inspect DataComp uid files (.npy).", noun="operation")

@@ -18,6 +18,7 @@ import importlib
 import json
 from dataclasses import dataclass
 
+from base.cli import Command, dispatch
 from base.config import parse_config
 from curate.filters.config import BasicConfig, ClipScoreConfig, DedupConfig
 
@@ -39,30 +40,36 @@ FILTERS: dict[str, FilterEntry] = {
 }
 
 
-def _listing(prog: str) -> str:
-    width = max(len(name) for name in FILTERS)
-    lines = [f"usage: {prog} <filter> --shards RAW --out UIDS.npy [options]", "",
-             "Choose samples of raw shards; write a DataComp uid file and a report beside it.", "", "filters:"]
-    lines += [f"  {name.ljust(width)}  {entry.help}" for name, entry in FILTERS.items()]
-    lines += ["", f"Run '{prog} <filter> --help' for a filter's options."]
-    return "\n".join(lines)
-
-
-def main(argv: list[str], prog: str = "qcap filter") -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_listing(prog))
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in FILTERS:
-        from base.cli import UsageError
-
-        raise UsageError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
+def run_filter(name: str, argv: list[str], prog: str) -> int:
+    """``qcap filter NAME ...``: parse the filter's config, run it, print the summary line."""
     entry = FILTERS[name]
-    cfg = parse_config(entry.config, rest, prog=f"{prog} {name}")
+    cfg = parse_config(entry.config, argv, prog=prog)
     module, func = entry.target.split(":")
     report = getattr(importlib.import_module(module), func)(cfg)
     print(summary_line(report))
     return 0
+
+
+def basic(argv: list[str], prog: str) -> int:
+    return run_filter("basic", argv, prog)
+
+
+def clip_score(argv: list[str], prog: str) -> int:
+    return run_filter("clip-score", argv, prog)
+
+
+def dedup(argv: list[str], prog: str) -> int:
+    return run_filter("dedup", argv, prog)
+
+
+# the sub-commands, dispatched by base.cli.dispatch like every qcap command
+COMMANDS: dict[str, Command] = {name: Command(entry.help, f"curate.filters.cli:{name.replace('-', '_')}")
+                                for name, entry in FILTERS.items()}
+DESCRIPTION = "Choose samples of raw shards; write a DataComp uid file and a report beside it."
+
+
+def main(argv: list[str], prog: str = "qcap filter") -> int:
+    return dispatch(prog, COMMANDS, argv, DESCRIPTION, noun="filter")
 
 
 def summary_line(report: dict) -> str:
