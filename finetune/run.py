@@ -179,7 +179,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     steps_per_epoch = len(train_set) // (cfg.batch_size * world)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     if cfg.trainer.stop_at_step is not None and cfg.trainer.stop_at_step > total_steps:
-        raise UsageError(f"--stop-at-step {cfg.trainer.stop_at_step} is past the run's {total_steps} steps")
+        raise UsageError(f"stop_at_step: --stop-at-step {cfg.trainer.stop_at_step} is past the run's {total_steps} steps")
     # logged at least 4 times a run: min(--log-every, steps // 4)
     trainer_cfg = dataclasses.replace(cfg.trainer, log_every=min(cfg.trainer.log_every, max(1, total_steps // 4)))
     stream = MapStream(train_set, batch_size=cfg.batch_size, seed=cfg.trainer.seed, rank=accelerator.process_index,
