@@ -11,7 +11,7 @@ reinforce) share one whole driver, :func:`run_shard_job`.
 Usage::
 
     saved = claim_output(out, stage="reshard", identity=ident, overwrite=cfg.overwrite,
-                         own_files=(SIZES_FILE, "report.json"), record="reshard.json")
+                         own_files=("report.json",), record="reshard.json")
     make_folder(out)
     write_run_records(out, cfg, identity=ident)              # the resolved config, before any work
     ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address,
@@ -46,8 +46,10 @@ from base.shards import (
 
 log = logging.getLogger(__name__)
 
-# The run records every stage writes beside its output: the resolved config (base.config.save_config,
-# with the output's identity) and the summary whose counts reconcile.
+# The run records a stage writes beside its output: the resolved config (base.config.save_config,
+# with the output's identity) and the summary whose counts reconcile. These are the names
+# write_run_records gives them; the stages written before the kit keep their own names
+# (caption_config.json, subset_summary.json, ...), which later stages and the Makefile read.
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 NOWHERE = "nowhere (every shard was already written)"  # where a run ran that had nothing to do
@@ -161,8 +163,8 @@ def claim_output(
     """Claim ``out`` for a run of ``stage`` whose output is ``identity``.
 
     - a file at ``out``: UsageError (``what`` names what belongs there);
-    - shard files but no ``record``: the stage did not write them, UsageError, nothing removed
-      (``--overwrite`` included);
+    - no ``record``: the stage wrote nothing here (a stage records before it writes shards), so
+      nothing is removed; shard files there are someone else's: UsageError (``--overwrite`` included);
     - ``--overwrite``: the stage's own files are removed (:func:`remove_stage_files`: shards,
       ``own_files``, ``own_dirs``, with ``card`` the dataset card), the run starts over; returns None;
     - a ``record`` whose identity (``recorded(record)``, default its ``"identity"``) differs:
@@ -177,9 +179,7 @@ def claim_output(
         if foreign:
             raise UsageError(f"{out} holds shard files ({foreign[0]}, ...) but no {record}: qcap {stage} did not "
                              "write them; choose another --out")
-        if overwrite:
-            remove_stage_files(out, stage, own_files, own_dirs, card=card)
-        return None
+        return None  # the stage wrote nothing here (it records before its shards): nothing to remove
     if overwrite:
         try:
             written_by = read_record(path).get("stage", stage)

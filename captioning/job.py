@@ -185,22 +185,25 @@ _WEIGHTS = "captioner weights sha256"
 
 
 def _identity(cfg: CaptionConfig, parts: dict[str, Any]) -> dict[str, Any]:
-    """What a folder's captions depend on: the fields declared to shape them, and the weights."""
-    from base.config import output_settings
+    """What a folder's captions depend on: the fields declared to shape them (nested ones by
+    dotted name, ``decode.top_p``), and the captioner's weights."""
+    from base.config import flatten_settings, output_settings
 
-    return {**output_settings(cfg), _WEIGHTS: parts["captioner"].get("weights_sha256")}
+    return {**flatten_settings(output_settings(cfg), CaptionConfig), _WEIGHTS: parts["captioner"].get("weights_sha256")}
 
 
 def _recorded_identity(saved: dict[str, Any]) -> dict[str, Any]:
     """The identity of the captions a ``caption_config.json`` describes (fields added since hold
-    their defaults)."""
-    from base.config import nest_flat, output_fields
+    their defaults; a config written flat, before decoding was nested, reads as its nested form)."""
+    from base.config import ConfigError, from_dict
 
     config = saved.get("config")
-    # a folder captioned before the decoding settings were nested (flat top_p, num_captions...) holds them flat
-    config = nest_flat(CaptionConfig, {**_FINGERPRINT_DEFAULTS, **(config if isinstance(config, dict) else {})})
+    try:
+        recorded = from_dict(CaptionConfig, {**_FINGERPRINT_DEFAULTS, **config})
+    except (ConfigError, TypeError, ValueError, KeyError) as err:
+        raise UsageError(f"{CONFIG_FILE}: not a caption config ({err}); add --overwrite to start over") from err
     captioner = saved.get("captioner") if isinstance(saved.get("captioner"), dict) else {}
-    return {**{name: config.get(name) for name in output_fields(CaptionConfig)}, _WEIGHTS: captioner.get("weights_sha256")}
+    return _identity(recorded, {"captioner": captioner})
 
 
 def resolve_models(cfg: CaptionConfig) -> dict[str, Any]:

@@ -580,7 +580,7 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from base.shards import atomic_write_json
+    from base.stage import write_run_records
     from base.workers import Workers, in_order
 
     _truth_of(os.path.abspath(world))  # a missing truth is one line here, before any task (kept for in-process parts)
@@ -625,7 +625,7 @@ def score_file(world: str | Path, captions: str | Path, *, fields: list[str] | N
         "by_field": {k: v.summary() for k, v in sorted(by_field.items())},
         "by_text_kind": {k: v.summary() for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1].n)},
     }
-    atomic_write_json(out / "summary.json", summary)
+    write_run_records(out, summary=summary)  # summary.json
     return summary
 
 
@@ -662,13 +662,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 def run_scoring(cfg) -> dict[str, Any]:
     """The ``qcap score-captions`` command body (``cfg``: config.ScoreConfig); the resolved
     config goes to ``config.json`` beside the scores."""
-    from base.config import save_config
+    from base.stage import write_run_records
 
     fields = [f.strip() for f in cfg.field.split(",") if f.strip()] if cfg.field else None
     out = cfg.out or default_out(cfg.captions)
     summary = score_file(cfg.world, cfg.captions, fields=fields, out=out, limit=cfg.limit,
                          num_workers=cfg.num_workers, ray_address=cfg.ray_address)
-    save_config(cfg, out / "config.json")
+    write_run_records(out, cfg)  # config.json
     print(format_summary(summary))
     print(f"  wrote {out}/summary.json, {out}/per_caption.parquet and {out}/config.json")
     log.debug("summary: %s", json.dumps(summary["overall"]))

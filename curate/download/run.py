@@ -88,6 +88,7 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         raise ShardError(f"--out {out}: cannot be made a folder ({err.strerror or err})") from err
     with _exclusive(fs, root):
         if cfg.overwrite:
+            _refuse_foreign(fs, root)
             _clear(fs, root)
         plan, _ = make_plan(cfg.pool, cfg.samples_per_shard)
         if cfg.verify_hash and "sha256" not in plan.pool_columns:
@@ -355,6 +356,25 @@ def _clear(fs, root: str) -> None:
             fs.rm(path, recursive=True)
 
 
+def _refuse_foreign(fs, root: str) -> None:
+    """Shard files without a download's ``config.json`` are not download's: refused, ``--overwrite``
+    included (it removes only what download wrote), as every stage does (:func:`base.stage.claim_output`)."""
+    path = f"{root}/{CONFIG_FILE}"
+    if fs.exists(path):
+        try:
+            with fs.open(path, "rb") as handle:
+                stage = json.load(handle).get("stage", "download")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            stage = "download"  # download's own record, broken by a kill or by hand
+        if stage != "download":
+            raise UsageError(f"{path} was written by qcap {stage}, not qcap download; choose another --out")
+        return
+    leftovers = sorted(os.path.basename(p) for p in fs.ls(root, detail=False) if _SHARD_FILE.match(os.path.basename(p)))
+    if leftovers:
+        raise UsageError(f"{root} holds shard files ({leftovers[0]}, ...) but no {CONFIG_FILE}: qcap download did not "
+                         "write them; choose another --out")
+
+
 def _check_compatible(fs, root: str, cfg: DownloadConfig, plan: Plan) -> None:
     """A resumed or retried run must continue the same plan with the same output settings
     (declared on DownloadConfig); other ones are the stage kit's one refusal, naming the fields."""
@@ -362,11 +382,7 @@ def _check_compatible(fs, root: str, cfg: DownloadConfig, plan: Plan) -> None:
 
     path = f"{root}/{CONFIG_FILE}"
     if not fs.exists(path):
-        leftovers = [p for p in fs.ls(root, detail=False) if _SHARD_FILE.match(os.path.basename(p))]
-        if leftovers:
-            raise UsageError(
-                f"{root} holds shards but no {CONFIG_FILE}: not a qcap download folder; choose an empty --out or pass --overwrite"
-            )
+        _refuse_foreign(fs, root)
         return
     try:
         with fs.open(path, "rb") as handle:

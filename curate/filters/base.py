@@ -43,10 +43,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from base.config import save_config
 from base.shards import (
     ShardError,
-    atomic_write_json,
     expand_shards,
     is_uid,
     load_uids,
@@ -55,6 +53,7 @@ from base.shards import (
     shard_columns,
     uid_membership,
 )
+from base.stage import write_run_records
 from curate.filters.config import FilterConfig
 from curate.filters.members import SampleProblem, check_caption, shard_labels
 from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
@@ -351,7 +350,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     labels = shard_labels(tars)
     subset = load_subset(cfg.subset) if cfg.subset is not None else None
     report_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, report_dir / CONFIG_FILE, filter=filt.name, shards=tars)
+    write_run_records(report_dir, cfg, config_name=CONFIG_FILE, filter=filt.name, shards=tars)
 
     filt.prepare(tars, subset)
     histograms = {h.name: h for h in filt.histograms()}
@@ -418,7 +417,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
         },
         "seconds": round(time.time() - started, 3),
     }
-    atomic_write_json(report_dir / REPORT_FILE, report)
+    write_run_records(report_dir, summary=report, summary_name=REPORT_FILE)
     save_uids(cfg.out, kept_uids)
     return report
 
