@@ -125,9 +125,9 @@ def remove_stage_files(out: str | os.PathLike, stage: str, own_files: Sequence[s
                        own_dirs: Sequence[str] = (), *, card: bool = False) -> list[str]:
     """``--overwrite``: remove what the stage wrote in ``out`` and only that: its shards, their
     markers and temporaries, ``sizes.json`` (:func:`base.shards.finalize_folder`'s), the files
-    named in ``own_files``, the folders named in
-    ``own_dirs`` (a symlink under one of those names is unlinked, never followed) and, with
-    ``card``, the dataset card's files (:func:`base.card.remove_card`)."""
+    named in ``own_files``, the folders named in ``own_dirs`` (a symlink under one of those names
+    is unlinked, never followed) and, with ``card``, the dataset card's files
+    (:func:`base.card.remove_card`)."""
     from base.card import remove_card
 
     out = Path(out)
