@@ -2,14 +2,22 @@
 
 ``ray_session(address, num_cpus)``: inside a running Ray (a notebook, a test) use it and leave it
 up; ``address`` (``auto`` or ``HOST:PORT`` of an existing cluster, started with ``ray start``)
-joins that cluster; else a local Ray starts with an explicit CPU count and no dashboard. The
-driver disconnects when the stage ends. ``ray_map`` runs a module-level function over task
-records as Ray tasks: at most ``max_in_flight`` submitted at once (backpressure: the driver holds
-only that many pending results), each retried up to ``max_retries`` times when its worker or node
-dies (a task's own exception is not retried: it is the same on every node, and reaches the user
-as its original one line). Tasks must be idempotent — every qcap stage writes a shard atomically
-and marks it done last — and their inputs and outputs must sit on storage every node sees (a
-shared filesystem or an fsspec URL), as on any Ray cluster.
+joins that cluster; ``local`` or None starts a new local Ray with an explicit CPU count and no
+dashboard. The driver disconnects when the stage ends. ``ray_map`` runs a module-level function
+over task records as Ray tasks: at most ``max_in_flight`` submitted at once (backpressure: the
+driver holds only that many pending results), each retried up to ``max_retries`` times when its
+worker or node dies (a task's own exception is not retried: it is the same on every node, and
+reaches the user as its original one line). Tasks must be idempotent — every qcap stage writes a
+shard atomically and marks it done last — and their inputs and outputs must sit on storage every
+node sees (a shared filesystem or an fsspec URL), as on any Ray cluster.
+
+What a command pays for Ray is mostly Ray's own and fixed: the driver's ``import ray`` and
+connection, and one new worker process per CPU for each command (Ray binds a worker to one job:
+it starts, imports Ray, connects, then imports the stage's module). ``ray_map`` keeps its own
+part small — the task function is exported once per process and travels inline with each task
+(no object-store put) — and does not let the driver idle through the workers' start-up: until
+the first Ray task returns, the driver runs tasks itself (``driver_helps``), the tasks it would
+otherwise wait on, in this process as a one-worker pool runs them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from base.config import arg
 
 DEFAULT_RETRIES = 3
 RAY_ADDRESS_HELP = ("run on an existing Ray cluster: 'auto' (the cluster this node belongs to) or HOST:PORT of its "
-                    "head; its nodes must see the input and output folders (shared storage)")
+                    "head (its nodes must see the input and output folders: shared storage); 'local': a new Ray "
+                    "on this machine for this command")
+INLINE_BYTES = 64 * 1024  # a task function pickled larger than this goes to the object store once, by reference
 
 
 @contextmanager
@@ -33,7 +43,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, *,
                 object_store_memory: int | None = None) -> Iterator[None]:
     """Join ``address``, start a local Ray with an explicit CPU count, or reuse a running one.
 
-    The one way every qcap stage starts Ray. Without ``address`` a new local instance starts
+    The one way every qcap stage starts Ray. Without ``address`` (or with ``"local"``) a new local instance starts
     (``address="local"``: never attaching by surprise to a cluster someone else started on this
     machine) with ``num_cpus`` (default: all) and no dashboard; the driver's logs stay quiet
     (``log_to_driver=False``, Ray's own at WARNING) so qcap's one-line errors and bars are what
@@ -45,7 +55,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, *,
         return
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address is not None:
+    if address is not None and address != "local":
         check_reachable(address)
         ray.init(address=address, **options)
     else:
@@ -130,30 +140,81 @@ def _call(func: Callable[[Any], Any], task: Any, cwd: str) -> Any:
     return func(task)
 
 
-def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int | None = None,
-            max_retries: int = DEFAULT_RETRIES, num_cpus: float = 1) -> Iterator[Any]:
-    """``func(task)`` for every task as Ray tasks, yielded in completion order."""
+_REMOTE_CALL: Any = None
+_WARM_JOB: Any = None  # the Ray job in which a task of ours has returned: its workers are up
+
+
+def _remote_call(num_cpus: float, max_retries: int) -> Any:
+    """``_call`` as a Ray remote function: made once per process (exported to the cluster once per job, not per
+    ``ray_map``), its per-map settings as options."""
+    global _REMOTE_CALL
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)(_call)
-    limit = max_in_flight or 2 * cluster_cpus()
-    func_ref = ray.put(func)
+    if _REMOTE_CALL is None:
+        _REMOTE_CALL = ray.remote(_call)
+    return _REMOTE_CALL.options(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)
+
+
+def _task_function(func: Callable[[Any], Any]) -> Any:
+    """What travels with each task: the function itself (a module-level function pickles as its name, a few
+    bytes, inline in the task), or one object-store reference when it pickles large (a partial holding data)."""
+    import ray
+    from ray import cloudpickle
+
+    try:
+        size = len(cloudpickle.dumps(func))
+    except Exception:  # noqa: BLE001 - let Ray report what cannot be pickled, as it always has
+        return func
+    return ray.put(func) if size > INLINE_BYTES else func
+
+
+def ray_map(func: Callable[[Any], Any], tasks: list[Any], *, max_in_flight: int | None = None,
+            max_retries: int = DEFAULT_RETRIES, num_cpus: float = 1, driver_helps: bool = True) -> Iterator[Any]:
+    """``func(task)`` for every task as Ray tasks, yielded in completion order.
+
+    ``driver_helps``: until the first Ray task of this job returns (the cluster's worker processes are starting),
+    only one task per cluster CPU is submitted and the driver runs the next ones itself, in this process, checking
+    between them; from the first result on, every task goes to Ray (later maps of the job too). The driver never waits on the start-up with tasks left
+    it could run; a task the driver ran is one this process would have run with one worker (same function, same
+    record, same output)."""
+    import ray
+
+    remote = _remote_call(num_cpus, max_retries)
+    cpus = cluster_cpus()
+    limit = max_in_flight or 2 * cpus
+    started_limit = min(limit, max(1, int(cpus // max(num_cpus, 1e-9))))  # one task per CPU until workers are up
+    fn = _task_function(func)
     cwd = os.getcwd()
     pending: list = []
     queue = iter(tasks)
     exhausted = False
+    global _WARM_JOB
+    context = ray.get_runtime_context()  # this job of this cluster (a job id repeats across clusters)
+    job = (context.gcs_address, context.get_node_id(), context.get_job_id())
+    warm = not driver_helps or job == _WARM_JOB  # a Ray task has returned: from then on the cluster runs every task
     try:
         while pending or not exhausted:
-            while not exhausted and len(pending) < limit:
+            while not exhausted and len(pending) < (limit if warm else started_limit):
                 task = next(queue, None)
                 if task is None:
                     exhausted = True
                     break
-                pending.append(remote.remote(func_ref, task, cwd))
+                pending.append(remote.remote(fn, task, cwd))
             if not pending:
                 break
+            if not warm and not exhausted:
+                done, _ = ray.wait(pending, num_returns=1, timeout=0)
+                if not done:  # the workers are still starting: the driver runs the next task itself
+                    task = next(queue, None)
+                    if task is None:
+                        exhausted = True
+                    else:
+                        yield func(task)
+                    continue
             done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+            result = ray.get(done[0])
+            warm, _WARM_JOB = True, job
+            yield result
     except ray.exceptions.RayTaskError as err:
         clean = clean_error(err)
         if clean is not None:

@@ -40,7 +40,9 @@ class Workers:
         if self.ray_address is not None:
             from base.raykit import ray_session
 
-            self._stack.enter_context(ray_session(self.ray_address))
+            # --ray-address local: a new Ray on this machine with --num-workers CPUs (0: all of them)
+            cpus = self.num_workers if self.ray_address == "local" and self.num_workers > 0 else None
+            self._stack.enter_context(ray_session(self.ray_address, cpus))
         elif self.num_workers > 1:
             import multiprocessing
 

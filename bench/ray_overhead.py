@@ -1,11 +1,18 @@
-"""Ray's overhead per shard-parallel stage: the same command on the same cores, on the local
-process pool (``--num-workers C``) and as Ray tasks on a one-node cluster of ``C`` CPUs
-(``ray start --head --num-cpus C``, joined with ``--ray-address``), in one run.
+"""Ray's overhead per shard-parallel stage: the same command on the same cores, in one run, on
+
+- ``local``: the local process pool (``--num-workers C``), the reference;
+- ``joined``: Ray tasks on a one-node cluster of ``C`` CPUs that is already up (``ray start --head
+  --num-cpus C``, started once by the bench and stopped at the end, joined with ``--ray-address``):
+  what a user with a cluster pays per command;
+- ``new``: a new local Ray per command (``--ray-address local --num-workers C``: the command starts
+  Ray, runs, and stops it), what a user without a cluster would pay;
+- with ``--reference TREE`` (a qcap source tree, e.g. ``git archive`` of an older commit), also
+  ``joined-ref``: the joined case with that tree's code, for a before/after in the same run.
 
 Each stage runs ``--repeats`` times per backend, alternating, each run into a fresh output folder
-and as its own process (start-up, Ray's driver connection and import costs included: what a
-user pays). Printed per stage: median wall seconds of each and the ratio Ray / local (the goal:
-at most 1.2). The outputs of the two backends are checked equal, byte for byte.
+and as its own process (start-up, Ray's import and connection included: what a user pays).
+Printed per stage: median wall seconds of each and each one's ratio to ``local`` (the goal: at
+most 1.2). The outputs of every backend are checked equal to the local pool's, byte for byte.
 
 Inputs (made once, in a temporary folder): curated image shards and caption shards for build-dr,
 and a raw pool of the embedded world (with its planted faults and duplicates) for the filters.
@@ -14,6 +21,7 @@ Run::
 
     python bench/ray_overhead.py                       # 2 CPUs, 3 repeats, the default sizes
     python bench/ray_overhead.py --scale 0.25 --repeats 1   # a quick look
+    python bench/ray_overhead.py --backends local joined   # leave out the new-Ray-per-command case
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' data makers: the same inputs the scale-out tests use
+# bench/ (this script's folder, first on the path) holds world.py, which would shadow the world package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' data makers: the same inputs the scale-out tests use
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1",
            NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1")
 # run records: wall times, where it ran, output paths (the data files are compared byte for byte)
@@ -118,13 +128,16 @@ def stages(inputs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def run(argv: list[str]) -> float:
+def run(argv: list[str], env: dict[str, str] = ENV) -> float:
     started = time.perf_counter()
-    done = subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=ENV)
+    done = subprocess.run([str(BIN / "qcap"), *argv], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"qcap {' '.join(argv)} failed: {done.stderr[-2000:]}")
     return seconds
+
+
+BACKENDS = ("local", "joined", "new", "joined-ref")
 
 
 def main() -> None:
@@ -133,7 +146,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
+    parser.add_argument("--backends", nargs="*", default=["local", "joined", "new"], choices=BACKENDS,
+                        help="local is always run (the reference)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="a qcap source tree: adds joined-ref, the joined case run with that tree's code")
     args = parser.parse_args()
+    backends = ["local", *(b for b in args.backends if b != "local")]
+    if args.reference is not None and "joined-ref" not in backends:
+        backends.append("joined-ref")
+    if "joined-ref" in backends and args.reference is None:
+        raise SystemExit("joined-ref needs --reference TREE")
+    ref_env = None if args.reference is None else dict(ENV, PYTHONPATH=str(args.reference.resolve()))
     temp = Path(tempfile.mkdtemp(prefix="qro", dir="/tmp"))
     try:
         print(f"making inputs (scale {args.scale}) in {temp} ...", flush=True)
@@ -144,28 +167,35 @@ def main() -> None:
             for name, (argv, target) in stages(inputs).items():
                 if args.stages and name not in args.stages:
                     continue
-                times: dict[str, list[float]] = {"local": [], "ray": []}
+                workers = ["--workers" if name == "world" else "--num-workers", str(args.cpus)]
+                flags = {"local": (workers, ENV), "joined": (["--ray-address", address], ENV),
+                         "new": (["--ray-address", "local", *workers], ENV),
+                         "joined-ref": (["--ray-address", address], ref_env)}
+                times: dict[str, list[float]] = {b: [] for b in backends}
                 outputs: dict[str, Path] = {}
                 for repeat in range(args.repeats):
-                    workers = "--workers" if name == "world" else "--num-workers"
-                    for backend, flags in (("local", [workers, str(args.cpus)]), ("ray", ["--ray-address", address])):
+                    for backend in backends:
                         folder = temp / "runs" / f"{name.replace(' ', '-')}-{backend}-{repeat}"
                         folder.mkdir(parents=True)
-                        out = folder / target
-                        times[backend].append(run([*argv, "--out", str(out), *flags]))
+                        extra, env = flags[backend]
+                        times[backend].append(run([*argv, "--out", str(folder / target), *extra], env))
                         outputs[backend] = folder
-                same = digest(outputs["local"]) == digest(outputs["ray"])
-                local, ray = statistics.median(times["local"]), statistics.median(times["ray"])
-                rows.append((name, local, ray, ray / local, same))
-                print(f"  {name}: local {local:.2f} s, ray {ray:.2f} s, ratio {ray / local:.2f}, same output: {same}",
-                      flush=True)
+                reference = digest(outputs["local"])
+                medians = {b: statistics.median(t) for b, t in times.items()}
+                same = all(digest(outputs[b]) == reference for b in backends)
+                rows.append((name, medians, same))
+                print(f"  {name}: " + ", ".join(f"{b} {m:.2f} s" for b, m in medians.items())
+                      + f"; same output: {same}", flush=True)
         finally:
             stop_head(head)
         load = os.getloadavg()[0]
         print(f"\nRay overhead on {args.cpus} CPUs (medians of {args.repeats}; load average now {load:.1f})")
-        print(f"{'stage':<14} {'local pool':>11} {'Ray':>9} {'Ray/local':>10}  same output")
-        for name, local, ray, ratio, same in rows:
-            print(f"{name:<14} {local:>10.2f}s {ray:>8.2f}s {ratio:>10.2f}  {'yes' if same else 'NO'}")
+        others = backends[1:]
+        print(f"{'stage':<14} {'local':>8} " + " ".join(f"{b:>10} {b + '/local':>16}" for b in others) + "  same output")
+        for name, medians, same in rows:
+            local = medians["local"]
+            print(f"{name:<14} {local:>7.2f}s " + " ".join(f"{medians[b]:>9.2f}s {medians[b] / local:>16.2f}"
+                                                        for b in others) + f"  {'yes' if same else 'NO'}")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
