@@ -170,6 +170,9 @@ def test_caption_decode_is_nested_with_the_old_flags_and_old_folders_recognised(
     # a caption_config.json written before decode was nested holds the decoding fields flat
     old = {k: v for k, v in to_dict(makefile).items() if k != "decode"} | to_dict(makefile.decode)
     assert {k: nest_flat(CaptionConfig, old).get(k) for k in output_fields(CaptionConfig)} == output_settings(makefile)
+    assert from_dict(CaptionConfig, old) == makefile
+    text = build_parser(CaptionConfig, prog="qcap caption").format_help()
+    assert "decode (DecodeParams)" in text and "--decode.top-p TOP_P, --top-p TOP_P" in text
 
 
 def test_train_mae_and_finetune_hold_the_loop_once_with_their_own_defaults():
@@ -192,6 +195,8 @@ def test_train_mae_and_finetune_hold_the_loop_once_with_their_own_defaults():
     cfg = parse_config(TrainRunConfig, argv, presets=TRAIN_PRESETS)
     assert (cfg.trainer.seed, cfg.trainer.resume, cfg.trainer.log_every, cfg.trainer.checkpoint_every) == (3, True, 4, 100)
     assert parse_config(TrainRunConfig, ["--data", "d", "--out", "r", "--trainer.seed", "3"]).trainer.seed == 3
+    text = build_parser(TrainRunConfig, prog="qcap train", presets=TRAIN_PRESETS).format_help()
+    assert "trainer (TrainerConfig)" in text and "--trainer.warmup WARMUP, --warmup WARMUP" in text
 
     mae = parse_config(MaeRunConfig, ["--data", "d", "--out", "r", "--seed", "2", "--samples-seen", "256", "--resume"])
     assert mae.trainer == TrainerConfig(lr=1e-3, warmup=10, weight_decay=0.05, beta2=0.95, eps=1e-8,
