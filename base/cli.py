@@ -63,6 +63,24 @@ def setup_logging(level: str | None = None) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
         root.addHandler(handler)
+    _repoint_closed_streams()
+
+
+def _repoint_closed_streams() -> None:
+    """Point every library handler whose stream has been closed at the current ``sys.stderr``.
+
+    A library that sets up its own console handler (Ray Data does, on its first dataset) binds
+    it to the stderr of that moment; when commands run one after another in one process
+    (notebooks, tests) that stream may be closed by the time the next command logs, and every
+    record then prints a "--- Logging error ---" traceback instead of its line."""
+    loggers = [logging.getLogger()] + [obj for obj in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(obj, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and getattr(handler.stream, "closed", False):
+                with handler.lock or contextlib.nullcontext():  # not setStream: it flushes the closed stream
+                    handler.stream = sys.stderr
 
 
 def _listing(prog: str, commands: Mapping[str, Command], description: str, noun: str = "command") -> str:

@@ -301,3 +301,33 @@ def test_commands_run_one_after_another_log_to_the_current_stderr(capsys):
     assert run_guarded(command, ["second"], "qcap x") == 0  # capsys has swapped sys.stderr meanwhile
     err = capsys.readouterr().err
     assert "hello from second" in err and "hello from first" not in err
+
+
+def test_a_library_handler_left_on_a_closed_stream_logs_to_the_current_stderr(capsys):
+    """Commands run one after another in one process (a notebook, the tests): a library that bound
+    its console handler to an earlier command's stderr (Ray Data does) must not print a
+    "--- Logging error ---" traceback once that stream is closed; its line goes to stderr."""
+    import io
+    import logging
+
+    from base.cli import run_guarded
+
+    old = io.StringIO()
+    handler = logging.StreamHandler(old)
+    library = logging.getLogger("qcap_test_library")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    library.propagate = False
+    old.close()
+
+    def command(argv: list[str], prog: str) -> int:
+        library.warning("from the library")
+        return 0
+
+    try:
+        assert run_guarded(command, [], "qcap test") == 0
+    finally:
+        library.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert "from the library" in err
