@@ -733,7 +733,8 @@ def _pool_step(path: Path, seen: set[str]) -> list[dict[str, Any]]:
 def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, depth: int = 0) -> list[dict[str, Any]]:
     """The steps that made a shard folder (or a filter's uid file), oldest first, followed
     through the configs qcap stages leave beside their outputs: a folder's ``config.json``
-    (``config_class`` names the stage) and report (``report.json``, ``manifest.json``), a uid
+    (``config_class`` names the stage) and summary (``summary.json``; ``report.json`` of a
+    reshard from before that name; download's ``manifest.json``), a uid
     file's ``NAME.report/`` (the filter that wrote it) or ``NAME.npy.json`` (the ``qcap uids``
     operation that combined other uid files), and from each the inputs it read (``shards``,
     ``subset``, ``pool``; a uid operation's ``inputs``)."""
@@ -767,7 +768,8 @@ def trace_lineage(path: str | os.PathLike, *, seen: set[str] | None = None, dept
     step: dict[str, Any] = {"step": name, "title": f"{path}", "config": config.get("config_class")}
     run_only = set(config.get("run_only") or ()) | {"out"}  # as the stage declared its fields (base.config.arg)
     step["settings"] = {k: v for k, v in settings.items() if k not in run_only and v not in (None, False, "", [])}
-    for report in ([report_name] if report_name else ["report.json", "manifest.json"]):
+    # a stage's summary (base.stage.SUMMARY_FILE; the card sits below the stage kit, which imports it)
+    for report in ([report_name] if report_name else ["summary.json", "report.json", "manifest.json"]):
         data = _read_json(config_dir / report)
         if data:
             step[report] = _scalars(data.get("counts") if isinstance(data.get("counts"), dict) else data)

@@ -11,7 +11,7 @@ reinforce) share one whole driver, :func:`run_shard_job`.
 Usage::
 
     saved = claim_output(out, stage="reshard", identity=ident, overwrite=cfg.overwrite,
-                         own_files=("report.json",), record="reshard.json")
+                         own_files=(CONFIG_FILE, SUMMARY_FILE))
     make_folder(out)
     write_run_records(out, cfg, identity=ident)              # the resolved config, before any work
     ran_on = run_pool(write_shard, todo, num_workers=cfg.num_workers, ray_address=cfg.ray_address,
@@ -46,12 +46,23 @@ from base.shards import (
 
 log = logging.getLogger(__name__)
 
-# The run records a stage writes beside its output: the resolved config (base.config.save_config,
-# with the output's identity) and the summary whose counts reconcile. These are the names
-# write_run_records gives them; the stages written before the kit keep their own names
-# (caption_config.json, subset_summary.json, ...), which later stages and the Makefile read.
+# The run records every stage writes beside its output, under these two names: the resolved
+# config (base.config.save_config, with the output's identity; its "stage" names the stage) and
+# the summary whose counts reconcile, written last (write_run_records).
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+RECORD_KINDS = ("config", "summary")
+# The names the stages gave these records before they shared the two above. A folder written
+# then is still resumed by its stage (claim_output) and read by the stages and reports after it
+# (run_record_path, read_run_record); nothing writes these names any more.
+LEGACY_RECORDS: dict[str, dict[str, str]] = {
+    "reshard": {"config": "reshard.json", "summary": "report.json"},
+    "subset": {"config": "subset.json", "summary": "subset_summary.json"},
+    "build-dr": {"config": "build_dr.json", "summary": "build_dr_summary.json"},
+    "caption": {"config": "caption_config.json", "summary": "caption_summary.json"},
+    "reinforce": {"config": "reinforce_config.json", "summary": "reinforce_summary.json"},
+    "control-rung": {"config": "control.json", "summary": "control_summary.json"},
+}
 NOWHERE = "nowhere (every shard was already written)"  # where a run ran that had nothing to do
 _SHARD_FILE = re.compile(r"^\d+(?:\.tar|\.parquet|_stats\.json|\.done)$")
 _SHOWN = 80  # characters of a differing value an error shows
@@ -90,6 +101,41 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{path}: not a run record (a JSON object); use --overwrite to start over")
     return value
+
+
+def legacy_names(stage: str) -> tuple[str, ...]:
+    """The run records' names ``stage`` wrote before the shared ones (none for a newer stage)."""
+    return tuple(LEGACY_RECORDS.get(stage, {}).values())
+
+
+def run_record_path(folder: str | os.PathLike, kind: str, stage: str) -> Path | None:
+    """The ``kind`` (``config`` or ``summary``) run record ``stage`` left in ``folder``: the shared
+    name (a ``config.json`` only when its ``stage`` is this one, or when it cannot be read: the
+    caller says so), else the stage's legacy name (:data:`LEGACY_RECORDS`); None when neither."""
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"kind: one of {RECORD_KINDS}, not {kind!r}")
+    folder = Path(folder)
+    path = folder / (CONFIG_FILE if kind == "config" else SUMMARY_FILE)
+    if path.is_file():
+        if kind == "summary":
+            return path
+        try:
+            written_by = json.loads(path.read_text(encoding="utf-8")).get("stage", stage)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return path
+        if written_by == stage:
+            return path
+    legacy = LEGACY_RECORDS.get(stage, {}).get(kind)
+    if legacy is not None and (folder / legacy).is_file():
+        return folder / legacy
+    return None
+
+
+def read_run_record(folder: str | os.PathLike, kind: str, stage: str) -> dict[str, Any] | None:
+    """The ``kind`` run record ``stage`` left in ``folder`` (:func:`run_record_path`: the shared
+    name, else the legacy one), None when there is none; a UsageError when it is unreadable."""
+    path = run_record_path(folder, kind, stage)
+    return None if path is None else read_record(path)
 
 
 def differences(recorded: Any, identity: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -163,17 +209,24 @@ def claim_output(
     """Claim ``out`` for a run of ``stage`` whose output is ``identity``.
 
     - a file at ``out``: UsageError (``what`` names what belongs there);
+    - the stage's legacy config record (:data:`LEGACY_RECORDS`: a folder it began before the
+      shared names) is read in place of ``record``, so such a folder resumes, or is refused, as it was;
     - no ``record``: the stage wrote nothing here (a stage records before it writes shards), so
       nothing is removed; shard files there are someone else's: UsageError (``--overwrite`` included);
     - ``--overwrite``: the stage's own files are removed (:func:`remove_stage_files`: shards,
-      ``own_files``, ``own_dirs``, with ``card`` the dataset card), the run starts over; returns None;
+      ``own_files``, the legacy records, ``own_dirs``, with ``card`` the dataset card), the run
+      starts over; returns None;
     - a ``record`` whose identity (``recorded(record)``, default its ``"identity"``) differs:
       UsageError naming the fields (:func:`refuse_mismatch`); with ``only_with_shards`` only when
       a shard was finished (a run killed before any shard mixes nothing);
     - else: returns the record of the run being resumed, or None for a fresh folder.
     """
     out = check_folder(out, what)
-    path = out / record
+    legacy = legacy_names(stage)
+    # a folder the stage began before the shared names holds its identity under the legacy name
+    # (reshard's config.json then held none), and nothing writes that name now: it goes first
+    path = next((out / name for name in (LEGACY_RECORDS.get(stage, {}).get("config"), record)
+                 if name is not None and (out / name).is_file()), out / record)
     if not path.is_file():
         foreign = sorted(p.name for p in out.iterdir() if _SHARD_FILE.match(p.name)) if out.is_dir() else []
         if foreign:
@@ -188,7 +241,7 @@ def claim_output(
         if written_by != stage:
             raise UsageError(f"--overwrite: {path} was written by qcap {written_by}, not qcap {stage}; choose "
                              "another --out")
-        remove_stage_files(out, stage, own_files, own_dirs, card=card)
+        remove_stage_files(out, stage, (*own_files, *legacy), own_dirs, card=card)
         return None
     if only_with_shards and not completed_shards(out):
         return None
@@ -206,9 +259,14 @@ def write_run_records(out: str | os.PathLike, cfg: Any = None, summary: Mapping[
     each written atomically; either may be left out (None: the config is written before the
     work, the summary last)."""
     if cfg is not None:
-        save_config(cfg, Path(out) / config_name, **extra)
+        save_config(cfg, _inside(out, config_name), **extra)
     if summary is not None:
-        atomic_write_json(Path(out) / summary_name, dict(summary))
+        atomic_write_json(_inside(out, summary_name), dict(summary))
+
+
+def _inside(out: str | os.PathLike, name: str) -> str | Path:
+    """``out/name``: a Path, or for an fsspec URL (``s3://...``, which a Path would mangle) a string."""
+    return f"{str(out).rstrip('/')}/{name}" if "://" in str(out) else Path(out) / name
 
 
 # --------------------------------------------------------------------------------------------

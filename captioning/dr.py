@@ -41,7 +41,7 @@ one module each:
    co-sorted inputs read sequentially and scattered ones cost one seek per sample, never a
    re-read of whole shards). Parquet side tables are read whole per caption shard, cached. The
    caption-quality controls (``--drop-flags``, ``--min-score``, ``--min-syn-captions``) apply here.
-4. **finish** (here): ``sizes.json``, uid lists of one-sided samples, ``build_dr_summary.json``
+4. **finish** (here): ``sizes.json``, uid lists of one-sided samples, ``summary.json``
    with counts that reconcile, the dataset card; the work folder is removed.
 
 The caption payloads are never copied into an intermediate shuffle: locators let the writer
@@ -83,7 +83,17 @@ from base.shards import (
     shard_name,
     uid_halves,
 )
-from base.stage import claim_output, make_folder, read_record, refuse_stale, shards_by_id, write_run_records
+from base.stage import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    claim_output,
+    make_folder,
+    read_run_record,
+    refuse_stale,
+    run_record_path,
+    shards_by_id,
+    write_run_records,
+)
 from base.workers import Workers
 from captioning.apple import provenance as apple_provenance
 from captioning.apple import realign_embeddings
@@ -103,8 +113,6 @@ from captioning.quality import DEGENERATE, FLAGS
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "build_dr.json"
-SUMMARY_FILE = "build_dr_summary.json"
 IMAGES_WITHOUT_CAPTIONS = "images_without_captions.npy"
 CAPTIONS_WITHOUT_IMAGES = "captions_without_images.npy"
 UIDS_FILE = "uids.npy"
@@ -490,7 +498,7 @@ def _work(cfg: BuildDRConfig) -> Path:
 
 
 def build(cfg: BuildDRConfig) -> dict[str, Any]:
-    """Build (or finish building) the DR folder; returns the summary (also ``DR/build_dr_summary.json``)."""
+    """Build (or finish building) the DR folder; returns the summary (also ``DR/summary.json``)."""
     from tqdm import tqdm
 
     started = time.time()
@@ -501,15 +509,15 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     # its own work folder (the index and join files) goes with --overwrite, never the user's
     claim_output(out, stage="build-dr", identity=ident, overwrite=cfg.overwrite, own_files=_OWN_FILES,
-                 own_dirs=(WORK_DIR,), card=True, record=CONFIG_FILE, what="the DR shards")
+                 own_dirs=(WORK_DIR,), card=True, what="the DR shards")
     make_folder(out)
-    write_run_records(out, cfg, config_name=CONFIG_FILE, identity=ident, captions=source.describe(),
+    write_run_records(out, cfg, identity=ident, captions=source.describe(),
                       **({"tagged_captions": {k: t.describe() for k, t in tagged}} if tagged else {}), **_versions())
     refuse_stale(out, {shard_id for shard_id, _ in images})
     pending = [(n, shard_id, path) for n, (shard_id, path) in enumerate(images) if not is_complete(out, shard_id)]
     work = _work(cfg)
     resumed = len(images) - len(pending)
-    if pending or not (out / SUMMARY_FILE).is_file():
+    if pending or run_record_path(out, "summary", "build-dr") is None:
         # every step resumes from its markers: a finished index or join is only read back
         with Workers(cfg.num_workers, ray_address=cfg.ray_address) as workers:
             where = workers.where
@@ -535,14 +543,14 @@ def build(cfg: BuildDRConfig) -> dict[str, Any]:
         _write_uid_lists(out, work, num_partitions)
         join_summary = {"join": sum_counts(join_counts), "index": index_counts, "tagged": tag_joins}
     else:  # finished before: the join's counts are in the summary (the work folder is gone)
-        previous = read_record(out / SUMMARY_FILE)
+        previous = read_run_record(out, "summary", "build-dr") or {}
         where = previous.get("ran_on", "local")
         join_summary = {"join": previous["join"], "index": previous["index"],
                         "tagged": {k: {"join": v["join"], "index": v["index"]} for k, v in previous.get("tagged", {}).items()}}
     finalize_folder(out)
     summary = summarize(cfg, images, source, join_summary, resumed, time.time() - started)
     summary["ran_on"] = where
-    write_run_records(out, summary=summary, summary_name=SUMMARY_FILE)
+    write_run_records(out, summary=summary)
     _write_dr_uids(out)
     if cfg.card:
         write_dr_card(cfg, source, summary)
@@ -747,7 +755,7 @@ def write_dr_card(cfg: BuildDRConfig, source: CaptionSource, summary: dict[str, 
         title=f"DataCompDR dataset: {Path(cfg.out).name}",
         description=(f"Images from {cfg.images} with their real (web) caption and synthetic captions from "
                      f"{source.folder} ({source.kind}), joined by uid. Counts reconcile: "
-                     f"{'yes' if summary['reconciled'] else 'NO'} (build_dr_summary.json)."),
+                     f"{'yes' if summary['reconciled'] else 'NO'} (summary.json)."),
         lineage=lineage,
         usage=[f"qcap train --data {cfg.out} --caption-source dual ...     # real + synthetic (DataCompDR)",
                f"qcap train --data {cfg.out} --caption-source real ...     # the same images, real captions only",
@@ -768,7 +776,7 @@ def _caption_step(source: CaptionSource) -> dict[str, Any]:
     config = info.get("caption_config") or {}
     captioner = config.get("captioner") or {}
     step["captioner"] = {k: captioner.get(k) for k in ("backend", "model", "source", "weights_sha256")}
-    step["decoding"] = config.get("decoding") or "unknown (no caption_config.json)"
+    step["decoding"] = config.get("decoding") or "unknown (the caption folder records none)"
     settings = config.get("config") or {}
     step["seed"] = settings.get("seed")
     step["postprocess"] = "first sentence" if settings.get("first_sentence", True) else "whole caption"

@@ -72,7 +72,7 @@ class CaptionSource(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """What made the captions (captioner, decoding, scorer), for build_dr.json and the card."""
+        """What made the captions (captioner, decoding, scorer), for build-dr's config.json and the card."""
 
 
 class CaptionReader(ABC):
@@ -326,12 +326,16 @@ def open_source(captions: str | None, apple_syn: str | None) -> CaptionSource:
 
 
 def describe_caption_folder(folder: str, kind: str) -> dict[str, Any]:
-    """Captioner, decoding and scorer from ``caption_config.json``, and ``caption_summary.json``."""
+    """Captioner, decoding and scorer from the caption folder's run records (``config.json``,
+    ``summary.json``; a folder captioned before those names: ``caption_config.json``,
+    ``caption_summary.json``)."""
+    from base.stage import run_record_path
+
     root = Path(folder)
     out: dict[str, Any] = {"kind": kind, "folder": str(folder)}
-    for name, key in (("caption_config.json", "caption_config"), ("caption_summary.json", "caption_summary")):
-        path = root / name
-        if path.is_file():
+    for kind_of_record, key in (("config", "caption_config"), ("summary", "caption_summary")):
+        path = run_record_path(root, kind_of_record, "caption")
+        if path is not None:
             try:
                 out[key] = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:

@@ -20,8 +20,9 @@ from ``--seed`` and its uid, so a redone shard gets the captions it would have g
 Output (see ARCHITECTURE.md, "caption"): caption-only shards keyed by uid, Apple's
 ``KEY.syn.json`` = ``{"syn_text": [...]}`` and qcap's provenance ``KEY.qcap.json``
 (``--format webdataset``), or one Parquet side table per shard (``--format parquet``);
-``caption_config.json`` (the resolved config, captioner and scorer identity) and
-``caption_summary.json`` (counts that reconcile) beside them.
+``config.json`` (the resolved config, captioner and scorer identity) and ``summary.json``
+(counts that reconcile) beside them (a folder captioned before these names holds
+``caption_config.json`` and ``caption_summary.json``; it resumes as it was).
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ from typing import Any, ClassVar, Literal
 from base.cli import UsageError
 from base.config import arg, save_config
 from base.raykit import ActorJobConfig
+from base.stage import CONFIG_FILE, SUMMARY_FILE
 from captioning.params import DecodeParams
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "caption_config.json"
-SUMMARY_FILE = "caption_summary.json"
 READ_CHUNK = 256  # samples per block out of the reader
 # A folder holds captions made with one value of each field that shapes them (declared on CaptionConfig).
 # Fingerprint fields added later: a folder captioned before they existed holds their defaults.
@@ -178,7 +178,7 @@ def run(cfg: CaptionConfig) -> dict[str, Any]:
         cfg, stage="caption", resolve=resolve_models, identity=_identity, recorded=_recorded_identity,
         work=caption_shards, finalize=cfg.output_format == "webdataset",
         summarize=lambda out, tars, failed: summarize(out, tars, cfg.output_format, failed),
-        own_files=(SUMMARY_FILE, CONFIG_FILE), record=CONFIG_FILE, summary_name=SUMMARY_FILE)
+        own_files=(SUMMARY_FILE, CONFIG_FILE))
 
 
 _WEIGHTS = "captioner weights sha256"
@@ -193,7 +193,7 @@ def _identity(cfg: CaptionConfig, parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recorded_identity(saved: dict[str, Any]) -> dict[str, Any]:
-    """The identity of the captions a ``caption_config.json`` describes (fields added since hold
+    """The identity of the captions a caption folder's ``config.json`` describes (fields added since hold
     their defaults; a config written flat, before decoding was nested, reads as its nested form)."""
     from base.config import ConfigError, from_dict
 

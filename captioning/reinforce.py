@@ -22,9 +22,10 @@ holds them,
 and qcap's ``KEY.reinforce.json``: the sha256, byte count and pixel size of the image bytes the
 parameters were drawn on (a re-downloaded or resized image is detected when training, never
 silently misaligned), the text rows' layout, and the fingerprints of the teachers and of the
-augmentation config. ``reinforce_config.json`` records the teachers (names, sources, weights
-sha256, dims, logit scales), the augmentation config and the versions; ``reinforce_summary.json``
-the counts (``images_in = images_reinforced + Σ images_failed``).
+augmentation config. ``config.json`` records the teachers (names, sources, weights
+sha256, dims, logit scales), the augmentation config and the versions; ``summary.json``
+the counts (``images_in = images_reinforced + Σ images_failed``); a folder reinforced before
+these names holds ``reinforce_config.json`` and ``reinforce_summary.json``.
 
 Work runs on Ray actors, one teacher ensemble per actor (a GPU each with ``--device cuda``),
 one shard per call; each shard is written atomically with its marker by the actor that made it,
@@ -48,11 +49,10 @@ from base.augment import RECORD_MEMBER, REPLACED_MEMBERS, encode_embeddings
 from base.cli import UsageError
 from base.config import arg, save_config
 from base.raykit import ActorJobConfig
+from base.stage import CONFIG_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "reinforce_config.json"
-SUMMARY_FILE = "reinforce_summary.json"
 
 
 @dataclass(kw_only=True)
@@ -146,8 +146,7 @@ def run(cfg: ReinforceConfig) -> dict[str, Any]:
     from base.stage import run_shard_job
 
     return run_shard_job(cfg, stage="reinforce", resolve=resolve_teachers, identity=_identity, recorded=_recorded_identity,
-                         work=reinforce_shards, summarize=summarize, own_files=(SUMMARY_FILE, CONFIG_FILE),
-                         record=CONFIG_FILE, summary_name=SUMMARY_FILE)
+                         work=reinforce_shards, summarize=summarize, own_files=(SUMMARY_FILE, CONFIG_FILE))
 
 
 _WEIGHTS = "teacher weights sha256"

@@ -19,20 +19,21 @@ Samples are copied verbatim (image bytes, caption, extra members) under a new ke
 ``{shard:05d}{index:04d}``; ``KEY.json`` records where each came from (``source_shard``,
 ``source_key``), and every column of the input Parquet row is carried into the output Parquet.
 
-``CURATED/`` holds the shards, ``sizes.json``, ``reshard.json`` (config, inputs, plan identity;
-where it runs is no part of the identity, so a run resumed with or without Ray is accepted)
-and ``report.json`` (with ``ran_on``): the subset's uids found as successes, as failures (by status), not found
+``CURATED/`` holds the shards, ``sizes.json``, ``config.json`` (the resolved config, the
+inputs' identity and the plan's size; where it runs is no part of the identity, so a run resumed
+with or without Ray is accepted) and ``summary.json`` (with ``ran_on``): the subset's uids found as successes, as failures (by status), not found
 at all, repeated (a uid appearing twice: the first copy is kept); expected and written counts
 per shard, checked equal. Output from other inputs is refused unless ``--overwrite``, which
-removes only what reshard writes (shard files, ``sizes.json``, ``reshard.json``,
-``config.json``, ``report.json``, temporaries) and leaves every other file in the folder.
+removes only what reshard writes (shard files, ``sizes.json``, ``config.json``,
+``summary.json``, temporaries; a folder from before these names: ``reshard.json`` and
+``report.json``, which it still resumes) and leaves every other file in the folder.
 
 Hostile input is counted per row, never copied as a success and never a traceback: a selected
 ``success`` row whose sample the tar lacks (``missing_from_tar``; also the rows a truncated tar
 lost), has no image member (``no_image``), carries another uid in its ``KEY.json``
 (``uid_mismatch``) or cannot be read (the reader's ``bad_json``, ``bad_member``,
 ``duplicate_key``, ``truncated``) becomes a Parquet-only row of that status in the output
-shard, counted in ``report.json``'s ``not_copied``. A uid twice in the subset file counts once
+shard, counted in ``summary.json``'s ``not_copied``. A uid twice in the subset file counts once
 (``repeated_in_subset``); a key on two success rows of one Parquet keeps the first
 (``repeated_key_rows``); rows whose uid is not DataComp's are counted (``malformed_uid_rows``).
 """
@@ -50,14 +51,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from base.config import arg, parse_config, to_dict
+from base.config import arg, parse_config
 from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     SIZES_FILE,
     Sample,
     ShardError,
     ShardWriter,
-    atomic_write_json,
     expand_shards,
     finalize_folder,
     is_uid,
@@ -67,11 +67,18 @@ from base.shards import (
     shard_name,
     uid_membership,
 )
-from base.stage import CONFIG_FILE, claim_output, make_folder, pending_shards, refuse_stale, run_pool, write_run_records
+from base.stage import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    claim_output,
+    make_folder,
+    pending_shards,
+    refuse_stale,
+    run_pool,
+    write_run_records,
+)
 
 log = logging.getLogger(__name__)
-PLAN_FILE = "reshard.json"
-REPORT_FILE = "report.json"
 
 
 @dataclass(kw_only=True)
@@ -174,7 +181,7 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 
 # What reshard writes in --out, and so all that --overwrite removes (anything else is the user's):
 # its shards (base.shards.remove_own_files) and these.
-_OWN_FILES = (PLAN_FILE, CONFIG_FILE, REPORT_FILE)
+_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE)
 
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
@@ -253,20 +260,18 @@ def _relabel(sample: Sample, row: dict[str, Any], key: str, source: str) -> Samp
 
 
 def reshard(cfg: ReshardConfig) -> dict[str, Any]:
-    """Run the resharder; returns the report (also ``CURATED/report.json``)."""
+    """Run the resharder; returns the report (also ``CURATED/summary.json``)."""
     started = time.time()
     tars = expand_shards(cfg.shards)
     subset = load_uids(cfg.subset)
     identity = _identity(cfg, tars)
     claim_output(cfg.out, stage="reshard", identity=identity, overwrite=cfg.overwrite, own_files=_OWN_FILES,
-                 record=PLAN_FILE, what="the curated shards")
+                 what="the curated shards")
     selection = select(tars, subset)
     n = cfg.samples_per_shard
     plan = [selection.items[i:i + n] for i in range(0, len(selection.items), n)]
     make_folder(cfg.out)
-    atomic_write_json(cfg.out / PLAN_FILE, {"config": to_dict(cfg), "identity": identity, "num_shards": len(plan),
-                                            "num_samples": len(selection.items)})
-    write_run_records(cfg.out, cfg)
+    write_run_records(cfg.out, cfg, identity=identity, num_shards=len(plan), num_samples=len(selection.items))
     refuse_stale(cfg.out, range(len(plan)))
     width = max(4, len(str(n - 1)))
     # the task's paths are absolute (expand_shards gives local shards so): a Ray worker's working
@@ -302,7 +307,7 @@ def reshard(cfg: ReshardConfig) -> dict[str, Any]:
         "resumed_shards": len(plan) - len(todo), "sizes_file": str(cfg.out / SIZES_FILE),
         "ran_on": ran_on, "seconds": round(time.time() - started, 3),
     }
-    write_run_records(cfg.out, summary=report, summary_name=REPORT_FILE)
+    write_run_records(cfg.out, summary=report)
     return report
 
 

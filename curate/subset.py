@@ -31,8 +31,9 @@ local processes or, with ``--ray-address``, as tasks on a Ray cluster (:mod:`bas
 the same bytes either way, and where they ran is no part of the settings a resume checks.
 
 ``DIR/`` holds the shards with ``sizes.json``, ``uids.npy`` (DataComp's sorted uid file of the
-subset), ``subset.json`` (settings, the threshold, the plan), ``subset_summary.json`` (counts
-that reconcile: selected = N exactly) and the dataset card.
+subset), ``config.json`` (settings, the threshold, the plan), ``summary.json`` (counts
+that reconcile: selected = N exactly) and the dataset card. A folder written before these names
+holds ``subset.json`` and ``subset_summary.json``; it is resumed as it was.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -70,12 +71,20 @@ from base.shards import (
     uid_halves,
     uids_to_array,
 )
-from base.stage import claim_output, make_folder, pending_shards, refuse_stale, run_pool, write_run_records
+from base.stage import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    claim_output,
+    make_folder,
+    pending_shards,
+    refuse_stale,
+    run_pool,
+    run_record_path,
+    write_run_records,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "subset.json"
-SUMMARY_FILE = "subset_summary.json"
 UIDS_FILE = "uids.npy"
 BIN_BITS = 16
 # Members that belong to the synthetic captions (and Apple's teacher data); --captions real drops them.
@@ -384,16 +393,20 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
 _OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)
 
 
-def subset(cfg: SubsetConfig) -> dict[str, Any]:
-    """Write the subset (or finish writing it); returns the summary (also ``DIR/subset_summary.json``)."""
+def subset(cfg: SubsetConfig, *, control: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the subset (or finish writing it); returns the summary (also ``DIR/summary.json``).
+
+    ``control``: what a stage that runs subset as its whole work (``qcap control-rung --kind
+    clean``) records of itself; the folder's run records are subset's, with it under ``control``
+    in both (the first run's, in the config), so no two stages write one file."""
     started = time.time()
     tars = expand_shards(cfg.shards)
     claimed = num_samples(cfg.shards)  # sizes.json: checked against the Parquets below
     ident = _identity(cfg, tars)
     out = Path(cfg.out)
     saved = claim_output(out, stage="subset", identity=ident, overwrite=cfg.overwrite, own_files=_OWN_FILES,
-                         card=True, record=CONFIG_FILE, what="the subset's shards")
-    plan_path = out / CONFIG_FILE
+                         card=True, what="the subset's shards")
+    plan_path = run_record_path(out, "config", "subset") or out / CONFIG_FILE
     if saved is not None:  # resuming: the plan is the one already chosen
         try:
             threshold_json, per_shard, counts, plan = saved["threshold"], saved["per_shard"], saved["counts"], saved["plan"]
@@ -411,9 +424,10 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         target = cfg.samples_per_shard or max(1, max(_read_sizes(tars).values(), default=1))
         plan = pack(per_shard, target)
         make_folder(out)
-        write_run_records(out, cfg, config_name=CONFIG_FILE, identity=ident, num_input=total, num_selected=n,
+        write_run_records(out, cfg, identity=ident, num_input=total, num_selected=n,
                           counts=counts, threshold=threshold_json, per_shard=per_shard, plan=plan,
-                          rule="the N smallest keys (hash(seed, uid), uid, shard, position)")
+                          rule="the N smallest keys (hash(seed, uid), uid, shard, position)",
+                          **({"control": dict(control)} if control is not None else {}))
     refuse_stale(out, range(len(plan)))
     # the task's paths are absolute: a Ray worker's working folder is not this process's
     todo = [{"tars": tars, "inputs": inputs, "shard_id": j, "out": os.path.abspath(out), "seed": cfg.seed,
@@ -456,7 +470,9 @@ def subset(cfg: SubsetConfig) -> dict[str, Any]:
         "uids_file": UIDS_FILE, "checks": checks, "reconciled": all(checks.values()), "ran_on": ran_on,
         "seconds": round(time.time() - started, 3),
     }
-    write_run_records(out, summary=summary, summary_name=SUMMARY_FILE)
+    if control is not None:
+        summary["control"] = dict(control)
+    write_run_records(out, summary=summary)
     if cfg.card:
         write_subset_card(cfg, summary)
     return summary

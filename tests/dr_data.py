@@ -79,8 +79,8 @@ def write_qcap_captions(folder: Path, layout: list[list[int]], *, failed: dict[i
                                           "num_syn": len(texts)}))
             writer.close(extra_stats={"num_input": len(numbers)})
     finalize_folder(folder)
-    (folder / "caption_config.json").write_text(json.dumps({
-        "config": {"seed": 0, "first_sentence": True, "num_captions": 3}, "captioner": CAPTIONER,
+    (folder / "config.json").write_text(json.dumps({
+        "stage": "caption", "config": {"seed": 0, "first_sentence": True, "num_captions": 3}, "captioner": CAPTIONER,
         "decoding": DECODING, "scorer": None}))
     return folder
 

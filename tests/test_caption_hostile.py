@@ -84,7 +84,7 @@ def test_bad_samples_are_statuses_and_every_shard_is_written(tmp_path, ray_addre
 
 def test_overwrite_refuses_a_folder_of_shards_caption_did_not_write(tmp_path, coca_dir, capsys):  # noqa: F811
     shards = write_shards(tmp_path / "curated", [1])
-    foreign = write_shards(tmp_path / "foreign", [2])  # someone's shards, no caption_config.json
+    foreign = write_shards(tmp_path / "foreign", [2])  # someone's shards, no config.json
     code, _, stderr = run_cli(["caption", "--shards", str(shards), "--out", str(foreign), "--checkpoint",
                                str(coca_dir), "--overwrite", "--no-progress"], capsys)
     assert code == 2 and "qcap caption did not write them" in stderr

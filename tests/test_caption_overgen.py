@@ -49,7 +49,7 @@ def test_overgenerate_then_select_and_a_tagged_captioner(tmp_path, ray_address, 
         assert sample.syn_text == [texts[i] for i in record["kept"]]
         assert reselect(record, 2)[0] == sample.syn_text  # the choice redone without decoding
         assert [c["score"] for c in sample.syn_provenance["captions"]] == [candidates[i]["score"] for i in record["kept"]]
-    config = json.loads((out / "caption_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert config["config"]["num_candidates"] == 5 and config["decoding"]["num_captions"] == 5
 
     # other over-generation settings on the same folder: refused with one line

@@ -76,7 +76,7 @@ def test_card_numbers_equal_a_recount(tmp_path, capsys, caplog):
     assert scores["num_scored"] == len(truth["scores"]) == 3
     assert math.isclose(scores["mean"], round(sum(truth["scores"]) / 3, 4))
     assert (scores["min"], scores["max"]) == (min(truth["scores"]), max(truth["scores"]))
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert card["dropped_captions"] == summary["synthetic_dropped"] == {"repeated_word": 1, "too_short": 3}
     assert card["summary_counts"]["synthetic captions kept"] == len(truth["syn"])
 
@@ -144,7 +144,7 @@ def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path, caplog):
     filters.mkdir()
     save_config(ReshardConfig(shards=str(tmp_path / "raw"), subset=filters / "final.npy", out=images),
                 images / "config.json")
-    (images / "report.json").write_text(json.dumps({"num_written": 3, "found_success": 3}))
+    (images / "summary.json").write_text(json.dumps({"num_written": 3, "found_success": 3}))
     for name, settings, counts in (("basic", {"min_words": 3}, {"kept": 3, "dropped": {"too_few_words": 2}}),
                                    ("dedup", {"max_distance": 10, "subset": str(filters / "basic.npy")},
                                     {"kept": 3, "dropped": {"near_duplicate": 1}})):
@@ -165,6 +165,7 @@ def test_card_lineage_follows_the_configs_beside_the_inputs(tmp_path, caplog):
     assert card["lineage"][1]["settings"] == {"min_words": 3, "shards": str(tmp_path / "raw")}
     assert card["lineage"][1]["report.json"] == {"kept": 3, "dropped": {"too_few_words": 2}}
     assert card["lineage"][3]["uids"] == 3
+    assert card["lineage"][4]["summary.json"] == {"num_written": 3, "found_success": 3}  # reshard's summary
     assert card["lineage"][3]["inputs (uids)"] == {str(filters / "basic.npy"): 4, str(filters / "dedup.npy"): 3}
     readme = (images / "README.md").read_text()
     assert "### filter basic" in readme and "dropped={too_few_words: 2}" in readme

@@ -64,9 +64,52 @@ def test_clean_rung_matches_the_like_rungs_size(world, tmp_path):
     assert len(out) == 10
     for s in out:
         assert s.text == clean[s.uid].text and len(s.meta["captions"]) >= 2  # the human captions ride along
-    saved = json.loads((tmp_path / "clean-100" / "control.json").read_text())
-    assert json.loads((tmp_path / "clean-100" / "control_summary.json").read_text()) == saved["summary"]
-    assert saved["summary"]["num_available"] == 30
+    # the rung is subset's work: the folder's two run records are subset's, the rung's own inside each
+    saved = json.loads((tmp_path / "clean-100" / "config.json").read_text())
+    recorded = json.loads((tmp_path / "clean-100" / "summary.json").read_text())
+    assert saved["stage"] == "subset" and saved["control"]["stage"] == "control-rung"
+    assert saved["control"]["identity"]["kind"] == "clean" and saved["control"]["config"]["like"] == str(rung)
+    assert recorded["num_written"] == 10 and recorded["control"]["num_available"] == 30
+    assert not (tmp_path / "clean-100" / "control.json").exists()
+
+
+def _files(folder: Path) -> dict[str, tuple[int | None, bytes]]:
+    """Each file's bytes, and a shard file's modification time (a shard redone changes it)."""
+    return {p.name: (p.stat().st_mtime_ns if p.name[0].isdigit() else None, p.read_bytes())
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_rungs_written_with_the_old_record_names_resume_and_refuse_as_before(world, tmp_path):
+    """Rungs from before the shared names (control.json, control_summary.json; a clean rung's subset.json and
+    subset_summary.json beside them): resumed with nothing redone or removed; other settings still refused."""
+    from base.cli import UsageError
+
+    rung = _rung(world, tmp_path / "datacomp-100", 10)
+    oracle = ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100")
+    clean = ControlConfig(kind="clean", world=world, like=str(rung), out=tmp_path / "clean-100")
+    build_oracle(oracle)
+    build_clean(clean)
+    for cfg in (oracle, clean):
+        config, summary = (json.loads((cfg.out / name).read_text()) for name in ("config.json", "summary.json"))
+        control = config.pop("control", None)
+        summary.pop("control", None)
+        if control is not None:  # the clean rung: subset's own records, the rung's beside them
+            (cfg.out / "subset.json").write_text(json.dumps(config))
+            (cfg.out / "subset_summary.json").write_text(json.dumps(summary))
+            config = {"config": control["config"], "identity": control["identity"]}
+        (cfg.out / "control.json").write_text(json.dumps({**config, "summary": summary}))
+        (cfg.out / "control_summary.json").write_text(json.dumps(summary))
+        (cfg.out / "config.json").unlink()
+        (cfg.out / "summary.json").unlink()
+    before = {cfg.out: _files(cfg.out) for cfg in (oracle, clean)}
+    assert build_oracle(oracle)["resumed_shards"] == 1
+    assert build_clean(clean)["num_written"] == 10
+    for cfg in (oracle, clean):
+        after = _files(cfg.out)
+        assert {k: v for k, v in after.items() if k not in ("config.json", "summary.json")} == before[cfg.out]
+        assert json.loads((cfg.out / "summary.json").read_text())["num_written"] == 10
+    with pytest.raises(UsageError, match="seed: 0 -> 1"):
+        build_clean(ControlConfig(kind="clean", world=world, like=str(rung), seed=1, out=clean.out))
 
 
 def test_cli_errors_are_one_line(world, tmp_path):

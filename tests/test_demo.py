@@ -110,7 +110,7 @@ def test_demo_interrupted_resumes_and_reports_the_files_numbers(tmp_path):
     assert {e["comparison"]["b"] for e in payload["reinforced"]} == {"dr-100"} and len(payload["reinforced"]) == 2
     drr = json.loads((demo / "clip" / "drr-100-s0" / "config.json").read_text())
     assert drr["task"] == "clip-dr" and drr["config"]["distill_loss_weights"] == [0.25, 0.75]
-    summary = json.loads((demo / "dr-ladder" / "drr-100" / "reinforce_summary.json").read_text())
+    summary = json.loads((demo / "dr-ladder" / "drr-100" / "summary.json").read_text())
     assert summary["reconciled"] and summary["images_reinforced"] == funnel_images(payload, "rung DR 100% (dr-100)")
     assert "DR + distillation 100%" in text.split("## Result", 1)[1].split("## ", 1)[0]
     for name in ("report/data_efficiency.png", "report/caption_samples.png", "attention/attention_distance.png"):

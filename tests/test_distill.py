@@ -108,7 +108,7 @@ def reinforced(tmp_path_factory) -> Path:
     for shard in range(2):
         reinforce_one_shard(ensemble, context, shard, str(images / f"{shard:05d}.tar"), str(out))
     finalize_folder(out)
-    atomic_write_json(out / "reinforce_config.json", {"augmentation": context.augment.as_json(),
+    atomic_write_json(out / "config.json", {"stage": "reinforce", "augmentation": context.augment.as_json(),
                                                       "teacher_dims": parts["dims"], "teacher_logit_scales": [100.0, 50.0]})
     return out
 
@@ -143,7 +143,7 @@ def test_training_with_the_dr_loss_runs_and_its_loss_falls(reinforced, tmp_path)
 
     run = tmp_path / "run"
     trainer, stream, (dims, scales) = make_trainer(reinforced, run, DRSettings(weights=(0.0, 1.0)), steps=24)
-    assert dims == [128, 128] and scales == [100.0, 50.0]  # from the folder's reinforce_config.json
+    assert dims == [128, 128] and scales == [100.0, 50.0]  # from the folder's reinforce record
     result = trainer.train()
     assert result.finished and result.step == 24
     rows = [r for r in metrics(run) if "loss" in r]
@@ -161,7 +161,7 @@ def test_mix_mode_and_the_stored_augmentation_in_the_batch(reinforced, tmp_path)
     from base.shards import decode_image
     from train.distill import DRSettings, ReinforcedEncoder
 
-    config = json.loads((reinforced / "reinforce_config.json").read_text())
+    config = json.loads((reinforced / "config.json").read_text())
     augment = AugmentConfig.from_json(config["augmentation"])
     from base.models import load_model
 
@@ -207,7 +207,7 @@ def test_an_image_whose_bytes_changed_after_reinforcement_is_skipped_and_counted
                     altered.add(sample.uid)
                 writer.write(sample)
     finalize_folder(changed)
-    (changed / "reinforce_config.json").write_bytes((reinforced / "reinforce_config.json").read_bytes())
+    (changed / "config.json").write_bytes((reinforced / "config.json").read_bytes())
     run = tmp_path / "run"
     trainer, stream, _ = make_trainer(changed, run, DRSettings(), steps=2, batch_size=7)
     trainer.train()

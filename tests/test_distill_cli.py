@@ -95,7 +95,7 @@ def test_reinforce_then_train_with_the_dr_loss_through_the_cli(tmp_path):
                     sample.image = buffer.getvalue()
                 writer.write(sample)
     finalize_folder(changed)
-    (changed / "reinforce_config.json").write_bytes((reinforced / "reinforce_config.json").read_bytes())
+    (changed / "config.json").write_bytes((reinforced / "config.json").read_bytes())
 
     full = tmp_path / "full"
     result = qcap(*train_argv(changed, full, "--samples-seen", "160", "--checkpoint-every", "4"))
@@ -103,7 +103,7 @@ def test_reinforce_then_train_with_the_dr_loss_through_the_cli(tmp_path):
     assert "step 20/20" in result.stdout
     config = json.loads((full / "config.json").read_text())
     assert config["task"] == "clip-dr" and config["config"]["distill_loss_weights"] == [0.25, 0.75]
-    assert config["dr_teachers"] == {"dims": [128, 128], "logit_scales": [100.0, 50.0]}  # reinforce_config.json's
+    assert config["dr_teachers"] == {"dims": [128, 128], "logit_scales": [100.0, 50.0]}  # the reinforce record's
     rows = [row for row in read_metrics(full) if "loss" in row]
     assert all(row["contrastive_loss_real"] > 0 and row["distill_loss_synthetic"] > 0 for row in rows)
     values = [row["loss"] for row in rows]
@@ -186,7 +186,7 @@ def test_sequential_augmentation_trains_stored_augmentation_epoch_mod_n(tmp_path
                                batch_size=12, max_pixels=10**7, teachers_fingerprint=parts["fingerprint"])
     reinforce_one_shard(TeacherEnsemble(list(parts["specs"])), context, 0, str(images / "00000.tar"), str(out))
     finalize_folder(out)
-    atomic_write_json(out / "reinforce_config.json", {"augmentation": context.augment.as_json(),
+    atomic_write_json(out / "config.json", {"stage": "reinforce", "augmentation": context.augment.as_json(),
                                                       "teacher_dims": parts["dims"],
                                                       "teacher_logit_scales": parts["logit_scales"]})
     samples = {s.uid: s for s in iter_samples(str(out))}

@@ -90,7 +90,7 @@ def test_join_is_by_uid_counts_one_sided_samples_and_never_duplicates(tmp_path, 
                                     "--partition-rows", "7", "--keep-work", "--no-progress", "--no-card"], capsys)
     assert code == 0, stderr
     assert "counts reconcile: yes" in stdout
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["join"]["image_rows"] == 26 and summary["index"]["images"]["missing_uid"] == 1
     # 26 image rows, 25 caption rows, at most 7 a partition: 4 hash partitions joined one by one
     assert json.loads((out / ".build-dr" / "partitions.json").read_text())["num_partitions"] == 4
@@ -178,7 +178,7 @@ def test_caption_quality_controls_drop_by_flag_and_score_and_keep_the_real_capti
     assert prov["dr"] == {"source": "qcap-webdataset", "caption_shard": "00000.tar", "num_generated": 3,
                           "kept": [1, 2], "dropped": {"low_score": 1}}
     assert dr[make_uid(0)].syn_provenance["dr"]["dropped"] == {"repeated_word": 1, "too_short": 1}
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["synthetic_in"] == 3 + 3 + 2 + 3 + 3 + 3
     assert summary["synthetic_kept"] == 1 + 2 + 0 + 2 + 3 + 3
     assert summary["synthetic_dropped"] == {"low_score": 1, "no_letters": 2, "repeated_word": 1, "too_short": 2}
@@ -212,7 +212,7 @@ def test_parquet_side_tables_join_like_caption_shards(tmp_path, capsys):
     dr = by_uid(tmp_path / "dr2")
     assert {u: s.syn_text for u, s in dr.items()} == {make_uid(n): syn_captions(n) for n in (1, 3, 4, 5, 6)}
     assert dr[make_uid(4)].syn_provenance["dr"]["source"] == "qcap-parquet"
-    summary = json.loads((tmp_path / "dr2" / "build_dr_summary.json").read_text())
+    summary = json.loads((tmp_path / "dr2" / "summary.json").read_text())
     assert summary["images_dropped"] == {"caption_failed": 1, "no_caption": 1} and summary["captions_without_images"] == 1
 
 
@@ -244,7 +244,7 @@ def test_apple_datacompdr_layout_joins_with_image_shards(tmp_path, capsys):
     np.testing.assert_array_equal(realigned["text_emb"], original["text_emb"][[0, 1, 3, 4]])
     np.testing.assert_array_equal(realigned["image_emb"], original["image_emb"])
     assert [c["flags"] for c in seven.syn_provenance["captions"]] == [[], [], []]
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["caption_kind"] == "apple" and summary["images_dropped"] == {"no_caption": 2}
     assert summary["captions_without_images"] == 1 and summary["synthetic_dropped"] == {"repeated_word": 1, "too_short": 1}
     assert summary["sha256_mismatch"] == 8  # Apple's sha256 is of the original download; we joined by uid
@@ -323,7 +323,7 @@ def test_build_dr_resumes_after_sigkill(tmp_path, capsys):
     kill_when([*argv, "--num-workers", "2"], tmp_path / "killed-2.log", lambda: any(out.glob("*.done")))
     done_before = sorted(p.stem for p in out.glob("*.done"))
     assert 1 <= len(done_before) < 24, f"the kill came too late to test resuming: {done_before}"
-    assert (out / ".build-dr").is_dir() and not (out / "build_dr_summary.json").exists()
+    assert (out / ".build-dr").is_dir() and not (out / "summary.json").exists()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.stem in done_before}
 
     code, stdout, stderr = run_cli(argv, capsys)
@@ -334,7 +334,7 @@ def test_build_dr_resumes_after_sigkill(tmp_path, capsys):
     assert not list(out.glob(".*tmp-*")) and not (out / ".build-dr").exists()
     for tar in sorted(reference.glob("*.tar")):
         assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name  # as if never killed
-    assert json.loads((out / "build_dr_summary.json").read_text())["images_kept"] == 72
+    assert json.loads((out / "summary.json").read_text())["images_kept"] == 72
 
 
 def test_sample_spans_read_one_sample_back(tmp_path):

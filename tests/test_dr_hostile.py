@@ -60,7 +60,7 @@ def test_build_dr_gives_every_hostile_row_a_status_and_reconciles(tmp_path):
     assert "Traceback" not in proc.stderr
     rows = shards.read_table(str(out / "00000.tar"), require_uid=False).to_pylist()
     assert {r["key"]: r["status"] for r in rows} == fate and len(rows) == len(fate)  # one row each, none lost
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"], summary["checks"]
     assert summary["images_kept"] == 2 and summary["images_in"] == 8
     assert summary["images_dropped"] == {s: 1 for s in fate.values() if s != "success"}

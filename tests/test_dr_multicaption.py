@@ -99,7 +99,7 @@ def test_build_dr_merges_tagged_caption_sources_by_uid(inputs, tmp_path, capsys)
             assert provenance["syn_text_blip"]["tag"] == "blip"  # the captioner's own provenance, carried
             assert provenance["syn_text_blip"]["dr"]["caption_shard"] == "00000.tar"
 
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"] and summary["images_kept"] == 5
     blip, coca = summary["tagged"]["syn_text_blip"], summary["tagged"]["syn_text_coca"]
     assert blip["images"] == {"with_captions": 3, "all_dropped": 1, "unreadable": 0, "no_caption": 1,
@@ -109,7 +109,7 @@ def test_build_dr_merges_tagged_caption_sources_by_uid(inputs, tmp_path, capsys)
     assert blip["captions_without_images"] == 1  # image 77 was never curated
     assert coca["images"]["with_captions"] == 4 and coca["images"]["no_caption"] == 1
     assert coca["captions_without_images"] == 0
-    config = json.loads((out / "build_dr.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert sorted(config["tagged_captions"]) == ["syn_text_blip", "syn_text_coca"]
     assert config["identity"]["tagged"]["syn_text_blip"]["kind"] == "qcap-webdataset"
 
@@ -122,7 +122,7 @@ def test_build_dr_merges_tagged_caption_sources_by_uid(inputs, tmp_path, capsys)
     # a folder built without tagged sources keeps its identity (no tagged keys): it resumes as before
     plain = tmp_path / "plain"
     assert main(build_argv(inputs, plain)) == 0
-    assert "tagged" not in json.loads((plain / "build_dr.json").read_text())["identity"]
+    assert "tagged" not in json.loads((plain / "config.json").read_text())["identity"]
     assert all(TAGS_MEMBER not in s.extras for s in iter_samples(str(plain)))
 
 
@@ -177,7 +177,7 @@ def test_tagged_keys_reinforced_then_chosen_by_regex(inputs, tmp_path):
     for shard in range(len(LAYOUT)):
         reinforce_one_shard(ensemble, context, shard, str(dr / f"{shard:05d}.tar"), str(out))
     finalize_folder(out)
-    atomic_write_json(out / "reinforce_config.json", {"augmentation": context.augment.as_json(),
+    atomic_write_json(out / "config.json", {"stage": "reinforce", "augmentation": context.augment.as_json(),
                                                       "teacher_dims": parts["dims"], "teacher_logit_scales": [100.0]})
 
     loaded = load_model("qcap-tiny-clip")

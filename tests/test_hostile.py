@@ -169,7 +169,7 @@ def test_reshard(case_id, cases, tmp_path, capfd, caplog):
     assert_contract(res)
     if res.code != 0:
         return
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "summary.json").read_text())
     assert report["num_input_rows"] == len(input_rows(case.folder))
     assert report["found_success"] + sum(report["found_failed"].values()) + report["not_found"] == report["num_requested"]
     samples = _tar_samples(out) if list(out.glob("*.tar")) else []
@@ -246,7 +246,7 @@ def test_subset(case_id, cases, tmp_path, capfd, caplog):
     assert_contract(res)
     if res.code != 0:
         return
-    summary = json.loads((out / "subset_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert all(summary["checks"].values()), summary["checks"]
     samples = _tar_samples(out) if list(out.glob("*.tar")) else []
     out_uids = [s.uid for s in samples]
@@ -275,7 +275,7 @@ def test_build_dr(case_id, cases, tmp_path, capfd, caplog):
     assert_contract(res)
     if res.code != 0:
         return
-    summary = json.loads((out / "build_dr_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"] and all(summary["checks"].values()), summary
     rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     # the DR Parquets list every image sample of the input exactly once

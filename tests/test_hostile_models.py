@@ -212,7 +212,7 @@ def test_caption_every_class(folders, models, ray_local, tmp_path, capfd, caplog
                    "--num-captions", "2", "--seq-len", "8", "--num-workers", "1", "--batch-size", "4",
                    "--device", "cpu", "--no-progress"], capfd, caplog)
     assert_contract(res, allow_exit=(1,))
-    summary = json.loads((out / "caption_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"], summary["problems"]
     if res.code == 1:  # allowed only for shards that could not be read, each listed
         assert set(summary["failed_shards"]) <= broken, summary["failed_shards"]

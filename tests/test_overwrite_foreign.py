@@ -90,7 +90,7 @@ def test_reshard(images, tmp_path, capsys):
                              refusal="--overwrite")
     assert sum(read_sizes(out).values()) == 3 and sorted(p.name for p in out.glob("*.tar")) == ["00000.tar",
                                                                                                "00001.tar"]
-    assert json.loads((out / "report.json").read_text())["num_written"] == 3
+    assert json.loads((out / "summary.json").read_text())["num_written"] == 3
 
 
 def test_subset_and_its_card(images, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_build_dr(images, tmp_path, capsys):
     (out / "card" / "my-figure.png").write_bytes(b"drawn by hand")
     refused_then_overwritten(argv, ["--min-syn-captions", "2", "--no-card"], out, capsys,
                              refusal="other inputs or settings")
-    assert json.loads((out / "build_dr_summary.json").read_text())["reconciled"]
+    assert json.loads((out / "summary.json").read_text())["reconciled"]
     assert not (out / "README.md").exists() and not (out / "card" / "card.json").exists()  # the old card went
     assert (out / "my.tar").read_bytes() == b"a tar of mine" and (out / "notes.npy").read_bytes() == b"a uid file of mine"
     assert (out / "card" / "my-figure.png").read_bytes() == b"drawn by hand"
@@ -137,7 +137,7 @@ def test_caption(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
             "--num-workers", "1", "--ray-address", ray_address, "--no-progress"]
     refused_then_overwritten([*argv, "--num-captions", "2"], ["--num-captions", "1"], out, capsys,
                              refusal="--overwrite to start over")
-    summary = json.loads((out / "caption_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"] and summary["captions"] == 3
     assert all(len(s.syn_text) == 1 for s in iter_samples(str(out)))
 
@@ -151,9 +151,9 @@ def test_reinforce(tmp_path, ray_address, teachers, capsys):  # noqa: F811
             "--num-workers", "1", "--batch-size", "4", "--ray-address", ray_address, "--no-progress"]
     refused_then_overwritten([*argv, "--num-augmentations", "2"], ["--num-augmentations", "1"], out, capsys,
                              refusal="--overwrite to start over")
-    config = json.loads((out / "reinforce_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert config["config"]["num_augmentations"] == 1
-    summary = json.loads((out / "reinforce_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"] and summary["images_reinforced"] == 3
 
 
@@ -161,7 +161,7 @@ def test_reinforce_overwrite_refuses_shards_it_did_not_write(tmp_path, teachers,
     from test_reinforce import write_dr
 
     shards = write_dr(tmp_path / "dr", [[0]])
-    foreign = write_dr(tmp_path / "foreign", [[1, 2]])  # someone's shards, no reinforce_config.json
+    foreign = write_dr(tmp_path / "foreign", [[1, 2]])  # someone's shards, no config.json
     code, _, stderr = qcap(["reinforce", "--shards", str(shards), "--out", str(foreign), "--teachers",
                             ",".join(teachers), "--overwrite", "--no-progress"], capsys)
     assert code == 2 and "qcap reinforce did not write them" in stderr
@@ -205,12 +205,12 @@ def test_control_rung_oracle_and_clean(world, tmp_path, capsys):
     argv = ["control-rung", "--kind", "oracle", "--world", str(world), "--out", str(oracle)]
     refused_then_overwritten([*argv, "--shards", str(rungs[0])], ["--shards", str(rungs[1])], oracle, capsys,
                              refusal="other inputs or settings")
-    assert json.loads((oracle / "control_summary.json").read_text())["num_written"] == 3
+    assert json.loads((oracle / "summary.json").read_text())["num_written"] == 3
 
     clean = tmp_path / "clean"
     argv = ["control-rung", "--kind", "clean", "--world", str(world), "--out", str(clean)]
     refused_then_overwritten([*argv, "--num-samples", "5"], ["--num-samples", "3"], clean, capsys,
                              refusal="other inputs or settings")
-    summary = json.loads((clean / "control_summary.json").read_text())
+    summary = json.loads((clean / "summary.json").read_text())
     assert summary["num_written"] == 3 and summary["reconciled"]
     assert len(np.load(clean / "uids.npy")) == 3

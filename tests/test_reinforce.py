@@ -117,9 +117,9 @@ def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_addre
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "reinforced 4 of 5 images in 2/2 shards" in stdout and "decode_error 1" in stdout
-    summary = json.loads((out / "reinforce_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["reconciled"] and summary["augmentations"] == 12 and summary["texts_embedded"] == 12
-    config = json.loads((out / "reinforce_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert [t["weights_sha256"] for t in config["teachers"]] == [
         weights_sha256(Path(t) / "open_clip_model.safetensors") for t in teachers]
     assert config["teacher_dims"] == [128, 128]
@@ -253,5 +253,5 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, teachers):
     assert len(names) == 24
     for name in names:
         assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
-    summary = json.loads((killed / "reinforce_summary.json").read_text())
+    summary = json.loads((killed / "summary.json").read_text())
     assert summary["images_in"] == summary["images_reinforced"] == 24 and summary["reconciled"]

@@ -54,7 +54,7 @@ def test_counts_equal_the_list_intersected_with_the_successes(inputs):
     assert num_samples(str(out)) == len(expected)
     sizes = json.loads((out / "sizes.json").read_text())
     assert sum(sizes.values()) == len(expected) and all(v == 16 for v in list(sizes.values())[:-1])
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "summary.json").read_text())
     failed = chosen & set(table.uid[table.status != "success"])
     assert report["found_success"] == len(expected) and sum(report["found_failed"].values()) == len(failed)
     assert report["not_found"] == 5 and report["expected_equals_written"]

@@ -18,7 +18,7 @@ from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 NUM_SHARDS, PER_SHARD = 12, 6
 KILL_SHARDS = 80
 # files that hold run facts (wall time, where it ran) rather than data
-RUN_RECORDS = {"build_dr.json", "build_dr_summary.json"}
+RUN_RECORDS = {"config.json", "summary.json"}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_build_dr_on_the_cluster_writes_what_the_local_run_writes(cluster, dr_in
     assert "counts reconcile: yes" in remote.stdout
     assert digest(tmp_path / "ray") == digest(tmp_path / "local")
     assert len([p for p in (tmp_path / "ray").glob("*.tar")]) == NUM_SHARDS
-    summary = json.loads((tmp_path / "ray" / "build_dr_summary.json").read_text())
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["ran_on"] == f"ray ({cluster.address})"
 
 
@@ -194,7 +194,7 @@ def test_caption_and_clip_score_on_the_cluster_write_what_a_local_ray_writes(clu
                     "0.5", "--out", str(clip), "--no-progress", "--no-preview", "--no-histograms", "--batch-size", "4",
                     *extra)
         assert done.returncode == 0, done.stderr[-2000:]
-        outputs[name] = (digest(syn, skip={"caption_config.json", "caption_summary.json"}), clip.read_bytes(),
+        outputs[name] = (digest(syn, skip={"config.json", "summary.json"}), clip.read_bytes(),
                          read_table(str(clip.with_name("clip.scores.parquet"))).to_pydict())
     assert outputs["ray"] == outputs["local"]
     assert len(outputs["local"][0]) == 4 * 3 + 1  # three shards (tar, Parquet, stats, marker) and sizes.json

@@ -24,7 +24,7 @@ from raycluster import BIN, ENV, kill_worker_node_mid_run, two_node_cluster
 from base.shards import iter_samples, save_uids
 
 # JSON run records, and the run facts in them (not data): removed before the records are compared
-RUN_RECORDS = {"reshard.json", "config.json", "report.json", "subset.json", "subset_summary.json"}
+RUN_RECORDS = {"config.json", "summary.json"}
 RUN_FACTS = {"seconds", "ran_on"}
 WHERE_IT_RAN = {"num_workers", "ray_address", "workers"}
 
@@ -116,9 +116,9 @@ def test_reshard_on_the_cluster_writes_what_the_local_pool_writes(cluster, image
     assert "wrote 60 samples in 9 shards" in stdout
     assert uids_per_shard(ours) == uids_per_shard(theirs)
     assert contents(ours) == contents(theirs)
-    assert ran_on(ours / "report.json") == f"ray ({cluster.address})"
-    assert ran_on(theirs / "report.json") == "local (2 processes)"
-    report = json.loads((ours / "report.json").read_text())
+    assert ran_on(ours / "summary.json") == f"ray ({cluster.address})"
+    assert ran_on(theirs / "summary.json") == "local (2 processes)"
+    report = json.loads((ours / "summary.json").read_text())
     assert report["found_failed"] == {"http_404": 1} and report["not_found"] == 2 and report["expected_equals_written"]
     # where it ran is no part of the plan's identity: the local run's folder, resumed on the cluster
     # after losing a shard (as a kill before its marker leaves it), is the same run, finished the same
@@ -128,10 +128,10 @@ def test_reshard_on_the_cluster_writes_what_the_local_pool_writes(cluster, image
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(8 already done)" in resumed.stdout
     finished, reference = contents(theirs), contents(ours)
-    assert finished.pop("report.json").pop("resumed_shards") == 8
-    assert reference.pop("report.json").pop("resumed_shards") == 0
+    assert finished.pop("summary.json").pop("resumed_shards") == 8
+    assert reference.pop("summary.json").pop("resumed_shards") == 0
     assert finished == reference
-    assert ran_on(theirs / "report.json") == f"ray ({cluster.address})"
+    assert ran_on(theirs / "summary.json") == f"ray ({cluster.address})"
 
 
 def test_subset_on_the_cluster_writes_what_the_local_pool_writes(cluster, images, tmp_path):
@@ -139,7 +139,7 @@ def test_subset_on_the_cluster_writes_what_the_local_pool_writes(cluster, images
             "--out", "out", "--no-progress"]
     theirs, ours, stdout = local_and_ray(tmp_path, argv, ["--num-workers", "2"], cluster.address)
     assert "counts reconcile: yes" in stdout
-    summary = json.loads((ours / "subset_summary.json").read_text())
+    summary = json.loads((ours / "summary.json").read_text())
     assert summary["num_selected"] == summary["num_written"] == 48 and summary["num_output_shards"] > 3
     assert uids_per_shard(ours) == uids_per_shard(theirs)
     assert (ours / "README.md").is_file()  # the card too: the same bytes

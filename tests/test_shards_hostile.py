@@ -212,7 +212,7 @@ def test_reshard_records_hostile_rows_and_overwrite_keeps_foreign_files(tmp_path
     proc = _qcap("reshard", "--shards", str(raw), "--subset", str(subset), "--out", str(out),
                  "--samples-per-shard", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "summary.json").read_text())
     rows = shards.read_tables(str(out)).to_pylist()
     by_uid = {r["uid"]: r["status"] for r in rows}
     assert by_uid == fate  # one output row per selected uid, with its fate

@@ -47,7 +47,7 @@ def subset(capsys, dr: Path, out: Path, *flags: str) -> dict:
                                     *flags], capsys)
     assert code == 0, stderr
     assert "counts reconcile: yes" in stdout
-    return json.loads((out / "subset_summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())
 
 
 def test_subsets_are_nested_with_exact_sizes(tmp_path, dr, capsys, monkeypatch):

@@ -19,7 +19,7 @@ def test_subset_records_the_rows_it_cannot_copy_and_reconciles(tmp_path):
     proc = _qcap("subset", "--shards", str(raw), "--fraction", "1.0", "--out", str(out), "--no-progress", "--no-card")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    summary = json.loads((out / "subset_summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     rows = shards.read_tables(str(out)).to_pylist()
     assert {r["uid"]: r["status"] for r in rows} == fate and len(rows) == len(fate)  # one row per selected uid
     want = Counter(s for s in fate.values() if s != "success")

@@ -42,7 +42,6 @@ from train.tasks import ClipTask
 
 DEFAULT_SYN_KEY_REGEX = r"^syn_text.*$"
 APPLE_TEACHER_SCALES = (100.0, 100.0)  # ViT-L-14 openai + datacomp_xl_s13b_b90k
-REINFORCE_CONFIG = "reinforce_config.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ class DRSettings:
     mode: str = "dual"  # "dual" or "mix:r"
     augmentation: str = "uniform"  # or "sequential" (epoch % n)
     syn_key_regex: str = DEFAULT_SYN_KEY_REGEX
-    teacher_dims: tuple[int, ...] | None = None  # None: from reinforce_config.json, or equal halves (Apple)
+    teacher_dims: tuple[int, ...] | None = None  # None: from the folder's reinforce record, or equal halves (Apple)
     teacher_scales: tuple[float, ...] | None = None
     augment_size: int = 224  # output side of the stored crops when the folder records none (Apple: 224)
 
@@ -159,13 +158,21 @@ class DRSettings:
         return CaptionSource(f"dr-mix:{ratio:g}", ("text",), needs_synthetic=ratio > 0, synthetic_prob=ratio)
 
 
+def reinforce_record(data_folder: str | Path) -> Path | None:
+    """The ``config.json`` qcap reinforce left in ``data_folder`` (a folder reinforced before the
+    shared names: ``reinforce_config.json``); None for another stage's folder or Apple's."""
+    from base.stage import run_record_path
+
+    return run_record_path(data_folder, "config", "reinforce")
+
+
 def resolve_teachers(data_folder: str | Path | None, settings: DRSettings, width: int) -> tuple[list[int], list[float]]:
-    """Teacher dims and logit scales: the flags, else the folder's ``reinforce_config.json``
-    (qcap reinforce), else Apple's two equal teachers at scale 100."""
+    """Teacher dims and logit scales: the flags, else the folder's qcap reinforce config record
+    (:func:`reinforce_record`), else Apple's two equal teachers at scale 100."""
     dims, scales = settings.teacher_dims, settings.teacher_scales
     if (dims is None or scales is None) and data_folder is not None:
-        path = Path(data_folder) / REINFORCE_CONFIG
-        if path.is_file():
+        path = reinforce_record(data_folder)
+        if path is not None:
             saved = json.loads(path.read_text(encoding="utf-8"))
             dims = dims or tuple(saved.get("teacher_dims") or ())
             scales = scales or tuple(saved.get("teacher_logit_scales") or ())
@@ -325,12 +332,13 @@ class DistillTask(ClipTask):
 
 def reinforced_augment_config(data_folder: str | Path | None, size: int):
     """The augmentation config the stored parameters were drawn with: the folder's
-    ``reinforce_config.json``, else Apple's recipe at ``size`` (224 for Apple's shards)."""
+    qcap reinforce config record (:func:`reinforce_record`), else Apple's recipe at ``size`` (224
+    for Apple's shards)."""
     from base.augment import AugmentConfig
 
     if data_folder is not None:
-        path = Path(data_folder) / REINFORCE_CONFIG
-        if path.is_file():
+        path = reinforce_record(data_folder)
+        if path is not None:
             return AugmentConfig.from_json(json.loads(path.read_text(encoding="utf-8"))["augmentation"])
     return AugmentConfig(size=size)
 

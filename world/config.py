@@ -151,6 +151,8 @@ class ServeConfig:
 class ScoreConfig:
     """Score captions against a world's ground truth: objects, attributes, hallucinations."""
 
+    STAGE: ClassVar[str] = "score-captions"  # its name in run records
+
     world: Path = arg(help="world folder (holds truth.parquet)", metavar="DIR")
     captions: Path = arg(help="Parquet of uid → caption(s) or a shard folder (text and/or syn_text)", metavar="FILE")
     field: str | None = arg(None, help="caption column(s) to score, comma-separated (default: every caption column found)")

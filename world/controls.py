@@ -19,9 +19,11 @@ samples seen):
   ``--caption-source real``, one of the captions is drawn per sample.
 
 Both rungs carry real captions only (no ``syn.json``): they are trained with
-``--caption-source real``. ``DIR/control.json`` records the settings and counts, ``DIR/control_summary.json`` (written
-last) the counts of a finished rung; a re-run skips
-finished shards, a re-run with other settings is refused (``--overwrite``).
+``--caption-source real``. The run records are every stage's two: ``DIR/config.json`` (the settings and the rung's
+identity) and ``DIR/summary.json`` (written last: the counts of a finished rung). A clean rung is ``qcap subset``'s
+work, so its records are subset's, with the rung's own under ``control`` in each (no two stages write one file). A
+re-run skips finished shards, a re-run with other settings is refused (``--overwrite``); a rung written before these
+names (``control.json``, ``control_summary.json``, a clean rung's ``subset.json``) is resumed as it was.
 """
 
 from __future__ import annotations
@@ -30,15 +32,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from base.cli import UsageError
 from base.config import arg, parse_config
 
 log = logging.getLogger(__name__)
 
-CONTROL_FILE = "control.json"
-SUMMARY_FILE = "control_summary.json"  # written last: a finished rung has it
+STAGE = "control-rung"
 KINDS = ("oracle", "clean")
 
 
@@ -46,6 +47,8 @@ KINDS = ("oracle", "clean")
 class ControlConfig:
     """Write a positive-control rung: the true descriptions of a rung's images (oracle) or the
     clean split's human captions at a rung's size (clean)."""
+
+    STAGE: ClassVar[str] = STAGE  # its name in run records and dataset cards' lineage
 
     kind: Literal["oracle", "clean"] = arg(help="oracle: --shards' images with the world's true descriptions; "
                                                 "clean: the world's clean split at --like's size")
@@ -73,27 +76,58 @@ class ControlConfig:
                 raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
 
 
+def _recorded(out: Path) -> tuple[bool, Any]:
+    """Whether ``out`` holds a control rung's run records, and the rung identity they record: an
+    oracle rung's ``config.json`` (stage control-rung), a clean rung's (subset's, with the rung's
+    own under ``control``), or a rung's ``control.json`` from before the shared names."""
+    from base.stage import CONFIG_FILE, LEGACY_RECORDS, read_record
+
+    legacy = out / LEGACY_RECORDS[STAGE]["config"]
+    if legacy.is_file():
+        return True, read_record(legacy).get("identity")
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return False, None
+    saved = read_record(path)
+    if saved.get("stage") == STAGE:
+        return True, saved.get("identity")
+    if isinstance(saved.get("control"), dict):
+        return True, saved["control"].get("identity")
+    return False, None
+
+
 def _claim(cfg: ControlConfig, identity: dict[str, Any]) -> None:
-    """Claim the output folder (:func:`base.stage.claim_output`) and record the rung's identity.
-    ``--overwrite`` removes only what control-rung writes (its shards with their markers and
-    temporaries, ``sizes.json``, ``control.json``, ``control_summary.json``; a clean rung's subset
-    files are ``qcap subset``'s to remove, with the same flag); every other file and folder stays."""
-    from base.stage import claim_output, make_folder, write_run_records
+    """Claim the output folder for a rung whose identity is ``identity``: a control rung's folder
+    with the same identity resumes, one with another is refused (:func:`base.stage.refuse_mismatch`),
+    or with ``--overwrite`` loses what control-rung wrote there, of either kind (its shards with
+    their markers and temporaries, ``sizes.json``, the run records — a clean rung's, subset's,
+    with ``uids.npy`` and the card — and the records' names from before); every other file and
+    folder stays. Anything else is claimed as every stage claims (:func:`base.stage.claim_output`):
+    another stage's folder or a folder of shards no stage recorded is refused."""
+    from base.stage import (
+        CONFIG_FILE,
+        SUMMARY_FILE,
+        claim_output,
+        legacy_names,
+        read_record,
+        refuse_mismatch,
+        remove_stage_files,
+    )
+    from curate.subset import UIDS_FILE
 
-    claim_output(cfg.out, stage="control-rung", identity=identity, overwrite=cfg.overwrite,
-                 own_files=(CONTROL_FILE, SUMMARY_FILE), record=CONTROL_FILE, what="the control rung")
-    make_folder(cfg.out)
-    write_run_records(cfg.out, cfg, config_name=CONTROL_FILE, identity=identity)
-
-
-def _finish(cfg: ControlConfig, identity: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """The rung's records: ``control.json`` with the summary, then ``control_summary.json`` (last)."""
-    from base.config import save_config
-    from base.stage import write_run_records
-
-    save_config(cfg, cfg.out / CONTROL_FILE, identity=identity, summary=summary)
-    write_run_records(cfg.out, summary=summary, summary_name=SUMMARY_FILE)
-    return summary
+    ours, recorded = _recorded(cfg.out)
+    if not ours and (cfg.out / CONFIG_FILE).is_file():
+        written_by = read_record(cfg.out / CONFIG_FILE).get("stage")
+        raise UsageError(f"{cfg.out} holds {f'qcap {written_by}' if written_by else 'another stage'}'s output "
+                         f"({CONFIG_FILE}), not a control rung: qcap {STAGE} did not write it; choose another --out")
+    if not ours:
+        claim_output(cfg.out, stage=STAGE, identity=identity, overwrite=cfg.overwrite, own_files=(),
+                     what="the control rung")
+    elif cfg.overwrite:
+        remove_stage_files(cfg.out, STAGE, (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, *legacy_names(STAGE),
+                                            *legacy_names("subset")), card=True)
+    elif recorded != identity:
+        refuse_mismatch(cfg.out, STAGE, recorded, identity)
 
 
 def true_descriptions(world: Path) -> dict[str, str]:
@@ -110,7 +144,7 @@ def true_descriptions(world: Path) -> dict[str, str]:
 def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
     """One output shard per input shard, same ids and samples, text := the true description."""
     from base.shards import ShardError, ShardWriter, finalize_folder, is_complete, iter_samples
-    from base.stage import shards_by_id
+    from base.stage import make_folder, shards_by_id, write_run_records
     from curate.subset import strip_synthetic
 
     started = time.time()
@@ -121,6 +155,8 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
     identity = {"kind": "oracle", "shards": [str(Path(t).resolve()) for t in tars],
                 "world": str(cfg.world.resolve())}
     _claim(cfg, identity)
+    make_folder(cfg.out)
+    write_run_records(cfg.out, cfg, identity=identity)
     truth = true_descriptions(cfg.world)
     resumed = 0
     for tar, shard_id in zip(tars, ids, strict=True):
@@ -145,7 +181,8 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
                "num_written": sum(sizes.values()), "num_input": _successes(tars), "num_shards": len(tars),
                "resumed_shards": resumed, "seconds": round(time.time() - started, 3)}
     summary["reconciled"] = summary["num_written"] == summary["num_input"]
-    return _finish(cfg, identity, summary)
+    write_run_records(cfg.out, cfg, summary, identity=identity)  # the config again, then the summary (last)
+    return summary
 
 
 def _successes(tars: list[str]) -> int:
@@ -156,6 +193,7 @@ def _successes(tars: list[str]) -> int:
 
 def build_clean(cfg: ControlConfig) -> dict[str, Any]:
     """``qcap subset`` of the clean split, at ``--like``'s size (or ``--num-samples``)."""
+    from base.config import to_dict
     from base.shards import expand_shards, num_samples
     from curate.subset import SubsetConfig, subset
 
@@ -172,12 +210,13 @@ def build_clean(cfg: ControlConfig) -> dict[str, Any]:
     identity = {"kind": "clean", "world": str(cfg.world.resolve()), "num_samples": wanted, "seed": cfg.seed,
                 "clean": [str(Path(t).resolve()) for t in expand_shards(str(clean))]}
     _claim(cfg, identity)
+    control = {"stage": STAGE, "config": to_dict(cfg), "identity": identity, "kind": "clean", "world": str(cfg.world),
+               "like": cfg.like, "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like)}
     result = subset(SubsetConfig(shards=str(clean), out=cfg.out, num_samples=wanted, seed=cfg.seed, captions="real",
-                                 card=False, progress=False, overwrite=cfg.overwrite))
-    summary = {"kind": "clean", "world": str(cfg.world), "like": cfg.like, "out": str(cfg.out), "num_written":
-               result["num_written"], "num_available": available, "num_asked": cfg.num_samples or num_samples(cfg.like),
-               "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
-    return _finish(cfg, identity, summary)
+                                 card=False, progress=False, overwrite=cfg.overwrite), control=control)
+    return {"kind": "clean", "world": str(cfg.world), "like": cfg.like, "out": str(cfg.out), "num_written":
+            result["num_written"], "num_available": available, "num_asked": control["num_asked"],
+            "seed": cfg.seed, "reconciled": bool(result["reconciled"])}
 
 
 def main(argv: list[str], prog: str = "qcap control-rung") -> int:
@@ -185,5 +224,5 @@ def main(argv: list[str], prog: str = "qcap control-rung") -> int:
     summary = build_oracle(cfg) if cfg.kind == "oracle" else build_clean(cfg)
     print(f"{cfg.out}: {cfg.kind} control rung, {summary['num_written']} samples"
           + (f" (reconciled with {summary.get('num_input', summary.get('num_asked'))})" if summary["reconciled"] else
-             " — counts do NOT reconcile, see control.json"))
+             " — counts do NOT reconcile, see summary.json"))
     return 0 if summary["reconciled"] else 1

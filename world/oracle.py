@@ -659,6 +659,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _refuse_others_records(out: Path) -> None:
+    """Every stage names its run records config.json and summary.json: an ``--out`` holding another
+    stage's (the caption folder itself, say) is refused before they are replaced."""
+    from base.cli import UsageError
+    from base.stage import CONFIG_FILE, read_record
+
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = read_record(path)
+    written_by = saved.get("stage")
+    if written_by in (None, "score-captions") and str(saved.get("config_class", "")).endswith(".ScoreConfig"):
+        return  # a scoring run's own (one from before its records named the stage has no stage)
+    raise UsageError(f"--out {out}: holds the run records of {f'qcap {written_by}' if written_by else 'another run'} "
+                     f"({CONFIG_FILE}); scoring would replace them; choose another --out")
+
+
 def run_scoring(cfg) -> dict[str, Any]:
     """The ``qcap score-captions`` command body (``cfg``: config.ScoreConfig); the resolved
     config goes to ``config.json`` beside the scores."""
@@ -666,6 +683,7 @@ def run_scoring(cfg) -> dict[str, Any]:
 
     fields = [f.strip() for f in cfg.field.split(",") if f.strip()] if cfg.field else None
     out = cfg.out or default_out(cfg.captions)
+    _refuse_others_records(Path(out))
     summary = score_file(cfg.world, cfg.captions, fields=fields, out=out, limit=cfg.limit,
                          num_workers=cfg.num_workers, ray_address=cfg.ray_address)
     write_run_records(out, cfg)  # config.json

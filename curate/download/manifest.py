@@ -18,8 +18,7 @@ from curate.download.status import RETRYABLE, STATUSES, SUCCESS
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"  # download's summary record (bench/download.py and the Makefile read it by this name)
 TOP_DOMAINS = 10
 EXAMPLES_PER_STATUS = 3
 # scheme://[user@]host — the host of a URL, vectorised

@@ -44,20 +44,20 @@ from collections.abc import Iterator
 from typing import Any
 
 from base.cli import UsageError
-from base.config import output_fields, parse_config, save_config
+from base.config import output_fields, parse_config
 from base.shards import (
     SIZES_FILE,
     ShardError,
-    atomic_write_json,
     finalize_folder,
     is_complete,
     read_table,
     shard_name,
 )
+from base.stage import CONFIG_FILE, write_run_records
 from curate.download.config import DownloadConfig
 from curate.download.distribute import BACKENDS, Backend, run_jobs
 from curate.download.fetch import FetchSettings, ShardJob, ShardResult
-from curate.download.manifest import CONFIG_FILE, MANIFEST_FILE, build_manifest, low_success_banner, summary_text
+from curate.download.manifest import MANIFEST_FILE, build_manifest, low_success_banner, summary_text
 from curate.download.merge import RETRY_DIR, recover
 from curate.download.plan import Plan, iter_job_tables, make_plan
 from curate.download.status import RETRYABLE, SUCCESS
@@ -133,7 +133,7 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
             "config": CONFIG_FILE,
         }
         manifest = build_manifest(out, plan, min_success_rate=cfg.min_success_rate, verify_hash=cfg.verify_hash, extra=extra)
-        atomic_write_json(f"{out}/{MANIFEST_FILE}", manifest)
+        write_run_records(out, summary=manifest, summary_name=MANIFEST_FILE)
         if manifest["low_success"]:
             log.warning("\n%s", low_success_banner(manifest))
         return manifest
@@ -406,4 +406,4 @@ def _save_config(out: str, cfg: DownloadConfig, plan: Plan) -> None:
     for package in ("img2dataset", "ray", "pyarrow", "webdataset"):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-    save_config(cfg, f"{out}/{CONFIG_FILE}", plan=plan.to_dict(), versions=versions)
+    write_run_records(out, cfg, plan=plan.to_dict(), versions=versions)  # config.json, the stages' shared name
