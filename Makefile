@@ -131,14 +131,14 @@ TIMINGS = $(DEMO)/timings.tsv
 TIMED = tools/timed.sh $(TIMINGS)
 export QCAP_RUN ?= $(shell date -u +%Y%m%dT%H%M%SZ)
 
-LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)
-DRR_SUMMARIES := $(foreach r,$(DRR_RUNGS),$(LADDER_DEMO)/$(r)/reinforce_summary.json)
+LADDER_SUMMARIES := $(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/summary.json)
+DRR_SUMMARIES := $(foreach r,$(DRR_RUNGS),$(LADDER_DEMO)/$(r)/summary.json)
 CLIP_EVALS := $(foreach s,$(SEED_LIST),$(foreach r,$(PRETRAINED) $(filter mae,$(BASELINES)),$(CLIP)/$(r)-s$(s)/eval.json))
 FT_METRICS := $(foreach s,$(SEED_LIST),$(foreach b,$(BASELINES) $(PRETRAINED),$(foreach t,$(FT_TASKS),$(FT)/$(b)-s$(s)/$(t)/metrics.json)))
 SCORE_SUMMARIES := $(foreach r,$(RUNGS) $(CONTROL_RUNGS),$(SCORES)/$(r)/summary.json)
 ATTENTION := $(DEMO)/attention/attention_distance.json
 ATTENTION_SEEDS := $(foreach s,$(SEED_LIST),$(DEMO)/attention/s$(s)/attention_distance.json)
-CONTROL_SUMMARIES := $(foreach r,$(CONTROL_RUNGS),$(LADDER_DEMO)/$(r)/control_summary.json)
+CONTROL_SUMMARIES := $(foreach r,$(CONTROL_RUNGS),$(LADDER_DEMO)/$(r)/summary.json)
 
 .DELETE_ON_ERROR:
 
@@ -188,25 +188,25 @@ $(FILTERS)/dedup.npy: $(FILTERS)/basic.npy
 $(FILTERS)/curated.npy: $(FILTERS)/clip.npy $(FILTERS)/dedup.npy
 	@$(TIMED) uids $(QCAP) uids intersect $^ --out $@
 
-$(CURATED)/report.json: $(FILTERS)/curated.npy
+$(CURATED)/summary.json: $(FILTERS)/curated.npy
 	@$(TIMED) reshard $(QCAP) reshard --shards $(RAW) --subset $< --out $(CURATED) --samples-per-shard 250
 
 # 5. five synthetic captions per image (top-p 0.9, DataCompDR's recipe), joined by uid into DR shards
-$(SYN)/caption_summary.json: $(CURATED)/report.json $(CAPTIONER)/eval.json
+$(SYN)/summary.json: $(CURATED)/summary.json $(CAPTIONER)/eval.json
 	@$(TIMED) caption $(QCAP) caption --shards $(CURATED) --out $(SYN) --checkpoint $(CAPTIONER) \
 	  --num-captions 5 --decoding top_p --top-p 0.9
 
-$(DR_DEMO)/build_dr_summary.json: $(SYN)/caption_summary.json
+$(DR_DEMO)/summary.json: $(SYN)/summary.json
 	@$(TIMED) build-dr $(QCAP) build-dr --images $(CURATED) --captions $(SYN) --out $(DR_DEMO)
 
 # 6. the ladder: real captions (DataComp) and DR at 100% and 10%, nested
-$(LADDER_SUMMARIES) &: $(DR_DEMO)/build_dr_summary.json
+$(LADDER_SUMMARIES) &: $(DR_DEMO)/summary.json
 	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="$(LADDER_FRACTIONS)" SEED=0
 
 # 6b. (SCIENCE=1) positive controls: the same images with the true descriptions; the clean split's captions
-$(LADDER_DEMO)/oracle-%/control_summary.json: $(LADDER_DEMO)/datacomp-%/subset_summary.json
+$(LADDER_DEMO)/oracle-%/summary.json: $(LADDER_DEMO)/datacomp-%/summary.json
 	@$(TIMED) control-rung $(QCAP) control-rung --kind oracle --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
-$(LADDER_DEMO)/clean-100/control_summary.json: $(LADDER_DEMO)/datacomp-100/subset_summary.json
+$(LADDER_DEMO)/clean-100/summary.json: $(LADDER_DEMO)/datacomp-100/summary.json
 	@$(TIMED) control-rung $(QCAP) control-rung --kind clean --like $(LADDER_DEMO)/datacomp-100 --world $(W) \
 	  --allow-fewer --out $(@D)
 $(foreach r,$(CONTROL_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(CONTROL_SUMMARIES)
@@ -221,7 +221,7 @@ DRR_AUGMENTATIONS ?= 10
 $(TEACHER)/eval.json: $(W)/world.json
 	@$(TIMED) teacher $(QCAP) train --preset tiny --data $(W)/clean --out $(TEACHER) --caption-source real --seed 0 \
 	  --samples-seen $(TEACHER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
-$(LADDER_DEMO)/drr-%/reinforce_summary.json: $(LADDER_SUMMARIES) $(TEACHER)/eval.json
+$(LADDER_DEMO)/drr-%/summary.json: $(LADDER_SUMMARIES) $(TEACHER)/eval.json
 	@$(TIMED) reinforce $(QCAP) reinforce --shards $(LADDER_DEMO)/dr-$* --out $(@D) --teachers $(TEACHER) \
 	  --num-augmentations $(DRR_AUGMENTATIONS) --size 64 --num-workers 1 --cpus-per-worker 1
 $(foreach r,$(DRR_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(DRR_SUMMARIES)
@@ -304,8 +304,8 @@ layout: ## print every file of the demo's graph that the reports read (vars: DEM
 	@printf '%s\n' $(CLIP_EVALS) $(patsubst %/eval.json,%/config.json,$(CLIP_EVALS)) $(FT_METRICS) $(SCORE_SUMMARIES) \
 	  $(SCORES)/dr-100/per_caption.parquet $(ATTENTION) $(ATTENTION:.json=.png) $(if $(filter 1,$(SCIENCE)),$(ATTENTION_SEEDS)) \
 	  $(LADDER_SUMMARIES) $(DRR_SUMMARIES) $(CONTROL_SUMMARIES) $(RAW)/manifest.json \
-	  $(foreach f,basic clip dedup,$(FILTERS)/$(f).report/report.json) $(CURATED)/report.json $(SYN)/caption_summary.json \
-	  $(DR_DEMO)/build_dr_summary.json $(W)/truth.parquet $(TIMINGS)
+	  $(foreach f,basic clip dedup,$(FILTERS)/$(f).report/report.json) $(CURATED)/summary.json $(SYN)/summary.json \
+	  $(DR_DEMO)/summary.json $(W)/truth.parquet $(TIMINGS)
 
 # ---------------------------------------------------------------------------------------------
 # make science: the demo's graph with SCIENCE=1 at a calibrated scale, 3 seeds, a 3-fraction ladder.

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from base.stage import LEGACY_RECORDS, SUMMARY_FILE
 
 CLIP = "clip"  # qcap train / qcap mae runs
 FINETUNE = "finetune"  # qcap finetune runs, one folder per task inside
@@ -31,9 +34,7 @@ FINETUNE_METRICS = f"{FINETUNE_RUN}/{{task}}/metrics.json"
 SCORE_SUMMARY = f"{SCORES}/{{rung}}/summary.json"
 PER_CAPTION = f"{SCORES}/{{rung}}/per_caption.parquet"
 RUNG = f"{LADDER}/{{rung}}"
-SUBSET_SUMMARY = f"{RUNG}/subset_summary.json"  # qcap subset's run record, written last
-REINFORCE_SUMMARY = f"{RUNG}/reinforce_summary.json"  # qcap reinforce's
-CONTROL_SUMMARY = f"{RUNG}/control_summary.json"  # qcap control-rung's
+RUNG_SUMMARY = f"{RUNG}/{SUMMARY_FILE}"  # the rung's run record, written last: qcap subset's, reinforce's or control-rung's
 ATTENTION = f"{ATTENTION_DIR}/attention_distance.json"  # DR 100% against real 100%, seed 0
 ATTENTION_PNG = f"{ATTENTION_DIR}/attention_distance.png"
 ATTENTION_SEED = f"{ATTENTION_DIR}/s{{seed}}/attention_distance.json"  # the same per seed (make science)
@@ -41,26 +42,26 @@ WORLD_TRUTH = f"{WORLD}/{TRUTH}"
 TIMINGS = "timings.tsv"  # tools/timed.sh's log
 RAW_MANIFEST = "raw/manifest.json"  # qcap download
 FILTER_REPORT = "filters/{filter}.report/report.json"  # qcap filter basic|clip-score|dedup
-CURATED_REPORT = "curated/report.json"  # qcap reshard
-CAPTION_SUMMARY = "syn/caption_summary.json"  # qcap caption
-DR_SUMMARY = "dr/build_dr_summary.json"  # qcap build-dr
+CURATED_SUMMARY = f"curated/{SUMMARY_FILE}"  # qcap reshard
+CAPTION_SUMMARY = f"syn/{SUMMARY_FILE}"  # qcap caption
+DR_SUMMARY = f"dr/{SUMMARY_FILE}"  # qcap build-dr
 
 # every file pattern by name (each path ``make layout`` lists must be an instance of one)
 PATTERNS: dict[str, str] = {
     "CLIP_EVAL": CLIP_EVAL, "CLIP_CONFIG": CLIP_CONFIG, "FINETUNE_METRICS": FINETUNE_METRICS,
     "SCORE_SUMMARY": SCORE_SUMMARY, "PER_CAPTION": PER_CAPTION,
-    "SUBSET_SUMMARY": SUBSET_SUMMARY, "REINFORCE_SUMMARY": REINFORCE_SUMMARY, "CONTROL_SUMMARY": CONTROL_SUMMARY,
+    "RUNG_SUMMARY": RUNG_SUMMARY,
     "ATTENTION": ATTENTION, "ATTENTION_PNG": ATTENTION_PNG, "ATTENTION_SEED": ATTENTION_SEED,
     "WORLD_TRUTH": WORLD_TRUTH, "TIMINGS": TIMINGS, "RAW_MANIFEST": RAW_MANIFEST, "FILTER_REPORT": FILTER_REPORT,
-    "CURATED_REPORT": CURATED_REPORT, "CAPTION_SUMMARY": CAPTION_SUMMARY, "DR_SUMMARY": DR_SUMMARY,
+    "CURATED_SUMMARY": CURATED_SUMMARY, "CAPTION_SUMMARY": CAPTION_SUMMARY, "DR_SUMMARY": DR_SUMMARY,
 }
 # a rung's run record (the file its command writes last) and the record's count of images written, by caption kind
 RUNG_RECORDS: dict[str, tuple[str, str]] = {
-    "real": (SUBSET_SUMMARY, "num_written"),
-    "dr": (SUBSET_SUMMARY, "num_written"),
-    "drr": (REINFORCE_SUMMARY, "images_reinforced"),
-    "oracle": (CONTROL_SUMMARY, "num_written"),
-    "clean": (CONTROL_SUMMARY, "num_written"),
+    "real": (RUNG_SUMMARY, "num_written"),
+    "dr": (RUNG_SUMMARY, "num_written"),
+    "drr": (RUNG_SUMMARY, "images_reinforced"),
+    "oracle": (RUNG_SUMMARY, "num_written"),
+    "clean": (RUNG_SUMMARY, "num_written"),
 }
 # the caption-grid figure reads this rung's shards and caption scores
 GRID_RUNG = "dr-100"
@@ -83,6 +84,20 @@ def regex(pattern: str) -> re.Pattern[str]:
         end = m.end()
     parts.append(re.escape(pattern[end:]))
     return re.compile("".join(parts))
+
+
+def on_disk(root: str | Path, rel: str) -> str:
+    """``rel``, or, where a stage's ``summary.json`` is missing from a folder written before the stages shared
+    that name, the summary the stage wrote there then (``curated/report.json``, a rung's ``subset_summary.json``:
+    :data:`base.stage.LEGACY_RECORDS`)."""
+    folder, _, name = rel.rpartition("/")
+    if name != SUMMARY_FILE or (Path(root) / rel).is_file():
+        return rel
+    for names in LEGACY_RECORDS.values():
+        legacy = f"{folder}/{names['summary']}" if folder else names["summary"]
+        if (Path(root) / legacy).is_file():
+            return legacy
+    return rel
 
 
 def match(rel: str, patterns: Mapping[str, str] = PATTERNS) -> tuple[str, dict[str, str]] | None:

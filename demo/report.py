@@ -20,9 +20,9 @@ stage wrote, and ``report.json`` names that file and key for every number.
 - ``timings.tsv`` — one row per timed command (``tools/timed.sh``): run, stage, start, seconds,
   exit status, 1-minute load average before and after, command;
 - the pipeline's own summaries for the data funnel (``raw/manifest.json``,
-  ``filters/*.report/report.json``, ``curated/report.json``, ``syn/caption_summary.json``,
-  ``dr/build_dr_summary.json``, and each rung's run record: ``dr-ladder/<rung>/subset_summary.json``,
-  ``reinforce_summary.json`` for ``drr-P``).
+  ``filters/*.report/report.json``, ``curated/summary.json``, ``syn/summary.json``,
+  ``dr/summary.json``, and each rung's run record: ``dr-ladder/<rung>/summary.json``; a folder
+  written before the stages shared that name: its old summary, e.g. ``subset_summary.json``).
 
 Every path is named once, in :mod:`demo.layout` (``make layout`` lists the Makefile's).
 
@@ -720,7 +720,7 @@ FUNNEL = (
     ("basic filter", layout.path(layout.FILTER_REPORT, filter="basic"), "counts.kept"),
     ("CLIP-score filter (of basic)", layout.path(layout.FILTER_REPORT, filter="clip"), "counts.kept"),
     ("dedup (of basic)", layout.path(layout.FILTER_REPORT, filter="dedup"), "counts.kept"),
-    ("resharded (CLIP-score ∩ dedup)", layout.CURATED_REPORT, "num_written"),
+    ("resharded (CLIP-score ∩ dedup)", layout.CURATED_SUMMARY, "num_written"),
     ("captioned images", layout.CAPTION_SUMMARY, "images_captioned"),
     ("DR images", layout.DR_SUMMARY, "images_kept"),
     ("DR synthetic captions kept", layout.DR_SUMMARY, "synthetic_kept"),
@@ -730,10 +730,12 @@ FUNNEL = (
 def funnel(reader: Reader, rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
     out = []
     for label, rel, key in FUNNEL:
+        rel = layout.on_disk(reader.root, rel)  # a folder from before the shared names: its old summary
         if (reader.root / rel).is_file():
             out.append({"label": label, "file": rel, "key": key, "value": reader.value(rel, key)})
     for row in funnel_rungs(rows):
         rel, key = rung_record(row)
+        rel = layout.on_disk(reader.root, rel)
         if (reader.root / rel).is_file():
             out.append({"label": f"rung {row.label} ({row.key})", "file": rel, "key": key, "value": reader.value(rel, key)})
     return out

@@ -8,7 +8,7 @@ Reads the same folder layout as ``qcap report`` (``finetune/<backbone>-s<seed>/{
 ``clip/<rung>-s<seed>/eval.json``, ``scores/<rung>/summary.json``) with more rows, and
 ``attention/s<seed>/attention_distance.json`` (DR first, real second). It computes no metric:
 every number comes from a file, and ``science.json`` names the file and key of each. Each rung's size is read
-from its run record (``dr-ladder/<rung>/subset_summary.json``, ``control_summary.json``, ``reinforce_summary.json``).
+from its run record (``dr-ladder/<rung>/summary.json``, qcap subset's, reinforce's or control-rung's).
 Every path is named once, in :mod:`demo.layout`.
 
 Rows (backbones): ``random`` (no pretraining), ``mae`` (``python -m train.mae`` on the real
@@ -148,6 +148,7 @@ def rungs(reader: Reader, rows: Sequence[Row]) -> list[dict[str, Any]]:
     out = []
     for row in rung_rows(rows):
         rel, key = rung_record(row)
+        rel = layout.on_disk(reader.root, rel)  # a rung from before the shared names: its old summary
         if (reader.root / rel).is_file():
             out.append({"row": row.key, "label": row.label, "file": rel, "key": key, "value": reader.value(rel, key)})
     return out

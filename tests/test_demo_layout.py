@@ -63,7 +63,7 @@ def test_demo_layout_agrees_with_the_reports(demo_listing):
     assert rows <= set(report.ROW_BY_KEY)  # and no row is made that the report does not show
     assert layout.check(demo_listing, reports_read(demo_listing, science_report=False)) == []
     # every name of the demo's layout is written by make demo, but the science graph's own files
-    assert set(layout.unused(demo_listing)) == {"ATTENTION_SEED", "CONTROL_SUMMARY"}
+    assert set(layout.unused(demo_listing)) == {"ATTENTION_SEED"}
 
 
 @pytest.mark.parametrize("fractions", [None, "1.0 0.3 0.1"])
@@ -76,7 +76,7 @@ def test_science_layout_agrees_with_both_reports(science_listing, tmp_path, frac
     known = {r.key for r in science.science_rows(fractions_listed)} | set(report.ROW_BY_KEY)
     assert rows <= known, f"made but shown by no report: {sorted(rows - known)}"
     read = reports_read(listing, science_report=True)
-    assert {"attention/s1/attention_distance.json", "dr-ladder/clean-100/control_summary.json",
+    assert {"attention/s1/attention_distance.json", "dr-ladder/clean-100/summary.json",
             "finetune/mci-random-s1/det/metrics.json", "scores/oracle-10/summary.json"} <= set(read)
     assert layout.check(listing, read) == []
     assert layout.unused(listing) == []  # every name of demo/layout.py is a file make science writes
@@ -91,11 +91,12 @@ def test_a_folder_renamed_in_the_makefile_only_is_reported(science_listing):
 
 
 def test_a_run_record_renamed_in_the_makefile_only_is_reported(tmp_path):
-    """The Makefile's ladder target renamed (subset_summary.json -> summary.json), demo/layout.py not."""
-    listing = make_layout(tmp_path, "SEEDS=1", "LADDER_SUMMARIES=$(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/summary.json)")
+    """The Makefile's ladder target renamed (summary.json -> subset_summary.json), demo/layout.py not."""
+    listing = make_layout(tmp_path, "SEEDS=1",
+                          "LADDER_SUMMARIES=$(foreach r,$(RUNGS),$(LADDER_DEMO)/$(r)/subset_summary.json)")
     problems = layout.check(listing, reports_read(listing, science_report=False))
-    assert "dr-ladder/dr-10/summary.json: listed by make layout, but no pattern of demo.layout names it" in problems
-    assert "dr-ladder/dr-10/subset_summary.json: read by the reports, but make layout does not list it" in problems
+    assert "dr-ladder/dr-10/subset_summary.json: listed by make layout, but no pattern of demo.layout names it" in problems
+    assert "dr-ladder/dr-10/summary.json: read by the reports, but make layout does not list it" in problems
 
 
 def test_a_pattern_renamed_in_the_layout_only_is_reported(demo_listing):
