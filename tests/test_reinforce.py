@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_jpeg, make_uid
+from test_caption_job import ray_address  # noqa: F401 - the module-scoped local Ray fixture
 
 from base.shards import Sample, ShardWriter, finalize_folder, iter_samples
 
@@ -52,19 +53,6 @@ def teachers(tmp_path_factory) -> list[str]:
         torch.manual_seed(seed)
         paths.append(str(save_checkpoint_dir(load_model("qcap-tiny-clip").model, "qcap-tiny-clip", folder / f"t{seed}")))
     return paths
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-                 log_to_driver=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 def test_a_stored_augmentation_reapplied_gives_the_identical_tensor():
@@ -102,7 +90,7 @@ def test_a_stored_augmentation_reapplied_gives_the_identical_tensor():
     assert apple["rand_augment"]["p"] == 1.0 and apple["normalize"]["mean"][0] == pytest.approx(0.48145466)
 
 
-def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_address, capsys):
+def test_reinforce_writes_apples_npz_layout_on_ray(tmp_path, teachers, ray_address, capsys):  # noqa: F811 - pytest fixture
     from base.augment import AugmentConfig, apply_pil, decode_paug, to_tensor
     from base.models import weights_sha256
     from base.shards import decode_image, read_table
