@@ -27,11 +27,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from base.cli import UsageError
-from base.config import save_config
+from base.config import arg, save_config
+from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     SIZES_FILE,
     ShardError,
@@ -63,9 +65,46 @@ LEGACY_RECORDS: dict[str, dict[str, str]] = {
     "reinforce": {"config": "reinforce_config.json", "summary": "reinforce_summary.json"},
     "control-rung": {"config": "control.json", "summary": "control_summary.json"},
 }
+RUN_RECORDS = (CONFIG_FILE, SUMMARY_FILE)  # what every stage's --overwrite removes among its own files
 NOWHERE = "nowhere (every shard was already written)"  # where a run ran that had nothing to do
 _SHARD_FILE = re.compile(r"^\d+(?:\.tar|\.parquet|_stats\.json|\.done)$")
 _SHOWN = 80  # characters of a differing value an error shows
+
+
+# --------------------------------------------------------------------------------------------
+# The run fields: how and where a shard stage runs, never what it writes
+
+
+@dataclass(kw_only=True)
+class PoolConfig:
+    """Where a shard-parallel stage's tasks run (:func:`run_pool`, :class:`base.workers.Workers`):
+    local processes or Ray tasks; the output is the same bytes on any pool."""
+
+    num_workers: int = arg(1, shapes_output=False, help="local processes running the shard tasks (the output is the "
+                                                        "same for any number)")
+    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP)
+
+
+@dataclass(kw_only=True)
+class ShardStageConfig(PoolConfig):
+    """The run fields of a stage that claims an output folder (:func:`claim_output`): its pool,
+    ``--overwrite`` and the progress bars. A stage's config extends it (or
+    :class:`CardStageConfig`); none of these fields shapes the output."""
+
+    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made with other inputs or settings "
+                                                           "(only the stage's own files are removed)")
+    progress: bool = arg(True, shapes_output=False, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("num_workers: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CardStageConfig(ShardStageConfig):
+    """:class:`ShardStageConfig` for a stage that writes a dataset card beside its shards."""
+
+    card: bool = arg(True, shapes_output=False, help="write the dataset card (README.md, preview.html, card/*.png)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,7 +66,6 @@ import numpy as np
 from base.card import CaptionStats, trace_lineage, write_card
 from base.config import arg, output_settings, parse_config
 from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, encode_tags, key_of
-from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     Sample,
     ShardError,
@@ -84,8 +83,8 @@ from base.shards import (
     uid_halves,
 )
 from base.stage import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
+    RUN_RECORDS,
+    CardStageConfig,
     claim_output,
     make_folder,
     read_run_record,
@@ -122,7 +121,7 @@ FLAG_ORDER = ("empty", "no_letters", "repeated_word", "repeated_phrase", "low_di
 
 
 @dataclass(kw_only=True)
-class BuildDRConfig:
+class BuildDRConfig(CardStageConfig):
     """Join curated image shards and synthetic captions by uid into DataCompDR shards (resumable)."""
 
     STAGE: ClassVar[str] = "build-dr"  # its name in dataset cards' lineage
@@ -141,14 +140,11 @@ class BuildDRConfig:
                                       "single flags (e.g. too_short truncated), or 'none'")
     min_score: float | None = arg(None, help="drop synthetic captions whose image-text score is below this (unscored ones are kept and counted)")
     min_syn_captions: int = arg(1, help="images left with fewer synthetic captions are dropped (status too_few_captions)")
-    partition_rows: int = arg(2_000_000, shapes_output=False, help="join memory bound: about this many index rows per side per partition")
-    num_workers: int = arg(1, shapes_output=False, help="processes indexing and writing shards")
-    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP + "; the join runs on this node, partition by partition")
+    partition_rows: int = arg(2_000_000, shapes_output=False, help="join memory bound: about this many index rows per "
+                                                                   "side per partition (the join runs in this process, "
+                                                                   "partition by partition, on any pool)")
     open_files: int = arg(16, shapes_output=False, help="caption shards kept open per writer (LRU)")
     keep_work: bool = arg(False, shapes_output=False, help=f"keep the index and join files in DR/{WORK_DIR} when done")
-    overwrite: bool = arg(False, shapes_output=False, help="replace a DR folder built from other inputs or settings")
-    card: bool = arg(True, shapes_output=False, help="write the dataset card (README.md, preview.html, card/*.png)")
-    progress: bool = arg(True, shapes_output=False, help="show progress bars")
 
     def __post_init__(self) -> None:
         if (self.captions is None) == (self.apple_syn is None):
@@ -163,6 +159,7 @@ class BuildDRConfig:
         for name in ("min_syn_captions", "num_workers", "partition_rows", "open_files"):
             if getattr(self, name) < (0 if name == "min_syn_captions" else 1):
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        super().__post_init__()  # the run fields (base.stage.CardStageConfig)
 
     def tagged(self) -> list[tuple[str, str]]:
         """``--tagged-captions`` as (caption key ``syn_text_<TAG>``, folder), in the given order."""
@@ -490,7 +487,7 @@ def open_tagged(cfg: BuildDRConfig) -> list[tuple[str, CaptionSource]]:
 
 # What build-dr writes in --out besides its shards and the card, and so all that --overwrite removes;
 # a user's file or folder there stays.
-_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS, CAPTIONS_WITHOUT_IMAGES)
+_OWN_FILES = (*RUN_RECORDS, UIDS_FILE, IMAGES_WITHOUT_CAPTIONS, CAPTIONS_WITHOUT_IMAGES)
 
 
 def _work(cfg: BuildDRConfig) -> Path:

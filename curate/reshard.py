@@ -52,7 +52,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from base.config import arg, parse_config
-from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     SIZES_FILE,
     Sample,
@@ -68,8 +67,8 @@ from base.shards import (
     uid_membership,
 )
 from base.stage import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
+    RUN_RECORDS,
+    ShardStageConfig,
     claim_output,
     make_folder,
     pending_shards,
@@ -82,7 +81,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class ReshardConfig:
+class ReshardConfig(ShardStageConfig):
     """Write the successful samples whose uid is in a DataComp uid file into new shards (with sizes.json)."""
 
     STAGE: ClassVar[str] = "reshard"  # its name in dataset cards' lineage
@@ -91,16 +90,11 @@ class ReshardConfig:
     subset: Path = arg(help="DataComp uid file (.npy, sorted u8,u8) of the samples to keep", metavar="UIDS.npy")
     out: Path = arg(shapes_output=False, help="output shard folder", metavar="CURATED")
     samples_per_shard: int = arg(10000, help="samples per output shard (DataComp's resharder: 10000)")
-    num_workers: int = arg(1, shapes_output=False, help="processes writing output shards")
-    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP)
-    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made from other inputs")
-    progress: bool = arg(True, shapes_output=False, help="show a progress bar")
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError("samples_per_shard: must be >= 1")
-        if self.num_workers < 1:
-            raise ValueError("num_workers: must be >= 1")
+        super().__post_init__()  # the run fields (base.stage.ShardStageConfig)
 
 
 @dataclass(slots=True)
@@ -181,7 +175,7 @@ def _identity(cfg: ReshardConfig, tars: list[str]) -> dict[str, Any]:
 
 # What reshard writes in --out, and so all that --overwrite removes (anything else is the user's):
 # its shards (base.shards.remove_own_files) and these.
-_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE)
+_OWN_FILES = RUN_RECORDS
 
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,6 @@ import numpy as np
 from base.card import CaptionStats, read_card, write_card
 from base.cli import UsageError
 from base.config import arg, output_settings, parse_config
-from base.raykit import RAY_ADDRESS_HELP
 from base.shards import (
     Sample,
     ShardError,
@@ -73,7 +72,8 @@ from base.shards import (
 )
 from base.stage import (
     CONFIG_FILE,
-    SUMMARY_FILE,
+    RUN_RECORDS,
+    CardStageConfig,
     claim_output,
     make_folder,
     pending_shards,
@@ -93,7 +93,7 @@ _MASK = (1 << 64) - 1
 
 
 @dataclass(kw_only=True)
-class SubsetConfig:
+class SubsetConfig(CardStageConfig):
     """Write a nested, seeded subset of a shard folder (DR or curated) as a new shard folder."""
 
     STAGE: ClassVar[str] = "subset"  # its name in dataset cards' lineage
@@ -108,11 +108,6 @@ class SubsetConfig:
                                                          "syn_tags.json/qcap_tags.json, Apple's npz/pth.gz/paug.json "
                                                          "and qcap reinforce's reinforce.json)")
     samples_per_shard: int | None = arg(None, help="about this many samples per output shard (default: the largest input shard)")
-    num_workers: int = arg(1, shapes_output=False, help="processes writing output shards")
-    ray_address: str | None = arg(None, shapes_output=False, help=RAY_ADDRESS_HELP)
-    card: bool = arg(True, shapes_output=False, help="write the dataset card (README.md, preview.html, card/*.png)")
-    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made with other inputs or settings")
-    progress: bool = arg(True, shapes_output=False, help="show progress bars")
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.num_samples is None):
@@ -123,8 +118,7 @@ class SubsetConfig:
             raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
             raise ValueError("samples_per_shard: must be >= 1")
-        if self.num_workers < 1:
-            raise ValueError("num_workers: must be >= 1")
+        super().__post_init__()  # the run fields (base.stage.CardStageConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +384,7 @@ def _identity(cfg: SubsetConfig, tars: list[str]) -> dict[str, Any]:
 
 # What subset writes in --out besides its shards and the card, and so all that --overwrite removes
 # (base.stage.remove_stage_files); a user's my.tar, notes.npy or folder stays.
-_OWN_FILES = (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE)
+_OWN_FILES = (*RUN_RECORDS, UIDS_FILE)
 
 
 def subset(cfg: SubsetConfig, *, control: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 
 from base.config import arg
 from base.raykit import RAY_ADDRESS_HELP
+from base.stage import PoolConfig
 
 GENERATOR_VERSION = "1"
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
@@ -148,7 +149,7 @@ class ServeConfig:
 
 
 @dataclass(kw_only=True)
-class ScoreConfig:
+class ScoreConfig(PoolConfig):
     """Score captions against a world's ground truth: objects, attributes, hallucinations."""
 
     STAGE: ClassVar[str] = "score-captions"  # its name in run records
@@ -158,6 +159,3 @@ class ScoreConfig:
     field: str | None = arg(None, help="caption column(s) to score, comma-separated (default: every caption column found)")
     out: Path | None = arg(None, shapes_output=False, help="output folder for summary.json and per_caption.parquet (default: <captions>.scores)", metavar="DIR")
     limit: int | None = arg(None, help="score at most this many captions (a quick look; the shards are then scored here, in order)")
-    num_workers: int = arg(1, shapes_output=False, help="processes scoring shards side by side (the output is the same for any number)")
-    ray_address: str | None = arg(None, shapes_output=False, help="score the shards as Ray tasks on an existing cluster: 'auto' "
-                                                                  "or HOST:PORT of its head (its nodes must see the world and the captions)")

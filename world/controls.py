@@ -59,7 +59,7 @@ class ControlConfig:
     num_samples: int | None = arg(None, help="clean: number of samples instead of --like")
     seed: int = arg(0, help="clean: the rank seed that picks the clean images (qcap subset's rule)")
     allow_fewer: bool = arg(False, help="clean: take the whole clean split when it holds fewer samples than asked")
-    overwrite: bool = arg(False, help="replace an output folder made with other settings")
+    overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made with other settings")
 
     def __post_init__(self) -> None:
         if self.kind == "oracle":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from base.config import arg
+from base.stage import PoolConfig  # --num-workers, --ray-address: where the shard tasks run
 
 
 @dataclass(kw_only=True)
@@ -31,7 +32,7 @@ class FilterConfig:
 
 
 @dataclass(kw_only=True)
-class BasicConfig(FilterConfig):
+class BasicConfig(FilterConfig, PoolConfig):
     """DataComp's basic filter: English caption (fastText lid.176), more than 2 words and 5 characters,
     shorter image side >= 200 px, aspect ratio <= 3 (from the pool's original_width/height)."""
 
@@ -44,9 +45,6 @@ class BasicConfig(FilterConfig):
     text_column: str | None = arg(None, help="caption column of the shards' Parquet (default: 'text', else 'caption')")
     width_column: str = arg("original_width", help="Parquet column with the image width before any resize")
     height_column: str = arg("original_height", help="Parquet column with the image height before any resize")
-    num_workers: int = arg(1, shapes_output=False, help="processes deciding shards side by side (the output is the same for any number)")
-    ray_address: str | None = arg(None, shapes_output=False, help="decide the shards as Ray tasks on an existing cluster: 'auto' or HOST:PORT "
-                                             "of its head (its nodes must see the shards; the output is the same)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,7 +109,7 @@ class ClipScoreConfig(FilterConfig):
 
 
 @dataclass(kw_only=True)
-class DedupConfig(FilterConfig):
+class DedupConfig(FilterConfig, PoolConfig):
     """Deduplication: exact duplicates by SHA-256 of the image bytes; near duplicates (resized, re-encoded
     copies) by perceptual hash (pHash) candidates verified on small thumbnails; one sample kept per group."""
 
@@ -125,10 +123,6 @@ class DedupConfig(FilterConfig):
     lsh_recall: float = arg(0.99, help="LSH: wanted chance that a pair at --max-distance shares a bucket somewhere")
     keep: Literal["smallest_uid", "largest_image"] = arg("smallest_uid", help="which member of a duplicate group survives")
     hashes: Path | None = arg(None, shapes_output=False, help="folder of per-shard hash parts, reused across runs and settings (default: OUT.hashes)", metavar="DIR")
-    num_workers: int = arg(1, shapes_output=False, help="processes that hash the shards and search the LSH partitions")
-    ray_address: str | None = arg(None, shapes_output=False, help="hash the shards and search the LSH partitions as Ray tasks on an existing "
-                                             "cluster: 'auto' or HOST:PORT of its head (its nodes must see the shards "
-                                             "and the output folder; the output is the same)")
     near_partition_rows: int = arg(4_000_000, shapes_output=False, help="LSH search: about this many (table, hash) rows per partition task, "
                                                    "the memory bound of one task (the pairs found do not depend on it)")
     seed: int = arg(0, help="seed of the LSH bit choices")
