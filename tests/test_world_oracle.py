@@ -134,6 +134,24 @@ def test_score_captions_command_on_the_pool_and_on_clean_shards(world, tmp_path)
     assert bad.returncode == 2 and "uid" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_score_captions_keeps_off_another_stages_run_records(world, tmp_path):
+    """Every stage names its records config.json and summary.json: scoring into a folder that holds another
+    stage's (the caption folder itself) is refused before anything is written; its own folder is scored again."""
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    records = {"config.json": json.dumps({"stage": "caption", "config": {"seed": 0}}), "summary.json": "{}"}
+    for name, text in records.items():
+        (syn / name).write_text(text)
+    argv = [QCAP, "score-captions", "--world", str(world), "--captions", str(world / "pool.parquet"), "--limit", "5"]
+    refused = subprocess.run([*argv, "--out", str(syn)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds the run records of qcap caption" in refused.stderr
+    assert {p.name: p.read_text() for p in syn.iterdir()} == records
+    for _ in range(2):  # a scoring folder's own records are its to replace
+        again = subprocess.run([*argv, "--out", str(tmp_path / "scores")], capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "scores" / "config.json").read_text())["stage"] == "score-captions"
+
+
 def test_preview_png_shows_alt_text_against_truth(world):
     proc = subprocess.run([QCAP, "world", "--out", str(world), "--preview"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
