@@ -292,13 +292,15 @@ def claim_output(
 
 
 def write_run_records(out: str | os.PathLike, cfg: Any = None, summary: Mapping[str, Any] | None = None, *,
-                      config_name: str = CONFIG_FILE, summary_name: str = SUMMARY_FILE, **extra: Any) -> None:
-    """The stage's run records in ``out``: the resolved config (``cfg``, with ``extra`` facts
-    such as the identity or versions, :func:`base.config.save_config`) and the ``summary``,
-    each written atomically; either may be left out (None: the config is written before the
-    work, the summary last)."""
+                      summary_name: str = SUMMARY_FILE, **extra: Any) -> None:
+    """The stage's run records in ``out`` (a folder or an fsspec URL): the resolved config
+    (``cfg``, with ``extra`` facts such as the identity or versions, :func:`base.config.save_config`)
+    as ``config.json`` and the ``summary`` as ``summary.json``, each written atomically; either may
+    be left out (None: the config is written before the work, the summary last). ``summary_name``
+    is for the two summaries that keep their names: a filter's ``report.json`` and download's
+    ``manifest.json``, which bench/clip_score.py and bench/download.py read."""
     if cfg is not None:
-        save_config(cfg, _inside(out, config_name), **extra)
+        save_config(cfg, _inside(out, CONFIG_FILE), **extra)
     if summary is not None:
         atomic_write_json(_inside(out, summary_name), dict(summary))
 
@@ -465,25 +467,23 @@ def run_shard_job(
     work: Callable[[Any, list[tuple[int, str]], dict[str, Any]], dict[int, str]],
     summarize: Callable[[Path, dict[int, str], dict[int, str]], dict[str, Any]],
     own_files: Sequence[str],
-    record: str = CONFIG_FILE,
-    summary_name: str = SUMMARY_FILE,
     finalize: bool = True,
 ) -> dict[str, Any]:
     """Output shard ``i`` for input shard ``i`` of ``cfg.shards`` in ``cfg.out``, resumably.
 
     The input's shards by id; an ``--out`` that is the input's folder is refused; ``resolve``
     loads what the work needs (models: one line if one cannot load, before any work);
-    with ``identity(cfg, resolved)`` :func:`claim_output` checks ``recorded(record)``; ``work(cfg,
-    pending, resolved)`` makes the pending shards (and writes the config record) and returns the
+    with ``identity(cfg, resolved)`` :func:`claim_output` checks ``recorded(config record)``; ``work(cfg,
+    pending, resolved)`` makes the pending shards (and writes ``config.json``) and returns the
     shards that failed (id → why); the folder is finalized (``sizes.json``), and
-    ``summarize(out, shards, failed)`` is written as the summary record and returned."""
+    ``summarize(out, shards, failed)`` is written as ``summary.json`` and returned."""
     shards = shards_by_id(cfg.shards)
     out = Path(cfg.out)
     if any(Path(path).parent.resolve() == out.resolve() for path in shards.values()):
         raise UsageError(f"--out {out} is the input folder: output shard i would replace input shard i; choose another --out")
     resolved = resolve(cfg)
     claim_output(out, stage=stage, identity=identity(cfg, resolved), overwrite=cfg.overwrite, own_files=own_files,
-                 record=record, recorded=recorded, only_with_shards=True)
+                 recorded=recorded, only_with_shards=True)
     make_folder(out)
     pending = pending_shards(out, shards)
     failed: dict[int, str] = {}
@@ -494,5 +494,5 @@ def run_shard_job(
     if finalize and any(is_complete(out, shard_id) for shard_id in shards):
         finalize_folder(out)
     summary = summarize(out, shards, failed)
-    write_run_records(out, summary=summary, summary_name=summary_name)
+    write_run_records(out, summary=summary)
     return summary

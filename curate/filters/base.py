@@ -53,7 +53,7 @@ from base.shards import (
     shard_columns,
     uid_membership,
 )
-from base.stage import write_run_records
+from base.stage import CONFIG_FILE, write_run_records
 from curate.filters.config import FilterConfig
 from curate.filters.members import SampleProblem, check_caption, shard_labels
 from curate.filters.report import Histogram, linear_edges, log_edges, plot_histogram, write_preview
@@ -64,7 +64,6 @@ Keep = bool | tuple[bool, str]
 REPORT_SUFFIX = ".report"
 DECISIONS_FILE = "decisions.parquet"
 REPORT_FILE = "report.json"
-CONFIG_FILE = "config.json"
 PREVIEW_FILE = "preview.html"
 OUTSIDE_SUBSET = "outside_subset"
 BAD_UID = "bad_uid"
@@ -350,7 +349,7 @@ def run_filter(filt: BaseFilter, cfg: FilterConfig) -> dict[str, Any]:
     labels = shard_labels(tars)
     subset = load_subset(cfg.subset) if cfg.subset is not None else None
     report_dir.mkdir(parents=True, exist_ok=True)
-    write_run_records(report_dir, cfg, config_name=CONFIG_FILE, filter=filt.name, shards=tars)
+    write_run_records(report_dir, cfg, filter=filt.name, shards=tars)
 
     filt.prepare(tars, subset)
     histograms = {h.name: h for h in filt.histograms()}
