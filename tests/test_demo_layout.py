@@ -113,3 +113,19 @@ def test_patterns_round_trip():
     assert layout.run_folder("datacomp-10-s3") == ("datacomp-10", 3)
     assert layout.run_folder("datacomp-10") is None
     assert layout.match("clip/dr-100-s0/notes.txt") is None
+
+
+def test_a_demo_folder_from_before_the_shared_names_is_read_by_its_old_summaries(tmp_path):
+    """A stage's summary.json missing where the folder holds the summary the stage wrote before the shared names:
+    the reports read that one; once the stage has written summary.json (a resumed make demo), that one."""
+    (tmp_path / "curated").mkdir()
+    (tmp_path / "curated" / "report.json").write_text("{}")
+    (tmp_path / "dr-ladder" / "drr-10").mkdir(parents=True)
+    (tmp_path / "dr-ladder" / "drr-10" / "reinforce_summary.json").write_text("{}")
+    rung = layout.path(layout.RUNG_SUMMARY, rung="drr-10")
+    assert layout.on_disk(tmp_path, layout.CURATED_SUMMARY) == "curated/report.json"
+    assert layout.on_disk(tmp_path, rung) == "dr-ladder/drr-10/reinforce_summary.json"
+    assert layout.on_disk(tmp_path, layout.DR_SUMMARY) == layout.DR_SUMMARY  # nothing there: the shared name
+    assert layout.on_disk(tmp_path, layout.TIMINGS) == layout.TIMINGS  # not a summary
+    (tmp_path / rung).write_text("{}")
+    assert layout.on_disk(tmp_path, rung) == rung
