@@ -184,6 +184,17 @@ def test_caption_job_writes_datacompdr_captions(tmp_path, ray_address, coca_dir,
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".tar", ".done")} == stamps
     code, _, stderr = run_cli([*readable[:-1], "--num-captions", "5", "--no-progress"], capsys)
     assert code == 2 and "num_captions: 3 -> 5" in stderr and "Traceback" not in stderr
+    # the folder as caption named its records before every stage shared config.json/summary.json
+    # (caption_config.json, caption_summary.json): resumed, nothing captioned again or removed; other
+    # settings still refused by the old record
+    (out / job.CONFIG_FILE).rename(out / "caption_config.json")
+    (out / job.SUMMARY_FILE).rename(out / "caption_summary.json")
+    code, stdout, _ = run_cli(readable, capsys)
+    assert code == 0 and "captioned 8 of 9 images in 3/3 shards" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".tar", ".done")} == stamps
+    assert (out / "caption_config.json").is_file() and (out / "caption_summary.json").is_file()
+    code, _, stderr = run_cli([*readable[:-1], "--num-captions", "5", "--no-progress"], capsys)
+    assert code == 2 and "num_captions: 3 -> 5" in stderr
 
 
 @pytest.mark.slow
