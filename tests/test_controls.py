@@ -112,6 +112,33 @@ def test_rungs_written_with_the_old_record_names_resume_and_refuse_as_before(wor
         build_clean(ControlConfig(kind="clean", world=world, like=str(rung), seed=1, out=clean.out))
 
 
+def test_overwrite_replaces_a_rung_of_the_other_kind_and_keeps_the_users_files(world, tmp_path):
+    """A clean rung's records are subset's, an oracle rung's control-rung's: --overwrite removes either (one stage
+    wrote both); a user's README.md, notes and other stages' folders are refused or left alone."""
+    from base.cli import UsageError
+
+    rung = _rung(world, tmp_path / "datacomp-100", 6)
+    out = tmp_path / "rung"
+    oracle = ControlConfig(kind="oracle", world=world, shards=str(rung), out=out)
+    clean = ControlConfig(kind="clean", world=world, num_samples=4, out=out)
+    build_oracle(oracle)
+    (out / "README.md").write_text("mine")
+    with pytest.raises(UsageError, match="other inputs or settings"):
+        build_clean(clean)
+    clean.overwrite = True
+    assert build_clean(clean)["num_written"] == 4 and not (out / "00003.tar").exists()  # the oracle's shard went
+    oracle.overwrite = True
+    assert build_oracle(oracle)["num_written"] == 6 and not (out / "uids.npy").exists()
+    assert (out / "README.md").read_text() == "mine"
+    from curate.subset import SubsetConfig, subset
+
+    plain = tmp_path / "sub"  # a plain subset folder is no rung, --overwrite or not
+    assert subset(SubsetConfig(shards=str(rung), out=plain, num_samples=2, card=False, progress=False))["reconciled"]
+    with pytest.raises(UsageError, match="qcap subset's output"):
+        build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=plain, overwrite=True))
+    assert len(list(plain.glob("*.tar"))) == 1
+
+
 def test_cli_errors_are_one_line(world, tmp_path):
     # an image whose uid the world does not know: the oracle cannot caption it
     stranger = tmp_path / "stranger"

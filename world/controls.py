@@ -101,7 +101,7 @@ def _claim(cfg: ControlConfig, identity: dict[str, Any]) -> None:
     with the same identity resumes, one with another is refused (:func:`base.stage.refuse_mismatch`),
     or with ``--overwrite`` loses what control-rung wrote there, of either kind (its shards with
     their markers and temporaries, ``sizes.json``, the run records — a clean rung's, subset's,
-    with ``uids.npy`` and the card — and the records' names from before); every other file and
+    with ``uids.npy`` — and the records' names from before); every other file and
     folder stays. Anything else is claimed as every stage claims (:func:`base.stage.claim_output`):
     another stage's folder or a folder of shards no stage recorded is refused."""
     from base.stage import (
@@ -125,7 +125,7 @@ def _claim(cfg: ControlConfig, identity: dict[str, Any]) -> None:
                      what="the control rung")
     elif cfg.overwrite:
         remove_stage_files(cfg.out, STAGE, (CONFIG_FILE, SUMMARY_FILE, UIDS_FILE, *legacy_names(STAGE),
-                                            *legacy_names("subset")), card=True)
+                                            *legacy_names("subset")))  # a rung has no card (subset runs with --no-card)
     elif recorded != identity:
         refuse_mismatch(cfg.out, STAGE, recorded, identity)
 
