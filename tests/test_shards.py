@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_jpeg, make_uid
 
-from base.shards import Sample, ShardError, ShardWriter
 from base import shards
+from base.shards import Sample, ShardError, ShardWriter
 
 
 def _npz() -> bytes:

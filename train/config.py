@@ -83,10 +83,10 @@ class TrainRunConfig:
                               "--dataset-reinforcement-syn-text-key-regex; syn_text, syn_text_<tag>)"
     )
     dr_teacher_dims: tuple[int, ...] | None = arg(
-        None, help="DR: each teacher's embedding width (default: the folder's reinforce_config.json, else equal halves)"
+        None, help="DR: each teacher's embedding width (default: the folder's reinforce record, config.json, else equal halves)"
     )
     dr_teacher_logit_scales: tuple[float, ...] | None = arg(
-        None, help="DR: each teacher's logit scale (default: reinforce_config.json, else Apple's 100 100)"
+        None, help="DR: each teacher's logit scale (default: the folder's reinforce record, else Apple's 100 100)"
     )
     dr_augment_size: int = arg(224, help="DR: crop side the stored augmentations were drawn for when the folder "
                                          "records none (Apple's DataCompDR: 224)")
