@@ -16,6 +16,7 @@ from base.shards import iter_samples
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow  # ~30 s of Ray and a CoCa; selection itself is in test_multicaption_overgen.py
 def test_overgenerate_then_select_and_a_tagged_captioner(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
     from base.models import load_model, save_checkpoint_dir
     from base.multicaption import TAGS_MEMBER, TAGS_PROVENANCE_MEMBER, all_captions, tagged_captions

@@ -53,6 +53,7 @@ def _shards(folder: Path, n: int = 24) -> Path:
     return folder
 
 
+@pytest.mark.slow  # ~23 s; the export's exactness is test_encoder_converts_exactly_to_open_clip
 def test_trains_resumes_and_finetune_reads_the_export(tmp_path):
     data = _shards(tmp_path / "data")
     out = tmp_path / "mae"

@@ -179,6 +179,7 @@ def test_every_command_refuses_a_hostile_checkpoint_with_one_line(hostile, input
         assert not marker.exists(), f"{command}: ran the pickle's code"
 
 
+@pytest.mark.slow  # ~17 s of subprocesses; every command's refusal runs in-process above
 def test_the_installed_command_prints_one_line_and_runs_nothing(hostile, inputs, tmp_path):
     """The real process, stdin closed: stderr is exactly one line, the marker never appears."""
     _, marker, cases = hostile

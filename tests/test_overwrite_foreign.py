@@ -142,6 +142,7 @@ def test_caption(tmp_path, ray_address, coca_dir, capsys):  # noqa: F811
     assert all(len(s.syn_text) == 1 for s in iter_samples(str(out)))
 
 
+@pytest.mark.slow  # ~23 s of Ray and two teachers; the kit's --overwrite (every stage's) is in test_stage_kit.py
 def test_reinforce(tmp_path, ray_address, teachers, capsys):  # noqa: F811
     from test_reinforce import write_dr
 

@@ -85,6 +85,7 @@ def test_clip_tokenizer_ids_and_bad_world(tmp_path):
     assert run.returncode == 2 and "truth.parquet: missing" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # ~17 s; open_clip training and decoding with the fitted ids is the test above
 def test_a_fitted_vocab_captioner_trains_with_qcap_train_and_captions_with_its_own_ids(vocab, tmp_path):
     """QCAP_MODEL_CONFIGS registers the fitted config; the checkpoint carries the tokenizer path; the
     captioner backend takes its start/end ids from that tokenizer (not CLIP's 49406/49407)."""
