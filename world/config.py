@@ -60,6 +60,9 @@ class WorldConfig:
     eval_samples: int = arg(400, help="scenes per eval task (seg, depth, cls, retrieval)")
     eval_val_fraction: float = arg(0.25, help="share of each eval task's scenes in its validation split")
     eval_image_size: int = arg(128, help="side in pixels of the (square) eval images")
+    seg_labels: Literal["shape", "colour"] = arg(
+        "shape", help="what the seg set's class maps label an object's pixels with: its shape (ADE20k-style object "
+                      "classes) or its colour (a target the captions name for every object)")
     det_samples: int = arg(0, help="scenes of the detection set W/eval/det (COCO layout: boxes, RLE masks, categories; "
                            "its own seed stream, so every other file stays the same); 0 = none")
     base_url: str = arg(DEFAULT_BASE_URL, help="URL prefix written into pool.parquet; qcap serve listens on its port")
@@ -128,13 +131,16 @@ class WorldConfig:
         """Every field that changes the output (declared on the fields: not workers, ray_address,
         preview, overwrite or out).
 
-        ``det_samples`` appears only when set: a world without a detection set records exactly
-        what it recorded before the option existed (world.json stays byte-identical)."""
+        ``det_samples`` and ``seg_labels`` appear only when not their defaults: a world without a
+        detection set and with shape labels records exactly what it recorded before the options
+        existed (world.json stays byte-identical)."""
         from base.config import output_settings
 
         data = output_settings(self)
         if not data["det_samples"]:
             data.pop("det_samples")
+        if data["seg_labels"] == "shape":
+            data.pop("seg_labels")
         return data
 
 

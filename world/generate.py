@@ -59,6 +59,7 @@ from world.config import FAULTS, GENERATOR_VERSION, UNSERVED_FAULTS, WorldConfig
 from world.describe import clean_captions, describe
 from world.scenes import (
     CLASSES,
+    COLOURS,
     SEG_BACKGROUND,
     SEG_IGNORE,
     STREAM_EXTRA,
@@ -556,7 +557,8 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 scene = _square_scene(cfg.seed, split, i, size, num_objects=1, classes=(cls,))
             else:
                 scene = _square_scene(cfg.seed, split, i, size)
-            rendered = render(scene, with_maps=task in ("seg", "depth"))
+            colour_labels = task == "seg" and cfg.seg_labels == "colour"
+            rendered = render(scene, with_maps=task in ("seg", "depth"), with_instances=colour_labels)
             jpeg = encode(rendered.image, "jpg", 95)
             description = describe(scene)
             name = f"{task}_{i:06d}"
@@ -566,7 +568,8 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 rel = f"eval/{task}/images/{sub}/{name}.jpg"
                 _write(out / rel, jpeg)
                 if task == "seg":
-                    _write(root / "annotations" / sub / f"{name}.png", _png(rendered.class_map))
+                    labels = colour_class_map(scene, rendered.instance_map) if colour_labels else rendered.class_map
+                    _write(root / "annotations" / sub / f"{name}.png", _png(labels))
                 else:
                     _write(root / "depth" / sub / f"{name}.png", _png(depth_png_array(rendered)))
             elif task == "cls":
@@ -583,6 +586,20 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
                 served_sha256=sha256(jpeg),
             ))
     _write_truth_part(out, f"truth-{split}-{chunk:05d}", rows)
+
+
+def colour_class_map(scene: Scene, instance_map: np.ndarray) -> np.ndarray:
+    """The seg class map by colour: 0 background, 1 + COLOURS index where an object is seen."""
+    colours = list(COLOURS)
+    labels = np.full(instance_map.shape, SEG_BACKGROUND, dtype=np.uint8)
+    for k, obj in enumerate(scene.objects):
+        labels[instance_map == k + 1] = 1 + colours.index(obj.colour)
+    return labels
+
+
+def seg_class_names(seg_labels: str) -> list[str]:
+    """The seg set's classes.json names by index: the background, then shapes or colours."""
+    return ["background", *(CLASSES if seg_labels == "shape" else COLOURS)]
 
 
 DET_PART = "det-{chunk:05d}.json"  # a chunk's COCO images and annotations, merged by _write_det_annotations
@@ -854,7 +871,7 @@ def _assemble(cfg: WorldConfig, out: Path, jobs: list[Job]) -> dict:
         finalize_folder(out / "clean")
     if cfg.eval_samples:
         finalize_folder(out / "eval" / "retrieval")
-        _write_eval_metadata(out)
+        _write_eval_metadata(out, cfg.seg_labels)
     if cfg.det_samples:
         _write_det_annotations(cfg, out, jobs)
     info = {
@@ -902,14 +919,15 @@ def _stream(target: Path, schema, sources: list[Path], each=None) -> None:
     os.replace(tmp, target)
 
 
-def _write_eval_metadata(out: Path) -> None:
+def _write_eval_metadata(out: Path, seg_labels: str = "shape") -> None:
     seg = out / "eval" / "seg"
     seg.mkdir(parents=True, exist_ok=True)
+    names = seg_class_names(seg_labels)
     atomic_write_json(seg / "classes.json", {
-        "classes": ["background", *CLASSES],
+        "classes": names,
         "background_index": SEG_BACKGROUND,
         "ignore_index": SEG_IGNORE,
-        "num_classes": 1 + len(CLASSES),
+        "num_classes": len(names),
         "note": "annotation PNGs hold uint8 class indices into 'classes'; 0 is the background (a real class here), "
         "255 is reserved for ignore and never drawn",
     })
