@@ -124,6 +124,7 @@ def _assert_refused(res, models, what: str) -> None:
 # filter clip-score
 
 
+@pytest.mark.slow  # ~35 s of Ray; clip-score's per-sample statuses are fast in test_filter_hostile_clip.py
 def test_clip_score_per_sample_hostility(folders, models, ray_local, tmp_path, capfd, caplog):
     folder, by_shard = folders["samples"]
     out = tmp_path / "clip.npy"

@@ -134,6 +134,7 @@ def test_reshard_on_the_cluster_writes_what_the_local_pool_writes(cluster, image
     assert ran_on(theirs / "summary.json") == f"ray ({cluster.address})"
 
 
+@pytest.mark.slow  # ~11 s; the fast suite runs reshard on the cluster (the same pool and Ray tasks) and subset locally
 def test_subset_on_the_cluster_writes_what_the_local_pool_writes(cluster, images, tmp_path):
     argv = ["subset", "--shards", str(images["raw"]), "--fraction", "0.4", "--seed", "3", "--samples-per-shard", "10",
             "--out", "out", "--no-progress"]
@@ -147,6 +148,7 @@ def test_subset_on_the_cluster_writes_what_the_local_pool_writes(cluster, images
     assert summary["ran_on"] == f"ray ({cluster.address})"
 
 
+@pytest.mark.slow  # ~12 s; the fast suite checks the world is the same whatever its worker count (test_world.py)
 def test_world_on_the_cluster_is_the_world_of_a_local_pool(cluster, tmp_path):
     """A seeded world is the same whichever pool makes its chunks and in whatever order they finish."""
     argv = ["world", "--out", "out", "--num-samples", "300", "--chunk-size", "64", "--clean-samples", "16",
