@@ -165,9 +165,10 @@ $(FILTERS)/basic.npy: $(RAW)/manifest.json
 	@$(TIMED) filter-basic $(QCAP) filter basic --shards $(RAW) --out $@
 
 # 3. the captioner: a CoCa trained on the clean split; its contrastive towers are the CLIP-score filter (DFN-style).
-# CAPTIONER_VOCAB=1: a BPE vocabulary fitted to the world's text (qcap fit-vocab; ~800 tokens instead of CLIP's 49,408:
-# a 5x cheaper captioner step) -- the checkpoint carries its tokenizer, so the later stages need nothing else
-CAPTIONER_VOCAB ?= 0
+# CAPTIONER_VOCAB=1 (the default): a BPE vocabulary fitted to the world's text (qcap fit-vocab; ~800 tokens instead
+# of CLIP's 49,408: a 5x cheaper captioner step, and what keeps the demo near 15 minutes on a CPU without bf16) --
+# the checkpoint carries its tokenizer, so the later stages need nothing else. CAPTIONER_VOCAB=0: CLIP's tokenizer
+CAPTIONER_VOCAB ?= 1
 VOCAB := $(DEMO)/vocab
 CAPTIONER_MODEL := $(if $(filter 1,$(CAPTIONER_VOCAB)),qcap-tiny-coca-world)
 $(VOCAB)/qcap-tiny-coca-world.json: $(W)/world.json
@@ -317,7 +318,7 @@ SCI_SEEDS ?= 3
 SCI_FRACTIONS ?= 1.0 0.3 0.1
 SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
-SCI_CAPTIONER_VOCAB ?= 0
+SCI_CAPTIONER_VOCAB ?= $(CAPTIONER_VOCAB)
 .PHONY: science
 science: setup ## positive controls, MAE, reinforced rungs, MCi vs ViT, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
