@@ -10,27 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_world_det import _files, _world
 
-from world.config import WorldConfig
-from world.generate import generate_world
 from world.scenes import CLASSES, COLOURS
-
-
-def _world(out: Path, **overrides) -> Path:
-    params = {"num_samples": 40, "clean_samples": 2, "eval_samples": 8, "eval_image_size": 64,
-              "clean_image_size": 48, "workers": 1} | overrides
-    generate_world(WorldConfig(out=out, **params), progress=False)
-    return out
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("w")
-    return _world(root / "shape"), _world(root / "colour", seg_labels="colour")
+    return _world(root / "shape", eval_samples=8), _world(root / "colour", eval_samples=8, seg_labels="colour")
 
 
 def test_colour_labels_are_the_colours_of_the_objects_seen_where_the_shape_labels_are(worlds):
