@@ -143,7 +143,10 @@ def test_whether_a_field_shapes_the_output_is_declared_on_the_field_once(tmp_pat
     assert set(output_settings(caption)) == set(output_fields(CaptionConfig))
     assert "num_workers" not in output_settings(caption) and "top_p" in output_settings(caption)["decode"]
     world = WorldConfig(out=tmp_path / "w", workers=7, ray_address="auto")
-    assert world.identity() == {k: v for k, v in output_settings(world).items() if k != "det_samples"}
+    defaults_left_out = {"det_samples", "seg_labels"}  # identity() omits these at their defaults
+    assert world.identity() == {k: v for k, v in output_settings(world).items() if k not in defaults_left_out}
+    colour = WorldConfig(out=tmp_path / "w", seg_labels="colour", det_samples=4)
+    assert colour.identity() == output_settings(colour)
     assert "workers" not in world.identity() and "seed" in world.identity()
     old = with_trainer(TrainRunConfig(data="d", out=tmp_path / "r", threads=1), log_every=5)
     assert "trainer.log_every" in run_fields(old) and "trainer.lr" not in run_fields(old)
