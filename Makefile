@@ -70,8 +70,7 @@ subsets: setup ## ladder of DR: LADDER/datacomp-P and LADDER/dr-P for P in FRACT
 # machine's load to $(DEMO)/timings.tsv; the report turns it into the per-stage timing table.
 # Vars: DEMO (output folder), SCALE (multiplies data and training; 1 = the 15-minute demo),
 # SEEDS (pretraining and finetuning repeated with seeds 0..SEEDS-1), PORT (the world's server),
-# JOBS (commands at once), THREADS (torch threads per command) and PRECISION (qcap train/mae --precision;
-# auto: bf16 where native): on 2 cores two one-thread
+# JOBS (commands at once) and THREADS (torch threads per command): on 2 cores two one-thread
 # commands side by side beat one two-thread command, which slows 5-10x once anything else runs.
 DEMO ?= runs/demo
 SCALE ?= 1
@@ -79,14 +78,11 @@ SEEDS ?= 1
 PORT ?= 8765
 JOBS ?= 2
 THREADS ?= 1
-# PRECISION: qcap train/mae --precision (auto: bf16 where the CPU or GPU computes it natively, else fp32)
-PRECISION ?= auto
-PRECISION_ARG = $(if $(filter-out auto,$(PRECISION)),--precision $(PRECISION))
 # scaled(BASE,MIN): BASE x SCALE rounded, at least MIN
 scaled = $(shell awk 'BEGIN { v = int($(1) * $(SCALE) + 0.5); print (v < $(2) ? $(2) : v) }')
 # These bases halved the pool and every training length on 2026-12-02, when the earlier ones (6000, 9600, 19200,
 # 100, 9600) took 29 minutes on a 2-core AVX2-only CPU; SCALE=2 trains as long as they did. SCALE=1 measured 13.3
-# minutes on a 2-core AVX512-BF16 CPU and 12.2 with PRECISION=fp32 and torch limited to AVX2 (README). The clean
+# minutes on a 2-core AVX512-BF16 CPU and 12.2 with training forced to fp32 and torch limited to AVX2 (README). The clean
 # split and the eval sets keep their bases, so the metrics keep their resolution.
 POOL_SAMPLES := $(call scaled,3000,300)
 CLEAN_SAMPLES := $(call scaled,1000,128)
@@ -150,7 +146,7 @@ CONTROL_SUMMARIES := $(foreach r,$(CONTROL_RUNGS),$(LADDER_DEMO)/$(r)/summary.js
 
 .DELETE_ON_ERROR:
 
-demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/report.md (vars: SCALE SEEDS JOBS DEMO PORT PRECISION)
+demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/report.md (vars: SCALE SEEDS JOBS DEMO PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) $(DEMO)/report.md
 	@echo "demo: $(DEMO)/report.md (figures in $(DEMO)/report/, every number's source in $(DEMO)/report.json)"
 	@$(if $(filter 1,$(SEEDS)),echo "one seed: the verdicts that need a spread over seeds (DR vs real beyond 2 SE, pretrained vs random init, DR 10% vs real 100%) give directions only; make science runs 3 seeds with the positive controls")
@@ -182,7 +178,7 @@ CAPTIONER_MODEL := $(if $(filter 1,$(CAPTIONER_VOCAB)),qcap-tiny-coca-world)
 $(VOCAB)/qcap-tiny-coca-world.json: $(W)/world.json
 	@$(TIMED) vocab $(QCAP) fit-vocab --world $(W) --out $(VOCAB)
 $(CAPTIONER)/eval.json: $(W)/world.json $(if $(CAPTIONER_MODEL),$(VOCAB)/qcap-tiny-coca-world.json)
-	@$(if $(CAPTIONER_MODEL),QCAP_MODEL_CONFIGS=$(VOCAB)/qcap-tiny-coca-world.json) $(TIMED) captioner $(QCAP) train $(PRECISION_ARG) \
+	@$(if $(CAPTIONER_MODEL),QCAP_MODEL_CONFIGS=$(VOCAB)/qcap-tiny-coca-world.json) $(TIMED) captioner $(QCAP) train \
 	  --preset tiny-coca $(if $(CAPTIONER_MODEL),--model $(CAPTIONER_MODEL)) --data $(W)/clean --out $(CAPTIONER) \
 	  --samples-seen $(CAPTIONER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 
@@ -228,7 +224,7 @@ TEACHER := $(DEMO)/teacher
 TEACHER_SAMPLES := $(call scaled,4800,256)
 DRR_AUGMENTATIONS ?= 10
 $(TEACHER)/eval.json: $(W)/world.json
-	@$(TIMED) teacher $(QCAP) train $(PRECISION_ARG) --preset tiny --data $(W)/clean --out $(TEACHER) --caption-source real --seed 0 \
+	@$(TIMED) teacher $(QCAP) train --preset tiny --data $(W)/clean --out $(TEACHER) --caption-source real --seed 0 \
 	  --samples-seen $(TEACHER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 $(LADDER_DEMO)/drr-%/summary.json: $(LADDER_SUMMARIES) $(TEACHER)/eval.json
 	@$(TIMED) reinforce $(QCAP) reinforce --shards $(LADDER_DEMO)/dr-$* --out $(@D) --teachers $(TEACHER) \
@@ -238,22 +234,22 @@ $(foreach r,$(DRR_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json))
 # 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image);
 # (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
 $(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain-mae $(QCAP) mae $(PRECISION_ARG) --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
+	@$(TIMED) pretrain-mae $(QCAP) mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
 	  --samples-seen $(CLIP_SAMPLES) --resume
 # the reinforced rungs: MobileCLIP's DR loss (0.25 CLIP + 0.75 distillation), the web and one synthetic caption per
 # image as on dr-P (--dr-mode dual), a stored augmentation drawn per sample
 $(CLIP)/drr-%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain-drr $(QCAP) train $(PRECISION_ARG) --preset tiny --data $(LADDER_DEMO)/drr-$(firstword $(subst -s, ,$*)) \
+	@$(TIMED) pretrain-drr $(QCAP) train --preset tiny --data $(LADDER_DEMO)/drr-$(firstword $(subst -s, ,$*)) \
 	  --out $(@D) --distill-loss-weights 0.25 0.75 --dr-mode dual --caption-source dual \
 	  --seed $(lastword $(subst -s, ,$*)) --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval \
 	  --retrieval-data $(W)/eval/retrieval --resume
 # (SCIENCE=1) the MCi image tower on a rung, same recipe and samples seen as the ViT
 $(CLIP)/mci-%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain-mci $(QCAP) train $(PRECISION_ARG) --preset tiny --model qcap-tiny-mci --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) \
+	@$(TIMED) pretrain-mci $(QCAP) train --preset tiny --model qcap-tiny-mci --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) \
 	  --out $(@D) --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
 	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 $(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain $(QCAP) train $(PRECISION_ARG) --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
+	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
 	  --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
 	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 

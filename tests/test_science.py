@@ -130,7 +130,7 @@ def test_science_graph_adds_controls_mae_and_attention_per_seed_and_demo_stays_a
     assert "drr-10-" not in demo and "drr-10 " not in demo
     commands = [c for c in demo.replace("\\\n", " ").splitlines() if " train --preset tiny " in c and f"{d}/clip/" in c]
     assert len(commands) == 5 and any("/clip/drr-100-s0" in c for c in commands)
-    assert {c.split("--samples-seen ")[1].split()[0] for c in commands} == {"19200"}  # every rung, drr-100 too
+    assert {c.split("--samples-seen ")[1].split()[0] for c in commands} == {"9600"}  # the demo's CLIP base: every rung, drr-100 too
     assert "mci" not in demo
 
 
