@@ -80,8 +80,8 @@ JOBS ?= 2
 THREADS ?= 1
 # scaled(BASE,MIN): BASE x SCALE rounded, at least MIN
 scaled = $(shell awk 'BEGIN { v = int($(1) * $(SCALE) + 0.5); print (v < $(2) ? $(2) : v) }')
-# These bases halved the pool and every training length on 2026-12-02, when the earlier ones (6000, 9600, 19200,
-# 100, 9600) took 29 minutes on a 2-core AVX2-only CPU; SCALE=2 trains as long as they did. SCALE=1 measured 13.3
+# These bases halved the pool and every training length on 2026-12-03, after the earlier ones (6000, 9600, 19200,
+# 100, 9600) took 29 minutes on a 2-core AVX2-only CPU (2026-12-02); SCALE=2 trains as long as they did. SCALE=1 measured 13.3
 # minutes on a 2-core AVX512-BF16 CPU and 12.2 with training forced to fp32 and torch limited to AVX2 (README). The clean
 # split and the eval sets keep their bases, so the metrics keep their resolution.
 POOL_SAMPLES := $(call scaled,3000,300)
