@@ -6,6 +6,7 @@ Usage::
                [--eval-samples 500] [--base-url http://127.0.0.1:8765] [--noise web] [--preview]
     qcap serve runs/world [--port 8765]
     qcap score-captions --world runs/world --captions runs/world/pool.parquet
+    qcap depth-floor --world runs/world          # the depth error no backbone can go below
 
 Only light modules are imported here; the work happens in generate/server/oracle.
 """
@@ -83,6 +84,7 @@ COMMANDS: dict[str, Command] = {
     "world": Command("generate the embedded DataComp-style world (pool, truth, clean and eval sets)", "world.cli:world_main"),
     "serve": Command("serve a world's pool over loopback HTTP, planted faults included", "world.cli:serve_main"),
     "score-captions": Command("score captions against a world's truth (objects, attributes, hallucinations)", "world.cli:score_main"),
+    "depth-floor": Command("how well any model can predict a world's depth from its images (the floor, position-only, constant)", "world.floor:main"),
     "control-rung": Command("positive-control rung from a world's truth: a rung's images with true descriptions (oracle), or clean captions", "world.controls:main"),
 }
 

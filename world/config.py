@@ -165,3 +165,19 @@ class ScoreConfig(PoolConfig):
     field: str | None = arg(None, help="caption column(s) to score, comma-separated (default: every caption column found)")
     out: Path | None = arg(None, shapes_output=False, help="output folder for summary.json and per_caption.parquet (default: <captions>.scores)", metavar="DIR")
     limit: int | None = arg(None, help="score at most this many captions (a quick look; the shards are then scored here, in order)")
+
+
+@dataclass(kw_only=True)
+class DepthFloorConfig:
+    """How well can any model predict the world's depth from its images? The error of the best per-pixel
+    prediction (the posterior mean under the world's own depth priors, given each image's exact layout and
+    depth order) beside a constant and a per-pixel-position prediction, on the eval depth set's validation split."""
+
+    world: Path = arg(help="world folder (holds world.json and eval/depth)", metavar="DIR")
+    out: Path | None = arg(None, help="output folder for depth_floor.json (default: <world>.depth-floor)", metavar="DIR")
+    samples: int = arg(256, help="posterior draws kept per image (more: a steadier estimate)")
+    seed: int = arg(0, help="seed of the posterior draws")
+
+    def __post_init__(self) -> None:
+        if self.samples < 8:
+            raise ValueError(f"samples: need at least 8, got {self.samples}")

@@ -73,6 +73,14 @@ NUM_OBJECTS_PROBS = (0.3, 0.3, 0.25, 0.15)  # P(1), P(2), P(3), P(4) objects
 LIGHT_GRID = 4
 LIGHT_RANGE = (0.55, 1.0)
 MIN_VISIBLE = 0.5  # an object less visible than this (occluded or cut) makes the scene re-drawn
+# The depth priors, none of which an image shows: the background plane's depth at the bottom and top
+# edges, its sideways slope of inverse depth (keeps every depth under 10 m, NYUv2's range), and
+# where an object stands between the camera and the plane behind it (a share of that distance).
+# world.floor reads them to say how well any model can predict depth from the images.
+NEAR_RANGE_M = (1.5, 3.0)
+FAR_RANGE_M = (6.0, 9.0)
+TILT_RANGE = (-0.02, 0.02)
+OBJECT_DEPTH_SHARE = (0.45, 0.85)
 SEG_BACKGROUND = 0  # class-map index of the background; objects are 1 + CLASSES.index(cls)
 SEG_IGNORE = 255  # class-map value reserved for "ignore" (never drawn by the generator)
 
@@ -293,9 +301,9 @@ def _draw_scene(rng, width, height, *, num_objects, classes, background) -> Scen
                     angle=float(rng.uniform(-max_angle, max_angle)), depth_m=0.0, group_count=count,
                 )
             )
-    near_m = float(rng.uniform(1.5, 3.0))
-    far_m = float(rng.uniform(6.0, 9.0))
-    tilt = float(rng.uniform(-0.02, 0.02))  # keeps every depth under 10 m, NYUv2's range
+    near_m = float(rng.uniform(*NEAR_RANGE_M))
+    far_m = float(rng.uniform(*FAR_RANGE_M))
+    tilt = float(rng.uniform(*TILT_RANGE))
     scene = Scene(
         width=int(width), height=int(height), background=bg, objects=objects, near_m=near_m, far_m=far_m,
         tilt=tilt, bg_phase=(int(rng.integers(0, 4096)), int(rng.integers(0, 4096))),
@@ -310,7 +318,7 @@ def _draw_scene(rng, width, height, *, num_objects, classes, background) -> Scen
         obj.cy = float(np.clip(obj.cy, min(half_h, 0.5), max(1 - half_h, 0.5)))
         obj.position = position_of(obj.cx, obj.cy)
         # in front of the background plane behind it, at 45–85 % of its distance
-        obj.depth_m = float(background_depth_at(scene, obj.cx, min(obj.cy + half_h, 1.0)) * rng.uniform(0.45, 0.85))
+        obj.depth_m = float(background_depth_at(scene, obj.cx, min(obj.cy + half_h, 1.0)) * rng.uniform(*OBJECT_DEPTH_SHARE))
     scene.objects.sort(key=lambda o: o.depth_m)
     for rank, obj in enumerate(scene.objects):
         obj.depth_rank = rank
