@@ -57,10 +57,12 @@ class Layout:
     height: int
 
 
-def layout_of(scene) -> Layout:
+def layout_of(scene, rendered=None) -> Layout:
+    """``rendered``: the scene's render with instances, when the caller has one already."""
     from world.scenes import render
 
-    rendered = render(scene, with_maps=True, with_instances=True)
+    if rendered is None or rendered.instance_map is None:
+        rendered = render(scene, with_maps=True, with_instances=True)
     short = min(scene.width, scene.height)
     anchor_x = np.array([o.cx for o in scene.objects], dtype=np.float64)
     anchor_y = np.array([min(o.cy + o.extent * short / 2 / scene.height, 1.0) for o in scene.objects], dtype=np.float64)
@@ -192,11 +194,11 @@ def measure(world: Path, *, samples: int = 256, seed: int = 0, progress: bool = 
     for index, _, png in tqdm(val, desc="depth floor", unit="image", disable=not progress):
         target = _read_png_m(png)
         scene = _square_scene(cfg.seed, "eval-depth", index, cfg.eval_image_size)
-        rendered = render(scene, with_maps=True)
+        rendered = render(scene, with_maps=True, with_instances=True)
         if not np.array_equal(depth_png_array(rendered).astype(np.float64) * 0.001, target):
             raise UsageError(f"{png}: the world's generator does not redraw this depth map (a world from another "
                              f"qcap version?); regenerate {world} with this version")
-        floor, kept = posterior_mean(layout_of(scene), rng, samples)
+        floor, kept = posterior_mean(layout_of(scene, rendered), rng, samples)
         kept_min = min(kept_min, kept)
         for name, pred in (("constant", np.full_like(target, constant)), ("position", position), ("floor", floor)):
             if pred.shape != target.shape:
