@@ -295,10 +295,16 @@ $(DEMO)/attention/s%/attention_distance.json: $(CLIP)/dr-100-s%/eval.json $(CLIP
 $(DEMO)/report.md: $(CLIP_EVALS) $(FT_METRICS) $(SCORE_SUMMARIES) $(ATTENTION)
 	@$(TIMED) report $(QCAP) report $(DEMO) --world $(W)
 
+# 9b. (SCIENCE=1) the depth floor: the RMSE no backbone can go below on this world's depth set, beside
+# position-only and constant predictions (the science report's headroom: how much of it each backbone closes)
+DEPTH_FLOOR := $(DEMO)/depth-floor/depth_floor.json
+$(DEPTH_FLOOR): $(W)/world.json
+	@$(TIMED) depth-floor $(QCAP) depth-floor --world $(W) --out $(@D)
+
 # 10. (SCIENCE=1) the science report: controls first (pretrained vs random, oracle vs real, caption premise), then
 # the paper's verdicts over the ladder, DR vs MAE and the attention-distance test; DEV_SEEDS are left out of verdicts
 DEV_SEEDS ?=
-$(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES)
+$(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES) $(DEPTH_FLOOR)
 	@$(TIMED) science-report $(QCAP) science-report $(DEMO) --fractions $(PCTS) \
 	  $(if $(strip $(DEV_SEEDS)),--dev-seeds $(DEV_SEEDS))
 
@@ -307,7 +313,7 @@ $(DEMO)/science.md: $(DEMO)/report.md $(ATTENTION_SEEDS) $(CONTROL_SUMMARIES)
 .PHONY: layout
 layout: ## print every file of the demo's graph that the reports read (vars: DEMO SEEDS SCIENCE LADDER_FRACTIONS)
 	@printf '%s\n' $(CLIP_EVALS) $(patsubst %/eval.json,%/config.json,$(CLIP_EVALS)) $(FT_METRICS) $(SCORE_SUMMARIES) \
-	  $(SCORES)/dr-100/per_caption.parquet $(ATTENTION) $(ATTENTION:.json=.png) $(if $(filter 1,$(SCIENCE)),$(ATTENTION_SEEDS)) \
+	  $(SCORES)/dr-100/per_caption.parquet $(ATTENTION) $(ATTENTION:.json=.png) $(if $(filter 1,$(SCIENCE)),$(ATTENTION_SEEDS) $(DEPTH_FLOOR)) \
 	  $(LADDER_SUMMARIES) $(DRR_SUMMARIES) $(CONTROL_SUMMARIES) $(RAW)/manifest.json \
 	  $(foreach f,basic clip dedup,$(FILTERS)/$(f).report/report.json) $(CURATED)/summary.json $(SYN)/summary.json \
 	  $(DR_DEMO)/summary.json $(W)/truth.parquet $(TIMINGS)

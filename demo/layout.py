@@ -45,6 +45,7 @@ FILTER_REPORT = "filters/{filter}.report/report.json"  # qcap filter basic|clip-
 CURATED_SUMMARY = f"curated/{SUMMARY_FILE}"  # qcap reshard
 CAPTION_SUMMARY = f"syn/{SUMMARY_FILE}"  # qcap caption
 DR_SUMMARY = f"dr/{SUMMARY_FILE}"  # qcap build-dr
+DEPTH_FLOOR = "depth-floor/depth_floor.json"  # qcap depth-floor on the world (make science): the depth task's headroom
 
 # every file pattern by name (each path ``make layout`` lists must be an instance of one)
 PATTERNS: dict[str, str] = {
@@ -54,6 +55,7 @@ PATTERNS: dict[str, str] = {
     "ATTENTION": ATTENTION, "ATTENTION_PNG": ATTENTION_PNG, "ATTENTION_SEED": ATTENTION_SEED,
     "WORLD_TRUTH": WORLD_TRUTH, "TIMINGS": TIMINGS, "RAW_MANIFEST": RAW_MANIFEST, "FILTER_REPORT": FILTER_REPORT,
     "CURATED_SUMMARY": CURATED_SUMMARY, "CAPTION_SUMMARY": CAPTION_SUMMARY, "DR_SUMMARY": DR_SUMMARY,
+    "DEPTH_FLOOR": DEPTH_FLOOR,
 }
 # a rung's run record (the file its command writes last) and the record's count of images written, by caption kind
 RUNG_RECORDS: dict[str, tuple[str, str]] = {

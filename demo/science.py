@@ -162,8 +162,35 @@ def files_read(rows: Sequence[Row], seeds: Sequence[int], *, det: bool = False) 
     out = [rel for *_, rel, _ in cell_sources(rows, seeds, COLUMNS)]
     out += [rel for *_, rel, _ in cell_sources(present, seeds, columns)]
     out += [rung_record(row)[0] for row in rung_rows(rows)]
-    out += [layout.path(layout.ATTENTION_SEED, seed=s) for s in seeds] + [layout.TIMINGS]
+    out += [layout.path(layout.ATTENTION_SEED, seed=s) for s in seeds] + [layout.TIMINGS, layout.DEPTH_FLOOR]
     return list(dict.fromkeys(out))
+
+
+# the rows whose depth RMSE the headroom line places between the floor and the position-only prediction
+HEADROOM_ROWS = ("random", "mae", "datacomp-100", "dr-100", "drr-100", "oracle-100", "clean-100")
+
+
+def depth_headroom(reader: Reader, table: dict[str, dict[str, Cell]]) -> dict[str, Any] | None:
+    """Where the backbones' depth RMSE stands between the world's floor (no model can go below it) and the
+    position-only prediction (a per-pixel training mean, no image read): the share of that headroom each row closes,
+    from ``depth-floor/depth_floor.json`` (``qcap depth-floor``). None when the file is absent."""
+    rel = layout.DEPTH_FLOOR
+    if reader.load(rel) is None:
+        return None
+    sources = {name: {"file": rel, "key": f"predictions.{name}.rmse", "value": reader.value(rel, f"predictions.{name}.rmse")}
+               for name in ("floor", "position", "constant")}
+    floor, position = sources["floor"]["value"], sources["position"]["value"]
+    if floor is None or position is None:
+        return None
+    rows = []
+    for key in HEADROOM_ROWS:
+        cell = table.get(key, {}).get("rmse")
+        if cell is None or cell.mean is None:
+            continue
+        closed = (position - cell.mean) / (position - floor) if position > floor else None
+        rows.append({"key": key, "rmse_mean": cell.mean, "above_floor_m": cell.mean - floor, "headroom_closed": closed})
+    return {"floor_m": floor, "position_m": position, "constant_m": sources["constant"]["value"],
+            "headroom_m": position - floor, "sources": sources, "rows": rows}
 
 
 def collect(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, dict[str, Cell]]:
@@ -291,6 +318,7 @@ def build(cfg: ScienceConfig) -> dict[str, Any]:
         "rows": [r.__dict__ for r in rows if any(table[r.key][c.key].n for c in COLUMNS)],
         "table": {k: {c: cell.as_json() for c, cell in cells.items()} for k, cells in table.items()},
         **analysis, "attention_test": attention(demo, seeds, cfg.alpha), "rungs": rungs(reader, rows),
+        "depth_headroom": depth_headroom(reader, table),
         "one_seed_cannot_give": one_seed_cannot(analysis) if len(seeds) < 2 else [],
         "timings": {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages), 1),
                     "runs": run_spans(timings)},
@@ -318,6 +346,7 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
                   + "; ".join(payload["one_seed_cannot_give"]) + ".", ""]
     lines += ["## 1. Did pretraining teach the backbones anything?", ""]
     lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["pretraining_vs_random"]]
+    lines += ["", *headroom_markdown(payload["depth_headroom"], labels)]
     lines += ["", "## 2. Positive control: can this world show a caption-quality effect?", ""]
     lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}." for e in payload["controls"]]
     world = payload["world"]
@@ -381,6 +410,21 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     if payload["missing"]:
         lines += ["## Missing", "", *[f"- `{m}`" for m in payload["missing"]], ""]
     return "\n".join(lines)
+
+
+def headroom_markdown(headroom: dict[str, Any] | None, labels: dict[str, str]) -> list[str]:
+    """The depth headroom paragraph: the floor, position-only and constant RMSE, and each row's share closed."""
+    if headroom is None:
+        return [f"Depth headroom: not measured (no `{layout.DEPTH_FLOOR}`; `qcap depth-floor` writes it).", ""]
+    lines = [f"Depth headroom (`{layout.DEPTH_FLOOR}`): no model can go below RMSE {headroom['floor_m']:.3f} m on this "
+             f"world's depth validation images (the posterior mean given each image's layout and depth order); "
+             f"a per-pixel training mean that reads no image scores {headroom['position_m']:.3f} m and a constant "
+             f"{headroom['constant_m']:.3f} m. Share of the {headroom['headroom_m']:.3f} m between them each backbone "
+             "closes (mean RMSE over the verdict seeds; 100% = the floor, 0% = no better than position only):", ""]
+    lines += [f"- {labels.get(r['key'], r['key'])}: {r['rmse_mean']:.3f} m, {r['above_floor_m']:+.3f} m above the floor, "
+              + (f"{100 * r['headroom_closed']:.0f}% closed" if r["headroom_closed"] is not None else "no headroom")
+              for r in headroom["rows"]]
+    return [*lines, ""]
 
 
 def main(argv: list[str], prog: str = "qcap science-report") -> int:

@@ -63,7 +63,7 @@ def test_demo_layout_agrees_with_the_reports(demo_listing):
     assert rows <= set(report.ROW_BY_KEY)  # and no row is made that the report does not show
     assert layout.check(demo_listing, reports_read(demo_listing, science_report=False)) == []
     # every name of the demo's layout is written by make demo, but the science graph's own files
-    assert set(layout.unused(demo_listing)) == {"ATTENTION_SEED"}
+    assert set(layout.unused(demo_listing)) == {"ATTENTION_SEED", "DEPTH_FLOOR"}
 
 
 @pytest.mark.parametrize("fractions", [None, "1.0 0.3 0.1"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.science import HEADROOM_ROWS
+
 ROOT = Path(__file__).parents[1]
 SMALLEST = ["SCI_SCALE=0.05", "SCI_SEEDS=2", "SCI_FRACTIONS=1.0 0.5"]
 
@@ -73,6 +75,12 @@ def check_science_folder(folder: Path) -> dict:
         pair = json.loads((folder / entry["source"]).read_text())["models"]
         assert entry["mean_per_block_dr"] == pytest.approx([sum(r) / len(r) for r in pair[0]["distance_px"]], rel=1e-12)
     assert payload["premise"]["holds"] is not None
+    head = payload["depth_headroom"]  # qcap depth-floor's numbers, and the table's depth means between them
+    assert head is not None and head["floor_m"] < head["position_m"] < head["constant_m"]
+    for source in head["sources"].values():
+        assert _value(folder, source["file"], source["key"]) == source["value"], source
+    assert {r["key"]: r["rmse_mean"] for r in head["rows"]} == {
+        k: payload["table"][k]["rmse"]["mean"] for k in HEADROOM_ROWS if k in payload["table"]}
     assert text.index("## 2. Positive control") < text.index("## 4. The paper's directions")
     assert (folder / "report.md").is_file()
     return {"numbers_checked": numbers, "world": payload["world"]}
@@ -119,8 +127,10 @@ def test_science_graph_adds_controls_mae_and_attention_per_seed_and_demo_stays_a
     assert sci.count("qcap finetune ") == 2 * 3 * 14
     assert sci.count("qcap finetune det ") == 2 * 14 and "--det-samples" in sci  # detection: make science only
     assert "science-report" in sci and "--fractions 100 50" in sci
+    assert sci.count(f"qcap depth-floor --world {s}/world --out {s}/depth-floor") == 1
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")
     assert "control-rung" not in demo and "qcap mae" not in demo and "science-report" not in demo
+    assert "depth-floor" not in demo
     assert "finetune det" not in demo and "--det-samples" not in demo
     assert demo.count("qcap finetune ") == 2 * 6  # random + 4 rungs + drr-100, seg and depth, one seed
     d = f"{tmp_path}/d"

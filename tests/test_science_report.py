@@ -119,3 +119,27 @@ def test_missing_rows_and_bad_input(tmp_path):
     run = subprocess.run([QCAP, "science-report", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and "not a folder" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_depth_headroom_places_each_backbone_between_the_floor_and_position_only(tmp_path):
+    demo = make_demo(tmp_path / "s", GOOD_MIOU, GOOD_RMSE)
+    payload = build(ScienceConfig(demo=demo))
+    assert payload["depth_headroom"] is None and "depth-floor/depth_floor.json" in payload["missing"]
+    assert "Depth headroom: not measured" in (demo / "science.md").read_text()
+    preds = {"floor": {"rmse": 0.45}, "position": {"rmse": 0.75}, "constant": {"rmse": 1.5}}
+    _write(demo / "depth-floor/depth_floor.json", {"predictions": preds})
+    payload = build(ScienceConfig(demo=demo))
+    head = payload["depth_headroom"]
+    assert (head["floor_m"], head["position_m"], head["constant_m"]) == (0.45, 0.75, 1.5)
+    assert head["headroom_m"] == pytest.approx(0.30)
+    by_key = {r["key"]: r for r in head["rows"]}
+    # the table's 3-seed mean RMSE of each row (its jitter averages out): random 0.70 closes 1/6, oracle 0.50 5/6
+    assert by_key["random"]["rmse_mean"] == payload["table"]["random"]["rmse"]["mean"]
+    assert by_key["random"]["headroom_closed"] == pytest.approx(0.05 / 0.30)
+    assert by_key["oracle-100"]["headroom_closed"] == pytest.approx(0.25 / 0.30)
+    assert by_key["dr-100"]["above_floor_m"] == pytest.approx(0.10)
+    assert "drr-100" not in by_key  # a row with no runs is left out
+    text = (demo / "science.md").read_text()
+    assert "no model can go below RMSE 0.450 m" in text and "- oracle 100%: 0.500 m, +0.050 m above the floor, 83% closed" in text
+    for name, source in head["sources"].items():
+        assert source == {"file": "depth-floor/depth_floor.json", "key": f"predictions.{name}.rmse", "value": preds[name]["rmse"]}
