@@ -179,9 +179,9 @@ def depth_headroom(reader: Reader, table: dict[str, dict[str, Cell]]) -> dict[st
         return None
     sources = {name: {"file": rel, "key": f"predictions.{name}.rmse", "value": reader.value(rel, f"predictions.{name}.rmse")}
                for name in ("floor", "position", "constant")}
-    floor, position = sources["floor"]["value"], sources["position"]["value"]
-    if floor is None or position is None:
+    if any(source["value"] is None for source in sources.values()):  # the reader lists what is missing
         return None
+    floor, position = sources["floor"]["value"], sources["position"]["value"]
     rows = []
     for key in HEADROOM_ROWS:
         cell = table.get(key, {}).get("rmse")
