@@ -22,8 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from base.cli import UsageError  # noqa: E402
 from base.shards import ShardWriter, expand_shards, finalize_folder, iter_samples  # noqa: E402
+from curate.subset import strip_synthetic  # noqa: E402
 from world.describe import COUNT_TEXT, PLURALS  # noqa: E402
+from world.oracle import load_truth  # noqa: E402
 
 
 def shape_caption(objects: list[dict]) -> str:
@@ -38,16 +41,14 @@ def main() -> int:
     parser.add_argument("--world", required=True, type=Path, help="the world folder (its truth.parquet)")
     parser.add_argument("--out", required=True, type=Path, help="new shard folder (must not exist)")
     args = parser.parse_args()
-    import pyarrow.parquet as pq
-
     if args.out.exists():
         print(f"--out {args.out} exists; choose a new folder", file=sys.stderr)
         return 2
-    truth_path = args.world / "truth.parquet"
-    if not truth_path.exists():
-        print(f"--world {args.world}: no truth.parquet there", file=sys.stderr)
+    try:
+        truth = load_truth(args.world)
+    except UsageError as err:
+        print(err, file=sys.stderr)
         return 2
-    truth = {r["uid"]: r["objects"] for r in pq.read_table(truth_path, columns=["uid", "objects"]).to_pylist()}
     counts = Counter()
     for shard, tar in enumerate(expand_shards(args.shards)):
         with ShardWriter(args.out, shard) as writer:
@@ -56,8 +57,11 @@ def main() -> int:
                 if not sample.ok or sample.uid not in truth:
                     counts["left out"] += 1
                     continue
-                caption = shape_caption(truth[sample.uid])
-                writer.write(dataclasses.replace(sample, text=caption, meta={**sample.meta, "captions": [caption]}))
+                # as qcap control-rung's oracle rung writes its captions: one real caption, nothing synthetic
+                strip_synthetic(sample)
+                meta = {k: v for k, v in sample.meta.items() if k not in ("captions", "caption")}
+                writer.write(dataclasses.replace(sample, text=shape_caption(truth[sample.uid]["objects"]),
+                                                 meta={**meta, "caption_source": "shapes"}))
                 counts["written"] += 1
     finalize_folder(args.out)
     print(f"{args.out}: read {counts['read']} = written {counts['written']} + left out {counts['left out']}")

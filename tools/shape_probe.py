@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from base.models import register_model_configs  # noqa: E402
+from train.run import resolve_precision  # noqa: E402
 from world.generate import _square_scene  # noqa: E402
 from world.scenes import CLASSES, render  # noqa: E402
 
@@ -53,11 +54,12 @@ def tower(name: str, size: int, patch: int) -> torch.nn.Module:
     import open_clip
     from open_clip.model import _build_vision_tower
 
-    if name in ("vit", "vit-avg"):
-        cfg = dict(image_size=size, layers=4, width=128, head_width=32, patch_size=patch)
+    if name in ("vit", "vit-avg"):  # qcap-tiny-clip's own vision config, at --size and --patch
+        model_cfg = open_clip.get_model_config("qcap-tiny-clip")
+        vision_cfg = {**model_cfg["vision_cfg"], "image_size": size, "patch_size": patch}
         if name == "vit-avg":
-            cfg["pool_type"] = "avg"
-        return _build_vision_tower(128, cfg)
+            vision_cfg["pool_type"] = "avg"
+        return _build_vision_tower(model_cfg["embed_dim"], vision_cfg)
     if name == "mci":
         return open_clip.create_model("qcap-tiny-mci").visual
     if name.startswith("timm:"):
@@ -88,7 +90,7 @@ def main() -> int:
         dim = model(x_val[:2]).shape[1]
     head = torch.nn.Linear(dim, len(CLASSES))
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
-    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16 = resolve_precision("auto") == "bf16"  # qcap train's rule: bf16 only where the hardware computes it natively
     next_index = 0
     for step in range(1, args.steps + 1):
         if args.data == "fixed":
