@@ -1,7 +1,8 @@
 """Mobile/hierarchical image towers end to end: a CLIP whose image tower is timm's fastvit_mci0
 (qcap-tiny-mci) trains with qcap train, saves, loads in open_clip alone, and finetunes on dense
-tasks over its own stages; attention-distance and towers that are neither ViT nor hierarchical
-are refused with one line."""
+tasks over its own stages; so does timm's resnet10t (qcap-tiny-resnet10t, make science's ladder
+tower); attention-distance and towers that are neither ViT nor hierarchical are refused with one
+line."""
 
 from __future__ import annotations
 
@@ -100,3 +101,23 @@ def test_a_tower_neither_vit_nor_hierarchical_is_refused_in_one_line(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "test-tiny-eva (random) has a TimmModel around a timm Eva image tower, neither a ViT nor a hierarchical" in err
+
+
+def test_a_clip_with_a_resnet10t_tower_trains_and_finetunes_over_its_four_stages(tmp_path):
+    """qcap-tiny-resnet10t: make science's ladder tower (README, calibration log) -- the real CLI, 4 steps."""
+    make_shards(tmp_path / "d", num_shards=2, per_shard=8)
+    run = tmp_path / "run"
+    assert qcap(["train", "--threads", "1", "--preset", "tiny", "--model", "qcap-tiny-resnet10t", "--data",
+                 f"{tmp_path}/d/{{00000..00001}}.tar", "--out", str(run), "--batch-size", "4", "--samples-seen", "16",
+                 "--workers", "0", "--tracker", "none"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    seg = make_seg_folder(tmp_path / "seg", num_train=4, num_val=2, size=(64, 64))
+    out = tmp_path / "ft-seg"
+    assert qcap(["finetune", "seg", "--checkpoint", str(run / "final"), "--data", str(seg), "--out", str(out),
+                 "--steps", "2", *FAST]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    backbone = result["backbone"]
+    assert backbone["kind"] == "timm-hierarchical" and backbone["model"] == "qcap-tiny-resnet10t"
+    assert backbone["channels"] == [64, 128, 256, 512] and backbone["strides"] == [4, 8, 16, 32]
+    assert backbone["source"].endswith("open_clip_model.safetensors") and 0 <= result["metrics"]["mIoU"] <= 1
