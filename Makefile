@@ -84,12 +84,24 @@ scaled = $(shell awk 'BEGIN { v = int($(1) * $(SCALE) + 0.5); print (v < $(2) ? 
 # 100, 9600) took 29 minutes on a 2-core AVX2-only CPU (2026-12-02); SCALE=2 trains as long as they did. SCALE=1 measured 13.3
 # minutes on a 2-core AVX512-BF16 CPU and 12.2 with training forced to fp32 and torch limited to AVX2 (README). The clean
 # split and the eval sets keep their bases, so the metrics keep their resolution.
-POOL_SAMPLES := $(call scaled,3000,300)
-CLEAN_SAMPLES := $(call scaled,1000,128)
+POOL_BASE ?= 3000
+CLEAN_BASE ?= 1000
+POOL_SAMPLES := $(call scaled,$(POOL_BASE),300)
+CLEAN_SAMPLES := $(call scaled,$(CLEAN_BASE),128)
 EVAL_SAMPLES := $(call scaled,400,64)
 CAPTIONER_SAMPLES := $(call scaled,4800,256)
-CLIP_SAMPLES := $(call scaled,9600,256)
-FINETUNE_STEPS := $(call scaled,50,8)
+# the ladder's CLIPs: their image tower (CLIP_MODEL) and samples seen at SCALE=1 (CLIP_BASE); make science sets both
+CLIP_MODEL ?= qcap-tiny-clip
+CLIP_BASE ?= 9600
+CLIP_SAMPLES := $(call scaled,$(CLIP_BASE),256)
+# finetuning steps per dense task at SCALE=1 (make science: the calibrated SCI_SEG_BASE, SCI_DEPTH_BASE)
+FT_BASE ?= 50
+SEG_BASE ?= $(FT_BASE)
+DEPTH_BASE ?= $(FT_BASE)
+DET_BASE ?= $(FT_BASE)
+FT_STEPS_seg := $(call scaled,$(SEG_BASE),8)
+FT_STEPS_depth := $(call scaled,$(DEPTH_BASE),8)
+FT_STEPS_det := $(call scaled,$(DET_BASE),8)
 CLIP_TOP_FRACTION ?= 0.5
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 # the ladder: fractions of the DR set (make science: three of them), their folder suffixes in percent
@@ -99,24 +111,36 @@ RUNGS := $(foreach p,$(PCTS),datacomp-$(p) dr-$(p))
 DR_FIELDS := text,syn_text
 # finetuning knobs (the calibration's): extra flags for every qcap finetune, e.g. --freeze-backbone --image-size 96
 FT_EXTRA ?=
-# SCIENCE=1 (make science) adds the positive controls (oracle-P: the rung's images with the world's true
+# SCIENCE=1 (make science) adds the positive controls (oracle-100: the real 100% rung's images with the world's true
 # descriptions; clean-100: the clean split's human captions), the MAE baseline, attention distance per seed,
 # and the science report; 0 (make demo) is the demo's graph alone
 SCIENCE ?= 0
-CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),$(foreach p,$(PCTS),oracle-$(p)) clean-100)
+CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),oracle-100 clean-100)
+# (SCIENCE=1) a ladder whose tower is not the ViT (make science's qcap-tiny-resnet10t) gets the ViT beside it on the
+# 100% rungs (vit-datacomp-100, vit-dr-100, vit-random), at the MAE baseline's samples seen (VIT_BASE): MAE is a ViT,
+# and the paper compares it with CLIP on the same ViT; attention distance (ViT heads only) reads the vit- pair
+VIT_SIDE := $(if $(filter 1,$(SCIENCE)),$(filter-out qcap-tiny-clip,$(CLIP_MODEL)))
+VIT_RUNGS := $(if $(VIT_SIDE),vit-datacomp-100 vit-dr-100)
+VIT_BASE ?= $(CLIP_BASE)
+VIT_SAMPLES := $(call scaled,$(VIT_BASE),256)
+ATTN := $(if $(VIT_SIDE),vit-)
 # the reinforced rung (DataCompDR's dataset reinforcement, MobileCLIP's DR loss): drr-P is dr-P with stored
 # augmentations and the embeddings of a teacher CLIP trained on the clean split (qcap reinforce), pretrained with
-# --distill-loss-weights at the same samples seen. make demo: drr-100 only (its 15 minutes); make science: every fraction
-DRR_PCTS := $(if $(filter 1,$(SCIENCE)),$(PCTS),100)
+# --distill-loss-weights at the same samples seen. make demo: drr-100 only (its 15 minutes); SCIENCE=1: none, or
+# every fraction with DRR=1 (make science SCI_DRR=1: one more pretraining per fraction and seed)
+DRR ?= 0
+DRR_PCTS := $(if $(filter 1,$(SCIENCE)),$(if $(filter 1,$(DRR)),$(PCTS)),100)
 DRR_RUNGS := $(foreach p,$(DRR_PCTS),drr-$(p))
-# (SCIENCE=1) the backbone architecture: MobileCLIP's MCi (qcap-tiny-mci, a FastViT image tower) pretrained on the
-# DR and real 100% rungs and a random-init MCi, beside the ViT rows; the demo stays ViT-only
-MCI_RUNGS := $(if $(filter 1,$(SCIENCE)),mci-dr-100 mci-datacomp-100)
-PRETRAINED := $(RUNGS) $(DRR_RUNGS) $(CONTROL_RUNGS) $(MCI_RUNGS)
-BASELINES := random $(if $(filter 1,$(SCIENCE)),mae mci-random)
-# dense tasks each backbone is finetuned on; make science adds detection (Mask R-CNN on the world's COCO-layout
+# (SCIENCE=1, MCI=1) the backbone architecture: MobileCLIP's MCi (qcap-tiny-mci, a FastViT image tower) pretrained
+# on the DR and real 100% rungs and a random-init MCi, beside the ladder's rows (5x the ViT's time per step)
+MCI ?= 0
+MCI_RUNGS := $(if $(filter 1,$(SCIENCE)),$(if $(filter 1,$(MCI)),mci-dr-100 mci-datacomp-100))
+PRETRAINED := $(RUNGS) $(DRR_RUNGS) $(CONTROL_RUNGS) $(MCI_RUNGS) $(VIT_RUNGS)
+BASELINES := random $(if $(filter 1,$(SCIENCE)),mae) $(if $(MCI_RUNGS),mci-random) $(if $(VIT_SIDE),vit-random)
+# dense tasks each backbone is finetuned on; SCIENCE=1 DET=1 adds detection (Mask R-CNN on the world's COCO-layout
 # eval/det), which the 15-minute demo leaves out
-FT_TASKS := seg depth $(if $(filter 1,$(SCIENCE)),det)
+DET ?= 0
+FT_TASKS := seg depth $(if $(filter 1,$(SCIENCE)),$(if $(filter 1,$(DET)),det))
 
 QCAP := $(BIN)/qcap
 W := $(DEMO)/world
@@ -235,11 +259,11 @@ $(foreach r,$(DRR_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json))
 # (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
 $(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain-mae $(QCAP) mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
-	  --samples-seen $(CLIP_SAMPLES) --resume
+	  --samples-seen $(VIT_SAMPLES) --resume
 # the reinforced rungs: MobileCLIP's DR loss (0.25 CLIP + 0.75 distillation), the web and one synthetic caption per
 # image as on dr-P (--dr-mode dual), a stored augmentation drawn per sample
 $(CLIP)/drr-%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain-drr $(QCAP) train --preset tiny --data $(LADDER_DEMO)/drr-$(firstword $(subst -s, ,$*)) \
+	@$(TIMED) pretrain-drr $(QCAP) train --preset tiny --model $(CLIP_MODEL) --data $(LADDER_DEMO)/drr-$(firstword $(subst -s, ,$*)) \
 	  --out $(@D) --distill-loss-weights 0.25 0.75 --dr-mode dual --caption-source dual \
 	  --seed $(lastword $(subst -s, ,$*)) --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval \
 	  --retrieval-data $(W)/eval/retrieval --resume
@@ -248,48 +272,48 @@ $(CLIP)/mci-%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain-mci $(QCAP) train --preset tiny --model qcap-tiny-mci --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) \
 	  --out $(@D) --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
 	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
+# (VIT_SIDE) the ViT beside the ladder's tower, on the same rungs, at the MAE baseline's samples seen
+$(CLIP)/vit-%/eval.json: $(LADDER_SUMMARIES)
+	@$(TIMED) pretrain-vit $(QCAP) train --preset tiny --model qcap-tiny-clip --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) \
+	  --out $(@D) --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
+	  --samples-seen $(VIT_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 $(CLIP)/%/eval.json: $(LADDER_SUMMARIES)
-	@$(TIMED) pretrain $(QCAP) train --preset tiny --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
+	@$(TIMED) pretrain $(QCAP) train --preset tiny --model $(CLIP_MODEL) --data $(LADDER_DEMO)/$(firstword $(subst -s, ,$*)) --out $(@D) \
 	  --caption-source $(if $(filter dr-%,$*),dual,real) --seed $(lastword $(subst -s, ,$*)) \
 	  --samples-seen $(CLIP_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 
 # 8. dense-task transfer of every backbone and of a random-init one; caption quality; attention distance
-FINETUNE_ARGS = --preset tiny --steps $(FINETUNE_STEPS) --resume $(FT_EXTRA)
-$(FT)/random-s%/seg/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-clip --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
-$(FT)/random-s%/depth/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-clip --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
-$(FT)/random-s%/det/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune det --random qcap-tiny-clip --seed $* --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
-$(FT)/mci-random-s%/seg/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune seg --random qcap-tiny-mci --seed $* --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
-$(FT)/mci-random-s%/depth/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune depth --random qcap-tiny-mci --seed $* --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
-$(FT)/mci-random-s%/det/metrics.json: $(W)/world.json
-	@$(TIMED) finetune $(QCAP) finetune det --random qcap-tiny-mci --seed $* --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
-$(FT)/%/seg/metrics.json: $(CLIP)/%/eval.json
-	@$(TIMED) finetune $(QCAP) finetune seg --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
-	  --data $(W)/eval/seg --out $(@D) $(FINETUNE_ARGS)
-$(FT)/%/depth/metrics.json: $(CLIP)/%/eval.json
-	@$(TIMED) finetune $(QCAP) finetune depth --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
-	  --data $(W)/eval/depth --out $(@D) $(FINETUNE_ARGS)
-$(FT)/%/det/metrics.json: $(CLIP)/%/eval.json
-	@$(TIMED) finetune $(QCAP) finetune det --checkpoint $(CLIP)/$* --seed $(lastword $(subst -s, ,$*)) \
-	  --data $(W)/eval/det --out $(@D) $(FINETUNE_ARGS)
+FINETUNE_ARGS = --preset tiny --resume $(FT_EXTRA)
+# random init of each tower: the ladder's (random), MCi's (mci-random), the ViT's beside a CNN ladder (vit-random)
+define RANDOM_FINETUNE
+$$(FT)/$(1)-s%/$(2)/metrics.json: $$(W)/world.json
+	@$$(TIMED) finetune $$(QCAP) finetune $(2) --random $(3) --seed $$* --data $$(W)/eval/$(2) --out $$(@D) \
+	  --steps $$(FT_STEPS_$(2)) $$(FINETUNE_ARGS)
+endef
+$(foreach t,seg depth det,$(eval $(call RANDOM_FINETUNE,random,$(t),$(CLIP_MODEL))) \
+  $(eval $(call RANDOM_FINETUNE,mci-random,$(t),qcap-tiny-mci)) $(eval $(call RANDOM_FINETUNE,vit-random,$(t),qcap-tiny-clip)))
+# every pretrained backbone (its checkpoint names its tower)
+define FINETUNE
+$$(FT)/%/$(1)/metrics.json: $$(CLIP)/%/eval.json
+	@$$(TIMED) finetune $$(QCAP) finetune $(1) --checkpoint $$(CLIP)/$$* --seed $$(lastword $$(subst -s, ,$$*)) \
+	  --data $$(W)/eval/$(1) --out $$(@D) --steps $$(FT_STEPS_$(1)) $$(FINETUNE_ARGS)
+endef
+$(foreach t,seg depth det,$(eval $(call FINETUNE,$(t))))
 
 $(SCORES)/%/summary.json: $(LADDER_SUMMARIES)
 	@$(TIMED) score-captions $(QCAP) score-captions --world $(W) --captions $(LADDER_DEMO)/$* \
 	  --field $(if $(filter dr-%,$*),$(DR_FIELDS),text) --out $(@D)
 
-$(ATTENTION): $(CLIP)/dr-100-s0/eval.json $(CLIP)/datacomp-100-s0/eval.json
-	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/dr-100-s0 --label "DR 100%" \
-	  --compare $(CLIP)/datacomp-100-s0 --compare-label "real captions 100%" --images $(W)/eval/seg/images/validation \
-	  --out $(@D)
+# (ATTN=vit-: the ladder's tower has no attention heads) the ViT pair beside it
+$(ATTENTION): $(CLIP)/$(ATTN)dr-100-s0/eval.json $(CLIP)/$(ATTN)datacomp-100-s0/eval.json
+	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/$(ATTN)dr-100-s0 --label "$(if $(ATTN),ViT )DR 100%" \
+	  --compare $(CLIP)/$(ATTN)datacomp-100-s0 --compare-label "$(if $(ATTN),ViT )real captions 100%" \
+	  --images $(W)/eval/seg/images/validation --out $(@D)
 
-$(DEMO)/attention/s%/attention_distance.json: $(CLIP)/dr-100-s%/eval.json $(CLIP)/datacomp-100-s%/eval.json
-	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/dr-100-s$* --label "DR 100%" \
-	  --compare $(CLIP)/datacomp-100-s$* --compare-label "real captions 100%" --images $(W)/eval/seg/images/validation \
-	  --out $(@D)
+$(DEMO)/attention/s%/attention_distance.json: $(CLIP)/$(ATTN)dr-100-s%/eval.json $(CLIP)/$(ATTN)datacomp-100-s%/eval.json
+	@$(TIMED) attention $(QCAP) attention-distance --checkpoint $(CLIP)/$(ATTN)dr-100-s$* --label "$(if $(ATTN),ViT )DR 100%" \
+	  --compare $(CLIP)/$(ATTN)datacomp-100-s$* --compare-label "$(if $(ATTN),ViT )real captions 100%" \
+	  --images $(W)/eval/seg/images/validation --out $(@D)
 
 # 9. the report: table, verdicts against the paper, figures, per-stage timings
 $(DEMO)/report.md: $(CLIP_EVALS) $(FT_METRICS) $(SCORE_SUMMARIES) $(ATTENTION)
@@ -320,19 +344,34 @@ layout: ## print every file of the demo's graph that the reports read (vars: DEM
 
 # ---------------------------------------------------------------------------------------------
 # make science: the demo's graph with SCIENCE=1 at a calibrated scale, 3 seeds, a 3-fraction ladder.
-# SCI_* are its settings (see README/the science report for what they measured); SCI_SCALE=0.05 SCI_SEEDS=2 is the
-# smallest graph (the slow test runs it). Uncalibrated knobs are plain variables: FT_EXTRA, FINETUNE_STEPS via SCALE.
+# SCI_* are its settings at SCI_SCALE=1 (README, "make science", has the calibration that chose them): the ladder's
+# tower is the CNN qcap-tiny-resnet10t (a ViT this small does not learn the world's shapes at this compute) at 76,800
+# samples seen, with the ViT, MAE and the attention test beside it at SCI_VIT_BASE; seg finetunes 800 steps, depth
+# 200; SCI_MCI=1, SCI_DRR=1, SCI_DET=1 add the MCi tower, the reinforced rungs, detection. SCI_SCALE=0.05
+# SCI_SEEDS=2 is the smallest graph (the slow test runs it). FT_EXTRA: extra flags for every finetune.
 SCI ?= runs/science
 SCI_SCALE ?= 1
 SCI_SEEDS ?= 3
 SCI_FRACTIONS ?= 1.0 0.3 0.1
+SCI_MODEL ?= qcap-tiny-resnet10t
+SCI_CLIP_BASE ?= 76800
+SCI_VIT_BASE ?= 19200
+SCI_POOL_BASE ?= 12000
+SCI_CLEAN_BASE ?= 4000
+SCI_SEG_BASE ?= 800
+SCI_DEPTH_BASE ?= 200
+SCI_MCI ?= 0
+SCI_DRR ?= 0
+SCI_DET ?= 0
 SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
 SCI_CAPTIONER_VOCAB ?= $(CAPTIONER_VOCAB)
 .PHONY: science
-science: setup ## positive controls, MAE, reinforced rungs, MCi vs ViT, attention test, verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
+science: setup ## positive controls, MAE, attention test, DR verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_MODEL SCI_CLIP_BASE SCI_VIT_BASE SCI_POOL_BASE SCI_CLEAN_BASE SCI_SEG_BASE SCI_DEPTH_BASE SCI_MCI SCI_DRR SCI_DET SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
 	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
-	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) \
+	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) CLIP_MODEL=$(SCI_MODEL) CLIP_BASE=$(SCI_CLIP_BASE) VIT_BASE=$(SCI_VIT_BASE) \
+	  POOL_BASE=$(SCI_POOL_BASE) CLEAN_BASE=$(SCI_CLEAN_BASE) SEG_BASE=$(SCI_SEG_BASE) DEPTH_BASE=$(SCI_DEPTH_BASE) \
+	  MCI=$(SCI_MCI) DRR=$(SCI_DRR) DET=$(SCI_DET) \
 	  $(SCI)/science.md
 	@echo "science: $(SCI)/science.md (every number's source in $(SCI)/science.json; the demo's report beside it)"

@@ -33,8 +33,10 @@ empty and is listed under "Missing" (the report is still written).
 Rows shown only when the folder holds their runs (``clip/<key>-s*`` or ``finetune/<key>-s*``):
 ``drr-P`` (DR + distillation: ``qcap reinforce`` over ``dr-P`` with a teacher CLIP, pretrained
 with ``--distill-loss-weights``; compared with ``dr-P``), and the MCi image tower
-(``mci-random``, ``mci-datacomp-100``, ``mci-dr-100``; ``make science``), which adds the
-"backbone architecture: ViT vs MCi" comparison: DR against real captions on each architecture.
+(``mci-random``, ``mci-datacomp-100``, ``mci-dr-100``; ``make science SCI_MCI=1``) and the ViT beside a ladder
+trained with another tower (``vit-random``, ``vit-datacomp-100``, ``vit-dr-100``; ``make science``, whose ladder is
+``qcap-tiny-resnet10t``), which add the "backbone architecture" comparison: DR against real captions on each tower.
+The ladder's own tower (the rows without a prefix) is named from its runs' ``config.json``.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class Row:
     label: str
     captions: str | None  # "real", "dr", "drr" (DR + distillation) or None (no pretraining)
     percent: int | None
-    arch: str = "vit"  # the image tower: "vit" (qcap-tiny-clip) or "mci" (qcap-tiny-mci, MobileCLIP's FastViT)
+    # the image tower: "main" (the ladder's: CLIP_MODEL, qcap-tiny-clip unless make science), "mci" (qcap-tiny-mci,
+    # MobileCLIP's FastViT) or "vit" (qcap-tiny-clip beside a ladder of another tower; MAE is a ViT too)
+    arch: str = "main"
     data: str | None = None  # the ladder rung whose captions it trained on, when not ``key`` (caption scores)
 
     @property
@@ -105,11 +109,17 @@ OPTIONAL_ROWS = (
     Row("mci-random", "MCi random init", None, None, arch="mci"),
     Row("mci-datacomp-100", "MCi real 100%", "real", 100, arch="mci", data="datacomp-100"),
     Row("mci-dr-100", "MCi DR 100%", "dr", 100, arch="mci", data="dr-100"),
+    Row("vit-random", "ViT random init", None, None, arch="vit"),
+    Row("vit-datacomp-100", "ViT real 100%", "real", 100, arch="vit", data="datacomp-100"),
+    Row("vit-dr-100", "ViT DR 100%", "dr", 100, arch="vit", data="dr-100"),
 )
 ROW_BY_KEY = {row.key: row for row in (*ROWS, *OPTIONAL_ROWS)}
-# per architecture: (random init, real 100%, DR 100%) — the rows the ViT vs MCi comparison reads
-ARCHITECTURES = {"vit": ("ViT (qcap-tiny-clip)", ("random", "datacomp-100", "dr-100")),
-                 "mci": ("MCi (qcap-tiny-mci)", ("mci-random", "mci-datacomp-100", "mci-dr-100"))}
+# per architecture: (name, (random init, real 100%, DR 100%)) — the rows the architecture comparison reads; the
+# ladder's own tower ("main") is named by tower_label from its runs
+ARCHITECTURES = {"main": ("the ladder's tower", ("random", "datacomp-100", "dr-100")),
+                 "mci": ("MCi (qcap-tiny-mci)", ("mci-random", "mci-datacomp-100", "mci-dr-100")),
+                 "vit": ("ViT (qcap-tiny-clip)", ("vit-random", "vit-datacomp-100", "vit-dr-100"))}
+RANDOM_ROWS = tuple(keys[0] for _, keys in ARCHITECTURES.values())
 
 
 def has_runs(root: Path, key: str) -> bool:
@@ -125,9 +135,23 @@ def rows_for(root: Path, optional: Sequence[Row] = OPTIONAL_ROWS, rows: Sequence
     return (*rows, *(row for row in optional if has_runs(root, row.key)))
 
 
-def baseline_of(row: Row) -> str:
-    """The random-init row a pretrained row is checked against: the same image tower."""
-    return "mci-random" if row.arch == "mci" else "random"
+def baseline_of(row: Row, present: Iterable[str] = ()) -> str:
+    """The random-init row a pretrained row is checked against: the same image tower (a ViT row, MAE included,
+    against ``vit-random`` when ``present`` holds it, else against ``random``: the ladder's tower is the ViT then)."""
+    if row.arch == "main":
+        return "random"
+    own = ARCHITECTURES[row.arch][1][0]
+    return own if row.arch == "mci" or own in present else "random"
+
+
+def tower_label(reader: Reader, seeds: Sequence[int]) -> str:
+    """The ladder's tower by the model its DR 100% run trained (``config.model`` of its config.json)."""
+    for seed in seeds[:1]:
+        data = reader.load(layout.path(layout.CLIP_CONFIG, row="dr-100", seed=seed))
+        model = (data or {}).get("config", {}).get("model") if isinstance(data, dict) else None
+        if isinstance(model, str) and model:
+            return f"ladder tower ({model})"
+    return ARCHITECTURES["main"][0]
 
 
 @dataclass(frozen=True)
@@ -392,10 +416,11 @@ def sanity(table: dict[str, dict[str, Cell]], rows: Sequence[Row] = ROWS) -> lis
     """Did pretraining teach the backbones anything? Each pretrained row against random init of its tower."""
     out = []
     for row in rows:
-        if row.captions is None or baseline_of(row) not in table:
+        baseline = baseline_of(row, table)
+        if row.captions is None or baseline not in table:
             continue
         for column in ("miou", "rmse"):
-            c = compare(table, column, row.key, baseline_of(row))
+            c = compare(table, column, row.key, baseline)
             out.append({"row": row.label, "column": column, "verdict": beats(c), "comparison": c.as_json()})
     return out
 
@@ -434,13 +459,15 @@ def beyond_noise(c: Comparison) -> str:
     return "no: inside the noise"
 
 
-def architecture(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
-    """ViT vs MCi on the same DR and real rungs: per architecture and dense task, random init, real 100% and
-    DR 100% (mean, sd, n over seeds) and whether DR beats real beyond 2 SE. Empty without MCi rows."""
-    if not any(key in table for key in ARCHITECTURES["mci"][1]):
+def architecture(table: dict[str, dict[str, Cell]], main: str = ARCHITECTURES["main"][0]) -> list[dict[str, Any]]:
+    """The ladder's tower (named ``main``) against the other towers (MCi, the ViT) on the same DR and real rungs:
+    per architecture and dense task, random init, real 100% and DR 100% (mean, sd, n over seeds) and whether DR
+    beats real beyond 2 SE. Empty when the table holds no other tower's rows."""
+    if not any(key in table for arch, (_, keys) in ARCHITECTURES.items() if arch != "main" for key in keys):
         return []
     out = []
     for arch, (name, keys) in ARCHITECTURES.items():
+        name = main if arch == "main" else name
         if not any(key in table for key in keys):
             continue
         random_key, real_key, dr_key = keys
@@ -458,7 +485,7 @@ def architecture(table: dict[str, dict[str, Cell]]) -> list[dict[str, Any]]:
 
 
 def architecture_markdown(entries: Sequence[dict[str, Any]], digits: int = 3) -> list[str]:
-    """The "backbone architecture: ViT vs MCi" section's lines (table + one verdict per architecture and task)."""
+    """The "backbone architecture" section's lines (table + one verdict per architecture and task)."""
     if not entries:
         return []
 
@@ -472,9 +499,10 @@ def architecture_markdown(entries: Sequence[dict[str, Any]], digits: int = 3) ->
                             [[e["architecture"], e["task"], cell(e["cells"]["random"]), cell(e["cells"]["real"]),
                               cell(e["cells"]["dr"]), fmt(e["comparison"]["better"], digits),
                               fmt(e["comparison"]["spread"], digits), e["dr_beats_real"]] for e in entries]), "",
-             "Same rungs, recipe and samples seen for both towers; DR − real is signed so that positive favours DR "
+             "Same rungs and recipe for every tower (samples seen: each run's `config.json`; make science trains the ViT "
+             "beside its CNN ladder at the MAE baseline's samples seen); DR − real is signed so that positive favours DR "
              "(lower is better for RMSE). Attention distance is the ViT's only: `qcap attention-distance` refuses "
-             "the MCi tower by design.", ""]
+             "convolutional and MCi towers by design.", ""]
     return lines
 
 
@@ -611,7 +639,7 @@ def plot_data_efficiency(table: dict[str, dict[str, Cell]], path: Path) -> bool:
         for captions, colour, label in (("real", "tab:blue", "real captions (DataComp)"),
                                          ("dr", "tab:orange", "real + synthetic (DR)"),
                                          ("drr", "tab:green", "DR + distillation")):
-            rows = [ROW_BY_KEY[key] for key in table if ROW_BY_KEY[key].captions == captions and ROW_BY_KEY[key].arch == "vit"]
+            rows = [ROW_BY_KEY[key] for key in table if ROW_BY_KEY[key].captions == captions and ROW_BY_KEY[key].arch == "main"]
             points = [(row.percent, table[row.key][column]) for row in rows if table[row.key][column].mean is not None]
             if points:
                 ax.errorbar([p for p, _ in points], [c.mean for _, c in points],
@@ -768,8 +796,8 @@ def training_configs(rows: Sequence[Row], seeds: Sequence[int]) -> list[tuple[Ro
 
 
 def funnel_rungs(rows: Sequence[Row]) -> list[Row]:
-    """The rows whose rung the funnel counts: the pretrained ViT rows (the MCi rows train on the ViT rows' rungs)."""
-    return [row for row in rows if row.captions is not None and row.arch == "vit"]
+    """The rows whose rung the funnel counts: the ladder's pretrained rows (the other towers train on their rungs)."""
+    return [row for row in rows if row.captions is not None and row.arch == "main"]
 
 
 def files_read(rows: Sequence[Row], seeds: Sequence[int], *, det: bool = False) -> list[str]:
@@ -831,7 +859,7 @@ def build(cfg: ReportConfig) -> dict[str, Any]:
         "claims": claims,
         "pretraining_vs_random": checks,
         "reinforced": reinforced(table, rows),
-        "architecture": architecture(table),
+        "architecture": architecture(table, tower_label(reader, seeds)),
         "funnel": funnel(reader, rows),
         "training": training_facts(reader, seeds, rows),
         "attention": _attention_summary(attention),
@@ -926,7 +954,8 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], out: Path
                   "its captions only, at the same samples seen:", ""]
         lines += [f"- **{e['claim']}: {e['verdict']}.** {describe_comparison(e['comparison'])}." for e in payload["reinforced"]]
     if payload["architecture"]:
-        lines += ["", "## Backbone architecture: ViT vs MCi", ""] + architecture_markdown(payload["architecture"])
+        lines += ["", "## Backbone architecture: the ladder's tower against the others", ""]
+        lines += architecture_markdown(payload["architecture"])
     lines += ["", "## Figures", ""]
     figures = payload["figures"]
     rel = _relative_to(out.parent)

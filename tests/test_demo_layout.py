@@ -51,9 +51,14 @@ def demo_listing(tmp_path_factory) -> list[str]:
     return make_layout(tmp_path_factory.mktemp("demo"), "SEEDS=2")
 
 
+# the science graph with every row it can make: make science's CNN ladder (so the ViT rows beside it), MCi, the
+# reinforced rungs, detection
+SCIENCE_ALL = ("SCIENCE=1", "SEEDS=2", "CLIP_MODEL=qcap-tiny-resnet10t", "MCI=1", "DRR=1", "DET=1")
+
+
 @pytest.fixture(scope="module")
 def science_listing(tmp_path_factory) -> list[str]:
-    return make_layout(tmp_path_factory.mktemp("science"), "SCIENCE=1", "SEEDS=2")
+    return make_layout(tmp_path_factory.mktemp("science"), *SCIENCE_ALL)
 
 
 def test_demo_layout_agrees_with_the_reports(demo_listing):
@@ -69,7 +74,7 @@ def test_demo_layout_agrees_with_the_reports(demo_listing):
 @pytest.mark.parametrize("fractions", [None, "1.0 0.3 0.1"])
 def test_science_layout_agrees_with_both_reports(science_listing, tmp_path, fractions):
     listing = science_listing if fractions is None else make_layout(
-        tmp_path, "SCIENCE=1", "SEEDS=2", f"LADDER_FRACTIONS={fractions}")
+        tmp_path, *SCIENCE_ALL, f"LADDER_FRACTIONS={fractions}")
     rows, _ = layout.listed_rows(listing)
     fractions_listed = listed_fractions(listing)
     assert fractions_listed == ([100, 10] if fractions is None else [100, 30, 10])
@@ -77,7 +82,8 @@ def test_science_layout_agrees_with_both_reports(science_listing, tmp_path, frac
     assert rows <= known, f"made but shown by no report: {sorted(rows - known)}"
     read = reports_read(listing, science_report=True)
     assert {"attention/s1/attention_distance.json", "dr-ladder/clean-100/summary.json",
-            "finetune/mci-random-s1/det/metrics.json", "scores/oracle-10/summary.json"} <= set(read)
+            "finetune/mci-random-s1/det/metrics.json", "scores/oracle-100/summary.json",
+            "finetune/vit-random-s1/depth/metrics.json", "clip/vit-dr-100-s0/config.json"} <= set(read)
     assert layout.check(listing, read) == []
     assert layout.unused(listing) == []  # every name of demo/layout.py is a file make science writes
 

@@ -1,4 +1,4 @@
-"""ViT vs MCi on the same DR and real rungs, in qcap report and qcap science-report, on hand-made metrics files:
+"""The ladder's tower (here the ViT) vs MCi on the same DR and real rungs, in qcap report and qcap science-report, on hand-made metrics files:
 the MCi rows, their check against MCi random init, and the architecture comparison with its numbers."""
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def test_report_shows_the_mci_rows_and_compares_the_towers_on_the_same_rungs(tmp
     assert checks[("real 100%", "miou")]["comparison"]["b"] == "random"
 
     arch = {(e["arch"], e["column"]): e for e in payload["architecture"]}
-    assert set(arch) == {("vit", "miou"), ("vit", "rmse"), ("mci", "miou"), ("mci", "rmse")}
+    assert set(arch) == {("main", "miou"), ("main", "rmse"), ("mci", "miou"), ("mci", "rmse")}
     expected = {
-        ("vit", "miou"): (FINETUNE["dr-100"][0], FINETUNE["datacomp-100"][0], 1, "yes, beyond 2 SE"),
-        ("vit", "rmse"): (FINETUNE["dr-100"][1], FINETUNE["datacomp-100"][1], -1, "no: inside the noise"),
+        ("main", "miou"): (FINETUNE["dr-100"][0], FINETUNE["datacomp-100"][0], 1, "yes, beyond 2 SE"),
+        ("main", "rmse"): (FINETUNE["dr-100"][1], FINETUNE["datacomp-100"][1], -1, "no: inside the noise"),
         ("mci", "miou"): (MCI["mci-dr-100"][0], MCI["mci-datacomp-100"][0], 1, "no: inside the noise"),
         ("mci", "rmse"): (MCI["mci-dr-100"][1], MCI["mci-datacomp-100"][1], -1, "yes, beyond 2 SE"),
     }
@@ -75,11 +75,11 @@ def test_report_shows_the_mci_rows_and_compares_the_towers_on_the_same_rungs(tmp
         assert entry["cells"]["dr"]["mean"] == pytest_approx(statistics.mean(dr))
         assert entry["cells"]["real"]["sd"] == pytest_approx(statistics.stdev(real))
         assert entry["cells"]["dr"]["n"] == 3
-    section = text.split("## Backbone architecture: ViT vs MCi", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Backbone architecture: the ladder's tower against the others", 1)[1].split("\n## ", 1)[0]
     mci_seg = arch[("mci", "miou")]
     assert (f"| MCi (qcap-tiny-mci) | segmentation (mIoU) | 0.100 ± 0.020 (n=3) | 0.250 ± 0.020 (n=3) | 0.260 ± 0.020 (n=3) "
             f"| {mci_seg['comparison']['better']:.3f} | {mci_seg['comparison']['spread']:.3f} | no: inside the noise |") in section
-    assert "| ViT (qcap-tiny-clip) | segmentation (mIoU) |" in section and "yes, beyond 2 SE" in section
+    assert "| the ladder's tower | segmentation (mIoU) |" in section  # its runs' config.json names no model and "yes, beyond 2 SE" in section
     assert payload["missing"] == []
 
 
@@ -118,10 +118,10 @@ def test_science_report_compares_vit_and_mci_per_task_det_included(tmp_path):
     sanity = {e["claim"]: e for e in payload["pretraining_vs_random"]}
     assert sanity["MCi DR 100% beats MCi random init on depth (RMSE)"]["verdict"] == "reproduced"
     arch = {(e["arch"], e["column"]): e for e in payload["architecture"]}
-    assert set(arch) == {(a, c) for a in ("vit", "mci") for c in ("miou", "rmse", "box_ap", "mask_ap")}
+    assert set(arch) == {(a, c) for a in ("main", "mci") for c in ("miou", "rmse", "box_ap", "mask_ap")}
     # ViT: GOOD_MIOU's DR 0.25 vs real 0.20 with the same ±0.004 jitter on both: beyond the noise
-    assert arch[("vit", "miou")]["dr_beats_real"] == "yes, beyond 2 SE"
-    assert arch[("vit", "miou")]["comparison"]["better"] == pytest_approx(0.05)
+    assert arch[("main", "miou")]["dr_beats_real"] == "yes, beyond 2 SE"
+    assert arch[("main", "miou")]["comparison"]["better"] == pytest_approx(0.05)
     assert arch[("mci", "miou")]["dr_beats_real"] == "no: inside the noise"
     assert arch[("mci", "rmse")]["dr_beats_real"] == "yes, beyond 2 SE"
     # det: MCi DR 0.095 + 0.01 s vs real 0.09 + 0.01 s (same per-seed offsets, sd 0.01): inside the noise
@@ -130,8 +130,8 @@ def test_science_report_compares_vit_and_mci_per_task_det_included(tmp_path):
     assert box["comparison"]["better"] == pytest_approx(0.005) and box["dr_beats_real"] == "no: inside the noise"
     assert box["cells"]["dr"]["sources"][1] == {"file": "finetune/mci-dr-100-s1/det/metrics.json", "key": "metrics.bbox_AP",
                                                 "value": box["cells"]["dr"]["values"][1], "seed": 1}
-    assert arch[("vit", "box_ap")]["dr_beats_real"] == "yes, beyond 2 SE"  # 0.12 vs 0.10, jitter 0.004
-    section = text.split("## 6. Backbone architecture: ViT vs MCi", 1)[1].split("\n## ", 1)[0]
+    assert arch[("main", "box_ap")]["dr_beats_real"] == "yes, beyond 2 SE"  # 0.12 vs 0.10, jitter 0.004
+    section = text.split("## 6. Backbone architecture: the ladder's tower against the others", 1)[1].split("\n## ", 1)[0]
     assert "| MCi (qcap-tiny-mci) | detection (box AP) |" in section
     assert "- MCi (qcap-tiny-mci): DR beats real captions on segmentation (mIoU) at 100%: **no: inside the noise**." in section
     assert "inside the noise" in section and "beyond the noise" in section
@@ -142,3 +142,33 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def test_a_cnn_ladder_with_the_vit_beside_it_checks_mae_against_the_same_vit(tmp_path):
+    """make science's layout: the ladder trains qcap-tiny-resnet10t, the ViT rows (vit-*) and MAE stand beside it;
+    MAE is checked against the ViT's random init and compared with the ViT's DR row (the paper's same-ViT claim)."""
+    vit_miou = {"vit-random": 0.09, "vit-datacomp-100": 0.11, "vit-dr-100": 0.13, "mae": 0.115}
+    vit_rmse = {"vit-random": 0.72, "vit-datacomp-100": 0.70, "vit-dr-100": 0.69, "mae": 0.66}
+    demo = sci.make_demo(tmp_path / "s", sci.GOOD_MIOU | vit_miou, sci.GOOD_RMSE | vit_rmse)
+    for seed in (0, 1, 2):
+        write_json(demo / f"clip/dr-100-s{seed}/config.json", {"config": {"model": "qcap-tiny-resnet10t"}})
+    payload = build(ScienceConfig(demo=demo))
+    text = (demo / "science.md").read_text()
+    sanity = {e["claim"]: e for e in payload["pretraining_vs_random"]}
+    assert sanity["MAE (real rung's images) beats ViT random init on segmentation (mIoU)"]["comparison"]["b"] == "vit-random"
+    assert sanity["ViT DR 100% beats ViT random init on depth (RMSE)"]["comparison"]["b"] == "vit-random"
+    assert sanity["DR 100% beats random init on depth (RMSE)"]["comparison"]["b"] == "random"
+    mae = {e["claim"]: e for e in payload["mae"]}
+    seg = mae["CLIP on ViT DR 100% beats MAE on segmentation (mIoU)"]
+    assert (seg["comparison"]["a"], seg["comparison"]["b"]) == ("vit-dr-100", "mae")
+    assert seg["comparison"]["better"] == pytest_approx(0.13 - 0.115) and seg["verdict"] == "reproduced"
+    depth = mae["CLIP on ViT DR 100% beats MAE on depth (RMSE)"]
+    assert depth["comparison"]["better"] == pytest_approx(0.66 - 0.69) and depth["verdict"] != "reproduced"
+    arch = {(e["arch"], e["column"]): e for e in payload["architecture"]}
+    assert set(arch) == {(a, c) for a in ("main", "vit") for c in ("miou", "rmse")}
+    assert arch[("main", "miou")]["architecture"] == "ladder tower (qcap-tiny-resnet10t)"
+    assert arch[("vit", "miou")]["rows"] == {"random": "vit-random", "real": "vit-datacomp-100", "dr": "vit-dr-100"}
+    assert arch[("vit", "miou")]["comparison"]["better"] == pytest_approx(0.13 - 0.11)
+    section = text.split("## 6. Backbone architecture: the ladder's tower against the others", 1)[1].split("\n## ", 1)[0]
+    assert "| ladder tower (qcap-tiny-resnet10t) | segmentation (mIoU) |" in section
+    assert "| ViT (qcap-tiny-clip) | depth (RMSE) |" in section
