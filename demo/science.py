@@ -405,8 +405,8 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
         lines += [f"- {e['claim']}: **{e['dr_beats_real']}**. {describe(e['comparison'], labels)}."
                   for e in payload["architecture"]]
         if not world["can_show_effect"]:
-            lines += ["", "The positive control (section 2, ViT) is not established, so DR vs real on either tower "
-                      "says nothing about caption quality here; the rows still compare the towers."]
+            lines += ["", "The positive control (section 2, on the ladder's tower) is not established, so DR vs real on "
+                      "any tower says nothing about caption quality here; the rows still compare the towers."]
         lines.append("")
     if payload["rungs"]:
         lines += ["## Rungs", "", markdown_table(["rung", "images", "source"],
