@@ -122,7 +122,7 @@ CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),oracle-100 clean-100)
 VIT_SIDE := $(if $(filter 1,$(SCIENCE)),$(filter-out qcap-tiny-clip,$(CLIP_MODEL)))
 VIT_RUNGS := $(if $(VIT_SIDE),vit-datacomp-100 vit-dr-100)
 VIT_BASE ?= $(CLIP_BASE)
-VIT_SAMPLES := $(call scaled,$(VIT_BASE),256)
+VIT_SAMPLES := $(if $(VIT_SIDE),$(call scaled,$(VIT_BASE),256),$(CLIP_SAMPLES))
 ATTN := $(if $(VIT_SIDE),vit-)
 # the reinforced rung (DataCompDR's dataset reinforcement, MobileCLIP's DR loss): drr-P is dr-P with stored
 # augmentations and the embeddings of a teacher CLIP trained on the clean split (qcap reinforce), pretrained with
@@ -256,7 +256,8 @@ $(LADDER_DEMO)/drr-%/summary.json: $(LADDER_SUMMARIES) $(TEACHER)/eval.json
 $(foreach r,$(DRR_RUNGS),$(foreach s,$(SEED_LIST),$(CLIP)/$(r)-s$(s)/eval.json)): $(DRR_SUMMARIES)
 
 # 7. CLIP on each rung at the same samples seen (DR: the web caption and a synthetic one per image);
-# (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen
+# (SCIENCE=1) MAE of the same ViT on the real rung's images, same batch, steps and samples seen as the ViT's CLIPs
+# (VIT_SAMPLES: the ladder's own, or VIT_BASE when the ViT stands beside a CNN ladder)
 $(CLIP)/mae-s%/eval.json: $(LADDER_SUMMARIES)
 	@$(TIMED) pretrain-mae $(QCAP) mae --data $(LADDER_DEMO)/datacomp-100 --out $(@D) --seed $* \
 	  --samples-seen $(VIT_SAMPLES) --resume

@@ -175,6 +175,8 @@ def test_science_with_the_vit_ladder_needs_no_vit_beside_it_and_the_demo_stays_a
     [attention] = _commands(sci, f"--out {s}/attention/s1")
     assert f"--checkpoint {s}/clip/dr-100-s1 " in attention and f"--compare {s}/clip/datacomp-100-s1 " in attention
     assert sci.count("qcap finetune ") == 2 * 2 * 8
+    [mae] = _commands(sci, f"--out {s}/clip/mae-s0 ")
+    assert "--samples-seen 3840 " in mae  # MAE at the ViT ladder's own samples seen, not SCI_VIT_BASE's
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")
     assert "control-rung" not in demo and "qcap mae" not in demo and "science-report" not in demo
     assert "depth-floor" not in demo
