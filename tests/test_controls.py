@@ -1,4 +1,4 @@
-"""qcap control-rung: the oracle rung (true descriptions of a rung's images) and the clean rung."""
+"""qcap control-rung: the oracle rung (true descriptions of a rung's images), the shapes rung and the clean rung."""
 
 from __future__ import annotations
 
@@ -53,6 +53,38 @@ def test_oracle_rung_has_the_true_descriptions_of_the_same_images(world, tmp_pat
     # a re-run resumes (nothing to write); other settings are refused
     again = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100"))
     assert again["resumed_shards"] == 1 and again["num_written"] == 12
+
+
+def test_shapes_rung_names_only_each_images_shapes_and_counts(world, tmp_path, capsys):
+    from collections import Counter
+
+    from qcap.cli import main as qcap
+    from world.oracle import load_truth
+    from world.scenes import CLASSES, COLOURS
+
+    rung = _rung(world, tmp_path / "datacomp-100", 12)
+    truth = load_truth(world)
+    out = tmp_path / "shapes-100"
+    assert qcap(["control-rung", "--kind", "shapes", "--shards", str(rung), "--world", str(world), "--out", str(out)]) == 0
+    assert "shapes control rung, 12 samples (reconciled with 12)" in capsys.readouterr().out
+    samples = list(iter_samples([str(out / "00003.tar")]))
+    assert [s.uid for s in samples] == [s.uid for s in iter_samples([str(rung / "00003.tar")])]
+    for s in samples:
+        counts = Counter(o["cls"] for o in truth[s.uid]["objects"])
+        parts = s.text.split(" and ")
+        assert len(parts) == len(counts)  # one part per class present, in alphabetical order
+        named = [next(c for c in sorted(CLASSES, key=len, reverse=True) if c in part) for part in parts]
+        assert named == sorted(counts)
+        for part, cls in zip(parts, named, strict=True):
+            n = counts[cls]
+            assert part.startswith(("an " if cls[0] in "aeiou" else "a ") if n == 1 else ("two ", "three ", "four "))
+        assert not any(colour in s.text.split() for colour in COLOURS)  # no colour, nothing but shapes
+        assert s.syn_text is None and s.meta["caption_source"] == "shapes"
+    assert json.loads((out / "summary.json").read_text())["kind"] == "shapes"
+    # an oracle rung's folder is not silently turned into a shapes rung
+    build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100"))
+    assert qcap(["control-rung", "--kind", "shapes", "--shards", str(rung), "--world", str(world),
+                 "--out", str(tmp_path / "oracle-100")]) == 2
 
 
 def test_clean_rung_matches_the_like_rungs_size(world, tmp_path):

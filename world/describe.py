@@ -146,6 +146,16 @@ def _noun(cls: str, count: int) -> str:
     return cls if count == 1 else PLURALS[cls]
 
 
+def shape_caption(classes: Iterable[str]) -> str:
+    """Only the shapes and their counts, nothing else (no colour, size, texture, position or background): "a square
+    and two stars", classes in alphabetical order. The caption of ``qcap control-rung --kind shapes``."""
+    counts: dict[str, int] = {}
+    for cls in classes:
+        counts[cls] = counts.get(cls, 0) + 1
+    return " and ".join(f"{article(cls) if n == 1 else COUNT_TEXT.get(n, str(n))} {_noun(cls, n)}"
+                        for cls, n in sorted(counts.items()))
+
+
 def _join(parts: list[str]) -> str:
     if len(parts) <= 1:
         return "".join(parts)
