@@ -112,10 +112,11 @@ DR_FIELDS := text,syn_text
 # finetuning knobs (the calibration's): extra flags for every qcap finetune, e.g. --freeze-backbone --image-size 96
 FT_EXTRA ?=
 # SCIENCE=1 (make science) adds the positive controls (oracle-100: the real 100% rung's images with the world's true
-# descriptions; clean-100: the clean split's human captions), the MAE baseline, attention distance per seed,
-# and the science report; 0 (make demo) is the demo's graph alone
+# descriptions; shapes-100: the same images with captions naming only their shapes, the segmentation classes;
+# clean-100: the clean split's human captions), the MAE baseline, attention distance per seed, and the science
+# report; 0 (make demo) is the demo's graph alone
 SCIENCE ?= 0
-CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),oracle-100 clean-100)
+CONTROL_RUNGS := $(if $(filter 1,$(SCIENCE)),oracle-100 shapes-100 clean-100)
 # (SCIENCE=1) a ladder whose tower is not the ViT (make science's qcap-tiny-resnet10t) gets the ViT beside it on the
 # 100% rungs (vit-datacomp-100, vit-dr-100, vit-random), at the MAE baseline's samples seen (VIT_BASE): MAE is a ViT,
 # and the paper compares it with CLIP on the same ViT; attention distance (ViT heads only) reads the vit- pair
@@ -232,9 +233,12 @@ $(DR_DEMO)/summary.json: $(SYN)/summary.json
 $(LADDER_SUMMARIES) &: $(DR_DEMO)/summary.json
 	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="$(LADDER_FRACTIONS)" SEED=0
 
-# 6b. (SCIENCE=1) positive controls: the same images with the true descriptions; the clean split's captions
+# 6b. (SCIENCE=1) positive controls: the same images with the true descriptions, or with their shapes only; the
+# clean split's captions
 $(LADDER_DEMO)/oracle-%/summary.json: $(LADDER_DEMO)/datacomp-%/summary.json
 	@$(TIMED) control-rung $(QCAP) control-rung --kind oracle --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
+$(LADDER_DEMO)/shapes-%/summary.json: $(LADDER_DEMO)/datacomp-%/summary.json
+	@$(TIMED) control-rung $(QCAP) control-rung --kind shapes --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
 $(LADDER_DEMO)/clean-100/summary.json: $(LADDER_DEMO)/datacomp-100/summary.json
 	@$(TIMED) control-rung $(QCAP) control-rung --kind clean --like $(LADDER_DEMO)/datacomp-100 --world $(W) \
 	  --allow-fewer --out $(@D)

@@ -3,7 +3,7 @@ the reports (:mod:`demo.report`, :mod:`demo.science`) read.
 
 Every name is a format-string pattern relative to ``DEMO``. Fields: ``{row}`` a backbone (a rung of the ladder,
 ``random``, ``mae``, ``mci-…``), ``{seed}`` an integer, ``{task}`` a finetuning task (``seg``, ``depth``, ``det``),
-``{rung}`` a folder of the ladder (``datacomp-P``, ``dr-P``, ``drr-P``, ``oracle-P``, ``clean-100``), ``{filter}`` a
+``{rung}`` a folder of the ladder (``datacomp-P``, ``dr-P``, ``drr-P``, ``oracle-P``, ``shapes-P``, ``clean-100``), ``{filter}`` a
 curation filter (``basic``, ``clip``, ``dedup``). ``make layout DEMO=... [SCIENCE=1] [SEEDS=N]`` prints the Makefile's
 own paths for them, one a line; ``tests/test_demo_layout.py`` checks that each listed path has a pattern here and that
 each file the reports read for the listed rows is listed (:func:`check`), so a folder renamed on one side only fails.
@@ -63,6 +63,7 @@ RUNG_RECORDS: dict[str, tuple[str, str]] = {
     "dr": (RUNG_SUMMARY, "num_written"),
     "drr": (RUNG_SUMMARY, "images_reinforced"),
     "oracle": (RUNG_SUMMARY, "num_written"),
+    "shapes": (RUNG_SUMMARY, "num_written"),
     "clean": (RUNG_SUMMARY, "num_written"),
 }
 # the caption-grid figure reads this rung's shards and caption scores

@@ -14,7 +14,9 @@ Every path is named once, in :mod:`demo.layout`.
 Rows (backbones): ``random`` (no pretraining), ``mae`` (``python -m train.mae`` on the real
 rung's images), and per fraction P of the ladder ``datacomp-P`` (web captions), ``dr-P`` (web +
 synthetic, DataCompDR), ``oracle-P`` (the same images with the world's true descriptions:
-the perfect captioner) and ``clean-P`` (the clean split's human captions, as many images).
+the perfect captioner), ``shapes-P`` (the same images with captions naming only their shapes: a
+caption-content control that does not decide the guard) and ``clean-P`` (the clean split's human
+captions, as many images).
 Shown when the folder holds their runs: ``drr-P`` (DR + distillation: ``dr-P`` reinforced by
 ``qcap reinforce`` with a teacher CLIP, trained with the DR loss; checked against ``dr-P``) and
 the other image towers beside the ladder's: the MCi (``mci-random``, ``mci-datacomp-100``,
@@ -118,15 +120,17 @@ class ScienceConfig:
 
 
 def science_rows(fractions: Sequence[int], demo: Path | None = None) -> list[Row]:
-    """The rows, in report order; with ``demo``, the optional ones (DR + distillation, MCi) only where it holds their runs."""
+    """The rows, in report order; with ``demo``, the optional ones (DR + distillation, the shapes control, the other
+    towers) only where it holds their runs."""
     rows = [Row("random", "random init", None, None), Row("mae", "MAE (real rung's images)", None, 100, arch="vit")]
     for p in fractions:
         rows += [Row(f"datacomp-{p}", f"real {p}%", "real", p), Row(f"dr-{p}", f"DR {p}%", "dr", p),
                  Row(f"drr-{p}", f"DR + distillation {p}%", "drr", p, data=f"dr-{p}"),
-                 Row(f"oracle-{p}", f"oracle {p}%", "oracle", p), Row(f"clean-{p}", f"clean {p}%", "clean", p)]
+                 Row(f"oracle-{p}", f"oracle {p}%", "oracle", p), Row(f"shapes-{p}", f"shape captions {p}%", "shapes", p),
+                 Row(f"clean-{p}", f"clean {p}%", "clean", p)]
     rows += [row for row in OPTIONAL_ROWS if row.arch != "main"]
     if demo is not None:
-        optional = {r.key for r in rows if r.captions == "drr" or (r.arch != "main" and r.key != "mae")}
+        optional = {r.key for r in rows if r.captions in ("drr", "shapes") or (r.arch != "main" and r.key != "mae")}
         rows = [r for r in rows if r.key not in optional or has_runs(demo, r.key)]
     return rows
 
@@ -173,7 +177,7 @@ def files_read(rows: Sequence[Row], seeds: Sequence[int], *, det: bool = False) 
 
 
 # the rows whose depth RMSE the headroom line places between the floor and the position-only prediction
-HEADROOM_ROWS = ("random", "mae", "datacomp-100", "dr-100", "drr-100", "oracle-100", "clean-100")
+HEADROOM_ROWS = ("random", "mae", "datacomp-100", "dr-100", "drr-100", "oracle-100", "shapes-100", "clean-100")
 
 
 def depth_headroom(reader: Reader, table: dict[str, dict[str, Cell]]) -> dict[str, Any] | None:
@@ -204,7 +208,7 @@ def collect(reader: Reader, rows: Sequence[Row], seeds: Sequence[int]) -> dict[s
 
 
 def _present(table: dict[str, dict[str, Cell]], key: str) -> bool:
-    return any(table[key][c].n for c, _ in DENSE)
+    return key in table and any(table[key][c].n for c, _ in DENSE)
 
 
 def _entry(claim: str, verdict: str, c) -> dict[str, Any]:
@@ -230,6 +234,11 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
             c = compare(table, col, f"oracle-{p}", f"datacomp-{p}")
             controls.append(_entry(f"oracle captions beat real captions on {task} at {p}% (same images)", beats(c), c))
     oracle_100 = [e for e in controls if "at 100%" in e["claim"]]
+    # a caption-content control beside the perfect captioner (not part of the guard): the same images captioned
+    # with their shapes only, the segmentation classes -- does this world show any caption effect at this compute?
+    shapes = [_entry(f"shape-only captions beat real captions on {task} at 100% (same images)", beats(c), c)
+              for col, task in DENSE if _present(table, "shapes-100")
+              for c in [compare(table, col, "shapes-100", "datacomp-100")]]
     if not oracle_100:
         world = {"can_show_effect": None, "why": "not measured: no oracle-100 rung (make science builds it)",
                  "prefix": CONTROL_MISSING}
@@ -274,7 +283,8 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
             c = compare(table, col, dr_row, "mae")
             mae.append(_entry(f"CLIP on {labels.get(dr_row, dr_row)} beats MAE on {task}", beats(c), c))
     present = [r for r in rows if _present(table, r.key)]
-    return {"pretraining_vs_random": sanity, "controls": controls, "world": world, "premise": premise,
+    return {"pretraining_vs_random": sanity, "controls": controls, "shapes_control": shapes, "world": world,
+            "premise": premise,
             "claims": claims, "mae": mae, "reinforced": reinforced(table, present)}
 
 
@@ -292,7 +302,7 @@ def attention(demo: Path, seeds: Sequence[int], alpha: float) -> dict[str, Any] 
 def one_seed_cannot(analysis: dict[str, Any]) -> list[str]:
     """Claims whose verdict needs a spread over seeds (every 'beyond 2 SE' one)."""
     out = []
-    for group in ("pretraining_vs_random", "controls", "claims", "mae", "reinforced", "architecture"):
+    for group in ("pretraining_vs_random", "controls", "shapes_control", "claims", "mae", "reinforced", "architecture"):
         out += [e["claim"] for e in analysis.get(group, [])
                 if e["comparison"]["spread"] is None and e["comparison"]["better"] is not None]
     return out
@@ -364,6 +374,13 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     answer = {True: "**Yes**: ", False: "**No — the DR verdicts below are uninformative**: ",
               None: "**Not established — the DR verdicts below are uninformative**: "}[world["can_show_effect"]]
     lines += ["", answer + world["why"] + ".", ""]
+    if payload["shapes_control"]:
+        lines += ["Beside the perfect captioner, a caption-content control that does not decide the guard: the same "
+                  "images captioned with their shapes only (the segmentation classes; `qcap control-rung --kind "
+                  "shapes`). It shows whether this world can show any caption effect at this compute:", ""]
+        lines += [f"- {e['claim']}: **{e['verdict']}**. {describe(e['comparison'], labels)}."
+                  for e in payload["shapes_control"]]
+        lines.append("")
     premise = payload["premise"]
     lines += ["## 3. Premise: do the synthetic captions describe the images better than the web's?", ""]
     if premise["holds"] is None:

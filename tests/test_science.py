@@ -39,7 +39,7 @@ def check_science_folder(folder: Path) -> dict:
     rows = {r["key"] for r in payload["rows"]}
     pcts = payload["fractions"]
     # the default graph: the CNN ladder, its controls at 100%, the ViT beside it and MAE (no MCi, DRR, det)
-    expected = ({"random", "mae", "clean-100", "oracle-100", "vit-random", "vit-datacomp-100", "vit-dr-100"}
+    expected = ({"random", "mae", "clean-100", "oracle-100", "shapes-100", "vit-random", "vit-datacomp-100", "vit-dr-100"}
                 | {f"{k}-{p}" for p in pcts for k in ("datacomp", "dr")})
     assert rows == expected, rows ^ expected
     numbers = 0
@@ -54,7 +54,7 @@ def check_science_folder(folder: Path) -> dict:
             assert payload["table"][key][column]["n"] == len(seeds), (key, column)
     # every comparison's means are the table's means
     assert payload["reinforced"] == []
-    for group in ("pretraining_vs_random", "controls", "claims", "mae"):
+    for group in ("pretraining_vs_random", "controls", "shapes_control", "claims", "mae"):
         assert payload[group], group
         for entry in payload[group]:
             c = entry["comparison"]
@@ -107,7 +107,7 @@ def test_science_graph_trains_a_cnn_ladder_with_controls_and_the_vit_mae_and_att
     sci = _dry_run("science", f"SCI={tmp_path}/s", *SMALLEST)
     s = f"{tmp_path}/s"
     # the ladder and its controls: qcap-tiny-resnet10t at SCI_CLIP_BASE x SCI_SCALE = 76,800 x 0.05 samples seen
-    ladder = [f"{k}-{p}" for p in ("100", "50") for k in ("datacomp", "dr")] + ["oracle-100", "clean-100"]
+    ladder = [f"{k}-{p}" for p in ("100", "50") for k in ("datacomp", "dr")] + ["oracle-100", "shapes-100", "clean-100"]
     for seed in (0, 1):
         for rung in ladder:
             [cmd] = _commands(sci, f"--out {s}/clip/{rung}-s{seed} ")
@@ -127,10 +127,11 @@ def test_science_graph_trains_a_cnn_ladder_with_controls_and_the_vit_mae_and_att
         [attention] = _commands(sci, f"--out {s}/attention/s{seed}")
         assert f"--checkpoint {s}/clip/vit-dr-100-s{seed} " in attention and f"--compare {s}/clip/vit-datacomp-100-s{seed} " in attention
     assert sci.count("control-rung --kind oracle") == 1 and f"--kind oracle --shards {s}/dr-ladder/datacomp-100 " in sci
+    assert sci.count("control-rung --kind shapes") == 1 and f"--kind shapes --shards {s}/dr-ladder/datacomp-100 " in sci
     assert "control-rung --kind clean --like" in sci
     assert sci.count("qcap mae --data") == 2 and sci.count("attention-distance") == 3  # s0, s1 and the demo's
-    # seeds x tasks x (random, mae, 2 x datacomp/dr, oracle-100, clean-100, vit-random, vit-datacomp-100, vit-dr-100)
-    assert sci.count("qcap finetune ") == 2 * 2 * 11
+    # seeds x tasks x (random, mae, 2 x datacomp/dr, oracle/shapes/clean-100, vit-random, vit-datacomp-100, vit-dr-100)
+    assert sci.count("qcap finetune ") == 2 * 2 * 12
     assert "mci" not in sci and "reinforce" not in sci and "finetune det" not in sci and "--det-samples" not in sci
     assert "science-report" in sci and "--fractions 100 50" in sci
     assert sci.count(f"qcap depth-floor --world {s}/world --out {s}/depth-floor") == 1
@@ -163,9 +164,9 @@ def test_science_opt_ins_add_the_mci_tower_the_reinforced_rungs_and_detection(tm
             for rung in ("dr-100", "datacomp-100"):
                 assert f"finetune {task} --checkpoint {s}/clip/mci-{rung}-s{seed} --seed {seed}" in sci
     assert "mci" not in "".join(line for line in sci.splitlines() if "attention-distance" in line)
-    # seeds x tasks x (the default 11, 2 x drr, mci-random, mci-dr-100, mci-datacomp-100)
-    assert sci.count("qcap finetune ") == 2 * 3 * 16
-    assert sci.count("qcap finetune det ") == 2 * 16 and "--det-samples" in sci
+    # seeds x tasks x (the default 12, 2 x drr, mci-random, mci-dr-100, mci-datacomp-100)
+    assert sci.count("qcap finetune ") == 2 * 3 * 17
+    assert sci.count("qcap finetune det ") == 2 * 17 and "--det-samples" in sci
 
 
 def test_science_with_the_vit_ladder_needs_no_vit_beside_it_and_the_demo_stays_as_it_was(tmp_path):
@@ -174,7 +175,7 @@ def test_science_with_the_vit_ladder_needs_no_vit_beside_it_and_the_demo_stays_a
     assert "vit-" not in sci and f"--model qcap-tiny-clip --data {s}/dr-ladder/dr-50 " in sci
     [attention] = _commands(sci, f"--out {s}/attention/s1")
     assert f"--checkpoint {s}/clip/dr-100-s1 " in attention and f"--compare {s}/clip/datacomp-100-s1 " in attention
-    assert sci.count("qcap finetune ") == 2 * 2 * 8
+    assert sci.count("qcap finetune ") == 2 * 2 * 9
     [mae] = _commands(sci, f"--out {s}/clip/mae-s0 ")
     assert "--samples-seen 3840 " in mae  # MAE at the ViT ladder's own samples seen, not SCI_VIT_BASE's
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")

@@ -143,3 +143,24 @@ def test_depth_headroom_places_each_backbone_between_the_floor_and_position_only
     assert "no model can go below RMSE 0.450 m" in text and "- oracle 100%: 0.500 m, +0.050 m above the floor, 83% closed" in text
     for name, source in head["sources"].items():
         assert source == {"file": "depth-floor/depth_floor.json", "key": f"predictions.{name}.rmse", "value": preds[name]["rmse"]}
+
+
+def test_the_shapes_control_is_reported_beside_the_oracle_and_does_not_decide_the_guard(tmp_path):
+    # the perfect captioner does not help, captions naming only the shapes do (seg), and not on depth
+    miou = GOOD_MIOU | {"oracle-100": 0.201, "shapes-100": 0.26}
+    rmse = GOOD_RMSE | {"shapes-100": 0.601}
+    demo = make_demo(tmp_path / "s", miou, rmse)
+    payload = build(ScienceConfig(demo=demo))
+    assert payload["world"]["can_show_effect"] is False  # the guard reads the oracle alone
+    shapes = {e["claim"]: e for e in payload["shapes_control"]}
+    seg = shapes["shape-only captions beat real captions on segmentation (mIoU) at 100% (same images)"]
+    assert seg["verdict"] == "reproduced" and (seg["comparison"]["a"], seg["comparison"]["b"]) == ("shapes-100", "datacomp-100")
+    assert seg["comparison"]["better"] == pytest.approx(0.26 - 0.20)
+    assert shapes["shape-only captions beat real captions on depth (RMSE) at 100% (same images)"]["verdict"] != "reproduced"
+    text = (demo / "science.md").read_text()
+    section = text.split("## 2. Positive control", 1)[1].split("## 3.", 1)[0]
+    assert "a caption-content control that does not decide the guard" in section
+    assert "- shape-only captions beat real captions on segmentation (mIoU) at 100% (same images): **reproduced**" in section
+    # without a shapes rung there is no such entry, and nothing is asked of its files
+    plain = build(ScienceConfig(demo=make_demo(tmp_path / "p", GOOD_MIOU, GOOD_RMSE)))
+    assert plain["shapes_control"] == [] and not any("shapes" in m for m in plain["missing"])
