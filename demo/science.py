@@ -221,11 +221,14 @@ def analyse(table: dict[str, dict[str, Cell]], rows: Sequence[Row], fractions: S
     # every pretrained backbone against random init of its own image tower (MCi against mci-random, ViT rows and
     # MAE against vit-random when the ladder's tower is not the ViT)
     present_keys = {key for key in table if _present(table, key)}
-    sanity = [_entry(f"{labels[r.key]} beats {labels.get(baseline_of(r, present_keys), 'random init')} on {task}",
-                     beats(compare(table, col, r.key, baseline_of(r, present_keys))),
-                     compare(table, col, r.key, baseline_of(r, present_keys)))
-              for r in rows if r.key not in RANDOM_ROWS and _present(table, r.key)
-              and baseline_of(r, present_keys) in table for col, task in DENSE]
+    sanity = []
+    for r in rows:
+        baseline = baseline_of(r, present_keys)
+        if r.key in RANDOM_ROWS or r.key not in present_keys or baseline not in table:
+            continue
+        for col, task in DENSE:
+            c = compare(table, col, r.key, baseline)
+            sanity.append(_entry(f"{labels[r.key]} beats {labels.get(baseline, 'random init')} on {task}", beats(c), c))
     controls = []
     for p in fractions:
         if not _present(table, f"oracle-{p}"):

@@ -15,6 +15,7 @@ background words) is the one vocabulary both the writers here and the oracle's p
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -149,9 +150,7 @@ def _noun(cls: str, count: int) -> str:
 def shape_caption(classes: Iterable[str]) -> str:
     """Only the shapes and their counts, nothing else (no colour, size, texture, position or background): "a square
     and two stars", classes in alphabetical order. The caption of ``qcap control-rung --kind shapes``."""
-    counts: dict[str, int] = {}
-    for cls in classes:
-        counts[cls] = counts.get(cls, 0) + 1
+    counts = Counter(classes)
     return " and ".join(f"{article(cls) if n == 1 else COUNT_TEXT.get(n, str(n))} {_noun(cls, n)}"
                         for cls, n in sorted(counts.items()))
 
