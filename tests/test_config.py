@@ -143,10 +143,12 @@ def test_whether_a_field_shapes_the_output_is_declared_on_the_field_once(tmp_pat
     assert set(output_settings(caption)) == set(output_fields(CaptionConfig))
     assert "num_workers" not in output_settings(caption) and "top_p" in output_settings(caption)["decode"]
     world = WorldConfig(out=tmp_path / "w", workers=7, ray_address="auto")
-    defaults_left_out = {"det_samples", "seg_labels"}  # identity() omits these at their defaults
+    defaults_left_out = {"det_samples", "seg_labels", "colours", "backgrounds"}  # identity() omits these at defaults
     assert world.identity() == {k: v for k, v in output_settings(world).items() if k not in defaults_left_out}
-    colour = WorldConfig(out=tmp_path / "w", seg_labels="colour", det_samples=4)
+    colour = WorldConfig(out=tmp_path / "w", seg_labels="colour", det_samples=4, colours="red,blue", backgrounds="sky")
     assert colour.identity() == output_settings(colour)
+    # a palette is recorded in the generator's order, so two spellings of one palette are one world
+    assert WorldConfig(out=tmp_path / "w", colours="blue, red").identity()["colours"] == "red,blue"
     assert "workers" not in world.identity() and "seed" in world.identity()
     old = with_trainer(TrainRunConfig(data="d", out=tmp_path / "r", threads=1), log_every=5)
     assert "trainer.log_every" in run_fields(old) and "trainer.lr" not in run_fields(old)

@@ -140,14 +140,22 @@ def draw_kind(rng: np.random.Generator, rates: dict[str, float]) -> str:
     return kinds[int(rng.choice(len(kinds), p=probs / probs.sum()))]
 
 
-def alt_text(kind: str, scene: Scene, rng: np.random.Generator, other: Scene | None = None) -> tuple[str, str]:
-    """(text, language) of one kind for a scene; ``other`` is the scene a mismatch describes."""
+def alt_text(
+    kind: str, scene: Scene, rng: np.random.Generator, other: Scene | None = None, *,
+    colours: tuple[str, ...] | None = None,
+) -> tuple[str, str]:
+    """(text, language) of one kind for a scene; ``other`` is the scene a mismatch describes.
+
+    ``colours``: the colours the world's scenes draw from (its palette; default all of
+    :data:`~world.scenes.COLOURS`), the ones a wrong attribute or SEO text names instead of the true one.
+    """
     writer = _WRITERS[kind]
+    palette = tuple(colours) if colours else tuple(COLOURS)
     if kind == "mismatch":
         if other is None:
             raise ValueError("a mismatch caption needs the other image's scene")
-        return writer(other, rng)
-    return writer(scene, rng)
+        return writer(other, rng, palette)
+    return writer(scene, rng, palette)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,14 +195,15 @@ def _web_np(g: Group, rng: np.random.Generator, *, colour: str | None = None, si
     return det + " ".join(words)
 
 
-def _web_caption(scene: Scene, rng: np.random.Generator, *, errors: bool = False) -> str:
+def _web_caption(scene: Scene, rng: np.random.Generator, *, errors: bool = False, colours: tuple[str, ...]) -> str:
+    """Web-style text naming every group; ``errors``: one group's attributes wrong (a colour from ``colours``)."""
     groups = groups_of(scene)
     order = [groups[int(i)] for i in rng.permutation(len(groups))]
     wrong = int(rng.integers(len(order))) if errors else -1
     parts = []
     for i, g in enumerate(order):
         if i == wrong:
-            colour = _other(rng, tuple(COLOURS), g.colour)
+            colour = _other(rng, colours, g.colour)
             size = _other(rng, SIZES, g.size) if rng.random() < 0.4 else None
             count = _other(rng, (1, 2, 3, 4), g.count) if rng.random() < 0.3 else None
             parts.append(_web_np(g, rng, colour=colour, size=size, count=count))
@@ -214,16 +223,16 @@ def _other(rng: np.random.Generator, options, current):
     return choices[int(rng.integers(len(choices)))]
 
 
-def _faithful(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    return _web_caption(scene, rng), "en"
+def _faithful(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
+    return _web_caption(scene, rng, colours=colours), "en"
 
 
-def _wrong_attr(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    return _web_caption(scene, rng, errors=True), "en"
+def _wrong_attr(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
+    return _web_caption(scene, rng, errors=True, colours=colours), "en"
 
 
-def _mismatch(other: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    return _web_caption(other, rng), "en"
+def _mismatch(other: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
+    return _web_caption(other, rng, colours=colours), "en"
 
 
 _PARTIAL = ["{c}", "{a} {c}", "{c} shape", "{c} icon", "picture of a {c}", "{c} clipart", "{c} vector illustration",
@@ -234,7 +243,7 @@ def _one_class(scene: Scene, rng: np.random.Generator) -> str:
     return scene.objects[int(rng.integers(len(scene.objects)))].cls
 
 
-def _partial(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _partial(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     cls = _one_class(scene, rng)
     template = _PARTIAL[int(rng.integers(len(_PARTIAL)))]
     return _case(rng, template.format(c=cls, a=article(cls))), "en"
@@ -253,9 +262,9 @@ _SEO = [
 ]
 
 
-def _seo(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _seo(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
-    colour = obj.colour if rng.random() < 0.5 else _other(rng, tuple(COLOURS), obj.colour)
+    colour = obj.colour if rng.random() < 0.5 else _other(rng, colours, obj.colour)
     template = _SEO[int(rng.integers(len(_SEO)))]
     text = template.format(
         c=colour, C=colour.capitalize(), k=obj.cls, K=obj.cls.capitalize(), y=int(rng.integers(2009, 2024)),
@@ -264,7 +273,7 @@ def _seo(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return text, "en"
 
 
-def _filename(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _filename(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     n = int(rng.integers(0, 100000))
     forms = [
         f"IMG_{n % 10000:04d}.JPG",
@@ -281,20 +290,20 @@ def _filename(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return forms[int(rng.integers(len(forms)))], "und"
 
 
-def _empty(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _empty(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     return "", "und"
 
 
 _ONE_WORD = ["image", "photo", "picture", "untitled", "logo", "banner", "thumbnail", "img", "default", "icon", "placeholder"]
 
 
-def _one_word(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _one_word(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     if rng.random() < 0.3:
         return _case(rng, _one_class(scene, rng)), "en"
     return _ONE_WORD[int(rng.integers(len(_ONE_WORD)))], "en"
 
 
-def _clean(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _clean(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     return clean_captions(scene, rng, num=1)[0], "en"
 
 
@@ -373,7 +382,7 @@ def _foreign_np(lang: str, cls: str, colour: str) -> str:
     return f"{det} {noun} {adj}"
 
 
-def _non_english(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def _non_english(scene: Scene, rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     lang = LANGUAGES[int(rng.integers(len(LANGUAGES)))]
     objs = [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))]
     a = _foreign_np(lang, objs[0].cls, objs[0].colour)

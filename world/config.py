@@ -63,6 +63,13 @@ class WorldConfig:
     seg_labels: Literal["shape", "colour"] = arg(
         "shape", help="what the seg set's class maps label an object's pixels with: its shape (ADE20k-style object "
                       "classes) or its colour (a target the captions name for every object)")
+    colours: str | None = arg(
+        None, help="the colours objects take, comma-separated (default all 11: red,orange,yellow,green,blue,purple,"
+                   "pink,brown,black,white,grey); fewer leave the shapes more of what tells descriptions apart",
+        metavar="LIST")
+    backgrounds: str | None = arg(
+        None, help="the backgrounds scenes stand on, comma-separated (default all 7: sky,grass,sand,wood,brick,studio,"
+                   "night)", metavar="LIST")
     det_samples: int = arg(0, help="scenes of the detection set W/eval/det (COCO layout: boxes, RLE masks, categories; "
                            "its own seed stream, so every other file stays the same); 0 = none")
     base_url: str = arg(DEFAULT_BASE_URL, help="URL prefix written into pool.parquet; qcap serve listens on its port")
@@ -123,6 +130,13 @@ class WorldConfig:
         from world.alttext import parse_text_mix, text_rates
 
         text_rates(self.noise, parse_text_mix(self.text_mix))  # raises ValueError naming text_mix
+        self.palette()  # raises ValueError naming the unknown colour or background
+
+    def palette(self):
+        """The :class:`world.scenes.Palette` of ``--colours``/``--backgrounds``."""
+        from world.scenes import Palette
+
+        return Palette.parse(self.colours, self.backgrounds)
 
     def fault_rates(self) -> dict[str, float]:
         return {name: float(getattr(self, f"rate_{name}")) for name in FAULTS}
@@ -131,9 +145,10 @@ class WorldConfig:
         """Every field that changes the output (declared on the fields: not workers, ray_address,
         preview, overwrite or out).
 
-        ``det_samples`` and ``seg_labels`` appear only when not their defaults: a world without a
-        detection set and with shape labels records exactly what it recorded before the options
-        existed (world.json stays byte-identical)."""
+        ``det_samples``, ``seg_labels``, ``colours`` and ``backgrounds`` appear only when not their
+        defaults: a world without a detection set, with shape labels and every colour and background
+        records exactly what it recorded before the options existed (world.json stays
+        byte-identical). A palette is recorded canonically (the names in the generator's order)."""
         from base.config import output_settings
 
         data = output_settings(self)
@@ -141,6 +156,10 @@ class WorldConfig:
             data.pop("det_samples")
         if data["seg_labels"] == "shape":
             data.pop("seg_labels")
+        spec = self.palette().spec()
+        data.pop("colours"), data.pop("backgrounds")
+        if spec is not None:
+            data["colours"], data["backgrounds"] = ",".join(spec["colours"]), ",".join(spec["backgrounds"])
         return data
 
 

@@ -167,6 +167,7 @@ def measure(world: Path, *, samples: int = 256, seed: int = 0, progress: bool = 
         raise UsageError(f"{info_path}: missing; make a world first with `qcap world --out {world}`")
     info = json.loads(info_path.read_text())
     cfg = from_dict(WorldConfig, {**info["config"], "out": str(world)})
+    palette = cfg.palette()
     train, val = _depth_items(world, "training"), _depth_items(world, "validation")
     if not train or not val:
         raise UsageError(f"{world}/eval/depth: needs depth PNGs in depth/training and depth/validation "
@@ -193,7 +194,7 @@ def measure(world: Path, *, samples: int = 256, seed: int = 0, progress: bool = 
     kept_min = samples
     for index, _, png in tqdm(val, desc="depth floor", unit="image", disable=not progress):
         target = _read_png_m(png)
-        scene = _square_scene(cfg.seed, "eval-depth", index, cfg.eval_image_size)
+        scene = _square_scene(cfg.seed, "eval-depth", index, cfg.eval_image_size, palette=palette)
         rendered = render(scene, with_maps=True, with_instances=True)
         if not np.array_equal(depth_png_array(rendered).astype(np.float64) * 0.001, target):
             raise UsageError(f"{png}: the world's generator does not redraw this depth map (a world from another "

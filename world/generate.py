@@ -390,6 +390,7 @@ class PoolMaker:
         self.out = out
         self.planner = Planner(cfg)
         self.base_url = cfg.base_url.rstrip("/")
+        self.palette = cfg.palette()
 
     def scene_of(self, i: int, plan: Plan | None = None) -> tuple[Scene, Plan]:
         """Sample i's scene as drawn at its own size (a duplicate: its original's)."""
@@ -398,7 +399,7 @@ class PoolMaker:
             scene, _ = self.scene_of(plan.original)
             return scene, plan
         rng = sample_rng(self.cfg.seed, "pool", i, STREAM_SCENE)
-        scene = sample_scene(rng, plan.width, plan.height)
+        scene = sample_scene(rng, plan.width, plan.height, palette=self.palette)
         scene.quality, scene.fmt = plan.quality, plan.fmt
         return scene, plan
 
@@ -447,7 +448,7 @@ class PoolMaker:
             k = int(text_rng.integers(self.cfg.num_samples - 1)) if self.cfg.num_samples > 1 else 0
             k = k + 1 if k >= i and self.cfg.num_samples > 1 else k
             other, _ = self.scene_of(k)
-        text, lang = alt_text(plan.text_kind, scene, text_rng, other)
+        text, lang = alt_text(plan.text_kind, scene, text_rng, other, colours=self.palette.colours)
 
         fault = plan.fault
         ext = "png" if fault == "bomb" else fmt
@@ -498,6 +499,7 @@ def _square_scene(seed: int, split: str, index: int, size: int, **kwargs) -> Sce
 def make_clean_chunk(cfg: WorldConfig, out: Path, chunk: int) -> None:
     start = chunk * cfg.chunk_size
     stop = min(cfg.clean_samples, start + cfg.chunk_size)
+    palette = cfg.palette()
     rows = []
     with ShardWriter(out / "clean", chunk) as writer:
         for i in range(start, stop):
@@ -505,7 +507,7 @@ def make_clean_chunk(cfg: WorldConfig, out: Path, chunk: int) -> None:
             ratio = (1.0, 4 / 3, 3 / 4, 3 / 2)[int(rng.integers(4))]
             long_side = cfg.clean_image_size
             w, h = (long_side, round(long_side / ratio)) if ratio >= 1 else (round(long_side * ratio), long_side)
-            scene = sample_scene(sample_rng(cfg.seed, "clean", i, STREAM_SCENE), w, h)
+            scene = sample_scene(sample_rng(cfg.seed, "clean", i, STREAM_SCENE), w, h, palette=palette)
             captions = clean_captions(scene, sample_rng(cfg.seed, "clean", i, STREAM_TEXT), cfg.clean_captions)
             uid = sample_uid(cfg.seed, "clean", i)
             data = encode(render(scene).image, "jpg", 90)
@@ -545,6 +547,7 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
     stop = min(cfg.eval_samples, start + cfg.chunk_size)
     split = f"eval-{task}"
     size = cfg.eval_image_size
+    palette = cfg.palette()
     rows = []
     # the retrieval task writes shards (closed whole, or aborted on an error); the others write files
     shard = ShardWriter(out / "eval" / "retrieval", chunk) if task == "retrieval" else contextlib.nullcontext()
@@ -554,9 +557,9 @@ def make_eval_chunk(cfg: WorldConfig, out: Path, task: str, chunk: int) -> None:
             val = _eval_split(cfg, i)
             if task == "cls":
                 cls = CLASSES[i % len(CLASSES)]
-                scene = _square_scene(cfg.seed, split, i, size, num_objects=1, classes=(cls,))
+                scene = _square_scene(cfg.seed, split, i, size, num_objects=1, classes=(cls,), palette=palette)
             else:
-                scene = _square_scene(cfg.seed, split, i, size)
+                scene = _square_scene(cfg.seed, split, i, size, palette=palette)
             colour_labels = task == "seg" and cfg.seg_labels == "colour"
             rendered = render(scene, with_maps=task in ("seg", "depth"), with_instances=colour_labels)
             jpeg = encode(rendered.image, "jpg", 95)
@@ -648,11 +651,12 @@ def make_det_chunk(cfg: WorldConfig, out: Path, chunk: int) -> None:
     stop = min(cfg.det_samples, start + cfg.chunk_size)
     split = "eval-det"
     size = cfg.eval_image_size
+    palette = cfg.palette()
     rows, images, annotations = [], {"train": [], "val": []}, {"train": [], "val": []}
     for i in range(start, stop):
         uid = sample_uid(cfg.seed, split, i)
         sub = "val" if _det_split(cfg, i) else "train"
-        scene = _square_scene(cfg.seed, split, i, size)
+        scene = _square_scene(cfg.seed, split, i, size, palette=palette)
         rendered = render(scene, with_instances=True)
         jpeg = encode(rendered.image, "jpg", 95)
         name = f"det_{i:06d}.jpg"

@@ -61,6 +61,55 @@ BACKGROUND_MEAN: dict[str, tuple[int, int, int]] = {
     "sky": (120, 170, 235), "grass": (70, 140, 55), "sand": (215, 195, 150), "wood": (150, 105, 65),
     "brick": (160, 75, 55), "studio": (215, 215, 215), "night": (20, 25, 50),
 }
+
+
+@dataclass(frozen=True)
+class Palette:
+    """The colours and backgrounds a world's scenes draw from (``qcap world --colours/--backgrounds``).
+
+    The default is every one of :data:`COLOURS` and :data:`BACKGROUNDS`, drawn exactly as before the
+    palette existed. A smaller palette leaves fewer things that tell one description from another, so
+    what is left (the shapes, their counts, sizes and positions) carries more of a caption.
+    """
+
+    colours: tuple[str, ...] = tuple(COLOURS)
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+
+    @classmethod
+    def parse(cls, colours: str | None, backgrounds: str | None) -> Palette:
+        """A palette from comma-separated names (None: all); ValueError names what is wrong."""
+        chosen_c = _names(colours, tuple(COLOURS), "colour")
+        chosen_b = _names(backgrounds, BACKGROUNDS, "background")
+        if len(chosen_c) < 2:
+            raise ValueError("--colours needs at least two colours (a wrong attribute names another one)")
+        for bg in chosen_b:
+            if not any(_colour_ok(c, bg) for c in chosen_c):
+                raise ValueError(f"no colour of --colours {','.join(chosen_c)} stands out on the {bg} background; "
+                                 f"add one, e.g. {', '.join(c for c in COLOURS if _colour_ok(c, bg))[:60]}")
+        return cls(colours=chosen_c, backgrounds=chosen_b)
+
+    def spec(self) -> dict[str, list[str]] | None:
+        """What world.json records: None for the default palette."""
+        if self == Palette():
+            return None
+        return {"colours": list(self.colours), "backgrounds": list(self.backgrounds)}
+
+
+_DEFAULT_PALETTE = Palette()
+
+
+def _names(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if text is None or not text.strip():
+        return known
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a {what} is named twice in {text!r}")
+    return tuple(n for n in known if n in names)  # the canonical order: the same palette draws the same scenes
+
+
 # The 3×3 grid cells; an object's position is the cell holding its centre.
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
@@ -244,17 +293,21 @@ def sample_scene(
     classes: tuple[str, ...] | None = None,
     background: str | None = None,
     max_tries: int = 20,
+    palette: Palette | None = None,
 ) -> Scene:
     """Draw a scene for an image of ``width`` × ``height`` pixels.
 
     ``num_objects`` and ``classes`` pin the count or the classes (the classification set uses
     one object of a given class). A draw in which some object ends up less than
     :data:`MIN_VISIBLE` visible is re-drawn; after ``max_tries`` the least-occluded draw is kept.
+    ``palette`` limits the colours and backgrounds drawn (default: all of them).
     """
+    palette = palette or _DEFAULT_PALETTE
     best: Scene | None = None
     best_vis = -1.0
     for _ in range(max_tries):
-        scene = _draw_scene(rng, width, height, num_objects=num_objects, classes=classes, background=background)
+        scene = _draw_scene(rng, width, height, num_objects=num_objects, classes=classes, background=background,
+                            palette=palette)
         min_vis = min(o.visible_fraction for o in scene.objects)
         if min_vis >= MIN_VISIBLE:
             return scene
@@ -264,8 +317,8 @@ def sample_scene(
     return best
 
 
-def _draw_scene(rng, width, height, *, num_objects, classes, background) -> Scene:
-    bg = background or _pick(rng, BACKGROUNDS)
+def _draw_scene(rng, width, height, *, num_objects, classes, background, palette: Palette) -> Scene:
+    bg = background or _pick(rng, palette.backgrounds)
     n = num_objects or 1 + int(rng.choice(4, p=NUM_OBJECTS_PROBS))
     groups = _group_sizes(rng, n) if classes is None else [1] * n
     cells = list(rng.permutation(9))
@@ -279,9 +332,13 @@ def _draw_scene(rng, width, height, *, num_objects, classes, background) -> Scen
             # mostly distinct classes; sometimes a second group of a class in another colour
             while any(c == cls for c, _ in used) and rng.random() < 0.85:
                 cls = _pick(rng, CLASSES)
-        colour = _pick(rng, tuple(COLOURS))
+        if not any(_colour_ok(c, bg) and (cls, c) not in used for c in palette.colours):
+            # a small palette can run out of colours for a repeated class: take a class still free
+            # (never reached with the default palette, so its scenes are drawn as before)
+            cls = _pick(rng, tuple(c for c in CLASSES if all((c, k) not in used for k in palette.colours)))
+        colour = _pick(rng, palette.colours)
         while not _colour_ok(colour, bg) or (cls, colour) in used:
-            colour = _pick(rng, tuple(COLOURS))
+            colour = _pick(rng, palette.colours)
         used.add((cls, colour))
         size = _pick(rng, SIZES) if classes is None else _pick(rng, ("medium", "large"))
         texture = _pick(rng, TEXTURES, TEXTURE_PROBS)
