@@ -41,7 +41,8 @@ The order of the argument, which the report keeps:
    random init); CLIP on DR vs MAE on both tasks;
 5. attention distance (§3.4): :mod:`finetune.attention_test`'s paired test over seeds.
 
-Verdicts use ``demo.report``'s rule (a difference counts beyond 2 SE over seeds). Seeds
+Verdicts use ``demo.report``'s rule (a difference counts beyond 2 SE over seeds; paired by seed
+when both rows ran the same seeds, as every row of the graph does). Seeds
 used to tune the miniature (``--dev-seeds``) are left out of the verdicts; with one seed the
 report lists the verdicts one seed cannot give.
 """
@@ -315,7 +316,8 @@ def describe(c: dict[str, Any], labels: dict[str, str]) -> str:
     a, b = labels.get(c["a"], c["a"]), labels.get(c["b"], c["b"])
     if c["better"] is None:
         return f"{a} vs {b}: not measured"
-    spread = "no seed spread (one seed)" if c["spread"] is None else f"2 SE = {c['spread']:.4f} (n={c['n']})"
+    spread = ("no seed spread (one seed)" if c["spread"] is None
+              else f"2 SE = {c['spread']:.4f} ({'paired by seed, ' if c.get('paired') else ''}n={c['n']})")
     inside = "" if c["spread"] is None else (" — inside the noise" if abs(c["better"]) <= c["spread"] else " — beyond the noise")
     direction = f"better by {c['better']:.4f}" if c["better"] >= 0 else f"worse by {-c['better']:.4f}"
     return f"{a} {c['a_mean']:.4f} vs {b} {c['b_mean']:.4f}: {a} {direction}; {spread}{inside}"
@@ -362,7 +364,9 @@ def render(payload: dict[str, Any], table: dict[str, dict[str, Cell]], rows: Seq
     lines = ["# qcap science: can the miniature show the caption-quality effect?", "",
              f"Generated {payload['generated']} from `{payload['demo']}`. Verdict seeds: {', '.join(map(str, seeds))}"
              + (f"; development (tuning) seeds left out: {', '.join(map(str, payload['dev_seeds']))}" if payload["dev_seeds"] else "")
-             + ". Cells: mean ± sample sd over the verdict seeds; a difference counts beyond 2 standard errors.", "",
+             + ". Cells: mean ± sample sd over the verdict seeds; a difference counts beyond 2 standard errors of the mean"
+             " per-seed difference (rows that ran the same seeds are paired by seed: seed s shares its pretraining and"
+             " finetune seeds), else of the difference of the means.", "",
              markdown_table(["backbone"] + [c.title for c in columns],
                             [[r.label] + [fmt_cell(table[r.key][c.key], 4) for c in columns] for r in shown]), ""]
     if payload["one_seed_cannot_give"]:

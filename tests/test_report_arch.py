@@ -40,7 +40,8 @@ def add_mci(demo: Path, seeds=(0, 1, 2), det: dict[str, float] | None = None) ->
 
 
 def spread(a: list[float], b: list[float]) -> float:
-    return 2 * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    """2 SE of the mean per-seed difference (both rows ran seeds 0, 1, 2: the comparison is paired)."""
+    return 2 * statistics.stdev([x - y for x, y in zip(a, b, strict=True)]) / math.sqrt(len(a))
 
 
 def test_report_shows_the_mci_rows_and_compares_the_towers_on_the_same_rungs(tmp_path):
@@ -124,10 +125,12 @@ def test_science_report_compares_vit_and_mci_per_task_det_included(tmp_path):
     assert arch[("main", "miou")]["comparison"]["better"] == pytest_approx(0.05)
     assert arch[("mci", "miou")]["dr_beats_real"] == "no: inside the noise"
     assert arch[("mci", "rmse")]["dr_beats_real"] == "yes, beyond 2 SE"
-    # det: MCi DR 0.095 + 0.01 s vs real 0.09 + 0.01 s (same per-seed offsets, sd 0.01): inside the noise
+    # det: MCi DR 0.095 + 0.01 s vs real 0.09 + 0.01 s: each row's sd is 0.01, twice the difference, but the offset
+    # is the seed's, shared by both rows, and the paired comparison takes it out: beyond the noise
     box = arch[("mci", "box_ap")]
     assert box["cells"]["dr"]["values"] == pytest_approx([0.095, 0.105, 0.115])
-    assert box["comparison"]["better"] == pytest_approx(0.005) and box["dr_beats_real"] == "no: inside the noise"
+    assert box["comparison"]["better"] == pytest_approx(0.005) and box["comparison"]["paired"] is True
+    assert abs(box["comparison"]["spread"]) < 1e-9 and box["dr_beats_real"] == "yes, beyond 2 SE"
     assert box["cells"]["dr"]["sources"][1] == {"file": "finetune/mci-dr-100-s1/det/metrics.json", "key": "metrics.bbox_AP",
                                                 "value": box["cells"]["dr"]["values"][1], "seed": 1}
     assert arch[("main", "box_ap")]["dr_beats_real"] == "yes, beyond 2 SE"  # 0.12 vs 0.10, jitter 0.004
@@ -172,3 +175,34 @@ def test_a_cnn_ladder_with_the_vit_beside_it_checks_mae_against_the_same_vit(tmp
     section = text.split("## 6. Backbone architecture: the ladder's tower against the others", 1)[1].split("\n## ", 1)[0]
     assert "| ladder tower (qcap-tiny-resnet10t) | segmentation (mIoU) |" in section
     assert "| ViT (qcap-tiny-clip) | depth (RMSE) |" in section
+
+
+def test_rows_that_ran_the_same_seeds_are_compared_paired_by_seed():
+    from demo.report import Cell, compare
+
+    def cell(values, seeds=(0, 1, 2)):
+        return Cell(values=list(values), sources=[{"file": f"f{s}", "key": "k", "value": v, "seed": s}
+                                                  for s, v in zip(seeds, values, strict=True)])
+
+    # a seed that is good for every row (finetune seed 1 here): unpaired, DR's +0.02 is inside the rows' spread;
+    # paired, every seed has DR ahead by 0.015-0.025, beyond 2 SE of the mean per-seed difference
+    dr, real = [0.18, 0.23, 0.20], [0.16, 0.21, 0.185]
+    table = {"dr-100": {"miou": cell(dr)}, "datacomp-100": {"miou": cell(real)}}
+    c = compare(table, "miou", "dr-100", "datacomp-100")
+    diffs = [a - b for a, b in zip(dr, real, strict=True)]
+    assert c.paired and c.n == 3 and c.better == pytest_approx(statistics.mean(diffs))
+    assert c.spread == pytest_approx(2 * statistics.stdev(diffs) / math.sqrt(3)) and c.better > c.spread
+    unpaired = 2 * math.sqrt(statistics.variance(dr) / 3 + statistics.variance(real) / 3)
+    assert c.better < unpaired  # what the unpaired test would have said: inside the noise
+    # lower is better on RMSE: the sign follows the column, the spread does not
+    table = {"dr-100": {"rmse": cell([0.60, 0.55, 0.58])}, "datacomp-100": {"rmse": cell([0.62, 0.58, 0.59])}}
+    c = compare(table, "rmse", "dr-100", "datacomp-100")
+    assert c.paired and c.better == pytest_approx(0.02)
+    # seeds that differ (a run missing): no pairs, the unpaired standard error
+    table = {"dr-100": {"miou": cell(dr)}, "datacomp-100": {"miou": cell(real[:2], seeds=(0, 2))}}
+    c = compare(table, "miou", "dr-100", "datacomp-100")
+    assert not c.paired and c.spread == pytest_approx(
+        2 * math.sqrt(statistics.variance(dr) / 3 + statistics.variance(real[:2]) / 2))
+    # one seed: no spread at all
+    table = {"dr-100": {"miou": cell([0.2], seeds=(0,))}, "datacomp-100": {"miou": cell([0.1], seeds=(0,))}}
+    assert compare(table, "miou", "dr-100", "datacomp-100").spread is None
