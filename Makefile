@@ -89,6 +89,8 @@ CLEAN_BASE ?= 1000
 POOL_SAMPLES := $(call scaled,$(POOL_BASE),300)
 CLEAN_SAMPLES := $(call scaled,$(CLEAN_BASE),128)
 EVAL_SAMPLES := $(call scaled,400,64)
+# more qcap world flags, e.g. the palette: WORLD_ARGS="--colours red,yellow,blue --backgrounds grass,studio"
+WORLD_ARGS ?=
 CAPTIONER_SAMPLES := $(call scaled,4800,256)
 # the ladder's CLIPs: their image tower (CLIP_MODEL) and samples seen at SCALE=1 (CLIP_BASE); make science sets both
 CLIP_MODEL ?= qcap-tiny-clip
@@ -179,7 +181,8 @@ demo: setup ## the caption-quality ablation on the embedded pool -> runs/demo/re
 # 1. the world: a DataComp-style pool served over loopback, a clean-caption split, eval sets
 $(W)/world.json: | $(STAMP)
 	@$(TIMED) world $(QCAP) world --out $(W) --num-samples $(POOL_SAMPLES) --clean-samples $(CLEAN_SAMPLES) \
-	  --eval-samples $(EVAL_SAMPLES) --base-url http://127.0.0.1:$(PORT) $(if $(filter det,$(FT_TASKS)),--det-samples $(EVAL_SAMPLES))
+	  --eval-samples $(EVAL_SAMPLES) --base-url http://127.0.0.1:$(PORT) $(if $(filter det,$(FT_TASKS)),--det-samples $(EVAL_SAMPLES)) \
+	  $(WORLD_ARGS)
 
 # 2. download it with img2dataset on Ray (the server runs only while the download does), basic filter
 $(RAW)/manifest.json: $(W)/world.json
@@ -233,10 +236,12 @@ $(DR_DEMO)/summary.json: $(SYN)/summary.json
 $(LADDER_SUMMARIES) &: $(DR_DEMO)/summary.json
 	@$(TIMED) subsets $(MAKE) --no-print-directory subsets DR=$(DR_DEMO) LADDER=$(LADDER_DEMO) FRACTIONS="$(LADDER_FRACTIONS)" SEED=0
 
-# 6b. (SCIENCE=1) positive controls: the same images with the true descriptions, or with their shapes only; the
-# clean split's captions
+# 6b. (SCIENCE=1) positive controls: the same images with true captions (ORACLE_CAPTIONS per image: 1 = the one true
+# description; 5 = the perfect captioner in DataCompDR's format), or with their shapes only; the clean split's captions
+ORACLE_CAPTIONS ?= 5
 $(LADDER_DEMO)/oracle-%/summary.json: $(LADDER_DEMO)/datacomp-%/summary.json
-	@$(TIMED) control-rung $(QCAP) control-rung --kind oracle --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
+	@$(TIMED) control-rung $(QCAP) control-rung --kind oracle --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D) \
+	  --num-captions $(ORACLE_CAPTIONS)
 $(LADDER_DEMO)/shapes-%/summary.json: $(LADDER_DEMO)/datacomp-%/summary.json
 	@$(TIMED) control-rung $(QCAP) control-rung --kind shapes --shards $(LADDER_DEMO)/datacomp-$* --world $(W) --out $(@D)
 $(LADDER_DEMO)/clean-100/summary.json: $(LADDER_DEMO)/datacomp-100/summary.json
@@ -354,6 +359,9 @@ layout: ## print every file of the demo's graph that the reports read (vars: DEM
 # samples seen, with the ViT, MAE and the attention test beside it at SCI_VIT_BASE; seg finetunes 800 steps, depth
 # 200; SCI_MCI=1, SCI_DRR=1, SCI_DET=1 add the MCi tower, the reinforced rungs, detection. SCI_SCALE=0.05
 # SCI_SEEDS=2 is the smallest graph (the slow test runs it). FT_EXTRA: extra flags for every finetune.
+# SCI_WORLD_ARGS: the world's palette, 3 colours and 2 backgrounds (with all 11 colours and 7 backgrounds no caption
+# that describes a whole scene teaches the CNN the shapes at this compute; with these, 5 human-style captions per image
+# do); the oracle rung writes 5 true captions per image (ORACLE_CAPTIONS).
 SCI ?= runs/science
 SCI_SCALE ?= 1
 SCI_SEEDS ?= 3
@@ -371,12 +379,13 @@ SCI_DET ?= 0
 SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
 SCI_CAPTIONER_VOCAB ?= $(CAPTIONER_VOCAB)
+SCI_WORLD_ARGS ?= --colours red,yellow,blue --backgrounds grass,studio
 .PHONY: science
-science: setup ## positive controls, MAE, attention test, DR verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_MODEL SCI_CLIP_BASE SCI_VIT_BASE SCI_POOL_BASE SCI_CLEAN_BASE SCI_SEG_BASE SCI_DEPTH_BASE SCI_MCI SCI_DRR SCI_DET SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB JOBS PORT)
+science: setup ## positive controls, MAE, attention test, DR verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_MODEL SCI_CLIP_BASE SCI_VIT_BASE SCI_POOL_BASE SCI_CLEAN_BASE SCI_SEG_BASE SCI_DEPTH_BASE SCI_MCI SCI_DRR SCI_DET SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB SCI_WORLD_ARGS JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
 	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
 	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) CLIP_MODEL=$(SCI_MODEL) CLIP_BASE=$(SCI_CLIP_BASE) VIT_BASE=$(SCI_VIT_BASE) \
 	  POOL_BASE=$(SCI_POOL_BASE) CLEAN_BASE=$(SCI_CLEAN_BASE) SEG_BASE=$(SCI_SEG_BASE) DEPTH_BASE=$(SCI_DEPTH_BASE) \
-	  MCI=$(SCI_MCI) DRR=$(SCI_DRR) DET=$(SCI_DET) \
+	  MCI=$(SCI_MCI) DRR=$(SCI_DRR) DET=$(SCI_DET) WORLD_ARGS="$(SCI_WORLD_ARGS)" \
 	  $(SCI)/science.md
 	@echo "science: $(SCI)/science.md (every number's source in $(SCI)/science.json; the demo's report beside it)"

@@ -50,9 +50,50 @@ def test_oracle_rung_has_the_true_descriptions_of_the_same_images(world, tmp_pat
         assert s.image == source[s.uid].image
         assert s.syn_text is None and "captions" not in s.meta and s.meta["caption_source"] == "oracle"
     assert read_sizes(tmp_path / "oracle-100") == {"00003.tar": 12}
+    # one caption per image records the identity it recorded before --num-captions existed
+    assert set(json.loads((tmp_path / "oracle-100" / "config.json").read_text())["identity"]) == {"kind", "shards", "world"}
     # a re-run resumes (nothing to write); other settings are refused
     again = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "oracle-100"))
     assert again["resumed_shards"] == 1 and again["num_written"] == 12
+
+
+def test_oracle_rung_with_five_true_captions_per_image(world, tmp_path):
+    from world.oracle import load_truth, score_caption
+
+    rung = _rung(world, tmp_path / "datacomp-100", 12)
+    truth = load_truth(world)
+    out = tmp_path / "oracle5-100"
+    summary = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=out, num_captions=5))
+    assert summary["reconciled"] and summary["num_written"] == 12
+    samples = list(iter_samples([str(out / "00003.tar")]))
+    assert [s.uid for s in samples] == [s.uid for s in iter_samples([str(rung / "00003.tar")])]
+    styles = set()
+    for s in samples:
+        captions = s.meta["captions"]
+        assert len(captions) == 5 == len(set(captions)) and s.text == captions[0]
+        assert s.syn_text is None and s.meta["caption_source"] == "oracle"
+        for caption in captions:  # every one true: no wrong fact, no object that is not there
+            scored = score_caption(truth[s.uid], caption)
+            assert scored["fact_precision"] == 1.0 and scored["num_hallucinated"] == 0, (caption, scored)
+            assert scored["object_recall"] == 1.0  # every annotator style names every group
+        styles.add(len({len(c.split()) for c in captions}) > 1)  # of varying detail
+    assert styles == {True}
+    # the captions are a function of the uid: a rebuild writes the same bytes
+    again = build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "again",
+                                       num_captions=5))
+    assert again["num_written"] == 12
+    assert (tmp_path / "again" / "00003.tar").read_bytes() == (out / "00003.tar").read_bytes()
+    # another caption count is another rung: refused in the same folder
+    from base.cli import UsageError
+
+    with pytest.raises(UsageError):
+        build_oracle(ControlConfig(kind="oracle", world=world, shards=str(rung), out=out, num_captions=3))
+    one = json.loads((tmp_path / "again" / "config.json").read_text())["identity"]
+    assert one["num_captions"] == 5
+    with pytest.raises(ValueError, match="num_captions"):
+        ControlConfig(kind="shapes", world=world, shards=str(rung), out=tmp_path / "x", num_captions=5)
+    with pytest.raises(ValueError, match="num_captions"):
+        ControlConfig(kind="oracle", world=world, shards=str(rung), out=tmp_path / "x", num_captions=0)
 
 
 def test_shapes_rung_names_only_each_images_shapes_and_counts(world, tmp_path, capsys):

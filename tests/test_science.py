@@ -126,7 +126,8 @@ def test_science_graph_trains_a_cnn_ladder_with_controls_and_the_vit_mae_and_att
         # attention distance reads the ViT pair (the CNN has no attention heads)
         [attention] = _commands(sci, f"--out {s}/attention/s{seed}")
         assert f"--checkpoint {s}/clip/vit-dr-100-s{seed} " in attention and f"--compare {s}/clip/vit-datacomp-100-s{seed} " in attention
-    assert sci.count("control-rung --kind oracle") == 1 and f"--kind oracle --shards {s}/dr-ladder/datacomp-100 " in sci
+    [oracle] = _commands(sci, "control-rung --kind oracle")
+    assert f"--kind oracle --shards {s}/dr-ladder/datacomp-100 " in oracle and "--num-captions 5" in oracle
     assert sci.count("control-rung --kind shapes") == 1 and f"--kind shapes --shards {s}/dr-ladder/datacomp-100 " in sci
     assert "control-rung --kind clean --like" in sci
     assert sci.count("qcap mae --data") == 2 and sci.count("attention-distance") == 3  # s0, s1 and the demo's
@@ -137,6 +138,7 @@ def test_science_graph_trains_a_cnn_ladder_with_controls_and_the_vit_mae_and_att
     assert sci.count(f"qcap depth-floor --world {s}/world --out {s}/depth-floor") == 1
     [world] = _commands(sci, " world --out ")
     assert "--num-samples 600 --clean-samples 200 " in world  # SCI_POOL_BASE 12,000, SCI_CLEAN_BASE 4,000 x 0.05
+    assert world.rstrip().endswith("--colours red,yellow,blue --backgrounds grass,studio")  # SCI_WORLD_ARGS
 
 
 def test_science_opt_ins_add_the_mci_tower_the_reinforced_rungs_and_detection(tmp_path):
@@ -181,6 +183,8 @@ def test_science_with_the_vit_ladder_needs_no_vit_beside_it_and_the_demo_stays_a
     demo = _dry_run("demo", f"DEMO={tmp_path}/d")
     assert "control-rung" not in demo and "qcap mae" not in demo and "science-report" not in demo
     assert "depth-floor" not in demo
+    [world] = _commands(demo, " world --out ")
+    assert "--colours" not in world and "--backgrounds" not in world  # the demo's world keeps every colour
     assert "finetune det" not in demo and "--det-samples" not in demo
     assert demo.count("qcap finetune ") == 2 * 6  # random + 4 rungs + drr-100, seg and depth, one seed
     assert demo.count(" --steps 50 ") == 2 * 6  # FT_BASE: every task

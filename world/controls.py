@@ -14,6 +14,11 @@ samples seen):
   ladder), each captioned by the world's **true description** (``truth.parquet``): the perfect
   captioner. If this rung does not beat the real-caption rung of the same images on the dense
   tasks, the world (at this scale) cannot show a caption-quality effect at all.
+  With ``--num-captions N`` (N > 1) each image gets N distinct true captions of varying detail
+  instead, written from its truth by the clean split's annotator styles (``meta["captions"]``,
+  one drawn per sample by ``--caption-source real``): the perfect captioner in DataCompDR's
+  format (5 per image). On a small palette a CLIP learns the shapes from these and not from the one
+  long description (README, calibration log).
 - ``clean`` — the world's clean split (human-quality captions, several per image in
   ``meta["captions"]``; other images than the pool's), as many images as ``--like`` holds,
   picked by ``qcap subset``'s seeded rank so the choice is reproducible. Trained with
@@ -68,9 +73,17 @@ class ControlConfig:
     num_samples: int | None = arg(None, help="clean: number of samples instead of --like")
     seed: int = arg(0, help="clean: the rank seed that picks the clean images (qcap subset's rule)")
     allow_fewer: bool = arg(False, help="clean: take the whole clean split when it holds fewer samples than asked")
+    num_captions: int = arg(
+        1, help="oracle: true captions per image. 1: the true description, as the text. N > 1: N distinct true "
+                "captions of varying detail (the clean split's annotator styles) in meta['captions'], one drawn per "
+                "sample by --caption-source real: the perfect captioner writing DataCompDR's 5 per image")
     overwrite: bool = arg(False, shapes_output=False, help="replace an output folder made with other settings")
 
     def __post_init__(self) -> None:
+        if self.num_captions < 1:
+            raise ValueError(f"num_captions: must be >= 1, got {self.num_captions}")
+        if self.num_captions > 1 and self.kind != "oracle":
+            raise ValueError(f"num_captions: only --kind oracle writes several captions per image (got --kind {self.kind})")
         if self.kind in ("oracle", "shapes"):
             if not self.shards:
                 raise ValueError(f"shards: --kind {self.kind} needs --shards (the rung whose images it re-captions)")
@@ -150,6 +163,24 @@ def true_descriptions(world: Path) -> dict[str, str]:
     return dict(zip(table.column("uid").to_pylist(), table.column("description").to_pylist(), strict=True))
 
 
+def true_captions(world: Path, num: int) -> dict[str, list[str]]:
+    """uid → ``num`` distinct true captions of varying detail, written from the uid's truth row by the
+    clean split's annotator styles (:func:`world.describe.clean_captions`), seeded by the uid."""
+    import numpy as np
+
+    from world.describe import clean_captions
+    from world.oracle import load_truth
+    from world.scenes import Scene, SceneObject
+
+    out = {}
+    for uid, row in load_truth(world).items():
+        scene = Scene(width=0, height=0, background=row["background"],
+                      objects=[SceneObject(**o) for o in row["objects"]],
+                      relations=[(r["front"], r["back"]) for r in row["relations"]])
+        out[uid] = clean_captions(scene, np.random.default_rng(int(uid[:16], 16)), num)
+    return out
+
+
 def shape_captions(world: Path) -> dict[str, str]:
     """uid → a caption naming only the image's shapes and their counts (every split)."""
     from world.describe import shape_caption
@@ -172,10 +203,17 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
     tars, ids = list(by_id.values()), list(by_id)
     identity = {"kind": cfg.kind, "shards": [str(Path(t).resolve()) for t in tars],
                 "world": str(cfg.world.resolve())}
+    if cfg.num_captions > 1:  # a one-caption rung records what it recorded before the option existed
+        identity["num_captions"] = cfg.num_captions
     _claim(cfg, identity)
     make_folder(cfg.out)
     write_run_records(cfg.out, cfg, identity=identity)
-    truth = shape_captions(cfg.world) if cfg.kind == "shapes" else true_descriptions(cfg.world)
+    if cfg.kind == "shapes":
+        truth: dict[str, Any] = shape_captions(cfg.world)
+    elif cfg.num_captions > 1:
+        truth = true_captions(cfg.world, cfg.num_captions)
+    else:
+        truth = true_descriptions(cfg.world)
     resumed = 0
     for tar, shard_id in zip(tars, ids, strict=True):
         if is_complete(cfg.out, shard_id):
@@ -190,8 +228,11 @@ def build_oracle(cfg: ControlConfig) -> dict[str, Any]:
                     raise ShardError(f"{tar}: sample {sample.key} (uid {sample.uid}) is not in {cfg.world}/truth.parquet; "
                                      f"the {cfg.kind} rung needs the world these images came from (--world)")
                 strip_synthetic(sample)
-                sample.text = description
                 sample.meta = {k: v for k, v in sample.meta.items() if k not in ("captions", "caption")}
+                if isinstance(description, list):  # several true captions: the first is the text
+                    sample.text, sample.meta["captions"] = description[0], description
+                else:
+                    sample.text = description
                 sample.meta["caption_source"] = cfg.kind
                 writer.write(sample)
     sizes = finalize_folder(cfg.out)
