@@ -138,6 +138,7 @@ def test_science_graph_trains_a_cnn_ladder_with_controls_and_the_vit_mae_and_att
     assert sci.count(f"qcap depth-floor --world {s}/world --out {s}/depth-floor") == 1
     [world] = _commands(sci, " world --out ")
     assert "--num-samples 600 --clean-samples 200 " in world  # SCI_POOL_BASE 12,000, SCI_CLEAN_BASE 4,000 x 0.05
+    assert "--eval-samples 80 " in world  # SCI_EVAL_BASE 1,600 x 0.05
     assert world.rstrip().endswith("--colours red,yellow,blue --backgrounds grass,studio")  # SCI_WORLD_ARGS
 
 
