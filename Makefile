@@ -93,7 +93,9 @@ EVAL_BASE ?= 400
 EVAL_SAMPLES := $(call scaled,$(EVAL_BASE),64)
 # more qcap world flags, e.g. the palette: WORLD_ARGS="--colours red,yellow,blue --backgrounds grass,studio"
 WORLD_ARGS ?=
-CAPTIONER_SAMPLES := $(call scaled,4800,256)
+# the captioner's samples seen at SCALE=1 (make science: SCI_CAPTIONER_SAMPLES)
+CAPTIONER_BASE_SAMPLES ?= 4800
+CAPTIONER_SAMPLES := $(call scaled,$(CAPTIONER_BASE_SAMPLES),256)
 # the ladder's CLIPs: their image tower (CLIP_MODEL) and samples seen at SCALE=1 (CLIP_BASE); make science sets both
 CLIP_MODEL ?= qcap-tiny-clip
 CLIP_BASE ?= 9600
@@ -202,14 +204,18 @@ $(FILTERS)/basic.npy: $(RAW)/manifest.json
 # CAPTIONER_VOCAB=1 (the default): a BPE vocabulary fitted to the world's text (qcap fit-vocab; ~800 tokens instead
 # of CLIP's 49,408: a 5x cheaper captioner step, and what keeps the demo near 15 minutes on a CPU without bf16) --
 # the checkpoint carries its tokenizer, so the later stages need nothing else. CAPTIONER_VOCAB=0: CLIP's tokenizer
+# CAPTIONER_ARCH: the captioner's config: qcap-tiny-coca (a ViT tower, the demo's) or qcap-tiny-coca-resnet10t (a
+# resnet10t tower at 128 px, make science's: the ViT names the wrong shapes, README "make science")
 CAPTIONER_VOCAB ?= 1
+CAPTIONER_ARCH ?= qcap-tiny-coca
 VOCAB := $(DEMO)/vocab
-CAPTIONER_MODEL := $(if $(filter 1,$(CAPTIONER_VOCAB)),qcap-tiny-coca-world)
-$(VOCAB)/qcap-tiny-coca-world.json: $(W)/world.json
-	@$(TIMED) vocab $(QCAP) fit-vocab --world $(W) --out $(VOCAB)
-$(CAPTIONER)/eval.json: $(W)/world.json $(if $(CAPTIONER_MODEL),$(VOCAB)/qcap-tiny-coca-world.json)
-	@$(if $(CAPTIONER_MODEL),QCAP_MODEL_CONFIGS=$(VOCAB)/qcap-tiny-coca-world.json) $(TIMED) captioner $(QCAP) train \
-	  --preset tiny-coca $(if $(CAPTIONER_MODEL),--model $(CAPTIONER_MODEL)) --data $(W)/clean --out $(CAPTIONER) \
+CAPTIONER_MODEL := $(if $(filter 1,$(CAPTIONER_VOCAB)),$(CAPTIONER_ARCH)-world,$(CAPTIONER_ARCH))
+VOCAB_CONFIG := $(if $(filter 1,$(CAPTIONER_VOCAB)),$(VOCAB)/$(CAPTIONER_MODEL).json)
+$(VOCAB)/$(CAPTIONER_ARCH)-world.json: $(W)/world.json
+	@$(TIMED) vocab $(QCAP) fit-vocab --world $(W) --out $(VOCAB) --base $(CAPTIONER_ARCH)
+$(CAPTIONER)/eval.json: $(W)/world.json $(VOCAB_CONFIG)
+	@$(if $(VOCAB_CONFIG),QCAP_MODEL_CONFIGS=$(VOCAB_CONFIG)) $(TIMED) captioner $(QCAP) train \
+	  --preset tiny-coca --model $(CAPTIONER_MODEL) --data $(W)/clean --out $(CAPTIONER) \
 	  --samples-seen $(CAPTIONER_SAMPLES) --eval-data $(W)/eval --retrieval-data $(W)/eval/retrieval --resume
 
 # 4. CLIP-score and dedup filters on the basic survivors, their intersection, reshard
@@ -383,13 +389,16 @@ SCI_DET ?= 0
 SCI_FT_EXTRA ?=
 SCI_DEV_SEEDS ?=
 SCI_CAPTIONER_VOCAB ?= $(CAPTIONER_VOCAB)
+SCI_CAPTIONER_ARCH ?= $(CAPTIONER_ARCH)
+SCI_CAPTIONER_SAMPLES ?= $(CAPTIONER_BASE_SAMPLES)
 SCI_WORLD_ARGS ?= --colours red,yellow,blue --backgrounds grass,studio
 SCI_EVAL_BASE ?= 1600
 .PHONY: science
-science: setup ## positive controls, MAE, attention test, DR verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_MODEL SCI_CLIP_BASE SCI_VIT_BASE SCI_POOL_BASE SCI_CLEAN_BASE SCI_SEG_BASE SCI_DEPTH_BASE SCI_MCI SCI_DRR SCI_DET SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB SCI_WORLD_ARGS SCI_EVAL_BASE JOBS PORT)
+science: setup ## positive controls, MAE, attention test, DR verdicts over 3 seeds -> runs/science/science.md (vars: SCI SCI_SCALE SCI_SEEDS SCI_FRACTIONS SCI_MODEL SCI_CLIP_BASE SCI_VIT_BASE SCI_POOL_BASE SCI_CLEAN_BASE SCI_SEG_BASE SCI_DEPTH_BASE SCI_MCI SCI_DRR SCI_DET SCI_FT_EXTRA SCI_DEV_SEEDS SCI_CAPTIONER_VOCAB SCI_CAPTIONER_ARCH SCI_CAPTIONER_SAMPLES SCI_WORLD_ARGS SCI_EVAL_BASE JOBS PORT)
 	@OMP_NUM_THREADS=$(THREADS) $(MAKE) --no-print-directory -j$(JOBS) SCIENCE=1 DEMO=$(SCI) SCALE=$(SCI_SCALE) \
 	  SEEDS=$(SCI_SEEDS) LADDER_FRACTIONS="$(SCI_FRACTIONS)" FT_EXTRA="$(SCI_FT_EXTRA)" DEV_SEEDS="$(SCI_DEV_SEEDS)" \
-	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) CLIP_MODEL=$(SCI_MODEL) CLIP_BASE=$(SCI_CLIP_BASE) VIT_BASE=$(SCI_VIT_BASE) \
+	  CAPTIONER_VOCAB=$(SCI_CAPTIONER_VOCAB) CAPTIONER_ARCH=$(SCI_CAPTIONER_ARCH) \
+	  CAPTIONER_BASE_SAMPLES=$(SCI_CAPTIONER_SAMPLES) CLIP_MODEL=$(SCI_MODEL) CLIP_BASE=$(SCI_CLIP_BASE) VIT_BASE=$(SCI_VIT_BASE) \
 	  POOL_BASE=$(SCI_POOL_BASE) CLEAN_BASE=$(SCI_CLEAN_BASE) SEG_BASE=$(SCI_SEG_BASE) DEPTH_BASE=$(SCI_DEPTH_BASE) \
 	  MCI=$(SCI_MCI) DRR=$(SCI_DRR) DET=$(SCI_DET) WORLD_ARGS="$(SCI_WORLD_ARGS)" EVAL_BASE=$(SCI_EVAL_BASE) \
 	  $(SCI)/science.md

@@ -58,6 +58,9 @@ def register_model_configs() -> None:
         return
     import open_clip
 
+    from base.towers import install
+
+    install()  # CoCa with a timm CNN tower (qcap-tiny-coca-resnet10t)
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     for extra in filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep)):
         if not os.path.exists(extra):
@@ -416,6 +419,27 @@ def save_checkpoint_dir(model: Any, model_name: str, folder: str | os.PathLike, 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def has_convolutional_tower(model: Any) -> bool:
+    """Whether the image tower convolves beyond a patch embedding: a CNN (timm's resnet10t, MobileCLIP's
+    MCi) rather than a ViT, whose one Conv2d is its patch embedding."""
+    import torch
+
+    visual = getattr(unwrap(model), "visual", None)
+    if visual is None:
+        return False
+    return sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
+
+
+def resolve_channels_last(mode: str, model: Any) -> bool:
+    """``--channels-last`` (auto, on, off): store the image tower's 4-D weights channels-last (NHWC).
+    oneDNN and cuDNN then run its convolutions in NHWC (an NCHW input is converted by the first one);
+    measured here on a resnet10t training step: 1.4x under bf16 autocast, 1.08x in fp32
+    (``bench/train.py --channels-last``). auto: on for a convolutional tower, off for a ViT."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"channels_last: must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and has_convolutional_tower(model))
 
 
 def unwrap(model: Any) -> Any:

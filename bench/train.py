@@ -22,6 +22,8 @@ Run::
     python bench/train.py --repeats 1 --samples 768         # quick look
     python bench/train.py --precision bf16      # both in bf16 autocast (qcap's default on bf16 CPUs)
     python bench/train.py --gpu                 # ViT-B-16, bf16, batch 256, 8 workers (one GPU)
+    python bench/train.py --model qcap-tiny-resnet10t --precision bf16 --nchw
+                                                # a CNN tower: qcap's channels-last default, and NCHW beside it
 
 GPU mode trains ViT-B-16 at 224 px in bf16 autocast (qcap ``--precision bf16``, open_clip
 ``--precision amp_bf16``) on 320x240 JPEG shards and reports samples/s for both trainers.
@@ -97,11 +99,12 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_qcap(args, data: str, out: Path) -> float:
+def run_qcap(args, data: str, out: Path, channels_last: str | None = None) -> float:
     cmd = [str(BIN / "qcap"), "train", "--preset", "tiny", "--model", args.model, "--data", data, "--out", str(out),
            "--batch-size", str(args.batch_size), "--samples-seen", str(args.samples), "--workers", str(args.workers),
            "--threads", str(args.threads), "--precision", args.precision, "--tracker", "none",
-           "--log-every", str(args.log_every), "--checkpoint-every", str(10**9), "--lr", "1e-3", "--warmup", "10"]
+           "--log-every", str(args.log_every), "--checkpoint-every", str(10**9), "--lr", "1e-3", "--warmup", "10",
+           "--channels-last", channels_last or args.channels_last]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"qcap train failed:\n{proc.stderr[-3000:]}")
@@ -159,6 +162,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="both trainers: fp32, or bf16 autocast (open_clip's amp_bf16); default fp32, bf16 --gpu")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="qcap train --channels-last (auto: NHWC weights for a CNN tower; open_clip's trainer: NCHW)")
+    parser.add_argument("--nchw", action="store_true",
+                        help="also run qcap with --channels-last off each repeat (the memory format's own gain)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating qcap/open_clip pairs")
     parser.add_argument("--keep", type=Path, default=None, help="keep shards and runs here (default: a temp folder)")
     args = parser.parse_args()
@@ -182,10 +189,13 @@ def main() -> int:
         print(f"shards: {num_shards} x {per_shard} JPEGs of {size[0]}x{size[1]} ({time.perf_counter() - started:.0f}s)")
         print(f"model {args.model}, batch {args.batch_size}, {args.samples} samples/run, workers {args.workers}, "
               f"threads {args.threads}, {args.precision}, machine: {os.cpu_count()} cores")
-        qcap, reference = [], []
-        cpu: dict[str, list[float]] = {"qcap": [], "open_clip": []}
+        qcap, reference, nchw = [], [], []
+        cpu: dict[str, list[float]] = {"qcap": [], "open_clip": [], "qcap-nchw": []}
+        runners = [("qcap", run_qcap, qcap), ("open_clip", run_open_clip, reference)]
+        if args.nchw:
+            runners.append(("qcap-nchw", lambda a, d, o: run_qcap(a, d, o, channels_last="off"), nchw))
         for repeat in range(args.repeats):
-            for name, runner, results in (("qcap", run_qcap, qcap), ("open_clip", run_open_clip, reference)):
+            for name, runner, results in runners:
                 out = work / f"{name}-{repeat}"
                 shutil.rmtree(out, ignore_errors=True)
                 before = _cpu_seconds()
@@ -200,10 +210,15 @@ def main() -> int:
         print("| trainer | samples/s (median) | ratio | CPU s / 1000 samples (median) |")
         print("|---|---|---|---|")
         print(f"| open_clip_train.main (reference) | {r:.1f} | 1.00x | {cr:.2f} |")
-        print(f"| qcap train | {q:.1f} | {q / r:.2f}x | {cq:.2f} |")
+        print(f"| qcap train (--channels-last {args.channels_last}) | {q:.1f} | {q / r:.2f}x | {cq:.2f} |")
+        if nchw:
+            n, cn = statistics.median(nchw), statistics.median(cpu["qcap-nchw"])
+            print(f"| qcap train (--channels-last off) | {n:.1f} | {n / r:.2f}x | {cn:.2f} |")
         print(f"| qcap loader alone ({args.workers} worker(s)) | {loader:.1f} | {loader / q:.2f}x of qcap training | |")
         print(f"\nqcap / open_clip = {q / r:.2f}x samples/s (goal >= 1.0x); CPU per sample open_clip / qcap = "
               f"{cr / cq:.2f}x; loader / training = {loader / q:.2f}x (must be > 1)")
+        if nchw:
+            print(f"qcap --channels-last {args.channels_last} / off = {q / statistics.median(nchw):.2f}x samples/s")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

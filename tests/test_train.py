@@ -402,6 +402,52 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert a_rows and all(r["data/captions_synthetic"] == r["data/captions_real"] for r in a_rows)
 
 
+def test_a_cnn_tower_trains_channels_last_and_resumes_to_the_same_losses(tmp_path):
+    """--channels-last auto turns NHWC weights on for a CNN tower (off for the ViT); step checkpoints
+    save and reload them (a resume gives the uninterrupted run's losses), the final folder holds
+    ordinary contiguous weights, and NHWC computes the same losses as NCHW up to kernel rounding."""
+    import shutil
+
+    from base.models import load_model, resolve_channels_last
+    from train.config import PRESETS
+    from train.run import train
+
+    make_shards(tmp_path / "d", num_shards=2, per_shard=8)
+
+    def config(out, **overrides):
+        cfg = PRESETS["tiny"]()(data=str(tmp_path / "d"), out=out, batch_size=8, samples_seen=48,
+                                 model="qcap-tiny-resnet10t", precision="fp32")
+        cfg.trainer.log_every, cfg.trainer.checkpoint_every = 1, 3
+        cfg.workers, cfg.tracker, cfg.threads = 0, "none", 1
+        for key, value in overrides.items():
+            setattr(cfg.trainer if key in ("resume", "stop_at_step") else cfg, key, value)
+        return cfg
+
+    assert resolve_channels_last("auto", load_model("qcap-tiny-resnet10t").model)
+    assert not resolve_channels_last("auto", load_model("qcap-tiny-clip").model)
+    with pytest.raises(ValueError, match="channels_last"):
+        resolve_channels_last("yes", None)
+    train(config(tmp_path / "a"))
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["channels_last"] is True and saved["config"]["channels_last"] == "auto"
+    train(config(tmp_path / "b", stop_at_step=4))
+    shutil.rmtree(tmp_path / "b" / "step-000004")  # killed after step 4, before its checkpoint
+    mark_metrics(tmp_path / "b")
+    assert train(config(tmp_path / "b", resume=True))["finished"]
+    assert_resumed_from(tmp_path / "b", 3)
+    want, got = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(want) == sorted(got) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), (step, want, got)
+    train(config(tmp_path / "c", channels_last="off"))
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["channels_last"] is False
+    nchw = losses(tmp_path / "c")
+    for step in want:
+        assert nchw[step] == pytest.approx(want[step], rel=2e-3), (step, want, nchw)
+    final = load_model(checkpoint=tmp_path / "a" / "final").model
+    assert all(p.is_contiguous() for p in final.parameters())
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 

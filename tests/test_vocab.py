@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,46 @@ def test_open_clip_loads_it_and_coca_trains_and_decodes_with_its_ids(vocab):
     assert int(generated.max()) < summary["vocab_size"]
     text = loaded.tokenizer.tokenizer.decode(generated[0].tolist(), skip_special_tokens=True)
     assert isinstance(text, str)
+
+
+def test_a_cnn_tower_captioner_with_the_fitted_vocab_loads_in_a_fresh_process_and_captions(vocab, tmp_path):
+    """fit-vocab --base qcap-tiny-coca-resnet10t: the world's vocabulary on the CNN-tower CoCa; its
+    checkpoint folder loads in a new process (no QCAP_MODEL_CONFIGS) and captions with its own ids."""
+    from base.models import load_model, save_checkpoint_dir
+    from captioning.vocab import register
+
+    folder, summary = vocab
+    world = folder.parent / "w"
+    out = tmp_path / "vocab-cnn"
+    run = subprocess.run([sys.executable, "-m", "captioning.vocab", "--world", str(world), "--out", str(out),
+                          "--vocab-size", "400", "--base", "qcap-tiny-coca-resnet10t"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    config = json.loads((out / "qcap-tiny-coca-resnet10t-world.json").read_text())
+    assert config["vision_cfg"]["timm_model_name"] == "resnet10t" and config["vision_cfg"]["output_tokens"] is True
+    name = register(out / "qcap-tiny-coca-resnet10t-world.json")
+    loaded = load_model(name)
+    assert type(loaded.model.visual).__name__ == "TimmTokenTower"
+    size = config["vision_cfg"]["image_size"]
+    out_dict = loaded.model(image=torch.randn(2, 3, size, size), text=loaded.tokenizer(["a red circle", "a star"]))
+    assert out_dict["logits"].shape[-1] == config["multimodal_cfg"]["vocab_size"]
+    save_checkpoint_dir(loaded.model, name, tmp_path / "cap")
+    script = (
+        "import torch\n"
+        "from captioning.backends import CaptionerSpec, OpenClipCaptioner\n"
+        "from captioning.params import DecodeParams\n"
+        f"c = OpenClipCaptioner(CaptionerSpec(checkpoint={str(tmp_path / 'cap')!r}))\n"
+        "print(type(c.model.visual).__name__, c.sot, c.eot)\n"
+        f"raw = c.caption(torch.randn(2, 3, {size}, {size}), DecodeParams(decoding='top_p', num_captions=2, top_p=0.9, "
+        "seq_len=12), seeds=[1, 2])\n"
+        "print(sum(len(r) for r in raw))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "QCAP_MODEL_CONFIGS"}
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    lines = fresh.stdout.split()
+    assert lines[:3] == ["TimmTokenTower", str(summary["special_ids"]["sot"]), str(summary["special_ids"]["eot"])]
+    assert lines[3] == "4"
 
 
 def test_clip_tokenizer_ids_and_bad_world(tmp_path):

@@ -54,6 +54,9 @@ class TrainRunConfig:
         "auto", help="bf16 autocast or fp32; auto: bf16 where the hardware computes it natively (bf16 GPUs, AVX512-BF16/AMX CPUs)"
     )
     grad_checkpointing: bool = arg(False, help="recompute activations in backward (less memory, more time)")
+    channels_last: Literal["auto", "on", "off"] = arg(
+        "auto", shapes_output=False,
+        help="image tower weights in channels-last (NHWC) memory: faster convolutions; auto: on for a CNN tower")
     local_loss: bool = arg(False, help="contrastive loss against gathered features of the local batch only (open_clip)")
     gather_with_grad: bool = arg(False, help="all-gather features with gradients (open_clip; use with --local-loss)")
     coca_caption_loss_weight: float = arg(2.0, help="CoCa: weight of the captioning loss (open_clip's default)")

@@ -117,7 +117,7 @@ def train(cfg: TrainRunConfig) -> dict:
     """Run (or resume) one training run; returns a summary dict. Heavy imports happen here."""
     import torch
 
-    from base.models import load_model
+    from base.models import load_model, resolve_channels_last
     from base.shards import ShardError
     from train.captions import parse_caption_source
     from train.evaluate import EvalConfig, resolve_eval_data
@@ -218,6 +218,9 @@ def train(cfg: TrainRunConfig) -> dict:
     model = loaded.model
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    channels_last = resolve_channels_last(cfg.channels_last, model)
+    if channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     classification, retrieval = resolve_eval_data(cfg.eval_data, cfg.retrieval_data)
     evaluation = EvalConfig(classification=classification, retrieval=retrieval, batch_size=cfg.eval_batch_size)
     kind = "coca" if is_coca(cfg.model, model) else "clip"
@@ -246,6 +249,7 @@ def train(cfg: TrainRunConfig) -> dict:
         save_config(cfg, out / "config.json", world_size=world, total_steps=total_steps, samples_seen=samples_seen,
                     num_shards=len(stream.shards), num_samples=stream.num_samples, task=kind,
                     loader_workers=stream.num_workers, torch_threads=torch.get_num_threads(), precision=precision,
+                    channels_last=channels_last,
                     versions={"torch": torch.__version__, "open_clip": open_clip.__version__,
                               "accelerate": accelerate.__version__},
                     **({"dr_teachers": {"dims": teachers[0], "logit_scales": teachers[1]}} if teachers else {}))
