@@ -373,7 +373,7 @@ layout: ## print every file of the demo's graph that the reports read (vars: DEM
 # (1,200 to finetune on, 400 to score): the same finetune steps cost the same, and a finetune seed moves the metrics
 # less than on the demo's 300/100 (random-init seg mIoU 0.172/0.164 over two seeds against 0.161/0.191).
 # SCI_CAPTIONER_ARCH, SCI_CAPTIONER_SAMPLES: the captioner is a CoCa with a resnet10t tower trained for 307,200 samples
-# seen (about 50 minutes on one core): the premise (synthetic captions truer than the curated alt-text) holds there
+# seen (56 minutes here beside another job): the premise (synthetic captions truer than the curated alt-text) holds there
 # and not below it (fact F1 0.558 against 0.547; 0.450 at 153,600; the ViT captioner 0.158 at 38,400).
 SCI ?= runs/science
 SCI_SCALE ?= 1
