@@ -22,6 +22,7 @@ such a model load with ``local-dir:`` in any process that imported qcap's model 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 _installed = False
@@ -32,7 +33,8 @@ def wants_token_tower(vision_cfg: Any) -> bool:
     return bool(get("timm_model_name")) and bool(get("output_tokens", False))
 
 
-def _token_tower_class():
+@functools.cache
+def _token_tower_class():  # defined on first use: torch and open_clip are heavy imports
     import torch
     from open_clip.transformer import AttentionalPooler
     from torch import nn
