@@ -67,7 +67,7 @@ def main() -> int:
                 model.visual.to(memory_format=torch.channels_last)
             runs[fmt] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), [])
 
-        def step(fmt: str) -> float:
+        def step(fmt: str, runs=runs, precision=precision) -> float:
             model, opt, _ = runs[fmt]
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
