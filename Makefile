@@ -205,7 +205,7 @@ $(FILTERS)/basic.npy: $(RAW)/manifest.json
 # of CLIP's 49,408: a 5x cheaper captioner step, and what keeps the demo near 15 minutes on a CPU without bf16) --
 # the checkpoint carries its tokenizer, so the later stages need nothing else. CAPTIONER_VOCAB=0: CLIP's tokenizer
 # CAPTIONER_ARCH: the captioner's config: qcap-tiny-coca (a ViT tower, the demo's) or qcap-tiny-coca-resnet10t (a
-# resnet10t tower at 128 px, make science's: the ViT names the wrong shapes, README "make science")
+# resnet10t tower at 64 px, make science's: the ViT names the wrong shapes, README "make science")
 CAPTIONER_VOCAB ?= 1
 CAPTIONER_ARCH ?= qcap-tiny-coca
 VOCAB := $(DEMO)/vocab

@@ -25,8 +25,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-_installed = False
-
 
 def wants_token_tower(vision_cfg: Any) -> bool:
     get = vision_cfg.get if isinstance(vision_cfg, dict) else (lambda k, d=None: getattr(vision_cfg, k, d))
@@ -101,11 +99,9 @@ def build_token_tower(embed_dim: int, vision_cfg: Any):
                                 n_heads=cfg.attn_pooler_heads, drop_path=cfg.timm_drop_path)
 
 
+@functools.cache  # once per process: a second call would wrap the wrapper
 def install() -> None:
-    """Let open_clip build a CoCa whose ``vision_cfg`` names a timm trunk with ``output_tokens`` (idempotent)."""
-    global _installed
-    if _installed:
-        return
+    """Let open_clip build a CoCa whose ``vision_cfg`` names a timm trunk with ``output_tokens``."""
     from open_clip import coca_model
 
     original = coca_model._build_vision_tower
@@ -117,4 +113,3 @@ def install() -> None:
 
     build_vision_tower.__wrapped__ = original
     coca_model._build_vision_tower = build_vision_tower
-    _installed = True
